@@ -1,0 +1,226 @@
+//! flannel's lease records: the etcd key naming a node's subnet, and the JSON
+//! value that tells peers how to reach it.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::mac::MacAddr;
+
+/// The subnet(s) a lease is for: the last path segment of its etcd key,
+/// `10.244.1.0-24` or, dual stack, `10.244.1.0-24&fc00::-64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseKey {
+    /// The node's IPv4 pod subnet.
+    pub v4: Ipv4Net,
+    /// The node's IPv6 pod subnet, when dual stack.
+    pub v6: Option<Ipv6Net>,
+}
+
+/// Why a lease key did not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("lease key {key:?} is not of the form 10.244.1.0-24[&fc00::-64]: {reason}")]
+pub struct LeaseKeyError {
+    /// The offending key segment.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl LeaseKey {
+    /// A key for an IPv4-only lease.
+    pub fn v4(subnet: Ipv4Net) -> Self {
+        LeaseKey { v4: subnet, v6: None }
+    }
+}
+
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.v4.addr(), self.v4.prefix_len())?;
+        if let Some(v6) = self.v6 {
+            write!(f, "&{}-{}", v6.addr(), v6.prefix_len())?;
+        }
+        Ok(())
+    }
+}
+
+fn split_prefix(part: &str) -> Option<(&str, u8)> {
+    let (addr, len) = part.rsplit_once('-')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((addr, len.parse().ok()?))
+}
+
+impl FromStr for LeaseKey {
+    type Err = LeaseKeyError;
+    fn from_str(key: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| LeaseKeyError { key: key.to_string(), reason };
+        let (v4_part, v6_part) = match key.split_once('&') {
+            Some((a, b)) => (a, Some(b)),
+            None => (key, None),
+        };
+        let (addr, len) = split_prefix(v4_part).ok_or_else(|| fail("no -PREFIX after the address"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| fail("not an IPv4 address"))?;
+        let v4 = Ipv4Net::new(addr, len).map_err(|_| fail("IPv4 prefix length above 32"))?;
+        if v4.network() != addr {
+            return Err(fail("IPv4 address has host bits set"));
+        }
+        let v6 = match v6_part {
+            None => None,
+            Some(part) => {
+                let (addr, len) = split_prefix(part).ok_or_else(|| fail("no -PREFIX after the IPv6 address"))?;
+                let addr: Ipv6Addr = addr.parse().map_err(|_| fail("not an IPv6 address"))?;
+                let net = Ipv6Net::new(addr, len).map_err(|_| fail("IPv6 prefix length above 128"))?;
+                if net.network() != addr {
+                    return Err(fail("IPv6 address has host bits set"));
+                }
+                Some(net)
+            }
+        };
+        Ok(LeaseKey { v4, v6 })
+    }
+}
+
+/// The JSON value of a lease, field for field what flanneld writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    /// The node's underlay address: where VXLAN packets for its pods go.
+    #[serde(rename = "PublicIP")]
+    pub public_ip: Ipv4Addr,
+    /// The node's IPv6 underlay address, when dual stack.
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// "vxlan" for us and for flannel's vxlan backend.
+    #[serde(rename = "BackendType")]
+    pub backend_type: String,
+    /// Backend specific; for vxlan, [`VxlanBackendData`].
+    #[serde(rename = "BackendData", default)]
+    pub backend_data: serde_json::Value,
+    /// IPv6 backend data, when dual stack; omitted otherwise, as flannel does.
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    pub backend_v6_data: Option<serde_json::Value>,
+}
+
+/// The vxlan backend's data: what a peer needs to program FDB and ARP entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanBackendData {
+    /// VXLAN network identifier.
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    /// The MAC of the node's VXLAN device.
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: MacAddr,
+}
+
+/// Why a lease value cannot be used as a VXLAN peer.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseValueError {
+    /// Not JSON of the lease shape.
+    #[error("lease value is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A lease of another backend.
+    #[error("backend type {0:?} is not vxlan")]
+    NotVxlan(String),
+}
+
+impl LeaseAttrs {
+    /// A vxlan lease for a node at `public_ip` with VTEP `data`.
+    pub fn vxlan(public_ip: Ipv4Addr, data: VxlanBackendData) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::to_value(data).unwrap_or_default(),
+            backend_v6_data: None,
+        }
+    }
+
+    /// Parses a lease value as stored in etcd.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, LeaseValueError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The exact bytes flanneld would store.
+    pub fn to_json(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The VXLAN data, or why this lease is not a usable VXLAN peer.
+    pub fn vxlan_data(&self) -> Result<VxlanBackendData, LeaseValueError> {
+        if self.backend_type != "vxlan" {
+            return Err(LeaseValueError::NotVxlan(self.backend_type.clone()));
+        }
+        Ok(serde_json::from_value(self.backend_data.clone())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn keys_from_flannel_capture() {
+        let k: LeaseKey = "10.244.33.0-24".parse().unwrap();
+        assert_eq!(k.v4, "10.244.33.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(k.to_string(), "10.244.33.0-24");
+        let d: LeaseKey = "10.244.1.0-24&fc00::-64".parse().unwrap();
+        assert_eq!(d.v6, Some("fc00::/64".parse().unwrap()));
+        assert_eq!(d.to_string(), "10.244.1.0-24&fc00::-64");
+    }
+
+    #[test]
+    fn bad_keys_are_rejected() {
+        for bad in ["", "10.244.1.0", "10.244.1.0-", "10.244.1.0-33", "10.244.1.5-24", "x-24", "10.244.1.0-24&", "10.244.1.0-24&fc00::-129", "10.244.1.0-+4"] {
+            assert!(bad.parse::<LeaseKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn value_roundtrips_byte_for_byte_with_flannel() {
+        let text = r#"{"PublicIP":"192.168.50.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"b2:5e:e8:32:3a:be"}}"#;
+        let attrs = LeaseAttrs::from_json(text.as_bytes()).unwrap();
+        assert_eq!(attrs.public_ip, Ipv4Addr::new(192, 168, 50, 11));
+        let data = attrs.vxlan_data().unwrap();
+        assert_eq!(data.vni, 1);
+        assert_eq!(data.vtep_mac.to_string(), "b2:5e:e8:32:3a:be");
+        assert_eq!(attrs.to_json(), text);
+        assert_eq!(LeaseAttrs::vxlan(attrs.public_ip, data).to_json(), text);
+    }
+
+    #[test]
+    fn unknown_fields_tolerated_and_other_backends_refused() {
+        let text = r#"{"PublicIP":"192.168.50.11","BackendType":"host-gw","BackendData":null,"Future":1}"#;
+        let attrs = LeaseAttrs::from_json(text.as_bytes()).unwrap();
+        assert!(attrs.vxlan_data().unwrap_err().to_string().contains("host-gw"));
+        assert!(LeaseAttrs::from_json(b"{\"PublicIP\":\"nope\"}").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn key_roundtrip(a in any::<u32>(), len in 0u8..=32, v6 in proptest::option::of((any::<u128>(), 0u8..=128))) {
+            let v4 = Ipv4Net::new(Ipv4Addr::from(a), len).unwrap().trunc();
+            let v6 = v6.map(|(b, l)| Ipv6Net::new(Ipv6Addr::from(b), l).unwrap().trunc());
+            let key = LeaseKey { v4, v6 };
+            prop_assert_eq!(key.to_string().parse::<LeaseKey>().unwrap(), key);
+        }
+
+        #[test]
+        fn key_parser_never_panics(s in "\\PC{0,40}") {
+            let _ = s.parse::<LeaseKey>();
+        }
+
+        #[test]
+        fn value_roundtrip(ip in any::<u32>(), vni in 1u32..(1<<24), mac in any::<[u8;6]>()) {
+            let attrs = LeaseAttrs::vxlan(Ipv4Addr::from(ip), VxlanBackendData { vni, vtep_mac: MacAddr(mac) });
+            let back = LeaseAttrs::from_json(attrs.to_json().as_bytes()).unwrap();
+            prop_assert_eq!(back.vxlan_data().unwrap().vtep_mac, MacAddr(mac));
+            prop_assert_eq!(back, attrs);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Pure types and formats shared by `overlayd` and `overlay-cni`.
+//!
+//! Everything here is flannel-compatible on the wire (etcd keys and values,
+//! net-conf.json, subnet.env), so mixed clusters and drop-in migration work.
+//! No I/O, no async: these are the parts worth property-testing.
+
+pub mod alloc;
+pub mod lease;
+pub mod mac;
+pub mod net_config;
+pub mod subnet_env;
+
+pub use alloc::SubnetRange;
+pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
+pub use mac::MacAddr;
+pub use net_config::{Backend, ConfigError, NetConfig};
+pub use subnet_env::{SubnetEnv, SubnetEnvError};

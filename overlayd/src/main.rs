@@ -1,1 +1,41 @@
-fn main(){}
+//! overlayd: leases a subnet from etcd, builds the VXLAN device, programs every
+//! peer, masquerades outgoing pod traffic. See docs/architecture.md.
+
+mod daemon;
+mod dataplane;
+mod flags;
+mod health;
+mod lease;
+mod masq;
+mod plan;
+mod subnet_file;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = flags::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Some(flags::Command::Cleanup) => daemon::cleanup(&cli.run),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(daemon::run(cli.run))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("overlayd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

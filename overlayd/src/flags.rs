@@ -1,0 +1,122 @@
+//! Command-line flags; every flag can also be set through an environment variable.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// overlayd: a VXLAN pod network node daemon, wire-compatible with flannel.
+#[derive(Debug, Parser)]
+#[command(name = "overlayd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; without a command, run the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Daemon settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Remove what the daemon made on this host: the VXLAN device (and with it
+    /// every peer entry), the nftables table and the subnet file. The etcd
+    /// lease is left to expire.
+    Cleanup,
+}
+
+/// Settings of the daemon.
+#[derive(Debug, Clone, Parser)]
+pub struct RunArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix holding `config` and `subnets/` (flannel's layout).
+    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA bundle to verify etcd's certificate.
+    #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<String>,
+    /// Client certificate for etcd.
+    #[arg(long, env = "OVERLAYD_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<String>,
+    /// Client key for etcd.
+    #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<String>,
+    /// Underlay interface, by name or by one of its IPv4 addresses. Default:
+    /// the interface of the IPv4 default route.
+    #[arg(long, env = "OVERLAYD_IFACE")]
+    pub iface: Option<String>,
+    /// Address peers send VXLAN packets to, when it differs from the
+    /// interface's (behind 1:1 NAT). Default: the interface's address.
+    #[arg(long, env = "OVERLAYD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Where to write the subnet file the CNI plugin reads.
+    #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = "/run/overlay/subnet.env", global = true)]
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (NAT outgoing).
+    #[arg(long, env = "OVERLAYD_IP_MASQ")]
+    pub ip_masq: bool,
+    /// Name of the VXLAN device.
+    #[arg(long, env = "OVERLAYD_DEVICE", default_value = "overlay.1", global = true)]
+    pub device: String,
+    /// How often to re-read the kernel and repair drift (e.g. 30s, 500ms, 2m).
+    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// Address for /healthz, /readyz and /metrics, e.g. 127.0.0.1:8471. Off when unset.
+    #[arg(long, env = "OVERLAYD_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+    /// Lifetime of the etcd lease on our subnet; renewed at a third of it.
+    #[arg(long, env = "OVERLAYD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub subnet_lease_ttl: Duration,
+}
+
+/// Parses `30s`, `500ms`, `2m`, `24h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent_and_defaults_match_flannel() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["overlayd", "--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
+        assert_eq!(cli.run.etcd_endpoints.len(), 2);
+        assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
+        assert_eq!(cli.run.device, "overlay.1");
+        let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
+        assert!(matches!(cleanup.command, Some(Command::Cleanup)));
+        assert_eq!(cleanup.run.device, "x.1");
+    }
+}

@@ -1,0 +1,245 @@
+//! The pure core: what the kernel must hold for a set of peers, and the
+//! operations that take what it does hold there.
+//!
+//! Every trigger (a watch event, start-up, a resync, a vanished device) goes
+//! through `plan` → `diff` → apply, so there is exactly one reconcile path.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use proto::MacAddr;
+
+/// A peer node as the dataplane needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's pod subnet.
+    pub subnet: Ipv4Net,
+    /// Its underlay address: VXLAN packets for its pods go there.
+    pub public_ip: Ipv4Addr,
+    /// The MAC of its VXLAN device.
+    pub vtep_mac: MacAddr,
+}
+
+/// How packets for a peer's subnet leave this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteVia {
+    /// Encapsulated: `via <subnet>.0 dev overlay.1 onlink`.
+    Vxlan(Ipv4Addr),
+    /// Plain routing to a peer on our L2 segment: `via <public ip>` (DirectRouting).
+    Direct(Ipv4Addr),
+}
+
+/// Kernel entries for the overlay, desired or actual.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Neighbour (ARP) entries on the VXLAN device: peer gateway → VTEP MAC.
+    pub neighbours: BTreeMap<Ipv4Addr, MacAddr>,
+    /// FDB entries on the VXLAN device: VTEP MAC → peer underlay address.
+    pub fdb: BTreeMap<MacAddr, Ipv4Addr>,
+    /// Routes to peer subnets.
+    pub routes: BTreeMap<Ipv4Net, RouteVia>,
+}
+
+/// What this node knows about its own place in the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Local {
+    /// Our own pod subnet; never programmed as a peer.
+    pub subnet: Ipv4Net,
+    /// Our underlay address and prefix, to decide which peers are directly reachable.
+    pub underlay: Ipv4Net,
+    /// Whether DirectRouting is on.
+    pub direct_routing: bool,
+}
+
+/// One change to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Add or replace a neighbour entry.
+    SetNeighbour(Ipv4Addr, MacAddr),
+    /// Remove a neighbour entry.
+    DelNeighbour(Ipv4Addr, MacAddr),
+    /// Add or replace an FDB entry.
+    SetFdb(MacAddr, Ipv4Addr),
+    /// Remove an FDB entry.
+    DelFdb(MacAddr, Ipv4Addr),
+    /// Add or replace a route.
+    SetRoute(Ipv4Net, RouteVia),
+    /// Remove a route.
+    DelRoute(Ipv4Net, RouteVia),
+}
+
+/// The gateway a peer subnet is reached through on the VXLAN device: its `.0`.
+pub fn vxlan_gateway(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// The entries the kernel must hold for `peers`.
+pub fn plan<'a>(local: &Local, peers: impl IntoIterator<Item = &'a Peer>) -> KernelState {
+    let mut state = KernelState::default();
+    for peer in peers {
+        if peer.subnet == local.subnet || peer.subnet.contains(&local.subnet.network()) {
+            continue;
+        }
+        if local.direct_routing && local.underlay.contains(&peer.public_ip) && peer.public_ip != local.underlay.addr() {
+            state.routes.insert(peer.subnet, RouteVia::Direct(peer.public_ip));
+            continue;
+        }
+        let gateway = vxlan_gateway(peer.subnet);
+        state.neighbours.insert(gateway, peer.vtep_mac);
+        state.fdb.insert(peer.vtep_mac, peer.public_ip);
+        state.routes.insert(peer.subnet, RouteVia::Vxlan(gateway));
+    }
+    state
+}
+
+/// The operations that turn `actual` into `desired`, in a safe order:
+/// stale routes go first; then neighbours, FDB entries and routes are added
+/// (route last, so the kernel never has to ARP for a gateway); then stale FDB
+/// and neighbour entries go.
+pub fn diff(desired: &KernelState, actual: &KernelState) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (subnet, via) in &actual.routes {
+        if !desired.routes.contains_key(subnet) {
+            ops.push(Op::DelRoute(*subnet, *via));
+        }
+    }
+    for (ip, mac) in &desired.neighbours {
+        if actual.neighbours.get(ip) != Some(mac) {
+            ops.push(Op::SetNeighbour(*ip, *mac));
+        }
+    }
+    for (mac, dst) in &desired.fdb {
+        if actual.fdb.get(mac) != Some(dst) {
+            ops.push(Op::SetFdb(*mac, *dst));
+        }
+    }
+    for (subnet, via) in &desired.routes {
+        if actual.routes.get(subnet) != Some(via) {
+            ops.push(Op::SetRoute(*subnet, *via));
+        }
+    }
+    for (mac, dst) in &actual.fdb {
+        if !desired.fdb.contains_key(mac) {
+            ops.push(Op::DelFdb(*mac, *dst));
+        }
+    }
+    for (ip, mac) in &actual.neighbours {
+        if !desired.neighbours.contains_key(ip) {
+            ops.push(Op::DelNeighbour(*ip, *mac));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn local() -> Local {
+        Local {
+            subnet: "10.244.33.0/24".parse().unwrap(),
+            underlay: "192.168.50.11/24".parse().unwrap(),
+            direct_routing: false,
+        }
+    }
+
+    fn peer(third: u8, host: u8, mac: &str) -> Peer {
+        Peer {
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
+            public_ip: Ipv4Addr::new(192, 168, 50, host),
+            vtep_mac: mac.parse().unwrap(),
+        }
+    }
+
+    /// The entries flanneld v0.20.2 programmed on node 1 (shared/compat).
+    #[test]
+    fn golden_flannel_node_state() {
+        let peers = [peer(92, 12, "52:58:c0:08:52:6d"), peer(55, 13, "de:88:2d:39:68:fa"), peer(33, 11, "b2:5e:e8:32:3a:be")];
+        let s = plan(&local(), &peers);
+        let neigh: Vec<_> = s.neighbours.iter().map(|(ip, mac)| format!("{ip} lladdr {mac}")).collect();
+        assert_eq!(neigh, ["10.244.55.0 lladdr de:88:2d:39:68:fa", "10.244.92.0 lladdr 52:58:c0:08:52:6d"]);
+        let fdb: Vec<_> = s.fdb.iter().map(|(mac, dst)| format!("{mac} dst {dst}")).collect();
+        assert_eq!(fdb, ["52:58:c0:08:52:6d dst 192.168.50.12", "de:88:2d:39:68:fa dst 192.168.50.13"]);
+        let routes: Vec<_> = s.routes.iter().map(|(n, v)| format!("{n} {v:?}")).collect();
+        assert_eq!(routes, ["10.244.55.0/24 Vxlan(10.244.55.0)", "10.244.92.0/24 Vxlan(10.244.92.0)"]);
+    }
+
+    #[test]
+    fn direct_routing_only_on_same_segment() {
+        let mut l = local();
+        l.direct_routing = true;
+        let mut far = peer(7, 1, "02:00:00:00:00:07");
+        far.public_ip = Ipv4Addr::new(172, 16, 0, 1);
+        let s = plan(&l, &[peer(92, 12, "52:58:c0:08:52:6d"), far]);
+        assert_eq!(s.routes[&"10.244.92.0/24".parse().unwrap()], RouteVia::Direct(Ipv4Addr::new(192, 168, 50, 12)));
+        assert_eq!(s.routes[&"10.244.7.0/24".parse().unwrap()], RouteVia::Vxlan(Ipv4Addr::new(10, 244, 7, 0)));
+        assert_eq!(s.fdb.len(), 1);
+    }
+
+    #[test]
+    fn changed_mac_replaces_and_removes_old_entries() {
+        let before = plan(&local(), &[peer(92, 12, "52:58:c0:08:52:6d")]);
+        let after = plan(&local(), &[peer(92, 14, "02:11:22:33:44:55")]);
+        let ops = diff(&after, &before);
+        assert_eq!(
+            ops,
+            vec![
+                Op::SetNeighbour(Ipv4Addr::new(10, 244, 92, 0), "02:11:22:33:44:55".parse().unwrap()),
+                Op::SetFdb("02:11:22:33:44:55".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 14)),
+                Op::DelFdb("52:58:c0:08:52:6d".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 12)),
+            ]
+        );
+    }
+
+    #[test]
+    fn removal_order_is_route_first() {
+        let before = plan(&local(), &[peer(92, 12, "52:58:c0:08:52:6d")]);
+        let ops = diff(&KernelState::default(), &before);
+        assert!(matches!(ops[0], Op::DelRoute(..)));
+        assert!(matches!(ops[1], Op::DelFdb(..)));
+        assert!(matches!(ops[2], Op::DelNeighbour(..)));
+        let adds = diff(&before, &KernelState::default());
+        assert!(matches!(adds[0], Op::SetNeighbour(..)));
+        assert!(matches!(adds[1], Op::SetFdb(..)));
+        assert!(matches!(adds[2], Op::SetRoute(..)));
+    }
+
+    fn apply(state: &mut KernelState, ops: &[Op]) {
+        for op in ops {
+            match *op {
+                Op::SetNeighbour(ip, mac) => { state.neighbours.insert(ip, mac); }
+                Op::DelNeighbour(ip, _) => { state.neighbours.remove(&ip); }
+                Op::SetFdb(mac, dst) => { state.fdb.insert(mac, dst); }
+                Op::DelFdb(mac, _) => { state.fdb.remove(&mac); }
+                Op::SetRoute(n, v) => { state.routes.insert(n, v); }
+                Op::DelRoute(n, _) => { state.routes.remove(&n); }
+            }
+        }
+    }
+
+    fn peers_strategy() -> impl Strategy<Value = Vec<Peer>> {
+        proptest::collection::vec((1u8..255, 1u8..20, any::<[u8; 6]>()), 0..30).prop_map(|v| {
+            v.into_iter()
+                .map(|(third, host, mac)| Peer {
+                    subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
+                    public_ip: Ipv4Addr::new(192, 168, 50, host),
+                    vtep_mac: MacAddr([2, 0, 0, third, mac[4], mac[5]]),
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Applying the diff always reaches the plan, and a second diff is empty.
+        #[test]
+        fn diff_converges(a in peers_strategy(), b in peers_strategy()) {
+            let mut state = plan(&local(), &a);
+            let desired = plan(&local(), &b);
+            apply(&mut state, &diff(&desired, &state));
+            prop_assert_eq!(&state, &desired);
+            prop_assert!(diff(&desired, &state).is_empty());
+        }
+    }
+}

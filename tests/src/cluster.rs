@@ -1,0 +1,344 @@
+//! A cluster of namespaces: an underlay bridge, nodes running `overlayd`,
+//! pods behind each node's `cni0` bridge, and an `outside` host.
+//!
+//! ```text
+//!  [pod]─veth─[cni0 node-N eth0]─veth─[br0 underlay 192.168.50.2 (etcd)]─veth─[outside .254, 203.0.113.1]
+//! ```
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnet::Ipv4Net;
+use proto::SubnetEnv;
+
+use crate::etcd::Etcd;
+use crate::netns::Netns;
+
+/// The etcd key prefix the tests use (flannel's default).
+pub const PREFIX: &str = "/coreos.com/network";
+/// The outside host's "internet" address (TEST-NET-3), inside the test only.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The outside host's underlay address: the nodes' default gateway.
+pub const OUTSIDE_UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 254);
+/// Where etcd listens, on the underlay bridge.
+pub const ETCD_IP: &str = "192.168.50.2";
+
+/// How the cluster is set up.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The net-conf JSON stored at `<prefix>/config`; `None` stores nothing.
+    pub config: Option<String>,
+    /// `--resync-interval` for every daemon.
+    pub resync: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            config: Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#.into()),
+            resync: "1s".into(),
+        }
+    }
+}
+
+/// A pod: a namespace with one address on its node's subnet.
+#[derive(Debug)]
+pub struct Pod {
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// A node: a namespace on the underlay, maybe running `overlayd`.
+pub struct Node {
+    /// Kills the daemon before anything else is dropped.
+    daemon: Option<Child>,
+    /// Pods behind this node.
+    pub pods: Vec<Pod>,
+    /// Its namespace.
+    pub ns: Netns,
+    /// 1-based index.
+    pub index: u8,
+    /// Underlay address.
+    pub ip: Ipv4Addr,
+    /// Where its daemon writes subnet.env.
+    pub subnet_file: PathBuf,
+    /// Its daemon's log.
+    pub log: PathBuf,
+    /// Extra daemon flags.
+    pub flags: Vec<String>,
+    etcd_endpoint: String,
+    resync: String,
+    name_prefix: String,
+}
+
+/// The whole test cluster; dropping it removes everything.
+pub struct Cluster {
+    /// Nodes, in order of creation.
+    pub nodes: Vec<Node>,
+    /// The etcd server.
+    pub etcd: Etcd,
+    /// The outside host.
+    pub outside: Netns,
+    /// The underlay namespace (bridge and etcd).
+    pub underlay: Netns,
+    /// A scratch directory for logs, subnet files and etcd data.
+    pub dir: PathBuf,
+    /// Unique id of this cluster.
+    pub id: String,
+    options: ClusterOptions,
+}
+
+impl Cluster {
+    /// Builds the underlay, etcd and the outside host, with no nodes yet.
+    pub fn new(options: ClusterOptions) -> Result<Self> {
+        let id = crate::random_suffix();
+        let dir = std::env::temp_dir().join(format!("overlay-test-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let underlay = Netns::new(&format!("ov{id}u"))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let outside = Netns::new(&format!("ov{id}x"))?;
+        underlay.ip(&["link", "add", "x", "type", "veth", "peer", "name", "eth0", "netns", &outside.name])?;
+        underlay.ip(&["link", "set", "x", "master", "br0", "up"])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_UNDERLAY_IP}/24"), "dev", "eth0"])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"])?;
+        outside.ip(&["link", "set", "eth0", "up"])?;
+        let etcd = Etcd::start(&underlay, ETCD_IP, dir.join("etcd"))?;
+        if let Some(config) = &options.config {
+            etcd.put(&format!("{PREFIX}/config"), config)?;
+        }
+        Ok(Cluster { nodes: Vec::new(), etcd, outside, underlay, dir, id, options })
+    }
+
+    /// Adds node N+1 to the underlay (no daemon yet) and returns its index in `nodes`.
+    pub fn add_node(&mut self, flags: &[&str]) -> Result<usize> {
+        let index = self.nodes.len() as u8 + 1;
+        let ns = Netns::new(&format!("ov{}n{index}", self.id))?;
+        let leg = format!("n{index}");
+        self.underlay.ip(&["link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.underlay.ip(&["link", "set", &leg, "master", "br0", "up"])?;
+        let ip = Ipv4Addr::new(192, 168, 50, 10 + index);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &OUTSIDE_UNDERLAY_IP.to_string()])?;
+        self.nodes.push(Node {
+            daemon: None,
+            pods: Vec::new(),
+            ns,
+            index,
+            ip,
+            subnet_file: self.dir.join(format!("n{index}/subnet.env")),
+            log: self.dir.join(format!("n{index}.log")),
+            flags: flags.iter().map(|s| s.to_string()).collect(),
+            etcd_endpoint: self.etcd.endpoint(),
+            resync: self.options.resync.clone(),
+            name_prefix: format!("ov{}", self.id),
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Adds a node, starts its daemon, waits until it is ready, adds `pods` pods.
+    pub fn add_ready_node(&mut self, flags: &[&str], pods: usize) -> Result<usize> {
+        let i = self.add_node(flags)?;
+        let node = &mut self.nodes[i];
+        node.start()?;
+        node.wait_ready(Duration::from_secs(20))?;
+        for _ in 0..pods {
+            node.add_pod()?;
+        }
+        Ok(i)
+    }
+
+    /// Every pod of every node, with its node index.
+    pub fn pods(&self) -> Vec<(usize, &Pod)> {
+        self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p))).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        self.etcd.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Node {
+    /// Starts `overlayd` in this node's namespace.
+    pub fn start(&mut self) -> Result<()> {
+        if self.daemon.is_some() {
+            bail!("node {} already runs a daemon", self.index);
+        }
+        std::fs::create_dir_all(self.subnet_file.parent().unwrap_or(&self.subnet_file))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let bin = crate::workspace_bin("overlayd");
+        let child = self
+            .command(&bin)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    /// The daemon's command line.
+    pub fn command(&self, bin: &std::path::Path) -> Command {
+        let mut c = self.ns.command(bin.to_str().unwrap_or("overlayd"), &[]);
+        c.env("OVERLAYD_LOG", "info,overlayd=debug")
+            .env("NO_COLOR", "1")
+            .args(["--etcd-endpoints", &self.etcd_endpoint])
+            .arg("--subnet-file")
+            .arg(&self.subnet_file)
+            .args(["--resync-interval", &self.resync])
+            .args(&self.flags);
+        c
+    }
+
+    /// Waits until the daemon wrote its subnet file (it does so once ready).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.subnet_env().is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.daemon.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.daemon = None;
+                    bail!("overlayd on node {} exited with {status}:\n{}", self.index, self.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("node {} not ready after {timeout:?}:\n{}", self.index, self.log_text())
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and how long it took.
+    pub fn stop(&mut self) -> Result<(ExitStatus, Duration)> {
+        let mut child = self.daemon.take().ok_or_else(|| anyhow!("node {} runs no daemon", self.index))?;
+        let started = Instant::now();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        Ok((status, started.elapsed()))
+    }
+
+    /// Waits for the daemon to exit by itself (bad input) within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.daemon.as_mut().ok_or_else(|| anyhow!("no daemon"))?;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.daemon = None;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("overlayd on node {} still running after {timeout:?}", self.index)
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The subnet file the daemon wrote.
+    pub fn subnet_env(&self) -> Result<SubnetEnv> {
+        let text = std::fs::read_to_string(&self.subnet_file)?;
+        Ok(SubnetEnv::parse(&text)?)
+    }
+
+    /// This node's pod subnet, from its subnet file.
+    pub fn subnet(&self) -> Result<Ipv4Net> {
+        Ok(self.subnet_env()?.subnet_network())
+    }
+
+    /// Adds a pod: a namespace with a veth into `cni0` (created on first use,
+    /// gateway `.1`, the subnet file's MTU), the next free address and a
+    /// default route via the gateway.
+    pub fn add_pod(&mut self) -> Result<Ipv4Addr> {
+        let env = self.subnet_env()?;
+        let mtu = env.mtu.to_string();
+        if self.ns.ip(&["link", "show", "cni0"]).is_err() {
+            self.ns.ip(&["link", "add", "cni0", "mtu", &mtu, "type", "bridge"])?;
+            self.ns.ip(&["addr", "add", &env.subnet.to_string(), "dev", "cni0"])?;
+            self.ns.ip(&["link", "set", "cni0", "up"])?;
+        }
+        let k = self.pods.len() + 1;
+        let ns = Netns::new(&format!("{}p{}{}", self.name_prefix, self.index, k))?;
+        let host_leg = format!("veth{k}");
+        self.ns.ip(&["link", "add", &host_leg, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.ns.ip(&["link", "set", &host_leg, "master", "cni0", "up"])?;
+        let ip = Ipv4Addr::from(u32::from(env.subnet.network()) + 10 + k as u32);
+        ns.ip(&["addr", "add", &format!("{ip}/{}", env.subnet.prefix_len()), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &env.subnet.addr().to_string()])?;
+        self.pods.push(Pod { ns, ip });
+        Ok(ip)
+    }
+
+    /// `ip neigh show dev overlay.1` on this node.
+    pub fn neighbours(&self) -> String {
+        self.ns.ip(&["neigh", "show", "dev", "overlay.1"]).unwrap_or_default()
+    }
+
+    /// `bridge fdb show dev overlay.1` on this node.
+    pub fn fdb(&self) -> String {
+        crate::netns::run("bridge", &["-n", &self.ns.name, "fdb", "show", "dev", "overlay.1"]).unwrap_or_default()
+    }
+
+    /// `ip route` on this node.
+    pub fn routes(&self) -> String {
+        self.ns.ip(&["route"]).unwrap_or_default()
+    }
+
+    /// Whether this node holds all three entries for a peer with `subnet` and `mac`.
+    pub fn has_peer(&self, subnet: Ipv4Net, mac: &str) -> bool {
+        let gw = subnet.network().to_string();
+        self.neighbours().lines().any(|l| l.starts_with(&format!("{gw} ")) && l.contains(mac))
+            && self.fdb().lines().any(|l| l.starts_with(mac))
+            && self.routes().contains(&format!("{subnet} via {gw} dev overlay.1"))
+    }
+
+    /// Whether any of the three entries for `subnet` or `mac` remains.
+    pub fn has_any_entry_for(&self, subnet: Ipv4Net, mac: &str) -> bool {
+        let gw = format!("{} ", subnet.network());
+        self.neighbours().lines().any(|l| l.starts_with(&gw) || l.contains(mac))
+            || self.fdb().contains(mac)
+            || self.routes().contains(&subnet.to_string())
+    }
+
+    /// This node's VTEP MAC, from its device.
+    pub fn vtep_mac(&self) -> Result<String> {
+        let text = self.ns.ip(&["-j", "link", "show", "overlay.1"])?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        v[0]["address"].as_str().map(String::from).ok_or_else(|| anyhow!("no address on overlay.1"))
+    }
+
+    /// Bytes sent through this node's VXLAN device.
+    pub fn vxlan_tx_bytes(&self) -> Result<u64> {
+        let text = self.ns.ip(&["-j", "-s", "link", "show", "overlay.1"])?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        v[0]["stats64"]["tx"]["bytes"].as_u64().ok_or_else(|| anyhow!("no stats on overlay.1"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -44,31 +44,89 @@ pub struct Metrics {
 impl Metrics {
     /// Records a successful renewal now.
     pub fn renewed_now(&self) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.last_renewal_unix.store(now, Relaxed);
     }
 
     /// Ready means: lease held, device up and programmed, subnet file written.
     pub fn ready(&self) -> bool {
-        self.lease_held.load(Relaxed) && self.dataplane_ready.load(Relaxed) && self.subnet_file_written.load(Relaxed)
+        self.lease_held.load(Relaxed)
+            && self.dataplane_ready.load(Relaxed)
+            && self.subnet_file_written.load(Relaxed)
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
-        metric("overlay_peers", "gauge", "Peer nodes programmed into the dataplane.", self.peers.load(Relaxed) as f64);
-        metric("overlay_leases", "gauge", "Leases in the lease store, ours included.", self.leases.load(Relaxed) as f64);
-        metric("overlay_netlink_ops_total", "counter", "Netlink operations sent.", self.netlink_ops.load(Relaxed) as f64);
-        metric("overlay_netlink_errors_total", "counter", "Netlink operations refused by the kernel.", self.netlink_errors.load(Relaxed) as f64);
-        metric("overlay_resyncs_total", "counter", "Reconciles of the dataplane.", self.resyncs.load(Relaxed) as f64);
-        metric("overlay_resync_duration_seconds", "gauge", "Duration of the last reconcile.", self.last_resync_micros.load(Relaxed) as f64 / 1e6);
-        metric("overlay_lease_last_renewal_timestamp_seconds", "gauge", "Unix time of the last successful lease renewal.", self.last_renewal_unix.load(Relaxed) as f64);
-        metric("overlay_lease_renewal_errors_total", "counter", "Failed lease renewals.", self.renewal_errors.load(Relaxed) as f64);
-        metric("overlay_watch_events_total", "counter", "Peer events received from the lease store.", self.watch_events.load(Relaxed) as f64);
-        metric("overlay_ready", "gauge", "1 when lease, dataplane and subnet file are in place.", if self.ready() { 1.0 } else { 0.0 });
+        metric(
+            "overlay_peers",
+            "gauge",
+            "Peer nodes programmed into the dataplane.",
+            self.peers.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_leases",
+            "gauge",
+            "Leases in the lease store, ours included.",
+            self.leases.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_netlink_ops_total",
+            "counter",
+            "Netlink operations sent.",
+            self.netlink_ops.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_netlink_errors_total",
+            "counter",
+            "Netlink operations refused by the kernel.",
+            self.netlink_errors.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_resyncs_total",
+            "counter",
+            "Reconciles of the dataplane.",
+            self.resyncs.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_resync_duration_seconds",
+            "gauge",
+            "Duration of the last reconcile.",
+            self.last_resync_micros.load(Relaxed) as f64 / 1e6,
+        );
+        metric(
+            "overlay_lease_last_renewal_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful lease renewal.",
+            self.last_renewal_unix.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_lease_renewal_errors_total",
+            "counter",
+            "Failed lease renewals.",
+            self.renewal_errors.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_watch_events_total",
+            "counter",
+            "Peer events received from the lease store.",
+            self.watch_events.load(Relaxed) as f64,
+        );
+        metric(
+            "overlay_ready",
+            "gauge",
+            "1 when lease, dataplane and subnet file are in place.",
+            if self.ready() { 1.0 } else { 0.0 },
+        );
         out
     }
 }
@@ -78,11 +136,18 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };

@@ -91,7 +91,9 @@ mod tests {
 
     #[test]
     fn min_and_max_are_honoured() {
-        let r = range(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#);
+        let r = range(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#,
+        );
         assert_eq!(r.len(), 3);
         let mut taken = HashSet::new();
         for _ in 0..3 {
@@ -99,7 +101,11 @@ mod tests {
             assert!(r.contains(&s));
             taken.insert(s);
         }
-        assert_eq!(r.pick_free(&taken, 0), None, "a full network has no free subnet");
+        assert_eq!(
+            r.pick_free(&taken, 0),
+            None,
+            "a full network has no free subnet"
+        );
     }
 
     proptest! {

@@ -105,7 +105,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "b2:5e:e8:32:3a", "b2:5e:e8:32:3a:be:00", "zz:5e:e8:32:3a:be", "b25:e:e8:32:3a:be"] {
+        for bad in [
+            "",
+            "b2:5e:e8:32:3a",
+            "b2:5e:e8:32:3a:be:00",
+            "zz:5e:e8:32:3a:be",
+            "b25:e:e8:32:3a:be",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

@@ -168,9 +168,12 @@ impl NetConfig {
 
 fn parse_network(text: Option<&str>) -> Result<Ipv4Net, ConfigError> {
     let text = text.ok_or_else(|| field_err("Network", "missing; e.g. \"10.244.0.0/16\""))?;
-    let network: Ipv4Net = text
-        .parse()
-        .map_err(|_| field_err("Network", format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    let network: Ipv4Net = text.parse().map_err(|_| {
+        field_err(
+            "Network",
+            format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16"),
+        )
+    })?;
     if network.addr() != network.network() {
         return Err(field_err(
             "Network",
@@ -218,7 +221,12 @@ fn subnet_len_for(network: Ipv4Net, given: Option<i64>) -> Result<u8, ConfigErro
     }
 }
 
-fn bound(field: &'static str, text: &str, network: Ipv4Net, subnet_len: u8) -> Result<u32, ConfigError> {
+fn bound(
+    field: &'static str,
+    text: &str,
+    network: Ipv4Net,
+    subnet_len: u8,
+) -> Result<u32, ConfigError> {
     let addr: Ipv4Addr = text
         .parse()
         .map_err(|_| field_err(field, format!("{text:?} is not an IPv4 address")))?;
@@ -254,7 +262,12 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, ConfigError> {
     let vni = match raw.vni {
         None | Some(0) => DEFAULT_VNI,
         Some(v) if (1..(1 << 24)).contains(&v) => v as u32,
-        Some(v) => return Err(field_err("Backend.VNI", format!("{v} is not a VNI (1 to 16777215)"))),
+        Some(v) => {
+            return Err(field_err(
+                "Backend.VNI",
+                format!("{v} is not a VNI (1 to 16777215)"),
+            ))
+        }
     };
     let port = match raw.port {
         None | Some(0) => DEFAULT_VXLAN_PORT,
@@ -264,7 +277,12 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, ConfigError> {
     let mtu = match raw.mtu {
         None | Some(0) => None,
         Some(m) if (68..=65535).contains(&m) => Some(m as u32),
-        Some(m) => return Err(field_err("Backend.MTU", format!("{m} is not a usable MTU (68 to 65535)"))),
+        Some(m) => {
+            return Err(field_err(
+                "Backend.MTU",
+                format!("{m} is not a usable MTU (68 to 65535)"),
+            ))
+        }
     };
     Ok(Backend {
         vni,
@@ -297,7 +315,8 @@ mod tests {
 
     #[test]
     fn flannel_captured_config_gets_defaults() {
-        let c = NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let c =
+            NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.network, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
@@ -318,7 +337,13 @@ mod tests {
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 9, 192));
         assert_eq!(
             c.backend,
-            Backend { vni: 7, port: 4789, gbp: true, direct_routing: true, mtu: Some(1400) }
+            Backend {
+                vni: 7,
+                port: 4789,
+                gbp: true,
+                direct_routing: true,
+                mtu: Some(1400)
+            }
         );
         assert_eq!(c.vxlan_mtu(9000), 1400);
     }
@@ -331,7 +356,10 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(err(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#), "SubnetLen: SubnetLen 31 leaves no room for pods (at most 30)");
+        assert_eq!(
+            err(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#),
+            "SubnetLen: SubnetLen 31 leaves no room for pods (at most 30)"
+        );
         assert_eq!(
             err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.0.0"}"#),
             "SubnetMin: SubnetMin 10.245.0.0 is outside Network 10.244.0.0/16"
@@ -340,11 +368,25 @@ mod tests {
         assert!(err(r#"{"SubnetLen":24}"#).starts_with("Network: missing"));
         assert!(err(r#"{"Network":"banana"}"#).starts_with("Network:"));
         assert!(err(r#"{"Network":"10.244.0.0/16","SubnetLen":17}"#).starts_with("SubnetLen:"));
-        assert!(err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.7"}"#).contains("boundary"));
-        assert!(err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#).contains("above"));
-        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).starts_with("Backend.Type:"));
-        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#).starts_with("Backend.VNI:"));
-        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#).starts_with("Backend.Port:"));
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.7"}"#).contains("boundary")
+        );
+        assert!(err(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#
+        )
+        .contains("above"));
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#)
+                .starts_with("Backend.Type:")
+        );
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#)
+                .starts_with("Backend.VNI:")
+        );
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#)
+                .starts_with("Backend.Port:")
+        );
         assert!(err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#).starts_with("EnableIPv6:"));
         assert!(err(r#"{"Network":"10.0.0.0/29"}"#).contains("too small"));
         assert!(err("{not json").starts_with("net-conf is not valid JSON"));

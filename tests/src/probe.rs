@@ -13,12 +13,16 @@ use crate::netns::Netns;
 
 /// One ping from `from` to `to`; true when a reply came back.
 pub fn ping(from: &Netns, to: Ipv4Addr) -> bool {
-    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.to_string()]).is_ok()
+    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.to_string()])
+        .is_ok()
 }
 
 /// Pings until a reply comes or `timeout` passes.
 pub fn ping_until(from: &Netns, to: Ipv4Addr, timeout: Duration) -> bool {
-    crate::wait_until(timeout, || from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to.to_string()]).is_ok())
+    crate::wait_until(timeout, || {
+        from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to.to_string()])
+            .is_ok()
+    })
 }
 
 /// A background `ping -c count -i interval`; finish with [`PingRun::finish`].
@@ -30,7 +34,19 @@ impl PingRun {
     /// Starts pinging.
     pub fn start(from: &Netns, to: Ipv4Addr, count: u32, interval: &str) -> Result<Self> {
         let child = from
-            .command("ping", &["-q", "-c", &count.to_string(), "-i", interval, "-W", "2", &to.to_string()])
+            .command(
+                "ping",
+                &[
+                    "-q",
+                    "-c",
+                    &count.to_string(),
+                    "-i",
+                    interval,
+                    "-W",
+                    "2",
+                    &to.to_string(),
+                ],
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -41,8 +57,14 @@ impl PingRun {
     pub fn finish(self) -> Result<(u32, u32)> {
         let out = self.child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.contains("packets transmitted")).ok_or_else(|| anyhow!("no ping summary in {text:?}"))?;
-        let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .ok_or_else(|| anyhow!("no ping summary in {text:?}"))?;
+        let nums: Vec<u32> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|s| s.parse().ok())
+            .collect();
         if nums.len() < 2 {
             bail!("cannot read ping summary {line:?}");
         }
@@ -52,7 +74,10 @@ impl PingRun {
 
 /// Runs `f` on a thread that has entered `ns`'s network namespace: sockets it
 /// opens live in that namespace.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send + 'static) -> std::thread::JoinHandle<Result<T>> {
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
     let path = ns.path();
     std::thread::spawn(move || {
         let file = File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -76,20 +101,30 @@ pub fn tcp_source_seen(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> R
         loop {
             match listener.accept() {
                 Ok((_, peer)) => return Ok(peer),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => bail!("server accepted nothing: {e}"),
             }
         }
     });
-    let port = port_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("server did not start")?;
     let client_thread = in_netns(client, move || {
-        TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(5)).context("connecting")?;
+        TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(5))
+            .context("connecting")?;
         Ok(())
     });
-    client_thread.join().map_err(|_| anyhow!("client thread panicked"))??;
-    let peer = server_thread.join().map_err(|_| anyhow!("server thread panicked"))??;
+    client_thread
+        .join()
+        .map_err(|_| anyhow!("client thread panicked"))??;
+    let peer = server_thread
+        .join()
+        .map_err(|_| anyhow!("server thread panicked"))??;
     match peer.ip() {
         std::net::IpAddr::V4(ip) => Ok(ip),
         other => bail!("unexpected peer {other}"),

@@ -18,7 +18,11 @@ fn cluster(nodes: usize, pods: usize, flags: &[&str]) -> Cluster {
 
 /// Waits until every node holds entries for every other node.
 fn wait_converged(c: &Cluster) {
-    let peers: Vec<_> = c.nodes.iter().map(|n| (n.subnet().unwrap(), n.vtep_mac().unwrap())).collect();
+    let peers: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| (n.subnet().unwrap(), n.vtep_mac().unwrap()))
+        .collect();
     for (i, node) in c.nodes.iter().enumerate() {
         for (j, (subnet, mac)) in peers.iter().enumerate() {
             if i != j {
@@ -42,7 +46,11 @@ fn every_pod_pings_every_pod_across_vxlan() {
     }
     let c = cluster(3, 2, &[]);
     wait_converged(&c);
-    let tx_before: Vec<u64> = c.nodes.iter().map(|n| n.vxlan_tx_bytes().unwrap()).collect();
+    let tx_before: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.vxlan_tx_bytes().unwrap())
+        .collect();
     let pods = c.pods();
     let mut pairs = 0;
     for (from_node, from) in &pods {
@@ -50,7 +58,14 @@ fn every_pod_pings_every_pod_across_vxlan() {
             if from.ip == to.ip {
                 continue;
             }
-            assert!(ping_until(&from.ns, to.ip, Duration::from_secs(3)), "pod {} (node {}) cannot reach pod {} (node {})", from.ip, from_node + 1, to.ip, to_node + 1);
+            assert!(
+                ping_until(&from.ns, to.ip, Duration::from_secs(3)),
+                "pod {} (node {}) cannot reach pod {} (node {})",
+                from.ip,
+                from_node + 1,
+                to.ip,
+                to_node + 1
+            );
             pairs += 1;
         }
     }
@@ -58,14 +73,27 @@ fn every_pod_pings_every_pod_across_vxlan() {
     for (i, node) in c.nodes.iter().enumerate() {
         let sent = node.vxlan_tx_bytes().unwrap() - tx_before[i];
         // 8 cross-node pings leave each node, at least 84 bytes each.
-        assert!(sent >= 8 * 84, "node {} sent only {sent} bytes through overlay.1", node.index);
+        assert!(
+            sent >= 8 * 84,
+            "node {} sent only {sent} bytes through overlay.1",
+            node.index
+        );
     }
     // The device matches DESIGN.md §1: VNI 1, port 8472, nolearning, MTU 1450, <subnet>.0/32.
     let node = &c.nodes[0];
     let link = node.ns.ip(&["-d", "link", "show", "overlay.1"]).unwrap();
-    assert!(link.contains("mtu 1450") && link.contains("vxlan id 1 ") && link.contains("dstport 8472") && link.contains("nolearning"), "{link}");
+    assert!(
+        link.contains("mtu 1450")
+            && link.contains("vxlan id 1 ")
+            && link.contains("dstport 8472")
+            && link.contains("nolearning"),
+        "{link}"
+    );
     let addr = node.ns.ip(&["-4", "addr", "show", "overlay.1"]).unwrap();
-    assert!(addr.contains(&format!("inet {}/32", node.subnet().unwrap().network())), "{addr}");
+    assert!(
+        addr.contains(&format!("inet {}/32", node.subnet().unwrap().network())),
+        "{addr}"
+    );
 }
 
 #[test]
@@ -85,13 +113,30 @@ fn pod_to_pod_keeps_source_and_outgoing_is_masqueraded() {
     assert_eq!(tcp_source_seen(&p1.ns, p1.ip, &p2.ns).unwrap(), p2.ip);
 
     // Pod → outside with --ip-masq: the outside server sees node 1's underlay address.
-    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p1.ns).unwrap(), n1.ip);
+    assert_eq!(
+        tcp_source_seen(&c.outside, OUTSIDE_IP, &p1.ns).unwrap(),
+        n1.ip
+    );
 
     // Without --ip-masq: it sees the pod address (given a route back to the pod subnet).
-    c.outside.ip(&["route", "add", &n2.subnet().unwrap().to_string(), "via", &n2.ip.to_string()]).unwrap();
-    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p2.ns).unwrap(), p2.ip);
+    c.outside
+        .ip(&[
+            "route",
+            "add",
+            &n2.subnet().unwrap().to_string(),
+            "via",
+            &n2.ip.to_string(),
+        ])
+        .unwrap();
+    assert_eq!(
+        tcp_source_seen(&c.outside, OUTSIDE_IP, &p2.ns).unwrap(),
+        p2.ip
+    );
     let table = n2.ns.exec("nft", &["list", "tables"]).unwrap();
-    assert!(!table.contains("overlay"), "node without --ip-masq has a NAT table: {table}");
+    assert!(
+        !table.contains("overlay"),
+        "node without --ip-masq has a NAT table: {table}"
+    );
 }
 
 #[test]
@@ -105,20 +150,33 @@ fn joining_node_is_reached_and_leaving_node_is_removed() {
     let new_pod = c.nodes[i].pods[0].ip;
     for n in 0..3 {
         let from = &c.nodes[n].pods[0];
-        assert!(ping_until(&from.ns, new_pod, Duration::from_secs(2)), "pod {} cannot reach new node's pod {new_pod}", from.ip);
-        assert!(ping(&c.nodes[i].pods[0].ns, from.ip), "new node's pod cannot reach {}", from.ip);
+        assert!(
+            ping_until(&from.ns, new_pod, Duration::from_secs(2)),
+            "pod {} cannot reach new node's pod {new_pod}",
+            from.ip
+        );
+        assert!(
+            ping(&c.nodes[i].pods[0].ns, from.ip),
+            "new node's pod cannot reach {}",
+            from.ip
+        );
     }
 
     // Node 4 leaves: its key is deleted; every peer loses all three entries.
     let leaving = &c.nodes[i];
     let (subnet, mac) = (leaving.subnet().unwrap(), leaving.vtep_mac().unwrap());
-    let key = format!("{PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix_len());
+    let key = format!(
+        "{PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    );
     c.nodes[i].stop().unwrap();
     c.etcd.ctl(&["del", &key]).unwrap();
     for n in 0..3 {
         let node = &c.nodes[n];
         assert!(
-            wait_until(Duration::from_secs(3), || !node.has_any_entry_for(subnet, &mac)),
+            wait_until(Duration::from_secs(3), || !node
+                .has_any_entry_for(subnet, &mac)),
             "node {} still has entries for departed {subnet}:\n{}\n{}\n{}",
             node.index,
             node.neighbours(),
@@ -138,20 +196,40 @@ fn restart_loses_no_packet_and_keeps_subnet() {
     let subnet_before = c.nodes[1].subnet().unwrap();
     let mac_before = c.nodes[1].vtep_mac().unwrap();
     let target = c.nodes[1].pods[0].ip;
-    assert!(ping_until(&c.nodes[0].pods[0].ns, target, Duration::from_secs(3)));
+    assert!(ping_until(
+        &c.nodes[0].pods[0].ns,
+        target,
+        Duration::from_secs(3)
+    ));
     let run = PingRun::start(&c.nodes[0].pods[0].ns, target, 400, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let (status, took) = c.nodes[1].stop().unwrap();
-    assert!(status.success(), "overlayd exited with {status} on SIGTERM:\n{}", c.nodes[1].log_text());
+    assert!(
+        status.success(),
+        "overlayd exited with {status} on SIGTERM:\n{}",
+        c.nodes[1].log_text()
+    );
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
     std::thread::sleep(Duration::from_millis(300));
     c.nodes[1].start().unwrap();
     let (sent, received) = run.finish().unwrap();
     assert_eq!((sent, received), (400, 400), "pings lost across a restart");
-    assert!(wait_until(Duration::from_secs(5), || c.nodes[1].log_text().matches("took back our existing lease").count() >= 1));
+    assert!(wait_until(Duration::from_secs(5), || c.nodes[1]
+        .log_text()
+        .matches("took back our existing lease")
+        .count()
+        >= 1));
     assert_eq!(c.nodes[1].subnet().unwrap(), subnet_before);
-    assert_eq!(c.nodes[1].vtep_mac().unwrap(), mac_before, "VTEP MAC must survive a restart");
-    assert_eq!(c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 2, "a restart must not leave a second lease");
+    assert_eq!(
+        c.nodes[1].vtep_mac().unwrap(),
+        mac_before,
+        "VTEP MAC must survive a restart"
+    );
+    assert_eq!(
+        c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(),
+        2,
+        "a restart must not leave a second lease"
+    );
 }
 
 #[test]
@@ -166,26 +244,61 @@ fn hand_deleted_entries_and_device_come_back() {
     let (subnet, mac) = (peer.subnet().unwrap(), peer.vtep_mac().unwrap());
     let gw = subnet.network().to_string();
     node.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
-    overlay_tests::netns::run("bridge", &["-n", &node.ns.name, "fdb", "del", &mac, "dev", "overlay.1", "dst", &peer.ip.to_string(), "self"]).unwrap();
-    node.ns.ip(&["neigh", "del", &gw, "dev", "overlay.1"]).unwrap();
+    overlay_tests::netns::run(
+        "bridge",
+        &[
+            "-n",
+            &node.ns.name,
+            "fdb",
+            "del",
+            &mac,
+            "dev",
+            "overlay.1",
+            "dst",
+            &peer.ip.to_string(),
+            "self",
+        ],
+    )
+    .unwrap();
+    node.ns
+        .ip(&["neigh", "del", &gw, "dev", "overlay.1"])
+        .unwrap();
     assert!(!node.has_peer(subnet, &mac));
     // Resync interval is 1 s in tests.
-    assert!(wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)), "entries not repaired");
+    assert!(
+        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)),
+        "entries not repaired"
+    );
 
     node.ns.ip(&["link", "del", "overlay.1"]).unwrap();
     let other = &c.nodes[2];
     let (s2, m2) = (other.subnet().unwrap(), other.vtep_mac().unwrap());
     assert!(
-        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac) && node.has_peer(s2, &m2)),
+        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)
+            && node.has_peer(s2, &m2)),
         "device and peers not restored:\n{}",
         node.log_text()
     );
-    assert!(ping_until(&node.pods[0].ns, peer.pods[0].ip, Duration::from_secs(3)));
+    assert!(ping_until(
+        &node.pods[0].ns,
+        peer.pods[0].ip,
+        Duration::from_secs(3)
+    ));
 }
 
 fn no_kernel_change(node: &overlay_tests::Node) {
-    assert!(node.ns.ip(&["link", "show", "overlay.1"]).is_err(), "a VXLAN device was created");
-    assert!(!node.ns.exec("nft", &["list", "tables"]).unwrap().contains("overlay"), "nft rules were added");
+    assert!(
+        node.ns.ip(&["link", "show", "overlay.1"]).is_err(),
+        "a VXLAN device was created"
+    );
+    assert!(
+        !node
+            .ns
+            .exec("nft", &["list", "tables"])
+            .unwrap()
+            .contains("overlay"),
+        "nft rules were added"
+    );
     assert!(!node.subnet_file.exists(), "a subnet file was written");
 }
 
@@ -195,17 +308,29 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
         return;
     }
     // Malformed config.
-    let mut c = Cluster::new(ClusterOptions { config: Some(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#.into()), ..Default::default() }).unwrap();
+    let mut c = Cluster::new(ClusterOptions {
+        config: Some(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#.into()),
+        ..Default::default()
+    })
+    .unwrap();
     let i = c.add_node(&["--ip-masq"]).unwrap();
     c.nodes[i].start().unwrap();
     let status = c.nodes[i].wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let log = c.nodes[i].log_text();
-    assert!(log.contains("SubnetLen 31 leaves no room for pods"), "{log}");
+    assert!(
+        log.contains("SubnetLen 31 leaves no room for pods"),
+        "{log}"
+    );
     no_kernel_change(&c.nodes[i]);
 
     // A full network: one subnet, already held by someone else.
-    c.etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#).unwrap();
+    c.etcd
+        .put(
+            &format!("{PREFIX}/config"),
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#,
+        )
+        .unwrap();
     c.etcd
         .put(&format!("{PREFIX}/subnets/10.244.5.0-24"), r#"{"PublicIP":"192.168.50.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}"#)
         .unwrap();
@@ -217,9 +342,17 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     no_kernel_change(&c.nodes[i]);
 
     // etcd unreachable: it says so, keeps trying, and touches nothing meanwhile.
-    let j = c.add_node(&["--ip-masq", "--etcd-endpoints", "http://192.168.50.2:2399"]).unwrap();
+    let j = c
+        .add_node(&["--ip-masq", "--etcd-endpoints", "http://192.168.50.2:2399"])
+        .unwrap();
     c.nodes[j].start().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || c.nodes[j].log_text().contains("etcd unreachable")), "{}", c.nodes[j].log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || c.nodes[j]
+            .log_text()
+            .contains("etcd unreachable")),
+        "{}",
+        c.nodes[j].log_text()
+    );
     assert!(c.nodes[j].running());
     no_kernel_change(&c.nodes[j]);
 }
@@ -229,24 +362,38 @@ fn two_nodes_racing_for_the_last_subnet() {
     if !require_root("two_nodes_racing_for_the_last_subnet") {
         return;
     }
-    let options = ClusterOptions { config: Some(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#.into()), ..Default::default() };
+    let options = ClusterOptions {
+        config: Some(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#
+                .into(),
+        ),
+        ..Default::default()
+    };
     let mut c = Cluster::new(options).unwrap();
     let a = c.add_node(&[]).unwrap();
     let b = c.add_node(&[]).unwrap();
     c.nodes[a].start().unwrap();
     c.nodes[b].start().unwrap();
     assert!(wait_until(Duration::from_secs(15), || {
-        let done = |n: &overlay_tests::Node| n.subnet_file.exists() || n.log_text().contains("is full");
+        let done =
+            |n: &overlay_tests::Node| n.subnet_file.exists() || n.log_text().contains("is full");
         done(&c.nodes[a]) && done(&c.nodes[b])
     }));
     let winners: Vec<_> = c.nodes.iter().filter(|n| n.subnet_file.exists()).collect();
     assert_eq!(winners.len(), 1, "exactly one node gets the last subnet");
     assert_eq!(winners[0].subnet().unwrap().to_string(), "10.244.5.0/24");
-    let loser = c.nodes.iter_mut().find(|n| !n.subnet_file.exists()).unwrap();
+    let loser = c
+        .nodes
+        .iter_mut()
+        .find(|n| !n.subnet_file.exists())
+        .unwrap();
     let status = loser.wait_exit(Duration::from_secs(5)).unwrap();
     assert!(!status.success());
     assert!(loser.log_text().contains("network 10.244.0.0/16 is full"));
-    assert_eq!(c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap(), vec![format!("{PREFIX}/subnets/10.244.5.0-24")]);
+    assert_eq!(
+        c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap(),
+        vec![format!("{PREFIX}/subnets/10.244.5.0-24")]
+    );
 }
 
 #[test]
@@ -257,7 +404,11 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
     let mut c = cluster(2, 1, &[]);
     wait_converged(&c);
     let target = c.nodes[1].pods[0].ip;
-    assert!(ping_until(&c.nodes[0].pods[0].ns, target, Duration::from_secs(3)));
+    assert!(ping_until(
+        &c.nodes[0].pods[0].ns,
+        target,
+        Duration::from_secs(3)
+    ));
     let run = PingRun::start(&c.nodes[0].pods[0].ns, target, 120, "0.05").unwrap();
     c.etcd.stop();
     std::thread::sleep(Duration::from_secs(3));
@@ -270,6 +421,10 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
     wait_converged(&c);
     let new_pod: Ipv4Addr = c.nodes[i].pods[0].ip;
     for n in 0..2 {
-        assert!(ping_until(&c.nodes[n].pods[0].ns, new_pod, Duration::from_secs(3)));
+        assert!(ping_until(
+            &c.nodes[n].pods[0].ns,
+            new_pod,
+            Duration::from_secs(3)
+        ));
     }
 }

@@ -100,8 +100,9 @@ impl Netlink {
                 if len == 0 {
                     break;
                 }
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..offset + len])
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..offset + len])
+                        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
                 each(msg)?;
                 offset += (len + 3) & !3;
             }
@@ -112,7 +113,10 @@ impl Netlink {
     }
 
     /// Sends a dump request and returns every message of the answer.
-    pub fn dump(&mut self, request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+    pub fn dump(
+        &mut self,
+        request: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         let mut out = Vec::new();
         let seq = self.encode(request, NLM_F_REQUEST | NLM_F_DUMP, &mut out);
         self.socket.send(&out, 0)?;
@@ -150,7 +154,10 @@ impl Netlink {
     }
 
     /// Sends requests in batches and returns each one's result, in order.
-    pub fn batch(&mut self, requests: Vec<(RouteNetlinkMessage, u16)>) -> Result<Vec<Result<(), io::Error>>, NetlinkError> {
+    pub fn batch(
+        &mut self,
+        requests: Vec<(RouteNetlinkMessage, u16)>,
+    ) -> Result<Vec<Result<(), io::Error>>, NetlinkError> {
         let mut results: Vec<Result<(), io::Error>> = Vec::with_capacity(requests.len());
         let mut requests = requests.into_iter().peekable();
         let mut out = Vec::new();

@@ -50,18 +50,28 @@ pub fn find(nl: &mut Netlink, iface: Option<&str>) -> Result<Underlay, UnderlayE
     let (index, preferred) = match iface {
         Some(text) => match text.parse::<Ipv4Addr>() {
             Ok(ip) => {
-                let found = addrs.iter().find(|a| a.net.addr() == ip).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
+                let found = addrs
+                    .iter()
+                    .find(|a| a.net.addr() == ip)
+                    .ok_or_else(|| UnderlayError::NotFound(text.into()))?;
                 (found.index, Some(ip))
             }
             Err(_) => {
-                let link = links.iter().find(|l| l.name == text).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
+                let link = links
+                    .iter()
+                    .find(|l| l.name == text)
+                    .ok_or_else(|| UnderlayError::NotFound(text.into()))?;
                 (link.index, None)
             }
         },
         None => default_route(nl)?.ok_or(UnderlayError::NoDefaultRoute)?,
     };
-    let link = links.iter().find(|l| l.index == index).ok_or_else(|| UnderlayError::NotFound(index.to_string()))?;
-    let addr = primary_address(&addrs, index, preferred).ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
+    let link = links
+        .iter()
+        .find(|l| l.index == index)
+        .ok_or_else(|| UnderlayError::NotFound(index.to_string()))?;
+    let addr = primary_address(&addrs, index, preferred)
+        .ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
     Ok(Underlay {
         index,
         name: link.name.clone(),
@@ -75,7 +85,9 @@ fn default_route(nl: &mut Netlink) -> Result<Option<(u32, Option<Ipv4Addr>)>, Ne
     let mut req = RouteMessage::default();
     req.header.address_family = AddressFamily::Inet;
     for msg in nl.dump(RouteNetlinkMessage::GetRoute(req))? {
-        let RouteNetlinkMessage::NewRoute(r) = msg else { continue };
+        let RouteNetlinkMessage::NewRoute(r) = msg else {
+            continue;
+        };
         if r.header.destination_prefix_length != 0 || r.header.table != RouteHeader::RT_TABLE_MAIN {
             continue;
         }

@@ -33,6 +33,8 @@ pub struct ClusterOptions {
     pub config: Option<String>,
     /// `--resync-interval` for every daemon.
     pub resync: String,
+    /// A fixed id (names are `ov<id>...`) instead of a random one.
+    pub id: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +42,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             config: Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#.into()),
             resync: "1s".into(),
+            id: None,
         }
     }
 }
@@ -96,7 +99,7 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the underlay, etcd and the outside host, with no nodes yet.
     pub fn new(options: ClusterOptions) -> Result<Self> {
-        let id = crate::random_suffix();
+        let id = options.id.clone().unwrap_or_else(crate::random_suffix);
         let dir = std::env::temp_dir().join(format!("overlay-test-{id}"));
         std::fs::create_dir_all(&dir)?;
         let underlay = Netns::new(&format!("ov{id}u"))?;
@@ -296,6 +299,11 @@ impl Node {
             "overlayd on node {} still running after {timeout:?}",
             self.index
         )
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
     }
 
     /// Whether the daemon process is still running.

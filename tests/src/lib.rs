@@ -5,6 +5,7 @@
 //! a failing or panicking test leaves nothing behind. Nothing touches the
 //! root namespace; all traffic stays inside the test's own namespaces.
 
+pub mod bulk;
 pub mod cluster;
 pub mod etcd;
 pub mod netns;

@@ -74,7 +74,7 @@ impl PingRun {
 
 /// Runs `f` on a thread that has entered `ns`'s network namespace: sockets it
 /// opens live in that namespace.
-fn in_netns<T: Send + 'static>(
+pub fn in_netns<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> std::thread::JoinHandle<Result<T>> {

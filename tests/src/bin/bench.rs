@@ -1,1 +1,223 @@
-fn main() {}
+//! `make bench`: how fast and how small overlayd is, beside the floor of the
+//! same entries added by one `ip -batch` (and one `bridge -batch`) process.
+//!
+//! For each N: (a) cold start with N leases in etcd, until all N×3 entries
+//! exist; (b) a burst of N leases written while it runs; (c) a burst of N
+//! removals; (d) RSS and CPU. Prints a table. Sizes: OVERLAY_BENCH_SIZES=100,1000,5000.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use overlay_tests::bulk::{self, synthetic_lease, Bulk};
+use overlay_tests::cluster::ClusterOptions;
+use overlay_tests::{Cluster, Netns};
+
+/// Our routes carry protocol 77: count them to know how far programming got.
+fn route_count(ns: &Netns) -> usize {
+    ns.ip(&["-4", "route", "show", "proto", "77"]).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+fn entry_counts(ns: &Netns) -> (usize, usize, usize) {
+    let neigh = ns.ip(&["neigh", "show", "dev", "overlay.1", "nud", "permanent"]).map(|s| s.lines().count()).unwrap_or(0);
+    let fdb = overlay_tests::netns::run("bridge", &["-n", &ns.name, "fdb", "show", "dev", "overlay.1"]).map(|s| s.lines().count()).unwrap_or(0);
+    (neigh, fdb, route_count(ns))
+}
+
+/// Polls until `done(count)` or `timeout`; returns the time taken (None on timeout).
+fn wait_routes(ns: &Netns, timeout: Duration, done: impl Fn(usize) -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if done(route_count(ns)) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    rss_kib: u64,
+    peak_kib: u64,
+    cpu_s: f64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the ')'.
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Usage { rss_kib: field("VmRSS:"), peak_kib: field("VmHWM:"), cpu_s: ticks as f64 / hz }
+}
+
+fn config_for_bench() -> &'static str {
+    // Synthetic peers live in 10.0.0.0/9; the daemon's own subnet comes from the upper half.
+    r#"{"Network":"10.0.0.0/8","SubnetMin":"10.128.0.0","Backend":{"Type":"vxlan"}}"#
+}
+
+struct Row {
+    n: u32,
+    cold: Option<Duration>,
+    cold_usage: Usage,
+    idle_empty: Usage,
+    idle_full: Usage,
+    burst: Option<Duration>,
+    burst_missing: usize,
+    removal: Option<Duration>,
+    removal_stale: usize,
+    burst_usage: Usage,
+    floor: Duration,
+}
+
+fn floor(id: &str, n: u32) -> Result<Duration> {
+    let ns = Netns::new(&format!("ov{id}floor"))?;
+    // This kernel has no dummy driver: one leg of a veth pair serves as underlay.
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])?;
+    ns.ip(&["addr", "add", "172.31.255.1/12", "dev", "d0"])?;
+    ns.ip(&["link", "set", "d0", "up"])?;
+    ns.ip(&["link", "add", "overlay.1", "type", "vxlan", "id", "1", "local", "172.31.255.1", "dev", "d0", "dstport", "8472", "nolearning"])?;
+    ns.ip(&["addr", "add", "10.200.0.0/32", "dev", "overlay.1"])?;
+    ns.ip(&["link", "set", "overlay.1", "up"])?;
+    let dir = std::env::temp_dir().join(format!("overlay-floor-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let (mut ip_batch, mut fdb_batch) = (String::new(), String::new());
+    for i in 1..=n {
+        let (subnet, value) = synthetic_lease(i);
+        let mac = &value[value.find("VtepMAC").unwrap_or(0) + 10..][..17];
+        let public = std::net::Ipv4Addr::from(0xac10_0000 + i);
+        let gw = subnet.network();
+        let _ = writeln!(ip_batch, "neigh replace {gw} lladdr {mac} dev overlay.1 nud permanent");
+        let _ = writeln!(fdb_batch, "fdb append {mac} dev overlay.1 dst {public} self permanent");
+        let _ = writeln!(ip_batch, "route replace {subnet} via {gw} dev overlay.1 onlink");
+    }
+    std::fs::write(dir.join("ip.batch"), ip_batch)?;
+    std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
+    let start = Instant::now();
+    let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
+    let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
+    let took = start.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    if !(ok_ip && ok_fdb) {
+        bail!("ip -batch floor failed");
+    }
+    Ok(took)
+}
+
+fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
+    let timeout = Duration::from_secs(60);
+    let endpoint = c.etcd.endpoint();
+
+    // (a) cold start.
+    let cold_prefix = format!("/bench/cold-{n}");
+    c.etcd.put(&format!("{cold_prefix}/config"), config_for_bench())?;
+    bulk::leases(&c.underlay, &endpoint, &cold_prefix, n, Bulk::Put)?;
+    let i = c.add_node(&["--etcd-prefix", &cold_prefix])?;
+    let start = Instant::now();
+    c.nodes[i].start()?;
+    let cold = loop {
+        if route_count(&c.nodes[i].ns) >= n as usize {
+            break Some(start.elapsed());
+        }
+        if start.elapsed() > timeout || !c.nodes[i].running() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let counts = entry_counts(&c.nodes[i].ns);
+    if counts != (n as usize, n as usize, n as usize) {
+        eprintln!("cold start n={n}: entries {counts:?}, want {n} each");
+    }
+    let pid = c.nodes[i].pid().context("pid")?;
+    let cold_usage = usage(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_full = usage(pid);
+    c.nodes[i].stop()?;
+
+    // (b) burst of writes, (c) burst of removals, on a running daemon.
+    let burst_prefix = format!("/bench/burst-{n}");
+    c.etcd.put(&format!("{burst_prefix}/config"), config_for_bench())?;
+    let j = c.add_node(&["--etcd-prefix", &burst_prefix])?;
+    c.nodes[j].start()?;
+    c.nodes[j].wait_ready(Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = c.nodes[j].pid().context("pid")?;
+    let idle_empty = usage(pid);
+    bulk::leases(&c.underlay, &endpoint, &burst_prefix, n, Bulk::Put)?;
+    let burst = wait_routes(&c.nodes[j].ns, timeout, |k| k >= n as usize);
+    let burst_missing = n as usize - route_count(&c.nodes[j].ns).min(n as usize);
+    bulk::leases(&c.underlay, &endpoint, &burst_prefix, n, Bulk::Delete)?;
+    let removal = wait_routes(&c.nodes[j].ns, timeout, |k| k == 0);
+    let removal_stale = {
+        let (a, b, r) = entry_counts(&c.nodes[j].ns);
+        a + b + r
+    };
+    let burst_usage = usage(pid);
+    c.nodes[j].stop()?;
+
+    Ok(Row { n, cold, cold_usage, idle_empty, idle_full, burst, burst_missing, removal, removal_stale, burst_usage, floor: floor(&c.id, n)? })
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "timeout".into())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn main() -> Result<()> {
+    if !overlay_tests::require_root("overlay-bench") {
+        return Ok(());
+    }
+    let sizes: Vec<u32> = std::env::var("OVERLAY_BENCH_SIZES")
+        .unwrap_or_else(|_| "100,1000,5000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), id: None })?;
+    let mut rows = Vec::new();
+    for n in sizes {
+        eprintln!("bench: N={n} ...");
+        rows.push(bench(&mut c, n)?);
+    }
+    println!();
+    println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers | RSS idle, N peers | peak RSS | CPU s (cold start) | CPU s (burst add+remove) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = r.cold.map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6))).unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            r.n,
+            ms(r.cold),
+            ms(Some(r.floor)),
+            ratio,
+            ms(r.burst),
+            r.burst_missing,
+            ms(r.removal),
+            r.removal_stale,
+            mib(r.idle_empty.rss_kib),
+            mib(r.idle_full.rss_kib),
+            mib(r.cold_usage.peak_kib.max(r.burst_usage.peak_kib)),
+            r.cold_usage.cpu_s,
+            r.burst_usage.cpu_s - r.idle_empty.cpu_s,
+        );
+    }
+    println!();
+    println!("cold start: from spawning overlayd until the kernel holds all N routes (routes are programmed last); floor: the same N×3 entries by one `bridge -batch` and one `ip -batch` process.");
+    println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
+    Ok(())
+}

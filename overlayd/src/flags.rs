@@ -147,6 +147,22 @@ mod tests {
         assert_eq!(cli.run.etcd_endpoints.len(), 2);
         assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
         assert_eq!(cli.run.device, "overlay.1");
+        // SAFETY: this test alone reads these variables.
+        unsafe {
+            std::env::set_var("OVERLAYD_IP_MASQ", "true");
+            std::env::set_var("OVERLAYD_RESYNC_INTERVAL", "5s");
+        }
+        let from_env = Cli::try_parse_from(["overlayd"]).unwrap();
+        assert!(from_env.run.ip_masq);
+        assert_eq!(from_env.run.resync_interval, Duration::from_secs(5));
+        unsafe {
+            std::env::set_var("OVERLAYD_IP_MASQ", "false");
+        }
+        assert!(!Cli::try_parse_from(["overlayd"]).unwrap().run.ip_masq);
+        unsafe {
+            std::env::remove_var("OVERLAYD_IP_MASQ");
+            std::env::remove_var("OVERLAYD_RESYNC_INTERVAL");
+        }
         let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
         assert!(matches!(cleanup.command, Some(Command::Cleanup)));
         assert_eq!(cleanup.run.device, "x.1");

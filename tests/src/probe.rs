@@ -130,3 +130,28 @@ pub fn tcp_source_seen(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> R
         other => bail!("unexpected peer {other}"),
     }
 }
+
+/// A plain HTTP GET from inside `ns`; returns (status code, body).
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad response {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+    .join()
+    .map_err(|_| anyhow!("http thread panicked"))?
+}

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use overlay_tests::cluster::{ClusterOptions, OUTSIDE_IP, PREFIX};
-use overlay_tests::probe::{ping, ping_until, tcp_source_seen, PingRun};
+use overlay_tests::probe::{http_get, ping, ping_until, tcp_source_seen, PingRun};
 use overlay_tests::{require_root, wait_until, Cluster};
 
 fn cluster(nodes: usize, pods: usize, flags: &[&str]) -> Cluster {
@@ -427,4 +427,69 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
             Duration::from_secs(3)
         ));
     }
+}
+
+#[test]
+fn health_metrics_and_cleanup() {
+    if !require_root("health_metrics_and_cleanup") {
+        return;
+    }
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    let health: std::net::SocketAddr = "127.0.0.1:8471".parse().unwrap();
+    c.add_ready_node(&["--ip-masq", "--health-addr", "127.0.0.1:8471"], 0)
+        .unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    wait_converged(&c);
+    let node = &c.nodes[0];
+    assert_eq!(http_get(&node.ns, health, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(&node.ns, health, "/readyz").unwrap().0, 200);
+    let (status, metrics) = http_get(&node.ns, health, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("\noverlay_peers 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("overlay_lease_last_renewal_timestamp_seconds"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(&node.ns, health, "/nope").unwrap().0, 404);
+
+    // A normal exit removes nothing; `overlayd cleanup` removes device, rules and subnet file.
+    let (subnet, mac) = (c.nodes[1].subnet().unwrap(), c.nodes[1].vtep_mac().unwrap());
+    c.nodes[0].stop().unwrap();
+    let node = &c.nodes[0];
+    assert!(
+        node.has_peer(subnet, &mac),
+        "a normal exit must leave the dataplane in place"
+    );
+    assert!(node
+        .ns
+        .exec("nft", &["list", "tables"])
+        .unwrap()
+        .contains("overlay"));
+    let bin = overlay_tests::workspace_bin("overlayd");
+    let out = node
+        .ns
+        .command(bin.to_str().unwrap(), &["cleanup", "--subnet-file"])
+        .arg(&node.subnet_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        node.ns.ip(&["link", "show", "overlay.1"]).is_err(),
+        "device still present after cleanup"
+    );
+    assert!(
+        !node.routes().contains(&subnet.to_string()),
+        "{}",
+        node.routes()
+    );
+    assert!(!node
+        .ns
+        .exec("nft", &["list", "tables"])
+        .unwrap()
+        .contains("overlay"));
+    assert!(!node.subnet_file.exists());
 }

@@ -16,12 +16,22 @@ use overlay_tests::{Cluster, Netns};
 
 /// Our routes carry protocol 77: count them to know how far programming got.
 fn route_count(ns: &Netns) -> usize {
-    ns.ip(&["-4", "route", "show", "proto", "77"]).map(|s| s.lines().count()).unwrap_or(0)
+    ns.ip(&["-4", "route", "show", "proto", "77"])
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 fn entry_counts(ns: &Netns) -> (usize, usize, usize) {
-    let neigh = ns.ip(&["neigh", "show", "dev", "overlay.1", "nud", "permanent"]).map(|s| s.lines().count()).unwrap_or(0);
-    let fdb = overlay_tests::netns::run("bridge", &["-n", &ns.name, "fdb", "show", "dev", "overlay.1"]).map(|s| s.lines().count()).unwrap_or(0);
+    let neigh = ns
+        .ip(&["neigh", "show", "dev", "overlay.1", "nud", "permanent"])
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    let fdb = overlay_tests::netns::run(
+        "bridge",
+        &["-n", &ns.name, "fdb", "show", "dev", "overlay.1"],
+    )
+    .map(|s| s.lines().count())
+    .unwrap_or(0);
     (neigh, fdb, route_count(ns))
 }
 
@@ -58,10 +68,15 @@ fn usage(pid: u32) -> Usage {
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the ')'.
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Usage { rss_kib: field("VmRSS:"), peak_kib: field("VmHWM:"), cpu_s: ticks as f64 / hz }
+    Usage {
+        rss_kib: field("VmRSS:"),
+        peak_kib: field("VmHWM:"),
+        cpu_s: ticks as f64 / hz,
+    }
 }
 
 fn config_for_bench() -> &'static str {
@@ -89,7 +104,22 @@ fn floor(id: &str, n: u32) -> Result<Duration> {
     ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])?;
     ns.ip(&["addr", "add", "172.31.255.1/12", "dev", "d0"])?;
     ns.ip(&["link", "set", "d0", "up"])?;
-    ns.ip(&["link", "add", "overlay.1", "type", "vxlan", "id", "1", "local", "172.31.255.1", "dev", "d0", "dstport", "8472", "nolearning"])?;
+    ns.ip(&[
+        "link",
+        "add",
+        "overlay.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "172.31.255.1",
+        "dev",
+        "d0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
     ns.ip(&["addr", "add", "10.200.0.0/32", "dev", "overlay.1"])?;
     ns.ip(&["link", "set", "overlay.1", "up"])?;
     let dir = std::env::temp_dir().join(format!("overlay-floor-{id}"));
@@ -100,15 +130,32 @@ fn floor(id: &str, n: u32) -> Result<Duration> {
         let mac = &value[value.find("VtepMAC").unwrap_or(0) + 10..][..17];
         let public = std::net::Ipv4Addr::from(0xac10_0000 + i);
         let gw = subnet.network();
-        let _ = writeln!(ip_batch, "neigh replace {gw} lladdr {mac} dev overlay.1 nud permanent");
-        let _ = writeln!(fdb_batch, "fdb append {mac} dev overlay.1 dst {public} self permanent");
-        let _ = writeln!(ip_batch, "route replace {subnet} via {gw} dev overlay.1 onlink");
+        let _ = writeln!(
+            ip_batch,
+            "neigh replace {gw} lladdr {mac} dev overlay.1 nud permanent"
+        );
+        let _ = writeln!(
+            fdb_batch,
+            "fdb append {mac} dev overlay.1 dst {public} self permanent"
+        );
+        let _ = writeln!(
+            ip_batch,
+            "route replace {subnet} via {gw} dev overlay.1 onlink"
+        );
     }
     std::fs::write(dir.join("ip.batch"), ip_batch)?;
     std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
     let start = Instant::now();
-    let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
-    let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
+    let ok_fdb = Command::new("bridge")
+        .args(["-n", &ns.name, "-batch"])
+        .arg(dir.join("fdb.batch"))
+        .status()?
+        .success();
+    let ok_ip = Command::new("ip")
+        .args(["-n", &ns.name, "-batch"])
+        .arg(dir.join("ip.batch"))
+        .status()?
+        .success();
     let took = start.elapsed();
     let _ = std::fs::remove_dir_all(&dir);
     if !(ok_ip && ok_fdb) {
@@ -123,7 +170,8 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
 
     // (a) cold start.
     let cold_prefix = format!("/bench/cold-{n}");
-    c.etcd.put(&format!("{cold_prefix}/config"), config_for_bench())?;
+    c.etcd
+        .put(&format!("{cold_prefix}/config"), config_for_bench())?;
     bulk::leases(&c.underlay, &endpoint, &cold_prefix, n, Bulk::Put)?;
     let i = c.add_node(&["--etcd-prefix", &cold_prefix])?;
     let start = Instant::now();
@@ -149,7 +197,8 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
 
     // (b) burst of writes, (c) burst of removals, on a running daemon.
     let burst_prefix = format!("/bench/burst-{n}");
-    c.etcd.put(&format!("{burst_prefix}/config"), config_for_bench())?;
+    c.etcd
+        .put(&format!("{burst_prefix}/config"), config_for_bench())?;
     let j = c.add_node(&["--etcd-prefix", &burst_prefix])?;
     c.nodes[j].start()?;
     c.nodes[j].wait_ready(Duration::from_secs(20))?;
@@ -168,11 +217,24 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
     let burst_usage = usage(pid);
     c.nodes[j].stop()?;
 
-    Ok(Row { n, cold, cold_usage, idle_empty, idle_full, burst, burst_missing, removal, removal_stale, burst_usage, floor: floor(&c.id, n)? })
+    Ok(Row {
+        n,
+        cold,
+        cold_usage,
+        idle_empty,
+        idle_full,
+        burst,
+        burst_missing,
+        removal,
+        removal_stale,
+        burst_usage,
+        floor: floor(&c.id, n)?,
+    })
 }
 
 fn ms(d: Option<Duration>) -> String {
-    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "timeout".into())
+    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+        .unwrap_or_else(|| "timeout".into())
 }
 
 fn mib(kib: u64) -> String {
@@ -188,7 +250,11 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), id: None })?;
+    let mut c = Cluster::new(ClusterOptions {
+        config: None,
+        resync: "30s".into(),
+        id: None,
+    })?;
     let mut rows = Vec::new();
     for n in sizes {
         eprintln!("bench: N={n} ...");
@@ -198,7 +264,10 @@ fn main() -> Result<()> {
     println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers | RSS idle, N peers | peak RSS | CPU s (cold start) | CPU s (burst add+remove) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let ratio = r.cold.map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6))).unwrap_or_else(|| "-".into());
+        let ratio = r
+            .cold
+            .map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6)))
+            .unwrap_or_else(|| "-".into());
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
             r.n,

@@ -141,15 +141,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                let mut buf = [0u8; 2048];
+                let Some(n) = read_request_head(&mut stream, &mut buf).await else {
+                    return;
                 };
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("");
@@ -171,6 +165,27 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         }
     });
     Ok(())
+}
+
+/// Reads until the end of the request head (a closing socket with unread
+/// bytes would reset the connection instead of delivering our answer).
+async fn read_request_head(stream: &mut tokio::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut n = 0;
+    while n < buf.len() {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf[n..]))
+            .await
+            .ok()?
+            .ok()?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Some(n)
 }
 
 fn readiness_detail(m: &Metrics) -> String {

@@ -138,7 +138,12 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
         use std::io::{Read, Write};
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        // The request line and the headers go in separate segments, as slow
+        // clients send them: the server must read the whole head.
+        stream.write_all(format!("GET {path} HTTP/1.0\r\n").as_bytes())?;
+        stream.flush()?;
+        std::thread::sleep(Duration::from_millis(20));
+        stream.write_all(format!("Host: {addr}\r\n\r\n").as_bytes())?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
         let status = text

@@ -139,10 +139,20 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         // The request line and the headers go in separate segments, as slow
-        // clients send them: the server must read the whole head.
+        // clients send them: the server must wait for the whole head (one that
+        // answers early closes with unread bytes, and the client gets a reset).
         stream.write_all(format!("GET {path} HTTP/1.0\r\n").as_bytes())?;
-        stream.flush()?;
-        std::thread::sleep(Duration::from_millis(20));
+        stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut early = [0u8; 1];
+        match stream.peek(&mut early) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => bail!("server answered before the request was complete: {other:?}"),
+        }
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.write_all(format!("Host: {addr}\r\n\r\n").as_bytes())?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;

@@ -236,9 +236,12 @@ impl Node {
     pub fn command(&self, bin: &std::path::Path) -> Command {
         let mut c = self.ns.command(bin.to_str().unwrap_or("overlayd"), &[]);
         c.env("OVERLAYD_LOG", "info,overlayd=debug")
-            .env("NO_COLOR", "1")
-            .args(["--etcd-endpoints", &self.etcd_endpoint])
-            .arg("--subnet-file")
+            .env("NO_COLOR", "1");
+        // A node's own --etcd-endpoints replaces the cluster's (clap would append it).
+        if !self.flags.iter().any(|f| f == "--etcd-endpoints") {
+            c.args(["--etcd-endpoints", &self.etcd_endpoint]);
+        }
+        c.arg("--subnet-file")
             .arg(&self.subnet_file)
             .args(["--resync-interval", &self.resync])
             .args(&self.flags);

@@ -493,3 +493,105 @@ fn health_metrics_and_cleanup() {
         .contains("overlay"));
     assert!(!node.subnet_file.exists());
 }
+
+fn lease_json(ip: &str, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+#[test]
+fn lease_changes_are_followed_and_lost_history_is_relisted() {
+    if !require_root("lease_changes_are_followed_and_lost_history_is_relisted") {
+        return;
+    }
+    let mut c = cluster(2, 0, &[]);
+    wait_converged(&c);
+    let subnets = format!("{PREFIX}/subnets");
+    let fake: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+
+    // A lease that does not parse, and a key that is not a lease key: logged, skipped.
+    c.etcd
+        .put(&format!("{subnets}/10.244.199.0-24"), "{not json")
+        .unwrap();
+    c.etcd.put(&format!("{subnets}/garbage"), "x").unwrap();
+    // A peer appears, then changes MAC and address: old entries go, new ones come.
+    c.etcd
+        .put(
+            &format!("{subnets}/10.244.200.0-24"),
+            &lease_json("192.168.50.200", "02:00:00:00:02:00"),
+        )
+        .unwrap();
+    let node = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(3), || node
+        .has_peer(fake, "02:00:00:00:02:00")));
+    c.etcd
+        .put(
+            &format!("{subnets}/10.244.200.0-24"),
+            &lease_json("192.168.50.201", "02:00:00:00:02:01"),
+        )
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(3), || node
+        .has_peer(fake, "02:00:00:00:02:01")
+        && !node.fdb().contains("02:00:00:00:02:00")
+        && !node.neighbours().contains("02:00:00:00:02:00")));
+    assert!(
+        node.fdb().contains("02:00:00:00:02:01 dst 192.168.50.201"),
+        "{}",
+        node.fdb()
+    );
+    assert!(
+        node.log_text()
+            .contains("skipping a peer lease that does not parse"),
+        "{}",
+        node.log_text()
+    );
+    assert!(c.nodes[0].running() && c.nodes[1].running());
+
+    // Our own key deleted: re-claimed (the same subnet, it is free), loudly.
+    let own = c.nodes[0].subnet().unwrap();
+    let own_key = format!("{subnets}/{}-{}", own.network(), own.prefix_len());
+    c.etcd.ctl(&["del", &own_key]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .etcd
+            .keys(&own_key)
+            .is_ok_and(|k| k.len() == 1)),
+        "own key not re-claimed"
+    );
+    assert!(c.nodes[0].log_text().contains("LEASE LOST"));
+    assert_eq!(c.nodes[0].subnet().unwrap(), own);
+
+    // Lost history: node 1 is frozen through an etcd restart, misses a removal
+    // and an addition that are then compacted away; on waking it must relist.
+    let pid = c.nodes[0].pid().unwrap() as i32;
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    c.etcd.restart().unwrap();
+    c.etcd
+        .ctl(&["del", &format!("{subnets}/10.244.200.0-24")])
+        .unwrap();
+    c.etcd
+        .put(
+            &format!("{subnets}/10.244.201.0-24"),
+            &lease_json("192.168.50.202", "02:00:00:00:02:02"),
+        )
+        .unwrap();
+    let status = c.etcd.ctl(&["endpoint", "status", "-w", "json"]).unwrap();
+    let revision = serde_json::from_str::<serde_json::Value>(&status).unwrap()[0]["Status"]
+        ["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    c.etcd.ctl(&["compact", &revision.to_string()]).unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let node = &c.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(10), || node
+            .has_peer("10.244.201.0/24".parse().unwrap(), "02:00:00:00:02:02")
+            && !node.has_any_entry_for(fake, "02:00:00:00:02:01")),
+        "after compaction the node did not converge:\n{}\n{}",
+        node.routes(),
+        node.log_text()
+    );
+    assert!(node.log_text().contains("relisting"), "{}", node.log_text());
+}

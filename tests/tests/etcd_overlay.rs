@@ -595,3 +595,45 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
     );
     assert!(node.log_text().contains("relisting"), "{}", node.log_text());
 }
+
+#[test]
+fn direct_routing_skips_encapsulation_on_the_same_segment() {
+    if !require_root("direct_routing_skips_encapsulation_on_the_same_segment") {
+        return;
+    }
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let mut c = Cluster::new(ClusterOptions {
+        config: Some(config.into()),
+        ..Default::default()
+    })
+    .unwrap();
+    c.add_ready_node(&["--iface", "eth0"], 1).unwrap();
+    c.add_ready_node(&["--iface", "192.168.50.12"], 1).unwrap();
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let want = format!("{} via {} dev eth0 proto 77", n2.subnet().unwrap(), n2.ip);
+    assert!(
+        wait_until(Duration::from_secs(3), || n1.routes().contains(&want)),
+        "{}",
+        n1.routes()
+    );
+    assert!(
+        n1.fdb().trim().is_empty(),
+        "no FDB entries for a directly routed peer: {}",
+        n1.fdb()
+    );
+    let tx_before = n1.vxlan_tx_bytes().unwrap();
+    assert!(ping_until(
+        &n1.pods[0].ns,
+        n2.pods[0].ip,
+        Duration::from_secs(3)
+    ));
+    assert_eq!(
+        tcp_source_seen(&n2.pods[0].ns, n2.pods[0].ip, &n1.pods[0].ns).unwrap(),
+        n1.pods[0].ip
+    );
+    assert_eq!(
+        n1.vxlan_tx_bytes().unwrap(),
+        tx_before,
+        "directly routed traffic went through the VXLAN device"
+    );
+}

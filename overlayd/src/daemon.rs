@@ -55,34 +55,22 @@ struct Daemon {
 pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = args.health_addr {
-        health::serve(addr, metrics.clone())
-            .await
-            .with_context(|| format!("serving health endpoints on {addr}"))?;
+        health::serve(addr, metrics.clone()).await.with_context(|| format!("serving health endpoints on {addr}"))?;
     }
     let mut nl = Netlink::open().context("opening netlink socket")?;
-    let underlay = underlay::find(&mut nl, args.iface.as_deref())
-        .context("choosing the underlay interface")?;
+    let underlay = underlay::find(&mut nl, args.iface.as_deref()).context("choosing the underlay interface")?;
     let public_ip = args.public_ip.unwrap_or(underlay.addr.addr());
     info!(iface = %underlay.name, local = %underlay.addr, %public_ip, mtu = underlay.mtu, "underlay");
 
-    let tls = TlsFiles {
-        ca: args.etcd_cafile.clone(),
-        cert: args.etcd_certfile.clone(),
-        key: args.etcd_keyfile.clone(),
-    };
+    let tls =
+        TlsFiles { ca: args.etcd_cafile.clone(), cert: args.etcd_certfile.clone(), key: args.etcd_keyfile.clone() };
     let ttl = args.subnet_lease_ttl.as_secs().max(5) as i64;
     let mut store = EtcdLeases::connect(&args.etcd_endpoints, &tls, &args.etcd_prefix, ttl).await?;
     let config = wait_for_config(&mut store, &args).await?;
     info!(network = %config.network, subnet_len = config.subnet_len, vni = config.backend.vni, "network config");
 
     let mac = vtep_mac(public_ip, config.backend.vni);
-    let attrs = LeaseAttrs::vxlan(
-        public_ip,
-        VxlanBackendData {
-            vni: config.backend.vni,
-            vtep_mac: mac,
-        },
-    );
+    let attrs = LeaseAttrs::vxlan(public_ip, VxlanBackendData { vni: config.backend.vni, vtep_mac: mac });
     let previous = subnet_file::previous_subnet(&args.subnet_file);
     let own = acquire(&mut store, &config, &attrs, previous).await?;
     metrics.lease_held.store(true, Relaxed);
@@ -91,16 +79,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(previous = ?previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
 
-    let mut daemon = Daemon {
-        args,
-        nl,
-        store,
-        config,
-        underlay,
-        own,
-        peers: BTreeMap::new(),
-        metrics,
-    };
+    let mut daemon = Daemon { args, nl, store, config, underlay, own, peers: BTreeMap::new(), metrics };
     daemon.main_loop().await
 }
 
@@ -109,8 +88,7 @@ async fn wait_for_config(store: &mut EtcdLeases, args: &RunArgs) -> Result<NetCo
     loop {
         match store.config_text().await {
             Ok(Some(text)) => {
-                return NetConfig::parse(&text)
-                    .with_context(|| format!("invalid network config at etcd key {path}"));
+                return NetConfig::parse(&text).with_context(|| format!("invalid network config at etcd key {path}"));
             }
             Ok(None) => {
                 info!(key = %path, "waiting for the network config: no such key in etcd yet")
@@ -231,14 +209,8 @@ impl Daemon {
                 PeerEvent::Remove(key) if key == self.own.key => lost = true,
                 PeerEvent::Upsert(key, attrs) => match attrs.vxlan_data() {
                     Ok(data) => {
-                        self.peers.insert(
-                            key,
-                            Peer {
-                                subnet: key.v4,
-                                public_ip: attrs.public_ip,
-                                vtep_mac: data.vtep_mac,
-                            },
-                        );
+                        self.peers
+                            .insert(key, Peer { subnet: key.v4, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac });
                     }
                     Err(e) => {
                         warn!(lease = %key, error = %e, "skipping peer lease");
@@ -249,23 +221,16 @@ impl Daemon {
                     self.peers.remove(&key);
                 }
                 PeerEvent::Snapshot(all) => {
-                    lost |= !all.iter().any(|(k, a)| {
-                        *k == self.own.key && a.public_ip == self.own.attrs.public_ip
-                    });
+                    lost |= !all.iter().any(|(k, a)| *k == self.own.key && a.public_ip == self.own.attrs.public_ip);
                     self.peers.clear();
                     let own = self.own.key;
                     self.apply_events(
-                        all.into_iter()
-                            .filter(|(k, _)| *k != own)
-                            .map(|(k, a)| PeerEvent::Upsert(k, a))
-                            .collect(),
+                        all.into_iter().filter(|(k, _)| *k != own).map(|(k, a)| PeerEvent::Upsert(k, a)).collect(),
                     );
                 }
             }
         }
-        self.metrics
-            .leases
-            .store(self.peers.len() as u64 + 1, Relaxed);
+        self.metrics.leases.store(self.peers.len() as u64 + 1, Relaxed);
         lost
     }
 
@@ -278,12 +243,7 @@ impl Daemon {
     }
 
     fn device_spec(&self) -> DeviceSpec {
-        let mac = self
-            .own
-            .attrs
-            .vxlan_data()
-            .map(|d| d.vtep_mac)
-            .unwrap_or_default();
+        let mac = self.own.attrs.vxlan_data().map(|d| d.vtep_mac).unwrap_or_default();
         DeviceSpec {
             name: self.args.device.clone(),
             vni: self.config.backend.vni,
@@ -309,20 +269,15 @@ impl Daemon {
             let desired = plan::plan(&self.local(), self.peers.values());
             let actual = dataplane::read(&mut self.nl, index).context("reading overlay entries")?;
             let ops = plan::diff(&desired, &actual);
-            let report =
-                dataplane::apply(&mut self.nl, index, &ops).context("applying overlay entries")?;
+            let report = dataplane::apply(&mut self.nl, index, &ops).context("applying overlay entries")?;
             Ok((report.sent, report.failed.len()))
         })();
         self.metrics.resyncs.fetch_add(1, Relaxed);
-        self.metrics
-            .last_resync_micros
-            .store(started.elapsed().as_micros() as u64, Relaxed);
+        self.metrics.last_resync_micros.store(started.elapsed().as_micros() as u64, Relaxed);
         let ok = match result {
             Ok((sent, failed)) => {
                 self.metrics.netlink_ops.fetch_add(sent as u64, Relaxed);
-                self.metrics
-                    .netlink_errors
-                    .fetch_add(failed as u64, Relaxed);
+                self.metrics.netlink_errors.fetch_add(failed as u64, Relaxed);
                 if sent >= TRIM_AFTER_OPS {
                     release_freed_memory();
                 }
@@ -350,8 +305,7 @@ impl Daemon {
     }
 
     fn write_subnet_file(&self, mtu: u32) -> bool {
-        let env =
-            SubnetEnv::for_lease(self.config.network, self.own.key.v4, mtu, self.args.ip_masq);
+        let env = SubnetEnv::for_lease(self.config.network, self.own.key.v4, mtu, self.args.ip_masq);
         match subnet_file::write(&self.args.subnet_file, &env) {
             Ok(changed) => {
                 if changed {
@@ -368,11 +322,8 @@ impl Daemon {
     }
 
     fn assert_masquerade(&self) {
-        let result = if self.args.ip_masq {
-            masq::assert_rules(self.config.network, self.own.key.v4)
-        } else {
-            masq::remove()
-        };
+        let result =
+            if self.args.ip_masq { masq::assert_rules(self.config.network, self.own.key.v4) } else { masq::remove() };
         if let Err(e) = result {
             error!(error = %e, "cannot set masquerade rules");
         }
@@ -384,10 +335,7 @@ impl Daemon {
                 self.metrics.renewed_now();
                 match self.store.still_ours(&self.own).await {
                     Ok(true) => Ok(()),
-                    Ok(false) => {
-                        self.reacquire("our lease key is gone or names another node")
-                            .await
-                    }
+                    Ok(false) => self.reacquire("our lease key is gone or names another node").await,
                     Err(e) => {
                         warn!(error = %e, "cannot check our lease key");
                         Ok(())
@@ -407,13 +355,7 @@ impl Daemon {
     async fn reacquire(&mut self, why: &str) -> Result<()> {
         error!(subnet = %self.own.key, why, "LEASE LOST: re-claiming a subnet");
         self.metrics.lease_held.store(false, Relaxed);
-        let own = acquire(
-            &mut self.store,
-            &self.config,
-            &self.own.attrs,
-            Some(self.own.key.v4),
-        )
-        .await?;
+        let own = acquire(&mut self.store, &self.config, &self.own.attrs, Some(self.own.key.v4)).await?;
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {
@@ -437,11 +379,7 @@ pub fn cleanup(args: &RunArgs) -> Result<()> {
     let mut routes_left = 0;
     // Direct routes live on the underlay, not on the device: remove them too.
     let state = dataplane::read(&mut nl, u32::MAX).context("reading overlay routes")?;
-    let ops: Vec<_> = state
-        .routes
-        .iter()
-        .map(|(n, v)| plan::Op::DelRoute(*n, *v))
-        .collect();
+    let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
     if !ops.is_empty() {
         routes_left = dataplane::apply(&mut nl, 0, &ops)?.failed.len();
     }
@@ -449,9 +387,7 @@ pub fn cleanup(args: &RunArgs) -> Result<()> {
     match std::fs::remove_file(&args.subnet_file) {
         Ok(()) => info!(path = %args.subnet_file.display(), "removed subnet file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing {}", args.subnet_file.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("removing {}", args.subnet_file.display())),
     }
     if routes_left > 0 {
         bail!("{routes_left} overlay routes could not be removed");

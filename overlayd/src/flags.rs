@@ -31,19 +31,10 @@ pub enum Command {
 #[derive(Debug, Clone, Parser)]
 pub struct RunArgs {
     /// etcd endpoints, comma separated.
-    #[arg(
-        long,
-        env = "OVERLAYD_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
+    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix holding `config` and `subnets/` (flannel's layout).
-    #[arg(
-        long,
-        env = "OVERLAYD_ETCD_PREFIX",
-        default_value = "/coreos.com/network"
-    )]
+    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network")]
     pub etcd_prefix: String,
     /// CA bundle to verify etcd's certificate.
     #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
@@ -63,23 +54,13 @@ pub struct RunArgs {
     #[arg(long, env = "OVERLAYD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// Where to write the subnet file the CNI plugin reads.
-    #[arg(
-        long,
-        env = "OVERLAYD_SUBNET_FILE",
-        default_value = "/run/overlay/subnet.env",
-        global = true
-    )]
+    #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = "/run/overlay/subnet.env", global = true)]
     pub subnet_file: PathBuf,
     /// Masquerade pod traffic leaving the cluster network (NAT outgoing).
     #[arg(long, env = "OVERLAYD_IP_MASQ")]
     pub ip_masq: bool,
     /// Name of the VXLAN device.
-    #[arg(
-        long,
-        env = "OVERLAYD_DEVICE",
-        default_value = "overlay.1",
-        global = true
-    )]
+    #[arg(long, env = "OVERLAYD_DEVICE", default_value = "overlay.1", global = true)]
     pub device: String,
     /// How often to re-read the kernel and repair drift (e.g. 30s, 500ms, 2m).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -95,23 +76,15 @@ pub struct RunArgs {
 /// Parses `30s`, `500ms`, `2m`, `24h`, or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
     let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     if d.is_zero() {
         return Err(format!("{text:?}: must be more than zero"));
@@ -138,12 +111,7 @@ mod tests {
     #[test]
     fn cli_is_consistent_and_defaults_match_flannel() {
         Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "overlayd",
-            "--etcd-endpoints",
-            "http://a:2379,http://b:2379",
-        ])
-        .unwrap();
+        let cli = Cli::try_parse_from(["overlayd", "--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
         assert_eq!(cli.run.etcd_endpoints.len(), 2);
         assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
         assert_eq!(cli.run.device, "overlay.1");

@@ -44,35 +44,22 @@ pub struct Metrics {
 impl Metrics {
     /// Records a successful renewal now.
     pub fn renewed_now(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         self.last_renewal_unix.store(now, Relaxed);
     }
 
     /// Ready means: lease held, device up and programmed, subnet file written.
     pub fn ready(&self) -> bool {
-        self.lease_held.load(Relaxed)
-            && self.dataplane_ready.load(Relaxed)
-            && self.subnet_file_written.load(Relaxed)
+        self.lease_held.load(Relaxed) && self.dataplane_ready.load(Relaxed) && self.subnet_file_written.load(Relaxed)
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        metric(
-            "overlay_peers",
-            "gauge",
-            "Peer nodes programmed into the dataplane.",
-            self.peers.load(Relaxed) as f64,
-        );
+        metric("overlay_peers", "gauge", "Peer nodes programmed into the dataplane.", self.peers.load(Relaxed) as f64);
         metric(
             "overlay_leases",
             "gauge",
@@ -91,12 +78,7 @@ impl Metrics {
             "Netlink operations refused by the kernel.",
             self.netlink_errors.load(Relaxed) as f64,
         );
-        metric(
-            "overlay_resyncs_total",
-            "counter",
-            "Reconciles of the dataplane.",
-            self.resyncs.load(Relaxed) as f64,
-        );
+        metric("overlay_resyncs_total", "counter", "Reconciles of the dataplane.", self.resyncs.load(Relaxed) as f64);
         metric(
             "overlay_resync_duration_seconds",
             "gauge",
@@ -173,10 +155,7 @@ async fn read_request_head(stream: &mut tokio::net::TcpStream, buf: &mut [u8]) -
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut n = 0;
     while n < buf.len() {
-        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf[n..]))
-            .await
-            .ok()?
-            .ok()?;
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf[n..])).await.ok()?.ok()?;
         if read == 0 {
             break;
         }

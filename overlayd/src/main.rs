@@ -18,9 +18,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = flags::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();

@@ -55,47 +55,22 @@ pub fn ruleset(network: Ipv4Net, subnet: Ipv4Net) -> Value {
         // pod → pod: never NAT.
         rule(
             "postrouting",
-            vec![
-                addr_match("saddr", "==", network),
-                addr_match("daddr", "==", network),
-                json!({"return": null}),
-            ],
+            vec![addr_match("saddr", "==", network), addr_match("daddr", "==", network), json!({"return": null})],
         ),
         // pod → outside (not multicast): masquerade to the node's address.
         rule(
             "postrouting",
-            vec![
-                addr_match("saddr", "==", network),
-                addr_match("daddr", "!=", multicast),
-                masq.clone(),
-            ],
+            vec![addr_match("saddr", "==", network), addr_match("daddr", "!=", multicast), masq.clone()],
         ),
         // outside → our own pods: no NAT.
         rule(
             "postrouting",
-            vec![
-                addr_match("saddr", "!=", network),
-                addr_match("daddr", "==", subnet),
-                json!({"return": null}),
-            ],
+            vec![addr_match("saddr", "!=", network), addr_match("daddr", "==", subnet), json!({"return": null})],
         ),
         // outside → other nodes' pods: masquerade, so replies come back through us.
-        rule(
-            "postrouting",
-            vec![
-                addr_match("saddr", "!=", network),
-                addr_match("daddr", "==", network),
-                masq,
-            ],
-        ),
-        rule(
-            "forward",
-            vec![addr_match("saddr", "==", network), json!({"accept": null})],
-        ),
-        rule(
-            "forward",
-            vec![addr_match("daddr", "==", network), json!({"accept": null})],
-        ),
+        rule("postrouting", vec![addr_match("saddr", "!=", network), addr_match("daddr", "==", network), masq]),
+        rule("forward", vec![addr_match("saddr", "==", network), json!({"accept": null})]),
+        rule("forward", vec![addr_match("daddr", "==", network), json!({"accept": null})]),
     ];
     json!({"nftables": commands.into_iter().map(|c| if c.get("add").is_some() || c.get("delete").is_some() { c } else { json!({"add": c}) }).collect::<Vec<_>>()})
 }
@@ -108,23 +83,15 @@ fn nft(what: &'static str, input: &Value) -> Result<(), MasqError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run nft (is the nftables package installed?): {e}"
-            ))
-        })?;
+        .map_err(|e| fail(format!("cannot run nft (is the nftables package installed?): {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.to_string().as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
+        stdin.write_all(input.to_string().as_bytes()).map_err(|e| fail(e.to_string()))?;
     }
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+        Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()))
     }
 }
 
@@ -136,10 +103,7 @@ pub fn assert_rules(network: Ipv4Net, subnet: Ipv4Net) -> Result<(), MasqError> 
 /// Removes our table, if present.
 pub fn remove() -> Result<(), MasqError> {
     let table = json!({"table": {"family": "ip", "name": TABLE}});
-    nft(
-        "remove table",
-        &json!({"nftables": [{"add": table}, {"delete": table}]}),
-    )
+    nft("remove table", &json!({"nftables": [{"add": table}, {"delete": table}]}))
 }
 
 #[cfg(test)]
@@ -148,11 +112,7 @@ mod tests {
 
     #[test]
     fn ruleset_mirrors_flannel_rules() {
-        let text = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.33.0/24".parse().unwrap(),
-        )
-        .to_string();
+        let text = ruleset("10.244.0.0/16".parse().unwrap(), "10.244.33.0/24".parse().unwrap()).to_string();
         assert_eq!(text.matches("\"masquerade\"").count(), 2);
         assert_eq!(text.matches("fully-random").count(), 2);
         assert!(text.contains(r#"{"prefix":{"addr":"10.244.33.0","len":24}}"#));

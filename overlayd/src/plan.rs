@@ -81,13 +81,8 @@ pub fn plan<'a>(local: &Local, peers: impl IntoIterator<Item = &'a Peer>) -> Ker
         if peer.subnet == local.subnet || peer.subnet.contains(&local.subnet.network()) {
             continue;
         }
-        if local.direct_routing
-            && local.underlay.contains(&peer.public_ip)
-            && peer.public_ip != local.underlay.addr()
-        {
-            state
-                .routes
-                .insert(peer.subnet, RouteVia::Direct(peer.public_ip));
+        if local.direct_routing && local.underlay.contains(&peer.public_ip) && peer.public_ip != local.underlay.addr() {
+            state.routes.insert(peer.subnet, RouteVia::Direct(peer.public_ip));
             continue;
         }
         let gateway = vxlan_gateway(peer.subnet);
@@ -161,44 +156,15 @@ mod tests {
     /// The entries flanneld v0.20.2 programmed on node 1 (shared/compat).
     #[test]
     fn golden_flannel_node_state() {
-        let peers = [
-            peer(92, 12, "52:58:c0:08:52:6d"),
-            peer(55, 13, "de:88:2d:39:68:fa"),
-            peer(33, 11, "b2:5e:e8:32:3a:be"),
-        ];
+        let peers =
+            [peer(92, 12, "52:58:c0:08:52:6d"), peer(55, 13, "de:88:2d:39:68:fa"), peer(33, 11, "b2:5e:e8:32:3a:be")];
         let s = plan(&local(), &peers);
-        let neigh: Vec<_> = s
-            .neighbours
-            .iter()
-            .map(|(ip, mac)| format!("{ip} lladdr {mac}"))
-            .collect();
-        assert_eq!(
-            neigh,
-            [
-                "10.244.55.0 lladdr de:88:2d:39:68:fa",
-                "10.244.92.0 lladdr 52:58:c0:08:52:6d"
-            ]
-        );
-        let fdb: Vec<_> = s
-            .fdb
-            .iter()
-            .map(|(mac, dst)| format!("{mac} dst {dst}"))
-            .collect();
-        assert_eq!(
-            fdb,
-            [
-                "52:58:c0:08:52:6d dst 192.168.50.12",
-                "de:88:2d:39:68:fa dst 192.168.50.13"
-            ]
-        );
+        let neigh: Vec<_> = s.neighbours.iter().map(|(ip, mac)| format!("{ip} lladdr {mac}")).collect();
+        assert_eq!(neigh, ["10.244.55.0 lladdr de:88:2d:39:68:fa", "10.244.92.0 lladdr 52:58:c0:08:52:6d"]);
+        let fdb: Vec<_> = s.fdb.iter().map(|(mac, dst)| format!("{mac} dst {dst}")).collect();
+        assert_eq!(fdb, ["52:58:c0:08:52:6d dst 192.168.50.12", "de:88:2d:39:68:fa dst 192.168.50.13"]);
         let routes: Vec<_> = s.routes.iter().map(|(n, v)| format!("{n} {v:?}")).collect();
-        assert_eq!(
-            routes,
-            [
-                "10.244.55.0/24 Vxlan(10.244.55.0)",
-                "10.244.92.0/24 Vxlan(10.244.92.0)"
-            ]
-        );
+        assert_eq!(routes, ["10.244.55.0/24 Vxlan(10.244.55.0)", "10.244.92.0/24 Vxlan(10.244.92.0)"]);
     }
 
     #[test]
@@ -208,14 +174,8 @@ mod tests {
         let mut far = peer(7, 1, "02:00:00:00:00:07");
         far.public_ip = Ipv4Addr::new(172, 16, 0, 1);
         let s = plan(&l, &[peer(92, 12, "52:58:c0:08:52:6d"), far]);
-        assert_eq!(
-            s.routes[&"10.244.92.0/24".parse().unwrap()],
-            RouteVia::Direct(Ipv4Addr::new(192, 168, 50, 12))
-        );
-        assert_eq!(
-            s.routes[&"10.244.7.0/24".parse().unwrap()],
-            RouteVia::Vxlan(Ipv4Addr::new(10, 244, 7, 0))
-        );
+        assert_eq!(s.routes[&"10.244.92.0/24".parse().unwrap()], RouteVia::Direct(Ipv4Addr::new(192, 168, 50, 12)));
+        assert_eq!(s.routes[&"10.244.7.0/24".parse().unwrap()], RouteVia::Vxlan(Ipv4Addr::new(10, 244, 7, 0)));
         assert_eq!(s.fdb.len(), 1);
     }
 
@@ -227,18 +187,9 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                Op::SetNeighbour(
-                    Ipv4Addr::new(10, 244, 92, 0),
-                    "02:11:22:33:44:55".parse().unwrap()
-                ),
-                Op::SetFdb(
-                    "02:11:22:33:44:55".parse().unwrap(),
-                    Ipv4Addr::new(192, 168, 50, 14)
-                ),
-                Op::DelFdb(
-                    "52:58:c0:08:52:6d".parse().unwrap(),
-                    Ipv4Addr::new(192, 168, 50, 12)
-                ),
+                Op::SetNeighbour(Ipv4Addr::new(10, 244, 92, 0), "02:11:22:33:44:55".parse().unwrap()),
+                Op::SetFdb("02:11:22:33:44:55".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 14)),
+                Op::DelFdb("52:58:c0:08:52:6d".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 12)),
             ]
         );
     }

@@ -37,21 +37,10 @@ mod tests {
     fn writes_atomically_and_reads_back() {
         let dir = std::env::temp_dir().join(format!("overlay-subnet-test-{}", std::process::id()));
         let path = dir.join("run/subnet.env");
-        let env = SubnetEnv::for_lease(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.7.0/24".parse().unwrap(),
-            1450,
-            true,
-        );
+        let env = SubnetEnv::for_lease("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap(), 1450, true);
         assert!(write(&path, &env).unwrap());
-        assert!(
-            !write(&path, &env).unwrap(),
-            "unchanged content is not rewritten"
-        );
-        assert_eq!(
-            previous_subnet(&path),
-            Some("10.244.7.0/24".parse().unwrap())
-        );
+        assert!(!write(&path, &env).unwrap(), "unchanged content is not rewritten");
+        assert_eq!(previous_subnet(&path), Some("10.244.7.0/24".parse().unwrap()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -60,10 +60,7 @@ impl SubnetRange {
             return None;
         }
         let offset = (start % u64::from(self.count)) as u32;
-        (0..self.count)
-            .map(|i| (offset + i) % self.count)
-            .filter_map(|i| self.nth(i))
-            .find(|s| !taken.contains(s))
+        (0..self.count).map(|i| (offset + i) % self.count).filter_map(|i| self.nth(i)).find(|s| !taken.contains(s))
     }
 }
 
@@ -91,9 +88,7 @@ mod tests {
 
     #[test]
     fn min_and_max_are_honoured() {
-        let r = range(
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#,
-        );
+        let r = range(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#);
         assert_eq!(r.len(), 3);
         let mut taken = HashSet::new();
         for _ in 0..3 {
@@ -101,11 +96,7 @@ mod tests {
             assert!(r.contains(&s));
             taken.insert(s);
         }
-        assert_eq!(
-            r.pick_free(&taken, 0),
-            None,
-            "a full network has no free subnet"
-        );
+        assert_eq!(r.pick_free(&taken, 0), None, "a full network has no free subnet");
     }
 
     proptest! {

@@ -33,10 +33,7 @@ pub struct LeaseKeyError {
 impl LeaseKey {
     /// A key for an IPv4-only lease.
     pub fn v4(subnet: Ipv4Net) -> Self {
-        LeaseKey {
-            v4: subnet,
-            v6: None,
-        }
+        LeaseKey { v4: subnet, v6: None }
     }
 }
 
@@ -61,16 +58,12 @@ fn split_prefix(part: &str) -> Option<(&str, u8)> {
 impl FromStr for LeaseKey {
     type Err = LeaseKeyError;
     fn from_str(key: &str) -> Result<Self, Self::Err> {
-        let fail = |reason| LeaseKeyError {
-            key: key.to_string(),
-            reason,
-        };
+        let fail = |reason| LeaseKeyError { key: key.to_string(), reason };
         let (v4_part, v6_part) = match key.split_once('&') {
             Some((a, b)) => (a, Some(b)),
             None => (key, None),
         };
-        let (addr, len) =
-            split_prefix(v4_part).ok_or_else(|| fail("no -PREFIX after the address"))?;
+        let (addr, len) = split_prefix(v4_part).ok_or_else(|| fail("no -PREFIX after the address"))?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| fail("not an IPv4 address"))?;
         let v4 = Ipv4Net::new(addr, len).map_err(|_| fail("IPv4 prefix length above 32"))?;
         if v4.network() != addr {
@@ -79,11 +72,9 @@ impl FromStr for LeaseKey {
         let v6 = match v6_part {
             None => None,
             Some(part) => {
-                let (addr, len) =
-                    split_prefix(part).ok_or_else(|| fail("no -PREFIX after the IPv6 address"))?;
+                let (addr, len) = split_prefix(part).ok_or_else(|| fail("no -PREFIX after the IPv6 address"))?;
                 let addr: Ipv6Addr = addr.parse().map_err(|_| fail("not an IPv6 address"))?;
-                let net =
-                    Ipv6Net::new(addr, len).map_err(|_| fail("IPv6 prefix length above 128"))?;
+                let net = Ipv6Net::new(addr, len).map_err(|_| fail("IPv6 prefix length above 128"))?;
                 if net.network() != addr {
                     return Err(fail("IPv6 address has host bits set"));
                 }
@@ -110,11 +101,7 @@ pub struct LeaseAttrs {
     #[serde(rename = "BackendData", default)]
     pub backend_data: serde_json::Value,
     /// IPv6 backend data, when dual stack; omitted otherwise, as flannel does.
-    #[serde(
-        rename = "BackendV6Data",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
@@ -218,14 +205,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_tolerated_and_other_backends_refused() {
-        let text =
-            r#"{"PublicIP":"192.168.50.11","BackendType":"host-gw","BackendData":null,"Future":1}"#;
+        let text = r#"{"PublicIP":"192.168.50.11","BackendType":"host-gw","BackendData":null,"Future":1}"#;
         let attrs = LeaseAttrs::from_json(text.as_bytes()).unwrap();
-        assert!(attrs
-            .vxlan_data()
-            .unwrap_err()
-            .to_string()
-            .contains("host-gw"));
+        assert!(attrs.vxlan_data().unwrap_err().to_string().contains("host-gw"));
         assert!(LeaseAttrs::from_json(b"{\"PublicIP\":\"nope\"}").is_err());
     }
 

@@ -36,11 +36,7 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -72,9 +68,7 @@ impl FromStr for MacAddr {
 impl TryFrom<&[u8]> for MacAddr {
     type Error = MacParseError;
     fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
-        <[u8; 6]>::try_from(bytes)
-            .map(MacAddr)
-            .map_err(|_| MacParseError(format!("{bytes:02x?}")))
+        <[u8; 6]>::try_from(bytes).map(MacAddr).map_err(|_| MacParseError(format!("{bytes:02x?}")))
     }
 }
 
@@ -105,13 +99,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in [
-            "",
-            "b2:5e:e8:32:3a",
-            "b2:5e:e8:32:3a:be:00",
-            "zz:5e:e8:32:3a:be",
-            "b25:e:e8:32:3a:be",
-        ] {
+        for bad in ["", "b2:5e:e8:32:3a", "b2:5e:e8:32:3a:be:00", "zz:5e:e8:32:3a:be", "b25:e:e8:32:3a:be"] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

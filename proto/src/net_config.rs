@@ -62,10 +62,7 @@ pub enum ConfigError {
 }
 
 fn field_err(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field,
-        reason: reason.into(),
-    }
+    ConfigError::Field { field, reason: reason.into() }
 }
 
 #[derive(Deserialize)]
@@ -104,25 +101,17 @@ struct RawBackend {
 impl NetConfig {
     /// Parses and validates net-conf.json text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         Self::from_raw(raw)
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         if raw.enable_ipv4 == Some(false) {
-            return Err(field_err(
-                "EnableIPv4",
-                "an IPv6-only network is not supported by this version",
-            ));
+            return Err(field_err("EnableIPv4", "an IPv6-only network is not supported by this version"));
         }
         if raw.enable_ipv6 == Some(true) || raw.ipv6_network.is_some() {
             return Err(field_err(
-                if raw.enable_ipv6 == Some(true) {
-                    "EnableIPv6"
-                } else {
-                    "IPv6Network"
-                },
+                if raw.enable_ipv6 == Some(true) { "EnableIPv6" } else { "IPv6Network" },
                 "IPv6 is not supported by this version; remove it or set EnableIPv6 to false",
             ));
         }
@@ -142,11 +131,7 @@ impl NetConfig {
         if subnet_min > subnet_max {
             return Err(field_err(
                 "SubnetMin",
-                format!(
-                    "SubnetMin {} is above SubnetMax {}",
-                    Ipv4Addr::from(subnet_min),
-                    Ipv4Addr::from(subnet_max)
-                ),
+                format!("SubnetMin {} is above SubnetMax {}", Ipv4Addr::from(subnet_min), Ipv4Addr::from(subnet_max)),
             ));
         }
         Ok(NetConfig {
@@ -160,28 +145,16 @@ impl NetConfig {
 
     /// The MTU of the VXLAN device for an underlay of `underlay_mtu`.
     pub fn vxlan_mtu(&self, underlay_mtu: u32) -> u32 {
-        self.backend
-            .mtu
-            .unwrap_or_else(|| underlay_mtu.saturating_sub(VXLAN_OVERHEAD_V4))
+        self.backend.mtu.unwrap_or_else(|| underlay_mtu.saturating_sub(VXLAN_OVERHEAD_V4))
     }
 }
 
 fn parse_network(text: Option<&str>) -> Result<Ipv4Net, ConfigError> {
     let text = text.ok_or_else(|| field_err("Network", "missing; e.g. \"10.244.0.0/16\""))?;
-    let network: Ipv4Net = text.parse().map_err(|_| {
-        field_err(
-            "Network",
-            format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16"),
-        )
-    })?;
+    let network: Ipv4Net =
+        text.parse().map_err(|_| field_err("Network", format!("{text:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
     if network.addr() != network.network() {
-        return Err(field_err(
-            "Network",
-            format!(
-                "{text} has host bits set; did you mean {}?",
-                network.trunc()
-            ),
-        ));
+        return Err(field_err("Network", format!("{text} has host bits set; did you mean {}?", network.trunc())));
     }
     Ok(network)
 }
@@ -191,24 +164,19 @@ fn subnet_len_for(network: Ipv4Net, given: Option<i64>) -> Result<u8, ConfigErro
     match given {
         None | Some(0) => {
             if prefix > 28 {
-                Err(field_err(
-                    "Network",
-                    format!("{network} is too small; the smallest useful network is a /28"),
-                ))
+                Err(field_err("Network", format!("{network} is too small; the smallest useful network is a /28")))
             } else if prefix <= 22 {
                 Ok(24)
             } else {
                 Ok(prefix + 2)
             }
         }
-        Some(len) if !(1..=32).contains(&len) => Err(field_err(
-            "SubnetLen",
-            format!("{len} is not a prefix length between 1 and 30"),
-        )),
-        Some(len) if len > 30 => Err(field_err(
-            "SubnetLen",
-            format!("SubnetLen {len} leaves no room for pods (at most 30)"),
-        )),
+        Some(len) if !(1..=32).contains(&len) => {
+            Err(field_err("SubnetLen", format!("{len} is not a prefix length between 1 and 30")))
+        }
+        Some(len) if len > 30 => {
+            Err(field_err("SubnetLen", format!("SubnetLen {len} leaves no room for pods (at most 30)")))
+        }
         Some(len) if len < i64::from(prefix) + 2 => Err(field_err(
             "SubnetLen",
             format!(
@@ -221,27 +189,14 @@ fn subnet_len_for(network: Ipv4Net, given: Option<i64>) -> Result<u8, ConfigErro
     }
 }
 
-fn bound(
-    field: &'static str,
-    text: &str,
-    network: Ipv4Net,
-    subnet_len: u8,
-) -> Result<u32, ConfigError> {
-    let addr: Ipv4Addr = text
-        .parse()
-        .map_err(|_| field_err(field, format!("{text:?} is not an IPv4 address")))?;
+fn bound(field: &'static str, text: &str, network: Ipv4Net, subnet_len: u8) -> Result<u32, ConfigError> {
+    let addr: Ipv4Addr = text.parse().map_err(|_| field_err(field, format!("{text:?} is not an IPv4 address")))?;
     if !network.contains(&addr) {
-        return Err(field_err(
-            field,
-            format!("{field} {addr} is outside Network {network}"),
-        ));
+        return Err(field_err(field, format!("{field} {addr} is outside Network {network}")));
     }
     let mask = u32::MAX << (32 - subnet_len);
     if u32::from(addr) & mask != u32::from(addr) {
-        return Err(field_err(
-            field,
-            format!("{field} {addr} is not on a /{subnet_len} boundary"),
-        ));
+        return Err(field_err(field, format!("{field} {addr} is not on a /{subnet_len} boundary")));
     }
     Ok(addr.into())
 }
@@ -253,21 +208,13 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, ConfigError> {
     match raw.kind.as_deref() {
         None | Some("vxlan") => {}
         Some(other) => {
-            return Err(field_err(
-                "Backend.Type",
-                format!("backend {other:?} is not supported; use \"vxlan\""),
-            ))
+            return Err(field_err("Backend.Type", format!("backend {other:?} is not supported; use \"vxlan\"")))
         }
     }
     let vni = match raw.vni {
         None | Some(0) => DEFAULT_VNI,
         Some(v) if (1..(1 << 24)).contains(&v) => v as u32,
-        Some(v) => {
-            return Err(field_err(
-                "Backend.VNI",
-                format!("{v} is not a VNI (1 to 16777215)"),
-            ))
-        }
+        Some(v) => return Err(field_err("Backend.VNI", format!("{v} is not a VNI (1 to 16777215)"))),
     };
     let port = match raw.port {
         None | Some(0) => DEFAULT_VXLAN_PORT,
@@ -277,31 +224,14 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, ConfigError> {
     let mtu = match raw.mtu {
         None | Some(0) => None,
         Some(m) if (68..=65535).contains(&m) => Some(m as u32),
-        Some(m) => {
-            return Err(field_err(
-                "Backend.MTU",
-                format!("{m} is not a usable MTU (68 to 65535)"),
-            ))
-        }
+        Some(m) => return Err(field_err("Backend.MTU", format!("{m} is not a usable MTU (68 to 65535)"))),
     };
-    Ok(Backend {
-        vni,
-        port,
-        gbp: raw.gbp,
-        direct_routing: raw.direct_routing,
-        mtu,
-    })
+    Ok(Backend { vni, port, gbp: raw.gbp, direct_routing: raw.direct_routing, mtu })
 }
 
 impl Default for Backend {
     fn default() -> Self {
-        Backend {
-            vni: DEFAULT_VNI,
-            port: DEFAULT_VXLAN_PORT,
-            gbp: false,
-            direct_routing: false,
-            mtu: None,
-        }
+        Backend { vni: DEFAULT_VNI, port: DEFAULT_VXLAN_PORT, gbp: false, direct_routing: false, mtu: None }
     }
 }
 
@@ -315,8 +245,7 @@ mod tests {
 
     #[test]
     fn flannel_captured_config_gets_defaults() {
-        let c =
-            NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let c = NetConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(c.network, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
@@ -335,16 +264,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.subnet_len, 26);
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 9, 192));
-        assert_eq!(
-            c.backend,
-            Backend {
-                vni: 7,
-                port: 4789,
-                gbp: true,
-                direct_routing: true,
-                mtu: Some(1400)
-            }
-        );
+        assert_eq!(c.backend, Backend { vni: 7, port: 4789, gbp: true, direct_routing: true, mtu: Some(1400) });
         assert_eq!(c.vxlan_mtu(9000), 1400);
     }
 
@@ -368,25 +288,13 @@ mod tests {
         assert!(err(r#"{"SubnetLen":24}"#).starts_with("Network: missing"));
         assert!(err(r#"{"Network":"banana"}"#).starts_with("Network:"));
         assert!(err(r#"{"Network":"10.244.0.0/16","SubnetLen":17}"#).starts_with("SubnetLen:"));
+        assert!(err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.7"}"#).contains("boundary"));
         assert!(
-            err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.7"}"#).contains("boundary")
+            err(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#).contains("above")
         );
-        assert!(err(
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#
-        )
-        .contains("above"));
-        assert!(
-            err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#)
-                .starts_with("Backend.Type:")
-        );
-        assert!(
-            err(r#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#)
-                .starts_with("Backend.VNI:")
-        );
-        assert!(
-            err(r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#)
-                .starts_with("Backend.Port:")
-        );
+        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).starts_with("Backend.Type:"));
+        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#).starts_with("Backend.VNI:"));
+        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Port":70000}}"#).starts_with("Backend.Port:"));
         assert!(err(r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#).starts_with("EnableIPv6:"));
         assert!(err(r#"{"Network":"10.0.0.0/29"}"#).contains("too small"));
         assert!(err("{not json").starts_with("net-conf is not valid JSON"));

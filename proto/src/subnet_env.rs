@@ -73,8 +73,7 @@ impl SubnetEnv {
 
     /// Parses the file's text; unknown variables, comments and blank lines are ignored.
     pub fn parse(text: &str) -> Result<Self, SubnetEnvError> {
-        let (mut network, mut subnet, mut mtu, mut ipmasq, mut v6n, mut v6s) =
-            (None, None, None, None, None, None);
+        let (mut network, mut subnet, mut mtu, mut ipmasq, mut v6n, mut v6s) = (None, None, None, None, None, None);
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -84,26 +83,10 @@ impl SubnetEnv {
                 continue;
             };
             let value = value.trim().trim_matches('"');
-            let invalid = |reason| SubnetEnvError::Invalid {
-                name: name.into(),
-                value: value.into(),
-                reason,
-            };
+            let invalid = |reason| SubnetEnvError::Invalid { name: name.into(), value: value.into(), reason };
             match name.trim() {
-                "FLANNEL_NETWORK" => {
-                    network = Some(
-                        value
-                            .parse::<Ipv4Net>()
-                            .map_err(|_| invalid("not an IPv4 CIDR"))?,
-                    )
-                }
-                "FLANNEL_SUBNET" => {
-                    subnet = Some(
-                        value
-                            .parse::<Ipv4Net>()
-                            .map_err(|_| invalid("not an IPv4 CIDR"))?,
-                    )
-                }
+                "FLANNEL_NETWORK" => network = Some(value.parse::<Ipv4Net>().map_err(|_| invalid("not an IPv4 CIDR"))?),
+                "FLANNEL_SUBNET" => subnet = Some(value.parse::<Ipv4Net>().map_err(|_| invalid("not an IPv4 CIDR"))?),
                 "FLANNEL_MTU" => {
                     mtu = Some(
                         value
@@ -113,27 +96,11 @@ impl SubnetEnv {
                             .ok_or_else(|| invalid("not an MTU between 68 and 65535"))?,
                     )
                 }
-                "FLANNEL_IPMASQ" => {
-                    ipmasq = Some(
-                        value
-                            .parse::<bool>()
-                            .map_err(|_| invalid("not true or false"))?,
-                    )
-                }
+                "FLANNEL_IPMASQ" => ipmasq = Some(value.parse::<bool>().map_err(|_| invalid("not true or false"))?),
                 "FLANNEL_IPV6_NETWORK" => {
-                    v6n = Some(
-                        value
-                            .parse::<Ipv6Net>()
-                            .map_err(|_| invalid("not an IPv6 CIDR"))?,
-                    )
+                    v6n = Some(value.parse::<Ipv6Net>().map_err(|_| invalid("not an IPv6 CIDR"))?)
                 }
-                "FLANNEL_IPV6_SUBNET" => {
-                    v6s = Some(
-                        value
-                            .parse::<Ipv6Net>()
-                            .map_err(|_| invalid("not an IPv6 CIDR"))?,
-                    )
-                }
+                "FLANNEL_IPV6_SUBNET" => v6s = Some(value.parse::<Ipv6Net>().map_err(|_| invalid("not an IPv6 CIDR"))?),
                 _ => {}
             }
         }
@@ -167,24 +134,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const FLANNEL: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.33.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+    const FLANNEL: &str =
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.33.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
     #[test]
     fn golden_flannel_file() {
         let env = SubnetEnv::parse(FLANNEL).unwrap();
-        assert_eq!(
-            env.subnet_network(),
-            "10.244.33.0/24".parse::<Ipv4Net>().unwrap()
-        );
+        assert_eq!(env.subnet_network(), "10.244.33.0/24".parse::<Ipv4Net>().unwrap());
         assert_eq!(env.mtu, 1450);
         assert!(env.ipmasq);
         assert_eq!(env.render(), FLANNEL);
-        let ours = SubnetEnv::for_lease(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.33.0/24".parse().unwrap(),
-            1450,
-            true,
-        );
+        let ours =
+            SubnetEnv::for_lease("10.244.0.0/16".parse().unwrap(), "10.244.33.0/24".parse().unwrap(), 1450, true);
         assert_eq!(ours.render(), FLANNEL);
     }
 
@@ -194,15 +155,11 @@ mod tests {
             SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\n").unwrap_err(),
             SubnetEnvError::Missing("FLANNEL_SUBNET")
         );
-        let e = SubnetEnv::parse(
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=big\n",
-        )
-        .unwrap_err();
+        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=big\n")
+            .unwrap_err();
         assert!(e.to_string().starts_with("FLANNEL_MTU=\"big\""), "{e}");
-        let e = SubnetEnv::parse(
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.9.1.1/24\nFLANNEL_MTU=1450\n",
-        )
-        .unwrap_err();
+        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.9.1.1/24\nFLANNEL_MTU=1450\n")
+            .unwrap_err();
         assert!(e.to_string().contains("not inside"), "{e}");
     }
 

@@ -23,11 +23,7 @@ pub fn synthetic_lease(i: u32) -> (Ipv4Net, String) {
 }
 
 fn key(prefix: &str, subnet: Ipv4Net) -> String {
-    format!(
-        "{prefix}/subnets/{}-{}",
-        subnet.network(),
-        subnet.prefix_len()
-    )
+    format!("{prefix}/subnets/{}-{}", subnet.network(), subnet.prefix_len())
 }
 
 /// What to do with the leases 1..=n.
@@ -44,13 +40,9 @@ pub fn leases(ns: &Netns, endpoint: &str, prefix: &str, n: u32, op: Bulk) -> Res
     let endpoint = endpoint.to_string();
     let prefix = prefix.to_string();
     crate::probe::in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
-            let client = Client::connect([endpoint.as_str()], None)
-                .await
-                .context("connect etcd")?;
+            let client = Client::connect([endpoint.as_str()], None).await.context("connect etcd")?;
             let mut next = 1u32;
             let mut in_flight = tokio::task::JoinSet::new();
             while next <= n || !in_flight.is_empty() {

@@ -107,41 +107,16 @@ impl Cluster {
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
         let outside = Netns::new(&format!("ov{id}x"))?;
-        underlay.ip(&[
-            "link",
-            "add",
-            "x",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &outside.name,
-        ])?;
+        underlay.ip(&["link", "add", "x", "type", "veth", "peer", "name", "eth0", "netns", &outside.name])?;
         underlay.ip(&["link", "set", "x", "master", "br0", "up"])?;
-        outside.ip(&[
-            "addr",
-            "add",
-            &format!("{OUTSIDE_UNDERLAY_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_UNDERLAY_IP}/24"), "dev", "eth0"])?;
         outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"])?;
         outside.ip(&["link", "set", "eth0", "up"])?;
         let etcd = Etcd::start(&underlay, ETCD_IP, dir.join("etcd"))?;
         if let Some(config) = &options.config {
             etcd.put(&format!("{PREFIX}/config"), config)?;
         }
-        Ok(Cluster {
-            nodes: Vec::new(),
-            etcd,
-            outside,
-            underlay,
-            dir,
-            id,
-            options,
-        })
+        Ok(Cluster { nodes: Vec::new(), etcd, outside, underlay, dir, id, options })
     }
 
     /// Adds node N+1 to the underlay (no daemon yet) and returns its index in `nodes`.
@@ -149,21 +124,12 @@ impl Cluster {
         let index = self.nodes.len() as u8 + 1;
         let ns = Netns::new(&format!("ov{}n{index}", self.id))?;
         let leg = format!("n{index}");
-        self.underlay.ip(&[
-            "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        self.underlay
-            .ip(&["link", "set", &leg, "master", "br0", "up"])?;
+        self.underlay.ip(&["link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.underlay.ip(&["link", "set", &leg, "master", "br0", "up"])?;
         let ip = Ipv4Addr::new(192, 168, 50, 10 + index);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &OUTSIDE_UNDERLAY_IP.to_string(),
-        ])?;
+        ns.ip(&["route", "add", "default", "via", &OUTSIDE_UNDERLAY_IP.to_string()])?;
         self.nodes.push(Node {
             daemon: None,
             pods: Vec::new(),
@@ -194,11 +160,7 @@ impl Cluster {
 
     /// Every pod of every node, with its node index.
     pub fn pods(&self) -> Vec<(usize, &Pod)> {
-        self.nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
-            .collect()
+        self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p))).collect()
     }
 }
 
@@ -217,10 +179,7 @@ impl Node {
             bail!("node {} already runs a daemon", self.index);
         }
         std::fs::create_dir_all(self.subnet_file.parent().unwrap_or(&self.subnet_file))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let bin = crate::workspace_bin("overlayd");
         let child = self
             .command(&bin)
@@ -235,16 +194,12 @@ impl Node {
     /// The daemon's command line.
     pub fn command(&self, bin: &std::path::Path) -> Command {
         let mut c = self.ns.command(bin.to_str().unwrap_or("overlayd"), &[]);
-        c.env("OVERLAYD_LOG", "info,overlayd=debug")
-            .env("NO_COLOR", "1");
+        c.env("OVERLAYD_LOG", "info,overlayd=debug").env("NO_COLOR", "1");
         // A node's own --etcd-endpoints replaces the cluster's (clap would append it).
         if !self.flags.iter().any(|f| f == "--etcd-endpoints") {
             c.args(["--etcd-endpoints", &self.etcd_endpoint]);
         }
-        c.arg("--subnet-file")
-            .arg(&self.subnet_file)
-            .args(["--resync-interval", &self.resync])
-            .args(&self.flags);
+        c.arg("--subnet-file").arg(&self.subnet_file).args(["--resync-interval", &self.resync]).args(&self.flags);
         c
     }
 
@@ -258,28 +213,17 @@ impl Node {
             if let Some(child) = self.daemon.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     self.daemon = None;
-                    bail!(
-                        "overlayd on node {} exited with {status}:\n{}",
-                        self.index,
-                        self.log_text()
-                    );
+                    bail!("overlayd on node {} exited with {status}:\n{}", self.index, self.log_text());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "node {} not ready after {timeout:?}:\n{}",
-            self.index,
-            self.log_text()
-        )
+        bail!("node {} not ready after {timeout:?}:\n{}", self.index, self.log_text())
     }
 
     /// Sends SIGTERM and waits; returns the exit status and how long it took.
     pub fn stop(&mut self) -> Result<(ExitStatus, Duration)> {
-        let mut child = self
-            .daemon
-            .take()
-            .ok_or_else(|| anyhow!("node {} runs no daemon", self.index))?;
+        let mut child = self.daemon.take().ok_or_else(|| anyhow!("node {} runs no daemon", self.index))?;
         let started = Instant::now();
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -298,10 +242,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "overlayd on node {} still running after {timeout:?}",
-            self.index
-        )
+        bail!("overlayd on node {} still running after {timeout:?}", self.index)
     }
 
     /// The daemon's process id.
@@ -311,9 +252,7 @@ impl Node {
 
     /// Whether the daemon process is still running.
     pub fn running(&mut self) -> bool {
-        self.daemon
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The daemon's log so far.
@@ -339,55 +278,32 @@ impl Node {
         let env = self.subnet_env()?;
         let mtu = env.mtu.to_string();
         if self.ns.ip(&["link", "show", "cni0"]).is_err() {
-            self.ns
-                .ip(&["link", "add", "cni0", "mtu", &mtu, "type", "bridge"])?;
-            self.ns
-                .ip(&["addr", "add", &env.subnet.to_string(), "dev", "cni0"])?;
+            self.ns.ip(&["link", "add", "cni0", "mtu", &mtu, "type", "bridge"])?;
+            self.ns.ip(&["addr", "add", &env.subnet.to_string(), "dev", "cni0"])?;
             self.ns.ip(&["link", "set", "cni0", "up"])?;
         }
         let k = self.pods.len() + 1;
         let ns = Netns::new(&format!("{}p{}{}", self.name_prefix, self.index, k))?;
         let host_leg = format!("veth{k}");
-        self.ns.ip(&[
-            "link", "add", &host_leg, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns.name,
-        ])?;
         self.ns
-            .ip(&["link", "set", &host_leg, "master", "cni0", "up"])?;
+            .ip(&["link", "add", &host_leg, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.ns.ip(&["link", "set", &host_leg, "master", "cni0", "up"])?;
         let ip = Ipv4Addr::from(u32::from(env.subnet.network()) + 10 + k as u32);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{ip}/{}", env.subnet.prefix_len()),
-            "dev",
-            "eth0",
-        ])?;
+        ns.ip(&["addr", "add", &format!("{ip}/{}", env.subnet.prefix_len()), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &env.subnet.addr().to_string(),
-        ])?;
+        ns.ip(&["route", "add", "default", "via", &env.subnet.addr().to_string()])?;
         self.pods.push(Pod { ns, ip });
         Ok(ip)
     }
 
     /// `ip neigh show dev overlay.1` on this node.
     pub fn neighbours(&self) -> String {
-        self.ns
-            .ip(&["neigh", "show", "dev", "overlay.1"])
-            .unwrap_or_default()
+        self.ns.ip(&["neigh", "show", "dev", "overlay.1"]).unwrap_or_default()
     }
 
     /// `bridge fdb show dev overlay.1` on this node.
     pub fn fdb(&self) -> String {
-        crate::netns::run(
-            "bridge",
-            &["-n", &self.ns.name, "fdb", "show", "dev", "overlay.1"],
-        )
-        .unwrap_or_default()
+        crate::netns::run("bridge", &["-n", &self.ns.name, "fdb", "show", "dev", "overlay.1"]).unwrap_or_default()
     }
 
     /// `ip route` on this node.
@@ -398,21 +314,15 @@ impl Node {
     /// Whether this node holds all three entries for a peer with `subnet` and `mac`.
     pub fn has_peer(&self, subnet: Ipv4Net, mac: &str) -> bool {
         let gw = subnet.network().to_string();
-        self.neighbours()
-            .lines()
-            .any(|l| l.starts_with(&format!("{gw} ")) && l.contains(mac))
+        self.neighbours().lines().any(|l| l.starts_with(&format!("{gw} ")) && l.contains(mac))
             && self.fdb().lines().any(|l| l.starts_with(mac))
-            && self
-                .routes()
-                .contains(&format!("{subnet} via {gw} dev overlay.1"))
+            && self.routes().contains(&format!("{subnet} via {gw} dev overlay.1"))
     }
 
     /// Whether any of the three entries for `subnet` or `mac` remains.
     pub fn has_any_entry_for(&self, subnet: Ipv4Net, mac: &str) -> bool {
         let gw = format!("{} ", subnet.network());
-        self.neighbours()
-            .lines()
-            .any(|l| l.starts_with(&gw) || l.contains(mac))
+        self.neighbours().lines().any(|l| l.starts_with(&gw) || l.contains(mac))
             || self.fdb().contains(mac)
             || self.routes().contains(&subnet.to_string())
     }
@@ -421,19 +331,14 @@ impl Node {
     pub fn vtep_mac(&self) -> Result<String> {
         let text = self.ns.ip(&["-j", "link", "show", "overlay.1"])?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
-        v[0]["address"]
-            .as_str()
-            .map(String::from)
-            .ok_or_else(|| anyhow!("no address on overlay.1"))
+        v[0]["address"].as_str().map(String::from).ok_or_else(|| anyhow!("no address on overlay.1"))
     }
 
     /// Bytes sent through this node's VXLAN device.
     pub fn vxlan_tx_bytes(&self) -> Result<u64> {
         let text = self.ns.ip(&["-j", "-s", "link", "show", "overlay.1"])?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
-        v[0]["stats64"]["tx"]["bytes"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("no stats on overlay.1"))
+        v[0]["stats64"]["tx"]["bytes"].as_u64().ok_or_else(|| anyhow!("no stats on overlay.1"))
     }
 }
 

@@ -18,12 +18,7 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd in `ns` on `addr`, with its data in `data_dir`.
     pub fn start(ns: &Netns, addr: &str, data_dir: std::path::PathBuf) -> Result<Self> {
-        let mut etcd = Etcd {
-            ns_name: ns.name.clone(),
-            addr: addr.to_string(),
-            data_dir,
-            child: None,
-        };
+        let mut etcd = Etcd { ns_name: ns.name.clone(), addr: addr.to_string(), data_dir, child: None };
         etcd.spawn()?;
         Ok(etcd)
     }
@@ -35,12 +30,7 @@ impl Etcd {
             .args(["netns", "exec", &self.ns_name, "etcd"])
             .args(["--name", "test", "--data-dir"])
             .arg(&self.data_dir)
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args([
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
@@ -53,9 +43,7 @@ impl Etcd {
             .spawn()
             .context("starting etcd (is etcd-server installed? run `make deps`)")?;
         self.child = Some(child);
-        if !crate::wait_until(Duration::from_secs(20), || {
-            self.ctl(&["endpoint", "health"]).is_ok()
-        }) {
+        if !crate::wait_until(Duration::from_secs(20), || self.ctl(&["endpoint", "health"]).is_ok()) {
             bail!("etcd did not become healthy at {url}");
         }
         Ok(())
@@ -69,14 +57,8 @@ impl Etcd {
     /// Runs etcdctl against this etcd.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let endpoint = format!("--endpoints={}", self.endpoint());
-        let mut full = vec![
-            "netns",
-            "exec",
-            self.ns_name.as_str(),
-            "etcdctl",
-            endpoint.as_str(),
-            "--command-timeout=5s",
-        ];
+        let mut full =
+            vec!["netns", "exec", self.ns_name.as_str(), "etcdctl", endpoint.as_str(), "--command-timeout=5s"];
         full.extend_from_slice(args);
         crate::netns::run("ip", &full)
     }

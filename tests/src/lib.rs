@@ -52,11 +52,7 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
         dir.pop();
     }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --bins` first or set {var}",
-        path.display()
-    );
+    assert!(path.exists(), "{} not found: run `cargo build --bins` first or set {var}", path.display());
     path
 }
 

@@ -11,20 +11,13 @@ pub fn ip(args: &[&str]) -> Result<String> {
 
 /// Runs a command and returns stdout; an error carries stderr.
 pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
     check(cmd, args, out)
 }
 
 fn check(cmd: &str, args: &[&str], out: Output) -> Result<String> {
     if !out.status.success() {
-        bail!(
-            "{cmd} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -40,9 +33,7 @@ impl Netns {
     /// Creates the namespace with loopback up.
     pub fn new(name: &str) -> Result<Self> {
         ip(&["netns", "add", name])?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
+        let ns = Netns { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -56,18 +47,14 @@ impl Netns {
 
     /// Runs `cmd args` inside the namespace.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> Result<String> {
-        let out = self
-            .command(cmd, args)
-            .output()
-            .with_context(|| format!("running {cmd} in {}", self.name))?;
+        let out = self.command(cmd, args).output().with_context(|| format!("running {cmd} in {}", self.name))?;
         check(cmd, args, out)
     }
 
     /// A `Command` that runs inside the namespace.
     pub fn command(&self, cmd: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.name.as_str(), cmd])
-            .args(args);
+        c.args(["netns", "exec", self.name.as_str(), cmd]).args(args);
         c
     }
 

@@ -13,16 +13,12 @@ use crate::netns::Netns;
 
 /// One ping from `from` to `to`; true when a reply came back.
 pub fn ping(from: &Netns, to: Ipv4Addr) -> bool {
-    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.to_string()])
-        .is_ok()
+    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.to_string()]).is_ok()
 }
 
 /// Pings until a reply comes or `timeout` passes.
 pub fn ping_until(from: &Netns, to: Ipv4Addr, timeout: Duration) -> bool {
-    crate::wait_until(timeout, || {
-        from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to.to_string()])
-            .is_ok()
-    })
+    crate::wait_until(timeout, || from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to.to_string()]).is_ok())
 }
 
 /// A background `ping -c count -i interval`; finish with [`PingRun::finish`].
@@ -34,19 +30,7 @@ impl PingRun {
     /// Starts pinging.
     pub fn start(from: &Netns, to: Ipv4Addr, count: u32, interval: &str) -> Result<Self> {
         let child = from
-            .command(
-                "ping",
-                &[
-                    "-q",
-                    "-c",
-                    &count.to_string(),
-                    "-i",
-                    interval,
-                    "-W",
-                    "2",
-                    &to.to_string(),
-                ],
-            )
+            .command("ping", &["-q", "-c", &count.to_string(), "-i", interval, "-W", "2", &to.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -61,10 +45,7 @@ impl PingRun {
             .lines()
             .find(|l| l.contains("packets transmitted"))
             .ok_or_else(|| anyhow!("no ping summary in {text:?}"))?;
-        let nums: Vec<u32> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|s| s.parse().ok())
-            .collect();
+        let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
         if nums.len() < 2 {
             bail!("cannot read ping summary {line:?}");
         }
@@ -101,30 +82,21 @@ pub fn tcp_source_seen(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> R
         loop {
             match listener.accept() {
                 Ok((_, peer)) => return Ok(peer),
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => bail!("server accepted nothing: {e}"),
             }
         }
     });
-    let port = port_rx
-        .recv_timeout(Duration::from_secs(5))
-        .context("server did not start")?;
+    let port = port_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
     let client_thread = in_netns(client, move || {
         TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(5))
             .context("connecting")?;
         Ok(())
     });
-    client_thread
-        .join()
-        .map_err(|_| anyhow!("client thread panicked"))??;
-    let peer = server_thread
-        .join()
-        .map_err(|_| anyhow!("server thread panicked"))??;
+    client_thread.join().map_err(|_| anyhow!("client thread panicked"))??;
+    let peer = server_thread.join().map_err(|_| anyhow!("server thread panicked"))??;
     match peer.ip() {
         std::net::IpAddr::V4(ip) => Ok(ip),
         other => bail!("unexpected peer {other}"),
@@ -145,11 +117,7 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
         let mut early = [0u8; 1];
         match stream.peek(&mut early) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             other => bail!("server answered before the request was complete: {other:?}"),
         }
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -161,10 +129,7 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| anyhow!("bad response {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         Ok((status, body))
     })
     .join()

@@ -18,11 +18,7 @@ fn cluster(nodes: usize, pods: usize, flags: &[&str]) -> Cluster {
 
 /// Waits until every node holds entries for every other node.
 fn wait_converged(c: &Cluster) {
-    let peers: Vec<_> = c
-        .nodes
-        .iter()
-        .map(|n| (n.subnet().unwrap(), n.vtep_mac().unwrap()))
-        .collect();
+    let peers: Vec<_> = c.nodes.iter().map(|n| (n.subnet().unwrap(), n.vtep_mac().unwrap())).collect();
     for (i, node) in c.nodes.iter().enumerate() {
         for (j, (subnet, mac)) in peers.iter().enumerate() {
             if i != j {
@@ -46,11 +42,7 @@ fn every_pod_pings_every_pod_across_vxlan() {
     }
     let c = cluster(3, 2, &[]);
     wait_converged(&c);
-    let tx_before: Vec<u64> = c
-        .nodes
-        .iter()
-        .map(|n| n.vxlan_tx_bytes().unwrap())
-        .collect();
+    let tx_before: Vec<u64> = c.nodes.iter().map(|n| n.vxlan_tx_bytes().unwrap()).collect();
     let pods = c.pods();
     let mut pairs = 0;
     for (from_node, from) in &pods {
@@ -73,11 +65,7 @@ fn every_pod_pings_every_pod_across_vxlan() {
     for (i, node) in c.nodes.iter().enumerate() {
         let sent = node.vxlan_tx_bytes().unwrap() - tx_before[i];
         // 8 cross-node pings leave each node, at least 84 bytes each.
-        assert!(
-            sent >= 8 * 84,
-            "node {} sent only {sent} bytes through overlay.1",
-            node.index
-        );
+        assert!(sent >= 8 * 84, "node {} sent only {sent} bytes through overlay.1", node.index);
     }
     // The device matches DESIGN.md §1: VNI 1, port 8472, nolearning, MTU 1450, <subnet>.0/32.
     let node = &c.nodes[0];
@@ -90,10 +78,7 @@ fn every_pod_pings_every_pod_across_vxlan() {
         "{link}"
     );
     let addr = node.ns.ip(&["-4", "addr", "show", "overlay.1"]).unwrap();
-    assert!(
-        addr.contains(&format!("inet {}/32", node.subnet().unwrap().network())),
-        "{addr}"
-    );
+    assert!(addr.contains(&format!("inet {}/32", node.subnet().unwrap().network())), "{addr}");
 }
 
 #[test]
@@ -113,30 +98,13 @@ fn pod_to_pod_keeps_source_and_outgoing_is_masqueraded() {
     assert_eq!(tcp_source_seen(&p1.ns, p1.ip, &p2.ns).unwrap(), p2.ip);
 
     // Pod → outside with --ip-masq: the outside server sees node 1's underlay address.
-    assert_eq!(
-        tcp_source_seen(&c.outside, OUTSIDE_IP, &p1.ns).unwrap(),
-        n1.ip
-    );
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p1.ns).unwrap(), n1.ip);
 
     // Without --ip-masq: it sees the pod address (given a route back to the pod subnet).
-    c.outside
-        .ip(&[
-            "route",
-            "add",
-            &n2.subnet().unwrap().to_string(),
-            "via",
-            &n2.ip.to_string(),
-        ])
-        .unwrap();
-    assert_eq!(
-        tcp_source_seen(&c.outside, OUTSIDE_IP, &p2.ns).unwrap(),
-        p2.ip
-    );
+    c.outside.ip(&["route", "add", &n2.subnet().unwrap().to_string(), "via", &n2.ip.to_string()]).unwrap();
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p2.ns).unwrap(), p2.ip);
     let table = n2.ns.exec("nft", &["list", "tables"]).unwrap();
-    assert!(
-        !table.contains("overlay"),
-        "node without --ip-masq has a NAT table: {table}"
-    );
+    assert!(!table.contains("overlay"), "node without --ip-masq has a NAT table: {table}");
 }
 
 #[test]
@@ -155,28 +123,19 @@ fn joining_node_is_reached_and_leaving_node_is_removed() {
             "pod {} cannot reach new node's pod {new_pod}",
             from.ip
         );
-        assert!(
-            ping(&c.nodes[i].pods[0].ns, from.ip),
-            "new node's pod cannot reach {}",
-            from.ip
-        );
+        assert!(ping(&c.nodes[i].pods[0].ns, from.ip), "new node's pod cannot reach {}", from.ip);
     }
 
     // Node 4 leaves: its key is deleted; every peer loses all three entries.
     let leaving = &c.nodes[i];
     let (subnet, mac) = (leaving.subnet().unwrap(), leaving.vtep_mac().unwrap());
-    let key = format!(
-        "{PREFIX}/subnets/{}-{}",
-        subnet.network(),
-        subnet.prefix_len()
-    );
+    let key = format!("{PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix_len());
     c.nodes[i].stop().unwrap();
     c.etcd.ctl(&["del", &key]).unwrap();
     for n in 0..3 {
         let node = &c.nodes[n];
         assert!(
-            wait_until(Duration::from_secs(3), || !node
-                .has_any_entry_for(subnet, &mac)),
+            wait_until(Duration::from_secs(3), || !node.has_any_entry_for(subnet, &mac)),
             "node {} still has entries for departed {subnet}:\n{}\n{}\n{}",
             node.index,
             node.neighbours(),
@@ -196,19 +155,11 @@ fn restart_loses_no_packet_and_keeps_subnet() {
     let subnet_before = c.nodes[1].subnet().unwrap();
     let mac_before = c.nodes[1].vtep_mac().unwrap();
     let target = c.nodes[1].pods[0].ip;
-    assert!(ping_until(
-        &c.nodes[0].pods[0].ns,
-        target,
-        Duration::from_secs(3)
-    ));
+    assert!(ping_until(&c.nodes[0].pods[0].ns, target, Duration::from_secs(3)));
     let run = PingRun::start(&c.nodes[0].pods[0].ns, target, 400, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let (status, took) = c.nodes[1].stop().unwrap();
-    assert!(
-        status.success(),
-        "overlayd exited with {status} on SIGTERM:\n{}",
-        c.nodes[1].log_text()
-    );
+    assert!(status.success(), "overlayd exited with {status} on SIGTERM:\n{}", c.nodes[1].log_text());
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
     std::thread::sleep(Duration::from_millis(300));
     c.nodes[1].start().unwrap();
@@ -220,16 +171,8 @@ fn restart_loses_no_packet_and_keeps_subnet() {
         .count()
         >= 1));
     assert_eq!(c.nodes[1].subnet().unwrap(), subnet_before);
-    assert_eq!(
-        c.nodes[1].vtep_mac().unwrap(),
-        mac_before,
-        "VTEP MAC must survive a restart"
-    );
-    assert_eq!(
-        c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(),
-        2,
-        "a restart must not leave a second lease"
-    );
+    assert_eq!(c.nodes[1].vtep_mac().unwrap(), mac_before, "VTEP MAC must survive a restart");
+    assert_eq!(c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 2, "a restart must not leave a second lease");
 }
 
 #[test]
@@ -246,59 +189,28 @@ fn hand_deleted_entries_and_device_come_back() {
     node.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
     overlay_tests::netns::run(
         "bridge",
-        &[
-            "-n",
-            &node.ns.name,
-            "fdb",
-            "del",
-            &mac,
-            "dev",
-            "overlay.1",
-            "dst",
-            &peer.ip.to_string(),
-            "self",
-        ],
+        &["-n", &node.ns.name, "fdb", "del", &mac, "dev", "overlay.1", "dst", &peer.ip.to_string(), "self"],
     )
     .unwrap();
-    node.ns
-        .ip(&["neigh", "del", &gw, "dev", "overlay.1"])
-        .unwrap();
+    node.ns.ip(&["neigh", "del", &gw, "dev", "overlay.1"]).unwrap();
     assert!(!node.has_peer(subnet, &mac));
     // Resync interval is 1 s in tests.
-    assert!(
-        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)),
-        "entries not repaired"
-    );
+    assert!(wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)), "entries not repaired");
 
     node.ns.ip(&["link", "del", "overlay.1"]).unwrap();
     let other = &c.nodes[2];
     let (s2, m2) = (other.subnet().unwrap(), other.vtep_mac().unwrap());
     assert!(
-        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)
-            && node.has_peer(s2, &m2)),
+        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac) && node.has_peer(s2, &m2)),
         "device and peers not restored:\n{}",
         node.log_text()
     );
-    assert!(ping_until(
-        &node.pods[0].ns,
-        peer.pods[0].ip,
-        Duration::from_secs(3)
-    ));
+    assert!(ping_until(&node.pods[0].ns, peer.pods[0].ip, Duration::from_secs(3)));
 }
 
 fn no_kernel_change(node: &overlay_tests::Node) {
-    assert!(
-        node.ns.ip(&["link", "show", "overlay.1"]).is_err(),
-        "a VXLAN device was created"
-    );
-    assert!(
-        !node
-            .ns
-            .exec("nft", &["list", "tables"])
-            .unwrap()
-            .contains("overlay"),
-        "nft rules were added"
-    );
+    assert!(node.ns.ip(&["link", "show", "overlay.1"]).is_err(), "a VXLAN device was created");
+    assert!(!node.ns.exec("nft", &["list", "tables"]).unwrap().contains("overlay"), "nft rules were added");
     assert!(!node.subnet_file.exists(), "a subnet file was written");
 }
 
@@ -318,10 +230,7 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     let status = c.nodes[i].wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let log = c.nodes[i].log_text();
-    assert!(
-        log.contains("SubnetLen 31 leaves no room for pods"),
-        "{log}"
-    );
+    assert!(log.contains("SubnetLen 31 leaves no room for pods"), "{log}");
     no_kernel_change(&c.nodes[i]);
 
     // A full network: one subnet, already held by someone else.
@@ -342,14 +251,10 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     no_kernel_change(&c.nodes[i]);
 
     // etcd unreachable: it says so, keeps trying, and touches nothing meanwhile.
-    let j = c
-        .add_node(&["--ip-masq", "--etcd-endpoints", "http://192.168.50.2:2399"])
-        .unwrap();
+    let j = c.add_node(&["--ip-masq", "--etcd-endpoints", "http://192.168.50.2:2399"]).unwrap();
     c.nodes[j].start().unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || c.nodes[j]
-            .log_text()
-            .contains("etcd unreachable")),
+        wait_until(Duration::from_secs(10), || c.nodes[j].log_text().contains("etcd unreachable")),
         "{}",
         c.nodes[j].log_text()
     );
@@ -363,10 +268,7 @@ fn two_nodes_racing_for_the_last_subnet() {
         return;
     }
     let options = ClusterOptions {
-        config: Some(
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#
-                .into(),
-        ),
+        config: Some(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#.into()),
         ..Default::default()
     };
     let mut c = Cluster::new(options).unwrap();
@@ -375,25 +277,17 @@ fn two_nodes_racing_for_the_last_subnet() {
     c.nodes[a].start().unwrap();
     c.nodes[b].start().unwrap();
     assert!(wait_until(Duration::from_secs(15), || {
-        let done =
-            |n: &overlay_tests::Node| n.subnet_file.exists() || n.log_text().contains("is full");
+        let done = |n: &overlay_tests::Node| n.subnet_file.exists() || n.log_text().contains("is full");
         done(&c.nodes[a]) && done(&c.nodes[b])
     }));
     let winners: Vec<_> = c.nodes.iter().filter(|n| n.subnet_file.exists()).collect();
     assert_eq!(winners.len(), 1, "exactly one node gets the last subnet");
     assert_eq!(winners[0].subnet().unwrap().to_string(), "10.244.5.0/24");
-    let loser = c
-        .nodes
-        .iter_mut()
-        .find(|n| !n.subnet_file.exists())
-        .unwrap();
+    let loser = c.nodes.iter_mut().find(|n| !n.subnet_file.exists()).unwrap();
     let status = loser.wait_exit(Duration::from_secs(5)).unwrap();
     assert!(!status.success());
     assert!(loser.log_text().contains("network 10.244.0.0/16 is full"));
-    assert_eq!(
-        c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap(),
-        vec![format!("{PREFIX}/subnets/10.244.5.0-24")]
-    );
+    assert_eq!(c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap(), vec![format!("{PREFIX}/subnets/10.244.5.0-24")]);
 }
 
 #[test]
@@ -404,11 +298,7 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
     let mut c = cluster(2, 1, &[]);
     wait_converged(&c);
     let target = c.nodes[1].pods[0].ip;
-    assert!(ping_until(
-        &c.nodes[0].pods[0].ns,
-        target,
-        Duration::from_secs(3)
-    ));
+    assert!(ping_until(&c.nodes[0].pods[0].ns, target, Duration::from_secs(3)));
     let run = PingRun::start(&c.nodes[0].pods[0].ns, target, 120, "0.05").unwrap();
     c.etcd.stop();
     std::thread::sleep(Duration::from_secs(3));
@@ -421,11 +311,7 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
     wait_converged(&c);
     let new_pod: Ipv4Addr = c.nodes[i].pods[0].ip;
     for n in 0..2 {
-        assert!(ping_until(
-            &c.nodes[n].pods[0].ns,
-            new_pod,
-            Duration::from_secs(3)
-        ));
+        assert!(ping_until(&c.nodes[n].pods[0].ns, new_pod, Duration::from_secs(3)));
     }
 }
 
@@ -436,8 +322,7 @@ fn health_metrics_and_cleanup() {
     }
     let mut c = Cluster::new(ClusterOptions::default()).unwrap();
     let health: std::net::SocketAddr = "127.0.0.1:8471".parse().unwrap();
-    c.add_ready_node(&["--ip-masq", "--health-addr", "127.0.0.1:8471"], 0)
-        .unwrap();
+    c.add_ready_node(&["--ip-masq", "--health-addr", "127.0.0.1:8471"], 0).unwrap();
     c.add_ready_node(&[], 0).unwrap();
     wait_converged(&c);
     let node = &c.nodes[0];
@@ -446,51 +331,22 @@ fn health_metrics_and_cleanup() {
     let (status, metrics) = http_get(&node.ns, health, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("\noverlay_peers 1\n"), "{metrics}");
-    assert!(
-        metrics.contains("overlay_lease_last_renewal_timestamp_seconds"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("overlay_lease_last_renewal_timestamp_seconds"), "{metrics}");
     assert_eq!(http_get(&node.ns, health, "/nope").unwrap().0, 404);
 
     // A normal exit removes nothing; `overlayd cleanup` removes device, rules and subnet file.
     let (subnet, mac) = (c.nodes[1].subnet().unwrap(), c.nodes[1].vtep_mac().unwrap());
     c.nodes[0].stop().unwrap();
     let node = &c.nodes[0];
-    assert!(
-        node.has_peer(subnet, &mac),
-        "a normal exit must leave the dataplane in place"
-    );
-    assert!(node
-        .ns
-        .exec("nft", &["list", "tables"])
-        .unwrap()
-        .contains("overlay"));
+    assert!(node.has_peer(subnet, &mac), "a normal exit must leave the dataplane in place");
+    assert!(node.ns.exec("nft", &["list", "tables"]).unwrap().contains("overlay"));
     let bin = overlay_tests::workspace_bin("overlayd");
-    let out = node
-        .ns
-        .command(bin.to_str().unwrap(), &["cleanup", "--subnet-file"])
-        .arg(&node.subnet_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        node.ns.ip(&["link", "show", "overlay.1"]).is_err(),
-        "device still present after cleanup"
-    );
-    assert!(
-        !node.routes().contains(&subnet.to_string()),
-        "{}",
-        node.routes()
-    );
-    assert!(!node
-        .ns
-        .exec("nft", &["list", "tables"])
-        .unwrap()
-        .contains("overlay"));
+    let out =
+        node.ns.command(bin.to_str().unwrap(), &["cleanup", "--subnet-file"]).arg(&node.subnet_file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(node.ns.ip(&["link", "show", "overlay.1"]).is_err(), "device still present after cleanup");
+    assert!(!node.routes().contains(&subnet.to_string()), "{}", node.routes());
+    assert!(!node.ns.exec("nft", &["list", "tables"]).unwrap().contains("overlay"));
     assert!(!node.subnet_file.exists());
 }
 
@@ -511,41 +367,18 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
     let fake: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
 
     // A lease that does not parse, and a key that is not a lease key: logged, skipped.
-    c.etcd
-        .put(&format!("{subnets}/10.244.199.0-24"), "{not json")
-        .unwrap();
+    c.etcd.put(&format!("{subnets}/10.244.199.0-24"), "{not json").unwrap();
     c.etcd.put(&format!("{subnets}/garbage"), "x").unwrap();
     // A peer appears, then changes MAC and address: old entries go, new ones come.
-    c.etcd
-        .put(
-            &format!("{subnets}/10.244.200.0-24"),
-            &lease_json("192.168.50.200", "02:00:00:00:02:00"),
-        )
-        .unwrap();
+    c.etcd.put(&format!("{subnets}/10.244.200.0-24"), &lease_json("192.168.50.200", "02:00:00:00:02:00")).unwrap();
     let node = &c.nodes[0];
-    assert!(wait_until(Duration::from_secs(3), || node
-        .has_peer(fake, "02:00:00:00:02:00")));
-    c.etcd
-        .put(
-            &format!("{subnets}/10.244.200.0-24"),
-            &lease_json("192.168.50.201", "02:00:00:00:02:01"),
-        )
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(3), || node
-        .has_peer(fake, "02:00:00:00:02:01")
+    assert!(wait_until(Duration::from_secs(3), || node.has_peer(fake, "02:00:00:00:02:00")));
+    c.etcd.put(&format!("{subnets}/10.244.200.0-24"), &lease_json("192.168.50.201", "02:00:00:00:02:01")).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || node.has_peer(fake, "02:00:00:00:02:01")
         && !node.fdb().contains("02:00:00:00:02:00")
         && !node.neighbours().contains("02:00:00:00:02:00")));
-    assert!(
-        node.fdb().contains("02:00:00:00:02:01 dst 192.168.50.201"),
-        "{}",
-        node.fdb()
-    );
-    assert!(
-        node.log_text()
-            .contains("skipping a peer lease that does not parse"),
-        "{}",
-        node.log_text()
-    );
+    assert!(node.fdb().contains("02:00:00:00:02:01 dst 192.168.50.201"), "{}", node.fdb());
+    assert!(node.log_text().contains("skipping a peer lease that does not parse"), "{}", node.log_text());
     assert!(c.nodes[0].running() && c.nodes[1].running());
 
     // Our own key deleted: re-claimed (the same subnet, it is free), loudly.
@@ -553,10 +386,7 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
     let own_key = format!("{subnets}/{}-{}", own.network(), own.prefix_len());
     c.etcd.ctl(&["del", &own_key]).unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || c
-            .etcd
-            .keys(&own_key)
-            .is_ok_and(|k| k.len() == 1)),
+        wait_until(Duration::from_secs(5), || c.etcd.keys(&own_key).is_ok_and(|k| k.len() == 1)),
         "own key not re-claimed"
     );
     assert!(c.nodes[0].log_text().contains("LEASE LOST"));
@@ -568,26 +398,17 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
     // SAFETY: signals to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     c.etcd.restart().unwrap();
-    c.etcd
-        .ctl(&["del", &format!("{subnets}/10.244.200.0-24")])
-        .unwrap();
-    c.etcd
-        .put(
-            &format!("{subnets}/10.244.201.0-24"),
-            &lease_json("192.168.50.202", "02:00:00:00:02:02"),
-        )
-        .unwrap();
+    c.etcd.ctl(&["del", &format!("{subnets}/10.244.200.0-24")]).unwrap();
+    c.etcd.put(&format!("{subnets}/10.244.201.0-24"), &lease_json("192.168.50.202", "02:00:00:00:02:02")).unwrap();
     let status = c.etcd.ctl(&["endpoint", "status", "-w", "json"]).unwrap();
-    let revision = serde_json::from_str::<serde_json::Value>(&status).unwrap()[0]["Status"]
-        ["header"]["revision"]
+    let revision = serde_json::from_str::<serde_json::Value>(&status).unwrap()[0]["Status"]["header"]["revision"]
         .as_i64()
         .unwrap();
     c.etcd.ctl(&["compact", &revision.to_string()]).unwrap();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let node = &c.nodes[0];
     assert!(
-        wait_until(Duration::from_secs(10), || node
-            .has_peer("10.244.201.0/24".parse().unwrap(), "02:00:00:00:02:02")
+        wait_until(Duration::from_secs(10), || node.has_peer("10.244.201.0/24".parse().unwrap(), "02:00:00:00:02:02")
             && !node.has_any_entry_for(fake, "02:00:00:00:02:01")),
         "after compaction the node did not converge:\n{}\n{}",
         node.routes(),
@@ -602,38 +423,15 @@ fn direct_routing_skips_encapsulation_on_the_same_segment() {
         return;
     }
     let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
-    let mut c = Cluster::new(ClusterOptions {
-        config: Some(config.into()),
-        ..Default::default()
-    })
-    .unwrap();
+    let mut c = Cluster::new(ClusterOptions { config: Some(config.into()), ..Default::default() }).unwrap();
     c.add_ready_node(&["--iface", "eth0"], 1).unwrap();
     c.add_ready_node(&["--iface", "192.168.50.12"], 1).unwrap();
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     let want = format!("{} via {} dev eth0 proto 77", n2.subnet().unwrap(), n2.ip);
-    assert!(
-        wait_until(Duration::from_secs(3), || n1.routes().contains(&want)),
-        "{}",
-        n1.routes()
-    );
-    assert!(
-        n1.fdb().trim().is_empty(),
-        "no FDB entries for a directly routed peer: {}",
-        n1.fdb()
-    );
+    assert!(wait_until(Duration::from_secs(3), || n1.routes().contains(&want)), "{}", n1.routes());
+    assert!(n1.fdb().trim().is_empty(), "no FDB entries for a directly routed peer: {}", n1.fdb());
     let tx_before = n1.vxlan_tx_bytes().unwrap();
-    assert!(ping_until(
-        &n1.pods[0].ns,
-        n2.pods[0].ip,
-        Duration::from_secs(3)
-    ));
-    assert_eq!(
-        tcp_source_seen(&n2.pods[0].ns, n2.pods[0].ip, &n1.pods[0].ns).unwrap(),
-        n1.pods[0].ip
-    );
-    assert_eq!(
-        n1.vxlan_tx_bytes().unwrap(),
-        tx_before,
-        "directly routed traffic went through the VXLAN device"
-    );
+    assert!(ping_until(&n1.pods[0].ns, n2.pods[0].ip, Duration::from_secs(3)));
+    assert_eq!(tcp_source_seen(&n2.pods[0].ns, n2.pods[0].ip, &n1.pods[0].ns).unwrap(), n1.pods[0].ip);
+    assert_eq!(n1.vxlan_tx_bytes().unwrap(), tx_before, "directly routed traffic went through the VXLAN device");
 }

@@ -6,12 +6,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::{
-    neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-    },
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
     route::{
-        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-        RouteScope, RouteType,
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     },
     AddressFamily, RouteNetlinkMessage,
 };
@@ -35,20 +32,16 @@ fn neighbour(family: AddressFamily, ifindex: u32, flags: NeighbourFlags) -> Neig
 
 fn arp_entry(ifindex: u32, ip: Ipv4Addr, mac: MacAddr) -> NeighbourMessage {
     let mut msg = neighbour(AddressFamily::Inet, ifindex, NeighbourFlags::empty());
-    msg.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-    msg.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
     msg
 }
 
 fn fdb_entry(ifindex: u32, mac: MacAddr, dst: Ipv4Addr) -> NeighbourMessage {
     // NTF_SELF: the entry belongs to the VXLAN device's own FDB, not a bridge's.
     let mut msg = neighbour(AddressFamily::Bridge, ifindex, NeighbourFlags::Own);
-    msg.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-    msg.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
     msg
 }
 
@@ -60,20 +53,15 @@ fn route(vxlan_index: u32, subnet: Ipv4Net, via: RouteVia) -> RouteMessage {
     msg.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
     msg.header.scope = RouteScope::Universe;
     msg.header.kind = RouteType::Unicast;
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(
-            subnet.network(),
-        )));
+    msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
     match via {
         RouteVia::Vxlan(gateway) => {
             msg.header.flags = RouteFlags::Onlink;
-            msg.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+            msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
             msg.attributes.push(RouteAttribute::Oif(vxlan_index));
         }
         RouteVia::Direct(gateway) => {
-            msg.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+            msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
         }
     }
     msg
@@ -83,41 +71,19 @@ fn route(vxlan_index: u32, subnet: Ipv4Net, via: RouteVia) -> RouteMessage {
 pub fn request(vxlan_index: u32, op: &Op) -> (RouteNetlinkMessage, u16) {
     const SET: u16 = NLM_F_CREATE | NLM_F_REPLACE;
     match *op {
-        Op::SetNeighbour(ip, mac) => (
-            RouteNetlinkMessage::NewNeighbour(arp_entry(vxlan_index, ip, mac)),
-            SET,
-        ),
-        Op::DelNeighbour(ip, mac) => (
-            RouteNetlinkMessage::DelNeighbour(arp_entry(vxlan_index, ip, mac)),
-            0,
-        ),
-        Op::SetFdb(mac, dst) => (
-            RouteNetlinkMessage::NewNeighbour(fdb_entry(vxlan_index, mac, dst)),
-            SET,
-        ),
-        Op::DelFdb(mac, dst) => (
-            RouteNetlinkMessage::DelNeighbour(fdb_entry(vxlan_index, mac, dst)),
-            0,
-        ),
-        Op::SetRoute(subnet, via) => (
-            RouteNetlinkMessage::NewRoute(route(vxlan_index, subnet, via)),
-            SET,
-        ),
-        Op::DelRoute(subnet, via) => (
-            RouteNetlinkMessage::DelRoute(route(vxlan_index, subnet, via)),
-            0,
-        ),
+        Op::SetNeighbour(ip, mac) => (RouteNetlinkMessage::NewNeighbour(arp_entry(vxlan_index, ip, mac)), SET),
+        Op::DelNeighbour(ip, mac) => (RouteNetlinkMessage::DelNeighbour(arp_entry(vxlan_index, ip, mac)), 0),
+        Op::SetFdb(mac, dst) => (RouteNetlinkMessage::NewNeighbour(fdb_entry(vxlan_index, mac, dst)), SET),
+        Op::DelFdb(mac, dst) => (RouteNetlinkMessage::DelNeighbour(fdb_entry(vxlan_index, mac, dst)), 0),
+        Op::SetRoute(subnet, via) => (RouteNetlinkMessage::NewRoute(route(vxlan_index, subnet, via)), SET),
+        Op::DelRoute(subnet, via) => (RouteNetlinkMessage::DelRoute(route(vxlan_index, subnet, via)), 0),
     }
 }
 
 /// Reads the overlay entries the kernel holds for the device `vxlan_index`.
 pub fn read(nl: &mut Netlink, vxlan_index: u32) -> Result<KernelState, NetlinkError> {
     let mut state = KernelState::default();
-    for msg in nl.dump(RouteNetlinkMessage::GetNeighbour(neighbour(
-        AddressFamily::Inet,
-        0,
-        NeighbourFlags::empty(),
-    )))? {
+    for msg in nl.dump(RouteNetlinkMessage::GetNeighbour(neighbour(AddressFamily::Inet, 0, NeighbourFlags::empty())))? {
         let RouteNetlinkMessage::NewNeighbour(n) = msg else {
             continue;
         };
@@ -133,11 +99,9 @@ pub fn read(nl: &mut Netlink, vxlan_index: u32) -> Result<KernelState, NetlinkEr
             }
         }
     }
-    for msg in nl.dump(RouteNetlinkMessage::GetNeighbour(neighbour(
-        AddressFamily::Bridge,
-        0,
-        NeighbourFlags::empty(),
-    )))? {
+    for msg in
+        nl.dump(RouteNetlinkMessage::GetNeighbour(neighbour(AddressFamily::Bridge, 0, NeighbourFlags::empty())))?
+    {
         let RouteNetlinkMessage::NewNeighbour(n) = msg else {
             continue;
         };
@@ -157,9 +121,7 @@ pub fn read(nl: &mut Netlink, vxlan_index: u32) -> Result<KernelState, NetlinkEr
         let RouteNetlinkMessage::NewRoute(r) = msg else {
             continue;
         };
-        if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
-            || r.header.address_family != AddressFamily::Inet
-        {
+        if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) || r.header.address_family != AddressFamily::Inet {
             continue;
         }
         if let Some((subnet, via)) = parse_route(&r, vxlan_index) {
@@ -174,9 +136,7 @@ fn neighbour_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
         // In AF_BRIDGE (FDB) messages the kernel's NDA_DST comes back undecoded.
         NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-            <[u8; 4]>::try_from(bytes.as_slice())
-                .ok()
-                .map(Ipv4Addr::from)
+            <[u8; 4]>::try_from(bytes.as_slice()).ok().map(Ipv4Addr::from)
         }
         _ => None,
     })

@@ -34,26 +34,19 @@ pub struct Link {
 
 impl Link {
     fn from_message(msg: &LinkMessage) -> Self {
-        let mut link = Link {
-            index: msg.header.index,
-            up: msg.header.flags.contains(LinkFlags::Up),
-            ..Link::default()
-        };
+        let mut link =
+            Link { index: msg.header.index, up: msg.header.flags.contains(LinkFlags::Up), ..Link::default() };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
-                LinkAttribute::Address(bytes) => {
-                    link.mac = MacAddr::try_from(bytes.as_slice()).ok()
-                }
+                LinkAttribute::Address(bytes) => link.mac = MacAddr::try_from(bytes.as_slice()).ok(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         match info {
                             LinkInfo::Kind(InfoKind::Vxlan) => link.kind = Some("vxlan".into()),
                             LinkInfo::Kind(other) => link.kind = Some(other.to_string()),
-                            LinkInfo::Data(InfoData::Vxlan(data)) => {
-                                link.vxlan = Some(data.clone())
-                            }
+                            LinkInfo::Data(InfoData::Vxlan(data)) => link.vxlan = Some(data.clone()),
                             _ => {}
                         }
                     }
@@ -113,10 +106,7 @@ pub fn ipv4_addresses(nl: &mut Netlink) -> Result<Vec<LinkAddress>, NetlinkError
         });
         if let Some(ip) = local.or(address) {
             if let Ok(net) = Ipv4Net::new(ip, a.header.prefix_len) {
-                out.push(LinkAddress {
-                    index: a.header.index,
-                    net,
-                });
+                out.push(LinkAddress { index: a.header.index, net });
             }
         }
     }
@@ -129,27 +119,18 @@ pub fn address_message(index: u32, net: Ipv4Net) -> AddressMessage {
     msg.header.family = AddressFamily::Inet;
     msg.header.prefix_len = net.prefix_len();
     msg.header.index = index;
-    msg.attributes
-        .push(AddressAttribute::Local(IpAddr::V4(net.addr())));
-    msg.attributes
-        .push(AddressAttribute::Address(IpAddr::V4(net.addr())));
+    msg.attributes.push(AddressAttribute::Local(IpAddr::V4(net.addr())));
+    msg.attributes.push(AddressAttribute::Address(IpAddr::V4(net.addr())));
     msg
 }
 
 /// The first IPv4 address on `index`, preferring `preferred` when present.
-pub fn primary_address(
-    addrs: &[LinkAddress],
-    index: u32,
-    preferred: Option<Ipv4Addr>,
-) -> Option<Ipv4Net> {
+pub fn primary_address(addrs: &[LinkAddress], index: u32, preferred: Option<Ipv4Addr>) -> Option<Ipv4Net> {
     let mut on_link = addrs.iter().filter(|a| a.index == index).map(|a| a.net);
     match preferred {
         Some(p) => {
             let all: Vec<_> = on_link.collect();
-            all.iter()
-                .copied()
-                .find(|n| n.addr() == p)
-                .or_else(|| all.first().copied())
+            all.iter().copied().find(|n| n.addr() == p).or_else(|| all.first().copied())
         }
         None => on_link.next(),
     }

@@ -31,21 +31,13 @@ pub fn read(nl: &mut Netlink, vxlan_index: u32) -> Result<KernelState, NetlinkEr
 
 /// Sends `ops` in batches. A delete of something already gone counts as done.
 pub fn apply(nl: &mut Netlink, vxlan_index: u32, ops: &[Op]) -> Result<ApplyReport, NetlinkError> {
-    let requests = ops
-        .iter()
-        .map(|op| entries::request(vxlan_index, op))
-        .collect();
+    let requests = ops.iter().map(|op| entries::request(vxlan_index, op)).collect();
     let results = nl.batch(requests)?;
-    let mut report = ApplyReport {
-        sent: ops.len(),
-        failed: Vec::new(),
-    };
+    let mut report = ApplyReport { sent: ops.len(), failed: Vec::new() };
     for (op, result) in ops.iter().zip(results) {
         match result {
             Ok(()) => debug!(?op, "applied"),
-            Err(e)
-                if is_delete(op)
-                    && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {}
+            Err(e) if is_delete(op) && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {}
             Err(e) => {
                 warn!(?op, error = %e, "kernel refused overlay entry");
                 report.failed.push((*op, e));

@@ -7,8 +7,7 @@
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -53,11 +52,7 @@ impl Netlink {
         let _ = socket.set_cap_ack(true);
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_rx_buf_sz(4 * 1024 * 1024);
-        Ok(Netlink {
-            socket,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
-        })
+        Ok(Netlink { socket, seq: 0, buf: vec![0; 64 * 1024] })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -94,15 +89,14 @@ impl Netlink {
         let mut offset = 0;
         let result = (|| {
             while offset < n {
-                let frame = NetlinkBuffer::new_checked(&data[offset..n])
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                let frame =
+                    NetlinkBuffer::new_checked(&data[offset..n]).map_err(|e| NetlinkError::Decode(e.to_string()))?;
                 let len = frame.length() as usize;
                 if len == 0 {
                     break;
                 }
-                let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..offset + len])
-                        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..offset + len])
+                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
                 each(msg)?;
                 offset += (len + 3) & !3;
             }
@@ -113,10 +107,7 @@ impl Netlink {
     }
 
     /// Sends a dump request and returns every message of the answer.
-    pub fn dump(
-        &mut self,
-        request: RouteNetlinkMessage,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+    pub fn dump(&mut self, request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         let mut out = Vec::new();
         let seq = self.encode(request, NLM_F_REQUEST | NLM_F_DUMP, &mut out);
         self.socket.send(&out, 0)?;
@@ -131,10 +122,7 @@ impl Netlink {
                     NetlinkPayload::InnerMessage(inner) => messages.push(inner),
                     NetlinkPayload::Done(_) => done = true,
                     NetlinkPayload::Error(e) => {
-                        return Err(NetlinkError::Refused {
-                            what: "dump".into(),
-                            source: e.to_io(),
-                        })
+                        return Err(NetlinkError::Refused { what: "dump".into(), source: e.to_io() })
                     }
                     _ => {}
                 }

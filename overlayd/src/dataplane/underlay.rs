@@ -50,34 +50,20 @@ pub fn find(nl: &mut Netlink, iface: Option<&str>) -> Result<Underlay, UnderlayE
     let (index, preferred) = match iface {
         Some(text) => match text.parse::<Ipv4Addr>() {
             Ok(ip) => {
-                let found = addrs
-                    .iter()
-                    .find(|a| a.net.addr() == ip)
-                    .ok_or_else(|| UnderlayError::NotFound(text.into()))?;
+                let found =
+                    addrs.iter().find(|a| a.net.addr() == ip).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
                 (found.index, Some(ip))
             }
             Err(_) => {
-                let link = links
-                    .iter()
-                    .find(|l| l.name == text)
-                    .ok_or_else(|| UnderlayError::NotFound(text.into()))?;
+                let link = links.iter().find(|l| l.name == text).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
                 (link.index, None)
             }
         },
         None => default_route(nl)?.ok_or(UnderlayError::NoDefaultRoute)?,
     };
-    let link = links
-        .iter()
-        .find(|l| l.index == index)
-        .ok_or_else(|| UnderlayError::NotFound(index.to_string()))?;
-    let addr = primary_address(&addrs, index, preferred)
-        .ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
-    Ok(Underlay {
-        index,
-        name: link.name.clone(),
-        addr,
-        mtu: link.mtu,
-    })
+    let link = links.iter().find(|l| l.index == index).ok_or_else(|| UnderlayError::NotFound(index.to_string()))?;
+    let addr = primary_address(&addrs, index, preferred).ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
+    Ok(Underlay { index, name: link.name.clone(), addr, mtu: link.mtu })
 }
 
 /// The output interface and preferred source of the main table's IPv4 default route.

@@ -49,24 +49,14 @@ pub struct DeviceError {
 }
 
 fn at<'a>(device: &'a str, step: &'static str) -> impl FnOnce(NetlinkError) -> DeviceError + 'a {
-    move |source| DeviceError {
-        device: device.to_string(),
-        step,
-        source,
-    }
+    move |source| DeviceError { device: device.to_string(), step, source }
 }
 
-fn io_at<'a>(
-    device: &'a str,
-    step: &'static str,
-) -> impl FnOnce(std::io::Error) -> DeviceError + 'a {
+fn io_at<'a>(device: &'a str, step: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError + 'a {
     move |e| DeviceError {
         device: device.to_string(),
         step,
-        source: NetlinkError::Refused {
-            what: step.to_string(),
-            source: e,
-        },
+        source: NetlinkError::Refused { what: step.to_string(), source: e },
     }
 }
 
@@ -112,15 +102,11 @@ fn create_message(spec: &DeviceSpec) -> LinkMessage {
         data.push(InfoVxlan::Gbp);
     }
     let mut msg = LinkMessage::default();
-    msg.attributes
-        .push(LinkAttribute::IfName(spec.name.clone()));
+    msg.attributes.push(LinkAttribute::IfName(spec.name.clone()));
     msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+    msg.attributes.push(LinkAttribute::Address(spec.mac.octets().to_vec()));
     msg.attributes
-        .push(LinkAttribute::Address(spec.mac.octets().to_vec()));
-    msg.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::Kind(InfoKind::Vxlan),
-        LinkInfo::Data(InfoData::Vxlan(data)),
-    ]));
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Vxlan), LinkInfo::Data(InfoData::Vxlan(data))]));
     msg
 }
 
@@ -136,23 +122,17 @@ pub fn ensure(nl: &mut Netlink, spec: &DeviceSpec) -> Result<(u32, bool), Device
                 warn!(device = name, kind = ?old.kind, "device exists with other settings (VNI, port, local address or kind); recreating it");
                 let mut del = LinkMessage::default();
                 del.header.index = old.index;
-                nl.request(RouteNetlinkMessage::DelLink(del), 0)
-                    .map_err(io_at(name, "delete old device"))?;
+                nl.request(RouteNetlinkMessage::DelLink(del), 0).map_err(io_at(name, "delete old device"))?;
             }
-            nl.request(
-                RouteNetlinkMessage::NewLink(create_message(spec)),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .map_err(io_at(name, "create"))?;
+            nl.request(RouteNetlinkMessage::NewLink(create_message(spec)), NLM_F_CREATE | NLM_F_EXCL)
+                .map_err(io_at(name, "create"))?;
             info!(device = name, vni = spec.vni, port = spec.port, local = %spec.local, mtu = spec.mtu, mac = %spec.mac, "created VXLAN device");
             created = true;
-            links::by_name(nl, name)
-                .map_err(at(name, "look up"))?
-                .ok_or_else(|| DeviceError {
-                    device: name.into(),
-                    step: "look up after create",
-                    source: NetlinkError::Decode("device vanished right after creation".into()),
-                })?
+            links::by_name(nl, name).map_err(at(name, "look up"))?.ok_or_else(|| DeviceError {
+                device: name.into(),
+                step: "look up after create",
+                source: NetlinkError::Decode("device vanished right after creation".into()),
+            })?
         }
     };
     if link.mtu != spec.mtu || link.mac != Some(spec.mac) || !link.up {
@@ -162,11 +142,9 @@ pub fn ensure(nl: &mut Netlink, spec: &DeviceSpec) -> Result<(u32, bool), Device
         set.header.change_mask = LinkFlags::Up;
         set.attributes.push(LinkAttribute::Mtu(spec.mtu));
         if link.mac != Some(spec.mac) {
-            set.attributes
-                .push(LinkAttribute::Address(spec.mac.octets().to_vec()));
+            set.attributes.push(LinkAttribute::Address(spec.mac.octets().to_vec()));
         }
-        nl.request(RouteNetlinkMessage::SetLink(set), 0)
-            .map_err(io_at(name, "set MTU, MAC and up"))?;
+        nl.request(RouteNetlinkMessage::SetLink(set), 0).map_err(io_at(name, "set MTU, MAC and up"))?;
     }
     ensure_address(nl, link.index, spec.address).map_err(at(name, "address"))?;
     Ok((link.index, created))
@@ -180,25 +158,13 @@ fn ensure_address(nl: &mut Netlink, index: u32, want: Ipv4Net) -> Result<(), Net
         if a.net == want {
             present = true;
         } else {
-            nl.request(
-                RouteNetlinkMessage::DelAddress(address_message(index, a.net)),
-                0,
-            )
-            .map_err(|e| NetlinkError::Refused {
-                what: format!("remove stale address {}", a.net),
-                source: e,
-            })?;
+            nl.request(RouteNetlinkMessage::DelAddress(address_message(index, a.net)), 0)
+                .map_err(|e| NetlinkError::Refused { what: format!("remove stale address {}", a.net), source: e })?;
         }
     }
     if !present {
-        nl.request(
-            RouteNetlinkMessage::NewAddress(address_message(index, want)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .map_err(|e| NetlinkError::Refused {
-            what: format!("add address {want}"),
-            source: e,
-        })?;
+        nl.request(RouteNetlinkMessage::NewAddress(address_message(index, want)), NLM_F_CREATE | NLM_F_REPLACE)
+            .map_err(|e| NetlinkError::Refused { what: format!("add address {want}"), source: e })?;
     }
     Ok(())
 }
@@ -210,7 +176,6 @@ pub fn remove(nl: &mut Netlink, name: &str) -> Result<bool, DeviceError> {
     };
     let mut del = LinkMessage::default();
     del.header.index = link.index;
-    nl.request(RouteNetlinkMessage::DelLink(del), 0)
-        .map_err(io_at(name, "delete"))?;
+    nl.request(RouteNetlinkMessage::DelLink(del), 0).map_err(io_at(name, "delete"))?;
     Ok(true)
 }

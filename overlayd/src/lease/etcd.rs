@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
@@ -95,10 +95,7 @@ pub struct Listing {
 impl Listing {
     /// The leases whose values parse, for the peer map.
     pub fn peers(&self) -> Vec<(LeaseKey, LeaseAttrs)> {
-        self.leases
-            .iter()
-            .filter_map(|l| l.attrs.clone().ok().map(|a| (l.key, a)))
-            .collect()
+        self.leases.iter().filter_map(|l| l.attrs.clone().ok().map(|a| (l.key, a))).collect()
     }
 }
 
@@ -112,12 +109,7 @@ pub struct EtcdLeases {
 
 impl EtcdLeases {
     /// Connects to `endpoints` (a connection is made lazily; calls fail while etcd is down).
-    pub async fn connect(
-        endpoints: &[String],
-        tls: &TlsFiles,
-        prefix: &str,
-        ttl: i64,
-    ) -> Result<Self, EtcdError> {
+    pub async fn connect(endpoints: &[String], tls: &TlsFiles, prefix: &str, ttl: i64) -> Result<Self, EtcdError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
@@ -132,19 +124,11 @@ impl EtcdLeases {
             }
             options = options.with_tls(t);
         }
-        let endpoints: Vec<String> = endpoints
-            .iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
+        let endpoints: Vec<String> = endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
         let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(etcd(format!("connect to {}", endpoints.join(","))))?;
-        Ok(EtcdLeases {
-            client,
-            prefix: prefix.trim_end_matches('/').to_string(),
-            ttl,
-        })
+        Ok(EtcdLeases { client, prefix: prefix.trim_end_matches('/').to_string(), ttl })
     }
 
     fn subnets_prefix(&self) -> String {
@@ -158,15 +142,8 @@ impl EtcdLeases {
     /// The net-conf text at `<prefix>/config`, if it exists.
     pub async fn config_text(&mut self) -> Result<Option<String>, EtcdError> {
         let path = format!("{}/config", self.prefix);
-        let resp = self
-            .client
-            .get(path.as_str(), None)
-            .await
-            .map_err(etcd(format!("get {path}")))?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        let resp = self.client.get(path.as_str(), None).await.map_err(etcd(format!("get {path}")))?;
+        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Every lease under `<prefix>/subnets/`.
@@ -185,12 +162,7 @@ impl EtcdLeases {
                 continue;
             };
             let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string());
-            leases.push(Listed {
-                key,
-                attrs,
-                etcd_lease: kv.lease(),
-                mod_revision: kv.mod_revision(),
-            });
+            leases.push(Listed { key, attrs, etcd_lease: kv.lease(), mod_revision: kv.mod_revision() });
         }
         Ok(Listing { leases, revision })
     }
@@ -213,12 +185,7 @@ impl EtcdLeases {
             let mut mine: Vec<&Listed> = listing
                 .leases
                 .iter()
-                .filter(|l| {
-                    l.attrs
-                        .as_ref()
-                        .is_ok_and(|a| a.public_ip == attrs.public_ip)
-                        && range.contains(&l.key.v4)
-                })
+                .filter(|l| l.attrs.as_ref().is_ok_and(|a| a.public_ip == attrs.public_ip) && range.contains(&l.key.v4))
                 .collect();
             mine.sort_by_key(|l| Some(l.key.v4) != previous);
             if let Some(old) = mine.first() {
@@ -244,11 +211,7 @@ impl EtcdLeases {
             let key = LeaseKey::v4(subnet);
             if let Some(lease) = self.claim(&key, &value).await? {
                 info!(subnet = %key, "claimed new subnet");
-                return Ok(OwnLease {
-                    key,
-                    attrs: attrs.clone(),
-                    etcd_lease: lease,
-                });
+                return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: lease });
             }
             debug!(subnet = %key, attempt, "lost the race for a subnet; retrying");
         }
@@ -257,26 +220,10 @@ impl EtcdLeases {
 
     /// Creates `key` if nobody holds it; returns the etcd lease on success.
     async fn claim(&mut self, key: &LeaseKey, value: &str) -> Result<Option<i64>, EtcdError> {
-        let lease = self
-            .client
-            .lease_grant(self.ttl, None)
-            .await
-            .map_err(etcd("grant lease"))?
-            .id();
+        let lease = self.client.lease_grant(self.ttl, None).await.map_err(etcd("grant lease"))?.id();
         let path = self.key_path(key);
-        let txn = Txn::new()
-            .when([Compare::version(path.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                path.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let resp = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(etcd(format!("claim {path}")))?;
-        if resp.succeeded() {
+        let claimed = self.put_if(Compare::version(path.as_str(), CompareOp::Equal, 0), &path, value, lease).await?;
+        if claimed {
             Ok(Some(lease))
         } else {
             let _ = self.client.lease_revoke(lease).await;
@@ -287,71 +234,40 @@ impl EtcdLeases {
     /// Re-attaches to our old key, rewriting the value (new MAC) or the etcd
     /// lease (expired, or none) if needed, but only if nobody changed it since
     /// we listed it.
-    async fn retake(
-        &mut self,
-        old: &Listed,
-        value: &str,
-        attrs: &LeaseAttrs,
-    ) -> Result<Option<OwnLease>, EtcdError> {
+    async fn retake(&mut self, old: &Listed, value: &str, attrs: &LeaseAttrs) -> Result<Option<OwnLease>, EtcdError> {
         let lease_alive = old.etcd_lease != 0 && self.ttl_left(old.etcd_lease).await? > 0;
         let same_value = old.attrs.as_ref().is_ok_and(|a| a == attrs);
         if lease_alive && same_value {
-            return Ok(Some(OwnLease {
-                key: old.key,
-                attrs: attrs.clone(),
-                etcd_lease: old.etcd_lease,
-            }));
+            return Ok(Some(OwnLease { key: old.key, attrs: attrs.clone(), etcd_lease: old.etcd_lease }));
         }
         let lease = if lease_alive {
             old.etcd_lease
         } else {
-            self.client
-                .lease_grant(self.ttl, None)
-                .await
-                .map_err(etcd("grant lease"))?
-                .id()
+            self.client.lease_grant(self.ttl, None).await.map_err(etcd("grant lease"))?.id()
         };
         let path = self.key_path(&old.key);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                path.as_str(),
-                CompareOp::Equal,
-                old.mod_revision,
-            )])
-            .and_then([TxnOp::put(
-                path.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let resp = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(etcd(format!("update {path}")))?;
-        Ok(resp.succeeded().then(|| OwnLease {
-            key: old.key,
-            attrs: attrs.clone(),
-            etcd_lease: lease,
-        }))
+        let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, old.mod_revision);
+        let updated = self.put_if(unchanged, &path, value, lease).await?;
+        Ok(updated.then(|| OwnLease { key: old.key, attrs: attrs.clone(), etcd_lease: lease }))
+    }
+
+    /// Puts `value` at `path`, attached to `lease`, only if `guard` holds.
+    async fn put_if(&mut self, guard: Compare, path: &str, value: &str, lease: i64) -> Result<bool, EtcdError> {
+        let txn =
+            Txn::new().when([guard]).and_then([TxnOp::put(path, value, Some(PutOptions::new().with_lease(lease)))]);
+        let resp = self.client.txn(txn).await.map_err(etcd(format!("transaction on {path}")))?;
+        Ok(resp.succeeded())
     }
 
     /// Seconds left on an etcd lease (0 or less: gone).
     async fn ttl_left(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let resp = self
-            .client
-            .lease_time_to_live(lease, None)
-            .await
-            .map_err(etcd("lease time-to-live"))?;
+        let resp = self.client.lease_time_to_live(lease, None).await.map_err(etcd("lease time-to-live"))?;
         Ok(resp.ttl())
     }
 
     /// Renews our etcd lease; returns the TTL the server granted (0: the lease is gone).
     pub async fn renew(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let (mut keeper, mut stream) = self
-            .client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(etcd("keep-alive"))?;
+        let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await.map_err(etcd("keep-alive"))?;
         keeper.keep_alive().await.map_err(etcd("keep-alive"))?;
         match stream.message().await.map_err(etcd("keep-alive"))? {
             Some(resp) => Ok(resp.ttl()),
@@ -367,14 +283,11 @@ impl EtcdLeases {
     /// Whether our key still exists and still names us.
     pub async fn still_ours(&mut self, own: &OwnLease) -> Result<bool, EtcdError> {
         let path = self.key_path(&own.key);
-        let resp = self
-            .client
-            .get(path.as_str(), None)
-            .await
-            .map_err(etcd(format!("get {path}")))?;
-        Ok(resp.kvs().first().is_some_and(|kv| {
-            LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a.public_ip == own.attrs.public_ip)
-        }))
+        let resp = self.client.get(path.as_str(), None).await.map_err(etcd(format!("get {path}")))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a.public_ip == own.attrs.public_ip)))
     }
 
     /// Streams peer events from `revision` on, forever: every event of every
@@ -384,10 +297,7 @@ impl EtcdLeases {
         let prefix = self.subnets_prefix();
         let mut backoff = Duration::from_millis(200);
         loop {
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1)
-                .with_progress_notify();
+            let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
             match self.client.watch(prefix.as_str(), Some(options)).await {
                 Ok(mut stream) => loop {
                     match stream.message().await {
@@ -402,10 +312,7 @@ impl EtcdLeases {
                                 match self.list().await {
                                     Ok(listing) => {
                                         revision = listing.revision;
-                                        if tx
-                                            .send(vec![PeerEvent::Snapshot(listing.peers())])
-                                            .is_err()
-                                        {
+                                        if tx.send(vec![PeerEvent::Snapshot(listing.peers())]).is_err() {
                                             return;
                                         }
                                     }
@@ -461,10 +368,7 @@ impl EtcdLeases {
 }
 
 fn read(path: &str) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
-        path: path.into(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile { path: path.into(), source })
 }
 
 fn parse_key(path: &str, prefix: &str) -> Option<LeaseKey> {
@@ -473,6 +377,5 @@ fn parse_key(path: &str, prefix: &str) -> Option<LeaseKey> {
 
 /// Where in the range a node starts looking, so simultaneous joiners spread out.
 fn seed(ip: Ipv4Addr, attempt: u32) -> u64 {
-    u64::from(u32::from(ip)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ u64::from(attempt).wrapping_mul(7919)
+    u64::from(u32::from(ip)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(attempt).wrapping_mul(7919)
 }

@@ -16,22 +16,15 @@ use overlay_tests::{Cluster, Netns};
 
 /// Our routes carry protocol 77: count them to know how far programming got.
 fn route_count(ns: &Netns) -> usize {
-    ns.ip(&["-4", "route", "show", "proto", "77"])
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+    ns.ip(&["-4", "route", "show", "proto", "77"]).map(|s| s.lines().count()).unwrap_or(0)
 }
 
 fn entry_counts(ns: &Netns) -> (usize, usize, usize) {
-    let neigh = ns
-        .ip(&["neigh", "show", "dev", "overlay.1", "nud", "permanent"])
+    let neigh =
+        ns.ip(&["neigh", "show", "dev", "overlay.1", "nud", "permanent"]).map(|s| s.lines().count()).unwrap_or(0);
+    let fdb = overlay_tests::netns::run("bridge", &["-n", &ns.name, "fdb", "show", "dev", "overlay.1"])
         .map(|s| s.lines().count())
         .unwrap_or(0);
-    let fdb = overlay_tests::netns::run(
-        "bridge",
-        &["-n", &ns.name, "fdb", "show", "dev", "overlay.1"],
-    )
-    .map(|s| s.lines().count())
-    .unwrap_or(0);
     (neigh, fdb, route_count(ns))
 }
 
@@ -72,11 +65,7 @@ fn usage(pid: u32) -> Usage {
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Usage {
-        rss_kib: field("VmRSS:"),
-        peak_kib: field("VmHWM:"),
-        cpu_s: ticks as f64 / hz,
-    }
+    Usage { rss_kib: field("VmRSS:"), peak_kib: field("VmHWM:"), cpu_s: ticks as f64 / hz }
 }
 
 fn config_for_bench() -> &'static str {
@@ -130,32 +119,15 @@ fn floor(id: &str, n: u32) -> Result<Duration> {
         let mac = &value[value.find("VtepMAC").unwrap_or(0) + 10..][..17];
         let public = std::net::Ipv4Addr::from(0xac10_0000 + i);
         let gw = subnet.network();
-        let _ = writeln!(
-            ip_batch,
-            "neigh replace {gw} lladdr {mac} dev overlay.1 nud permanent"
-        );
-        let _ = writeln!(
-            fdb_batch,
-            "fdb append {mac} dev overlay.1 dst {public} self permanent"
-        );
-        let _ = writeln!(
-            ip_batch,
-            "route replace {subnet} via {gw} dev overlay.1 onlink"
-        );
+        let _ = writeln!(ip_batch, "neigh replace {gw} lladdr {mac} dev overlay.1 nud permanent");
+        let _ = writeln!(fdb_batch, "fdb append {mac} dev overlay.1 dst {public} self permanent");
+        let _ = writeln!(ip_batch, "route replace {subnet} via {gw} dev overlay.1 onlink");
     }
     std::fs::write(dir.join("ip.batch"), ip_batch)?;
     std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
     let start = Instant::now();
-    let ok_fdb = Command::new("bridge")
-        .args(["-n", &ns.name, "-batch"])
-        .arg(dir.join("fdb.batch"))
-        .status()?
-        .success();
-    let ok_ip = Command::new("ip")
-        .args(["-n", &ns.name, "-batch"])
-        .arg(dir.join("ip.batch"))
-        .status()?
-        .success();
+    let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
+    let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
     let took = start.elapsed();
     let _ = std::fs::remove_dir_all(&dir);
     if !(ok_ip && ok_fdb) {
@@ -170,8 +142,7 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
 
     // (a) cold start.
     let cold_prefix = format!("/bench/cold-{n}");
-    c.etcd
-        .put(&format!("{cold_prefix}/config"), config_for_bench())?;
+    c.etcd.put(&format!("{cold_prefix}/config"), config_for_bench())?;
     bulk::leases(&c.underlay, &endpoint, &cold_prefix, n, Bulk::Put)?;
     let i = c.add_node(&["--etcd-prefix", &cold_prefix])?;
     let start = Instant::now();
@@ -197,8 +168,7 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
 
     // (b) burst of writes, (c) burst of removals, on a running daemon.
     let burst_prefix = format!("/bench/burst-{n}");
-    c.etcd
-        .put(&format!("{burst_prefix}/config"), config_for_bench())?;
+    c.etcd.put(&format!("{burst_prefix}/config"), config_for_bench())?;
     let j = c.add_node(&["--etcd-prefix", &burst_prefix])?;
     c.nodes[j].start()?;
     c.nodes[j].wait_ready(Duration::from_secs(20))?;
@@ -233,8 +203,7 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
 }
 
 fn ms(d: Option<Duration>) -> String {
-    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
-        .unwrap_or_else(|| "timeout".into())
+    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "timeout".into())
 }
 
 fn mib(kib: u64) -> String {
@@ -250,11 +219,7 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let mut c = Cluster::new(ClusterOptions {
-        config: None,
-        resync: "30s".into(),
-        id: None,
-    })?;
+    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), id: None })?;
     let mut rows = Vec::new();
     for n in sizes {
         eprintln!("bench: N={n} ...");

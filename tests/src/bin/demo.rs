@@ -16,26 +16,15 @@ fn main() -> Result<()> {
     if !overlay_tests::require_root("overlay-demo") {
         bail!("the demo builds network namespaces: run it as root");
     }
-    if overlay_tests::ip(&["netns", "list"])?
-        .lines()
-        .any(|l| l.starts_with("ovdemo"))
-    {
+    if overlay_tests::ip(&["netns", "list"])?.lines().any(|l| l.starts_with("ovdemo")) {
         bail!("a demo is already running: `make demo-down` first");
     }
-    let mut c = Cluster::new(ClusterOptions {
-        id: Some("demo".into()),
-        resync: "30s".into(),
-        ..Default::default()
-    })?;
+    let mut c = Cluster::new(ClusterOptions { id: Some("demo".into()), resync: "30s".into(), ..Default::default() })?;
     for _ in 0..3 {
         c.add_ready_node(&["--ip-masq"], 2)?;
     }
     println!("\netcd leases ({PREFIX}/subnets/):");
-    print!(
-        "{}",
-        c.etcd
-            .ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")])?
-    );
+    print!("{}", c.etcd.ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")])?);
     let pods = c.pods();
     println!("\nping matrix (row pings column):");
     print!("{:>14}", "");
@@ -57,26 +46,10 @@ fn main() -> Result<()> {
         }
         println!();
     }
-    println!(
-        "\nnode namespaces: {}",
-        c.nodes
-            .iter()
-            .map(|n| n.ns.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!(
-        "try: ip netns exec {} ping {}",
-        c.nodes[0].pods[0].ns.name, c.nodes[2].pods[1].ip
-    );
-    println!(
-        "     ip -n {} route; bridge -n {} fdb show dev overlay.1",
-        c.nodes[0].ns.name, c.nodes[0].ns.name
-    );
-    println!(
-        "logs: {}/n*.log    remove with: make demo-down",
-        c.dir.display()
-    );
+    println!("\nnode namespaces: {}", c.nodes.iter().map(|n| n.ns.name.as_str()).collect::<Vec<_>>().join(" "));
+    println!("try: ip netns exec {} ping {}", c.nodes[0].pods[0].ns.name, c.nodes[2].pods[1].ip);
+    println!("     ip -n {} route; bridge -n {} fdb show dev overlay.1", c.nodes[0].ns.name, c.nodes[0].ns.name);
+    println!("logs: {}/n*.log    remove with: make demo-down", c.dir.display());
     // Leave the namespaces, etcd and the daemons running.
     std::mem::forget(c);
     Ok(())

@@ -20,7 +20,7 @@ use crate::health::{self, Metrics};
 use crate::lease::etcd::{EtcdError, EtcdLeases, TlsFiles};
 use crate::lease::{OwnLease, PeerEvent};
 use crate::masq;
-use crate::plan::{self, Local, Peer};
+use crate::plan::{self, KernelState, Local, Peer};
 use crate::subnet_file;
 
 /// How long to wait between attempts while etcd is unreachable or the config absent.
@@ -49,6 +49,19 @@ struct Daemon {
     own: OwnLease,
     peers: BTreeMap<LeaseKey, Peer>,
     metrics: Arc<Metrics>,
+    /// What the kernel holds after the last fully successful apply: lets a
+    /// watch event cost O(change) instead of a dump of every entry. The
+    /// resync timer always reads the kernel, so drift is still found.
+    assumed: Option<(u32, KernelState)>,
+}
+
+/// Where a reconcile takes the kernel's current state from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Dump it from the kernel.
+    Kernel,
+    /// Trust the last successful apply, if there is one.
+    Assume,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -79,7 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(previous = ?previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
 
-    let mut daemon = Daemon { args, nl, store, config, underlay, own, peers: BTreeMap::new(), metrics };
+    let mut daemon = Daemon { args, nl, store, config, underlay, own, peers: BTreeMap::new(), metrics, assumed: None };
     daemon.main_loop().await
 }
 
@@ -133,13 +146,15 @@ impl Daemon {
 
         dataplane::enable_ip_forward().context("setting net.ipv4.ip_forward=1")?;
         self.assert_masquerade();
-        let mut retry_soon = !self.reconcile();
+        let mut retry_soon = !self.reconcile(Read::Kernel);
 
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut resync = tokio::time::interval(self.args.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
         let mut renew = tokio::time::interval(self.store.renew_interval());
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
         loop {
             let retry = async {
@@ -159,14 +174,17 @@ impl Daemon {
                     if lost {
                         self.reacquire("our lease key was deleted or taken over").await?;
                     }
-                    retry_soon = !self.reconcile();
+                    retry_soon = !self.reconcile(Read::Assume);
                 }
                 _ = resync.tick() => {
                     self.assert_masquerade();
-                    retry_soon = !self.reconcile();
+                    retry_soon = !self.reconcile(Read::Kernel);
                 }
-                _ = retry => retry_soon = !self.reconcile(),
-                _ = renew.tick() => self.renew().await?,
+                _ = retry => retry_soon = !self.reconcile(Read::Kernel),
+                _ = renew.tick() => {
+                    self.renew().await?;
+                    retry_soon = !self.reconcile(Read::Assume);
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -258,24 +276,35 @@ impl Daemon {
     }
 
     /// plan → read → diff → apply; then the subnet file. Returns success.
-    fn reconcile(&mut self) -> bool {
+    fn reconcile(&mut self, read: Read) -> bool {
         let started = Instant::now();
         let spec = self.device_spec();
-        let result = (|| -> Result<(usize, usize)> {
-            let (index, created) = vxlan::ensure(&mut self.nl, &spec)?;
-            if created {
-                info!(device = %spec.name, peers = self.peers.len(), "device (re)created; programming every peer");
-            }
+        let assumed = if read == Read::Assume { self.assumed.take() } else { None };
+        self.assumed = None;
+        let result = (|| -> Result<(usize, usize, u32, KernelState)> {
             let desired = plan::plan(&self.local(), self.peers.values());
-            let actual = dataplane::read(&mut self.nl, index).context("reading overlay entries")?;
+            let (index, actual) = match assumed {
+                // The last apply succeeded in full: the kernel holds what it planned.
+                Some((index, state)) => (index, state),
+                None => {
+                    let (index, created) = vxlan::ensure(&mut self.nl, &spec)?;
+                    if created {
+                        info!(device = %spec.name, peers = self.peers.len(), "device (re)created; programming every peer");
+                    }
+                    (index, dataplane::read(&mut self.nl, index).context("reading overlay entries")?)
+                }
+            };
             let ops = plan::diff(&desired, &actual);
             let report = dataplane::apply(&mut self.nl, index, &ops).context("applying overlay entries")?;
-            Ok((report.sent, report.failed.len()))
+            Ok((report.sent, report.failed.len(), index, desired))
         })();
         self.metrics.resyncs.fetch_add(1, Relaxed);
         self.metrics.last_resync_micros.store(started.elapsed().as_micros() as u64, Relaxed);
         let ok = match result {
-            Ok((sent, failed)) => {
+            Ok((sent, failed, index, desired)) => {
+                if failed == 0 {
+                    self.assumed = Some((index, desired));
+                }
                 self.metrics.netlink_ops.fetch_add(sent as u64, Relaxed);
                 self.metrics.netlink_errors.fetch_add(failed as u64, Relaxed);
                 if sent >= TRIM_AFTER_OPS {
@@ -363,6 +392,8 @@ impl Daemon {
         }
         self.peers.remove(&own.key);
         self.own = own;
+        // The device address may change with the subnet: take the full path.
+        self.assumed = None;
         self.metrics.lease_held.store(true, Relaxed);
         self.metrics.renewed_now();
         self.assert_masquerade();

@@ -1,24 +1,61 @@
-//! overlay-cni: placeholder until the CNI plugin lands (see issue 3). It
-//! answers VERSION and refuses everything else with a proper CNI error, so a
-//! runtime that finds it reports a clear message instead of hanging.
+//! overlay-cni: one binary that does the whole CNI job for the overlay
+//! (bridge, veth, IPAM), reading the subnet from overlayd's subnet.env.
+//! See README "CNI plugin" for its config keys.
 
+mod commands;
+mod config;
+mod error;
+mod ipam;
+mod link;
+mod result;
+
+use std::io::Read;
 use std::process::ExitCode;
 
-const SUPPORTED: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+use commands::Env;
+use config::NetConf;
+use error::{code, CniError};
+
+fn run(env: &Env, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniError, String)> {
+    let fallback = "1.1.0".to_string();
+    if env.command == "VERSION" {
+        return Ok(Some(commands::version()));
+    }
+    let conf = NetConf::parse(stdin).map_err(|e| (e, fallback.clone()))?;
+    let version = conf.cni_version.clone();
+    let with_version = |e: CniError| (e, version.clone());
+    match env.command.as_str() {
+        "ADD" => commands::add(&conf, env).map(Some).map_err(with_version),
+        "DEL" => commands::del(&conf, env).map(|_| None).map_err(with_version),
+        "CHECK" => commands::check(&conf, env).map(|_| None).map_err(with_version),
+        "STATUS" => commands::status(&conf).map(|_| None).map_err(with_version),
+        "GC" => commands::gc(&conf).map(|_| None).map_err(with_version),
+        other => Err(with_version(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
+        ))),
+    }
+}
 
 fn main() -> ExitCode {
-    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
-    if command == "VERSION" {
-        let answer = serde_json::json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED});
-        println!("{answer}");
-        return ExitCode::SUCCESS;
+    let env = Env::from_process();
+    let mut stdin = Vec::new();
+    if env.command != "VERSION" {
+        if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+            println!("{}", CniError::io("reading the network config from stdin", e).to_json("1.1.0"));
+            return ExitCode::FAILURE;
+        }
     }
-    let error = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "code": 4,
-        "msg": "overlay-cni is not implemented yet",
-        "details": format!("CNI_COMMAND={command:?}: use flannel's CNI plugin (bridge + host-local) with overlayd's subnet.env meanwhile"),
-    });
-    println!("{error}");
-    ExitCode::FAILURE
+    match run(&env, &stdin) {
+        Ok(Some(result)) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err((e, version)) => {
+            println!("{}", e.to_json(&version));
+            eprintln!("overlay-cni: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,18 +1,10 @@
 //! overlayd: leases a subnet from etcd, builds the VXLAN device, programs every
 //! peer, masquerades outgoing pod traffic. See docs/architecture.md.
 
-mod daemon;
-mod dataplane;
-mod flags;
-mod health;
-mod lease;
-mod masq;
-mod plan;
-mod subnet_file;
-
 use std::process::ExitCode;
 
 use clap::Parser;
+use overlayd::{daemon, flags};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

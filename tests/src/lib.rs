@@ -7,6 +7,7 @@
 
 pub mod bulk;
 pub mod cluster;
+pub mod cni;
 pub mod etcd;
 pub mod netns;
 pub mod probe;

@@ -1,0 +1,228 @@
+//! The CNI verbs: ADD, DEL, CHECK, STATUS, GC, VERSION.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use proto::SubnetEnv;
+use serde_json::{json, Value};
+
+use crate::config::{NetConf, SUPPORTED_VERSIONS};
+use crate::error::{code, CniError};
+use crate::ipam::Store;
+use crate::link;
+use crate::result::{address_in, CniResult, Interface, IpConfig, Route};
+
+/// The runtime's CNI_* variables.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// CNI_COMMAND.
+    pub command: String,
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_NETNS (may be empty on DEL).
+    pub netns: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+}
+
+impl Env {
+    /// Reads the process environment.
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var(k).unwrap_or_default();
+        Env {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            ifname: var("CNI_IFNAME"),
+        }
+    }
+
+    fn check_container_id(&self) -> Result<(), CniError> {
+        let ok = !self.container_id.is_empty()
+            && self.container_id.len() <= 256
+            && self.container_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && !self.container_id.starts_with('.');
+        if ok {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_CONTAINERID {:?} is empty or has characters other than letters, digits, '-', '_' and '.'",
+                    self.container_id
+                ),
+            ))
+        }
+    }
+
+    fn check_ifname(&self) -> Result<(), CniError> {
+        let n = &self.ifname;
+        if n.is_empty() || n.len() > 15 || n.contains('/') || n.contains(char::is_whitespace) || n == "." || n == ".." {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_IFNAME {n:?} is not a valid interface name (1-15 bytes, no '/' or spaces, not '.' or '..')"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
+    let path = &conf.subnet_file;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN,
+            format!("cannot read {}: the overlay daemon is not ready on this node", path.display()),
+        )
+        .details(e.to_string())
+    })?;
+    SubnetEnv::parse(&text).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN,
+            format!("{} is not a valid subnet file: the overlay daemon is not ready", path.display()),
+        )
+        .details(e.to_string())
+    })
+}
+
+/// ADD: an address, a veth into the pod, the routes; rolled back on any failure.
+pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
+    env.check_container_id()?;
+    env.check_ifname()?;
+    let ns = link::open_netns(&env.netns)?;
+    let subnet_env = read_subnet_env(conf)?;
+    let mtu = conf.mtu.unwrap_or(subnet_env.mtu);
+    let gateway_net = subnet_env.subnet;
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    let ip = match store.find(&env.container_id, &env.ifname)? {
+        Some(ip) if gateway_net.contains(&ip) => ip,
+        _ => store.allocate(gateway_net, &env.container_id, &env.ifname)?,
+    };
+    let host = link::host_veth_name(&env.container_id, &env.ifname);
+    let wired = wire(conf, env, &ns, &host, ip, gateway_net, subnet_env.network, mtu);
+    match wired {
+        Ok(result) => Ok(result.to_json(&conf.cni_version, conf.prev_result.as_ref())),
+        Err(e) => {
+            // Roll back: the host end takes the pair with it; then the address.
+            let _ = link::delete_host_link(&host);
+            let _ = link::delete_in_container(&ns, &env.ifname);
+            let _ = store.release(&env.container_id, &env.ifname);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wire(
+    conf: &NetConf,
+    env: &Env,
+    ns: &std::fs::File,
+    host: &str,
+    ip: Ipv4Addr,
+    gateway_net: Ipv4Net,
+    network: Ipv4Net,
+    mtu: u32,
+) -> Result<CniResult, CniError> {
+    let gateway = gateway_net.addr();
+    let bridge = link::ensure_bridge(&conf.bridge, gateway_net, mtu)?;
+    let host_link = link::create_veth(host, &env.ifname, ns, mtu, &bridge, conf.hairpin_mode)?;
+    let address = Ipv4Net::new(ip, gateway_net.prefix_len()).map_err(|e| CniError::new(code::IO, e.to_string()))?;
+    let routes = planned_routes(conf, network, gateway);
+    let container = link::configure_container(ns, &env.ifname, address, &routes)?;
+    let mac = |l: &overlayd::dataplane::links::Link| l.mac.map(|m| m.to_string()).unwrap_or_default();
+    Ok(CniResult {
+        interfaces: vec![
+            Interface { name: conf.bridge.clone(), mac: mac(&bridge), sandbox: None },
+            Interface { name: host.to_string(), mac: mac(&host_link), sandbox: None },
+            Interface { name: env.ifname.clone(), mac: mac(&container), sandbox: Some(env.netns.clone()) },
+        ],
+        ips: vec![IpConfig { address, gateway, interface: 2 }],
+        routes: routes.iter().map(|(dst, gw)| Route { dst: *dst, gw: *gw }).collect(),
+        dns: conf.dns.clone(),
+    })
+}
+
+fn planned_routes(conf: &NetConf, network: Ipv4Net, gateway: Ipv4Addr) -> Vec<(Ipv4Net, Ipv4Addr)> {
+    let mut routes = vec![(network, gateway)];
+    if conf.is_default_gateway {
+        routes.push((Ipv4Net::default(), gateway));
+    }
+    routes
+}
+
+/// DEL: idempotent; releases the address whatever state the pod is in.
+pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    env.check_container_id()?;
+    // containerd sends an empty CNI_NETNS; a namespace that is gone took the veth with it.
+    if !env.netns.is_empty() && !env.ifname.is_empty() {
+        if let Ok(ns) = link::open_netns(&env.netns) {
+            link::delete_in_container(&ns, &env.ifname)?;
+        }
+    }
+    if !env.ifname.is_empty() {
+        link::delete_host_link(&link::host_veth_name(&env.container_id, &env.ifname))?;
+    }
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    store.release(&env.container_id, &env.ifname)?;
+    Ok(())
+}
+
+/// CHECK: the interface, its address, its routes and the allocation are all as ADD left them.
+pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    env.check_container_id()?;
+    env.check_ifname()?;
+    let prev =
+        conf.prev_result.as_ref().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+    let (address, gateway) = address_in(prev, &env.ifname)
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, format!("prevResult has no address for {}", env.ifname)))?;
+    let fail = |msg: String| Err(CniError::new(code::IO, msg));
+    let ns = link::open_netns(&env.netns)?;
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    match store.find(&env.container_id, &env.ifname)? {
+        Some(ip) if ip == address.addr() => {}
+        Some(ip) => return fail(format!("allocation is {ip}, prevResult says {}", address.addr())),
+        None => {
+            return Err(CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!("no address is allocated to {}/{}", env.container_id, env.ifname),
+            ))
+        }
+    }
+    let view = link::inspect_container(&ns, &env.ifname)?;
+    if view.link.is_none() {
+        return fail(format!("{} does not exist in {}", env.ifname, env.netns));
+    }
+    if !view.addresses.contains(&address) {
+        return fail(format!("{} has {:?}, expected {address}", env.ifname, view.addresses));
+    }
+    let subnet_env = read_subnet_env(conf)?;
+    let gateway = gateway.unwrap_or(subnet_env.subnet.addr());
+    for (dst, gw) in planned_routes(conf, subnet_env.network, gateway) {
+        if !view.routes.contains(&(dst, Some(gw))) {
+            return fail(format!("route {dst} via {gw} is missing on {}", env.ifname));
+        }
+    }
+    Ok(())
+}
+
+/// STATUS: ready when the daemon's subnet file is there and valid.
+pub fn status(conf: &NetConf) -> Result<(), CniError> {
+    read_subnet_env(conf).map(|_| ()).map_err(|e| CniError { code: code::NOT_AVAILABLE, ..e })
+}
+
+/// GC: releases every allocation not in `cni.dev/valid-attachments`.
+pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    let store = Store::open(&conf.data_dir, &conf.name)?;
+    for ip in store.release_all_except(&valid)? {
+        eprintln!("overlay-cni: GC released {ip}");
+    }
+    Ok(())
+}
+
+/// VERSION: the versions we speak.
+pub fn version() -> Value {
+    json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS})
+}

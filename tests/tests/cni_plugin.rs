@@ -1,0 +1,210 @@
+//! overlay-cni in network namespaces: ADD/CHECK/DEL, parallel ADDs, GC,
+//! STATUS, and bad input that must leave nothing behind.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use overlay_tests::cni::{call, result_ip};
+use overlay_tests::probe::ping;
+use overlay_tests::{random_suffix, require_root, Netns};
+use serde_json::{json, Value};
+
+struct Host {
+    ns: Netns,
+    dir: PathBuf,
+    id: String,
+}
+
+impl Host {
+    fn new(write_subnet_file: bool) -> Host {
+        let id = random_suffix();
+        let dir = std::env::temp_dir().join(format!("overlay-cni-test-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let host = Host { ns: Netns::new(&format!("ovc{id}h")).unwrap(), dir, id };
+        if write_subnet_file {
+            host.write_subnet_file();
+        }
+        host
+    }
+
+    fn write_subnet_file(&self) {
+        let env =
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+        std::fs::write(self.dir.join("subnet.env"), env).unwrap();
+    }
+
+    fn conf(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "name": "overlay", "type": "overlay-cni",
+               "subnetFile": self.dir.join("subnet.env"), "dataDir": self.dir.join("ipam")})
+    }
+
+    fn pod(&self, k: usize) -> Netns {
+        Netns::new(&format!("ovc{}p{k}", self.id)).unwrap()
+    }
+
+    fn allocations(&self) -> usize {
+        std::fs::read_dir(self.dir.join("ipam/overlay"))
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok()).count())
+            .unwrap_or(0)
+    }
+
+    fn host_links(&self) -> String {
+        self.ns.ip(&["-o", "link"]).unwrap()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn add_check_del_across_versions() {
+    if !require_root("add_check_del_across_versions") {
+        return;
+    }
+    let host = Host::new(true);
+    for (k, version) in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let pod = host.pod(k);
+        let conf = host.conf(version);
+        let id = format!("ctr{k}");
+        let add = call(&host.ns, "ADD", &id, &pod.path(), "eth0", &conf).unwrap();
+        assert!(add.ok, "{version}: {:?} {}", add.json, add.stderr);
+        assert_eq!(add.json["cniVersion"], *version);
+        assert_eq!(add.json["ips"][0].get("version").is_some(), version.starts_with("0."), "{}", add.json);
+        assert_eq!(add.json["ips"][0]["gateway"], "10.244.7.1");
+        assert_eq!(add.json["interfaces"][2]["sandbox"], pod.path());
+        let ip = result_ip(&add.json).unwrap();
+        assert!(ping(&pod, Ipv4Addr::new(10, 244, 7, 1)), "{version}: pod {ip} cannot reach its gateway");
+        let link = pod.ip(&["link", "show", "eth0"]).unwrap();
+        assert!(link.contains("mtu 1450"), "{link}");
+        let routes = pod.ip(&["route"]).unwrap();
+        assert!(
+            routes.contains("default via 10.244.7.1") && routes.contains("10.244.0.0/16 via 10.244.7.1"),
+            "{routes}"
+        );
+
+        // CHECK passes, then fails with a reason once a route is gone.
+        let mut checked = conf.clone();
+        checked["prevResult"] = add.json.clone();
+        let ok = call(&host.ns, "CHECK", &id, &pod.path(), "eth0", &checked).unwrap();
+        assert!(ok.ok, "{:?}", ok.json);
+        pod.ip(&["route", "del", "default"]).unwrap();
+        let bad = call(&host.ns, "CHECK", &id, &pod.path(), "eth0", &checked).unwrap();
+        assert!(
+            !bad.ok && bad.json["msg"].as_str().unwrap().contains("route 0.0.0.0/0 via 10.244.7.1 is missing"),
+            "{:?}",
+            bad.json
+        );
+
+        // DEL removes the interface and the allocation; a second DEL succeeds too.
+        let before = host.allocations();
+        let del = call(&host.ns, "DEL", &id, &pod.path(), "eth0", &checked).unwrap();
+        assert!(del.ok, "{:?}", del.json);
+        assert!(pod.ip(&["link", "show", "eth0"]).is_err());
+        assert_eq!(host.allocations(), before - 1);
+        assert!(call(&host.ns, "DEL", &id, &pod.path(), "eth0", &conf).unwrap().ok);
+        // containerd's DEL has an empty CNI_NETNS; an unknown container is fine too.
+        assert!(call(&host.ns, "DEL", &id, "", "eth0", &conf).unwrap().ok);
+        assert!(call(&host.ns, "DEL", "never-seen", "", "eth0", &conf).unwrap().ok);
+    }
+    let bridge = host.ns.ip(&["-4", "addr", "show", "cni0"]).unwrap();
+    assert!(bridge.contains("10.244.7.1/24"), "{bridge}");
+    assert!(!host.host_links().contains("veth"), "host veths left: {}", host.host_links());
+}
+
+#[test]
+fn two_hundred_parallel_adds_get_distinct_addresses() {
+    if !require_root("two_hundred_parallel_adds_get_distinct_addresses") {
+        return;
+    }
+    let host = Host::new(true);
+    let pods: Vec<Netns> = (0..200).map(|k| host.pod(k)).collect();
+    let conf = host.conf("1.0.0");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(k, pod)| {
+                let (host, conf) = (&host, &conf);
+                s.spawn(move || call(&host.ns, "ADD", &format!("c{k}"), &pod.path(), "eth0", conf).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips = std::collections::HashSet::new();
+    for r in &results {
+        assert!(r.ok, "{:?} {}", r.json, r.stderr);
+        assert!(ips.insert(result_ip(&r.json).unwrap()), "address handed out twice");
+    }
+    assert_eq!(ips.len(), 200);
+    assert!(
+        !ips.contains(&Ipv4Addr::new(10, 244, 7, 0))
+            && !ips.contains(&Ipv4Addr::new(10, 244, 7, 1))
+            && !ips.contains(&Ipv4Addr::new(10, 244, 7, 255))
+    );
+    for pod in &pods {
+        assert!(ping(pod, Ipv4Addr::new(10, 244, 7, 1)), "{} cannot reach its gateway", pod.name);
+    }
+    for (k, pod) in pods.iter().enumerate() {
+        assert!(call(&host.ns, "DEL", &format!("c{k}"), &pod.path(), "eth0", &conf).unwrap().ok);
+    }
+    assert_eq!(host.allocations(), 0, "allocations left after DEL of all");
+}
+
+#[test]
+fn gc_status_and_bad_input() {
+    if !require_root("gc_status_and_bad_input") {
+        return;
+    }
+    let host = Host::new(false);
+    let conf = host.conf("1.1.0");
+    // STATUS before the daemon wrote its subnet file: 50; ADD: 11, "try again later".
+    let status = call(&host.ns, "STATUS", "", "", "", &conf).unwrap();
+    assert_eq!((status.ok, status.code()), (false, Some(50)));
+    let pod = host.pod(0);
+    let early = call(&host.ns, "ADD", "c0", &pod.path(), "eth0", &conf).unwrap();
+    assert_eq!(early.code(), Some(11), "{:?}", early.json);
+    assert!(early.json["msg"].as_str().unwrap().contains("overlay daemon is not ready"));
+    assert_eq!(host.allocations(), 0);
+    host.write_subnet_file();
+    assert!(call(&host.ns, "STATUS", "", "", "", &conf).unwrap().ok);
+
+    // Bad netns path: error 4, nothing left behind.
+    let bad = call(&host.ns, "ADD", "c1", "/etc/hostname", "eth0", &conf).unwrap();
+    assert_eq!(bad.code(), Some(4), "{:?}", bad.json);
+    let missing = call(&host.ns, "ADD", "c1", "/run/netns/does-not-exist", "eth0", &conf).unwrap();
+    assert_eq!(missing.code(), Some(4));
+    assert_eq!(host.allocations(), 0);
+    assert!(!host.host_links().contains("veth"));
+    // Bad names and malformed JSON.
+    assert_eq!(call(&host.ns, "ADD", "c1", &pod.path(), "this-name-is-too-long", &conf).unwrap().code(), Some(4));
+    assert_eq!(call(&host.ns, "ADD", "c1", &pod.path(), "..", &conf).unwrap().code(), Some(4));
+    assert_eq!(call(&host.ns, "ADD", "", &pod.path(), "eth0", &conf).unwrap().code(), Some(4));
+    assert_eq!(call(&host.ns, "ADD", "c/1", &pod.path(), "eth0", &conf).unwrap().code(), Some(4));
+    let mut bad_conf = conf.clone();
+    bad_conf["mtu"] = json!("big");
+    let r = call(&host.ns, "ADD", "c1", &pod.path(), "eth0", &bad_conf).unwrap();
+    assert_eq!(r.code(), Some(7));
+    assert!(r.json["msg"].as_str().unwrap().contains("\"mtu\""));
+    let r = call(&host.ns, "ADD", "c1", &pod.path(), "eth0", &json!("not an object")).unwrap();
+    assert_eq!(r.code(), Some(6));
+    assert_eq!(host.allocations(), 0);
+    assert!(pod.ip(&["link", "show", "eth0"]).is_err());
+
+    // GC: three attachments, one still valid: the other two are released.
+    let pods: Vec<Netns> = (1..=3).map(|k| host.pod(k)).collect();
+    for (k, p) in pods.iter().enumerate() {
+        assert!(call(&host.ns, "ADD", &format!("g{k}"), &p.path(), "eth0", &conf).unwrap().ok);
+    }
+    assert_eq!(host.allocations(), 3);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
+    assert!(call(&host.ns, "GC", "", "", "", &gc).unwrap().ok);
+    assert_eq!(host.allocations(), 1);
+
+    // VERSION.
+    let v = call(&host.ns, "VERSION", "", "", "", &json!({})).unwrap();
+    assert!(v.json["supportedVersions"].as_array().unwrap().iter().any(|s| s == "1.1.0"));
+}

@@ -271,27 +271,23 @@ impl Node {
         Ok(self.subnet_env()?.subnet_network())
     }
 
-    /// Adds a pod: a namespace with a veth into `cni0` (created on first use,
-    /// gateway `.1`, the subnet file's MTU), the next free address and a
-    /// default route via the gateway.
+    /// The conflist entry the harness's pods are made with.
+    pub fn cni_conf(&self) -> serde_json::Value {
+        let dir = self.subnet_file.parent().unwrap_or(&self.subnet_file);
+        serde_json::json!({"cniVersion": "1.0.0", "name": "overlay", "type": "overlay-cni",
+                           "subnetFile": self.subnet_file, "dataDir": dir.join("ipam")})
+    }
+
+    /// Adds a pod through `overlay-cni` ADD, as a container runtime would.
     pub fn add_pod(&mut self) -> Result<Ipv4Addr> {
-        let env = self.subnet_env()?;
-        let mtu = env.mtu.to_string();
-        if self.ns.ip(&["link", "show", "cni0"]).is_err() {
-            self.ns.ip(&["link", "add", "cni0", "mtu", &mtu, "type", "bridge"])?;
-            self.ns.ip(&["addr", "add", &env.subnet.to_string(), "dev", "cni0"])?;
-            self.ns.ip(&["link", "set", "cni0", "up"])?;
-        }
         let k = self.pods.len() + 1;
         let ns = Netns::new(&format!("{}p{}{}", self.name_prefix, self.index, k))?;
-        let host_leg = format!("veth{k}");
-        self.ns
-            .ip(&["link", "add", &host_leg, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.ns.ip(&["link", "set", &host_leg, "master", "cni0", "up"])?;
-        let ip = Ipv4Addr::from(u32::from(env.subnet.network()) + 10 + k as u32);
-        ns.ip(&["addr", "add", &format!("{ip}/{}", env.subnet.prefix_len()), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &env.subnet.addr().to_string()])?;
+        let id = format!("pod-{}-{k}", self.index);
+        let reply = crate::cni::call(&self.ns, "ADD", &id, &ns.path(), "eth0", &self.cni_conf())?;
+        if !reply.ok {
+            bail!("overlay-cni ADD failed on node {}: {} {}", self.index, reply.json, reply.stderr);
+        }
+        let ip = crate::cni::result_ip(&reply.json).ok_or_else(|| anyhow!("no address in {}", reply.json))?;
         self.pods.push(Pod { ns, ip });
         Ok(ip)
     }

@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
-APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler iputils-ping procps
+APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler iputils-ping procps util-linux \
+                podman runc conmon busybox-static containernetworking-plugins
 
 .PHONY: all deps build release test unit e2e bench demo demo-down fmt clippy clean
 

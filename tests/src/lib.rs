@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod cni;
 pub mod etcd;
 pub mod netns;
+pub mod podman;
 pub mod probe;
 
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};

@@ -1,0 +1,125 @@
+//! podman (Debian's 4.3) as a real container runtime calling overlay-cni,
+//! offline: containers run from a local busybox rootfs, with a
+//! containers.conf and storage of the test's own (DESIGN.md §5).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cluster::Node;
+
+/// podman set up for one node: its own config, storage and conflist.
+pub struct Podman {
+    dir: PathBuf,
+    rootfs: PathBuf,
+    ns: String,
+}
+
+/// A busybox rootfs with the applets the tests use.
+pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for d in ["etc", "proc", "sys", "dev", "tmp", "www", "run"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("busybox-static is not installed (make deps)")?;
+    std::fs::copy(busybox, bin.join("busybox"))?;
+    for applet in ["sh", "httpd", "nc", "printf", "sleep", "cat", "echo", "ip", "hostname"] {
+        let link = bin.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
+    std::fs::write(rootfs.join("www/index.html"), "hello from overlay\n")?;
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    Ok(rootfs)
+}
+
+impl Podman {
+    /// Writes containers.conf, storage.conf and the conflist for `node` under `dir`.
+    pub fn for_node(node: &Node, dir: &Path, plugin_dir: &Path) -> Result<Self> {
+        let dir = dir.join(format!("podman-n{}", node.index));
+        std::fs::create_dir_all(dir.join("net.d"))?;
+        let rootfs = busybox_rootfs(&dir)?;
+        let mut entry = node.cni_conf();
+        entry.as_object_mut().map(|o| o.remove("cniVersion"));
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "overlay",
+            "plugins": [entry, {"type": "portmap", "capabilities": {"portMappings": true}}],
+        });
+        std::fs::write(dir.join("net.d/10-overlay.conflist"), serde_json::to_string_pretty(&conflist)?)?;
+        let containers_conf = format!(
+            r#"[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{plugins}", "/usr/lib/cni"]
+network_config_dir = "{netd}"
+default_network = "overlay"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{dir}/events.log"
+tmp_dir = "{dir}/tmp"
+static_dir = "{dir}/static"
+volume_path = "{dir}/volumes"
+
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+"#,
+            plugins = plugin_dir.display(),
+            netd = dir.join("net.d").display(),
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("containers.conf"), containers_conf)?;
+        std::fs::write(
+            dir.join("storage.conf"),
+            format!("[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/root\"\n", dir.display()),
+        )?;
+        Ok(Podman { dir, rootfs, ns: node.ns.name.clone() })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        // nsenter, not `ip netns exec`: the latter remounts /sys and hides the
+        // cgroup mount runc needs.
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .env("XDG_RUNTIME_DIR", self.dir.join("xdg"))
+            .env("TMPDIR", self.dir.join("tmp"));
+        c
+    }
+
+    /// Runs podman and returns stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        std::fs::create_dir_all(self.dir.join("tmp"))?;
+        std::fs::create_dir_all(self.dir.join("xdg"))?;
+        let out = self.command(args).output().context("running podman (make deps installs it)")?;
+        if !out.status.success() {
+            bail!("podman {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The busybox rootfs path, for `--rootfs`.
+    pub fn rootfs(&self) -> String {
+        self.rootfs.display().to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Containers go first, so their network is torn down through the plugin.
+        let _ = self.command(&["rm", "--all", "--force", "--time", "0"]).output();
+    }
+}

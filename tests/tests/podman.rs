@@ -1,0 +1,63 @@
+//! A real runtime: podman calls overlay-cni (then the reference portmap
+//! plugin) on a 2-node overlay; a container on node 1 fetches a page from an
+//! HTTP server container on node 2 by its pod IP.
+
+use std::time::Duration;
+
+use overlay_tests::podman::Podman;
+use overlay_tests::{require_root, wait_until, Cluster, ClusterOptions};
+
+#[test]
+fn podman_containers_talk_across_nodes_through_overlay_cni() {
+    if !require_root("podman_containers_talk_across_nodes_through_overlay_cni") {
+        return;
+    }
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    let plugin_dir = overlay_tests::workspace_bin("overlay-cni").parent().unwrap().to_path_buf();
+    let p1 = Podman::for_node(&c.nodes[0], &c.dir, &plugin_dir).unwrap();
+    let p2 = Podman::for_node(&c.nodes[1], &c.dir, &plugin_dir).unwrap();
+
+    let rootfs = p2.rootfs();
+    p2.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "overlay",
+        "--rootfs",
+        &rootfs,
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])
+    .unwrap();
+    let ip = p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
+    assert!(c.nodes[1].subnet().unwrap().contains(&ip.parse::<std::net::Ipv4Addr>().unwrap()), "web got {ip}");
+
+    let rootfs = p1.rootfs();
+    let url = format!("http://{ip}/index.html");
+    let mut page = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            // busybox-static's wget crashes in static glibc's resolver; nc speaks HTTP fine.
+            let fetch = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80");
+            page = p1
+                .run(&["run", "--rm", "--network", "overlay", "--rootfs", &rootfs, "/bin/sh", "-c", &fetch])
+                .unwrap_or_else(|e| e.to_string());
+            page.contains("hello from overlay")
+        }),
+        "container on node 1 could not fetch {url}: {page:?}"
+    );
+
+    // podman rm releases the address.
+    let ipam = c.nodes[1].subnet_file.parent().unwrap().join("ipam/overlay").join(&ip);
+    assert!(ipam.exists(), "no allocation file for {ip}");
+    p2.run(&["rm", "--force", "--time", "0", "web"]).unwrap();
+    assert!(!ipam.exists(), "podman rm did not release {ip}");
+}

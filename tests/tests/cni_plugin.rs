@@ -208,3 +208,27 @@ fn gc_status_and_bad_input() {
     let v = call(&host.ns, "VERSION", "", "", "", &json!({})).unwrap();
     assert!(v.json["supportedVersions"].as_array().unwrap().iter().any(|s| s == "1.1.0"));
 }
+
+#[test]
+fn shipped_conflist_parses_and_names_our_plugin_first() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/10-overlay.conflist")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["plugins"][0]["type"], "overlay-cni");
+    assert_eq!(v["plugins"][1]["type"], "portmap");
+    assert_eq!(v["plugins"][0]["subnetFile"], "/run/overlay/subnet.env");
+}
+
+#[test]
+fn a_failed_add_rolls_back_everything() {
+    if !require_root("a_failed_add_rolls_back_everything") {
+        return;
+    }
+    let host = Host::new(true);
+    let pod = host.pod(0);
+    // The pod already has an eth0: the veth cannot be created with that name.
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]).unwrap();
+    let r = call(&host.ns, "ADD", "c0", &pod.path(), "eth0", &host.conf("1.0.0")).unwrap();
+    assert!(!r.ok, "{:?}", r.json);
+    assert_eq!(host.allocations(), 0, "the address was not released");
+    assert!(!host.host_links().contains("veth"), "a host veth was left: {}", host.host_links());
+}

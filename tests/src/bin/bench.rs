@@ -202,6 +202,139 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
     })
 }
 
+/// Per pod: (ADD, DEL, ADD+DEL) wall times of one plugin, each list sorted.
+type Latencies = (Vec<Duration>, Vec<Duration>, Vec<Duration>);
+
+fn cni_latencies(
+    host: &Netns,
+    pods: &[Netns],
+    plugin: &std::path::Path,
+    cni_path: &str,
+    conf: &serde_json::Value,
+) -> Result<Latencies> {
+    let plugin = plugin.to_path_buf();
+    let cni_path = cni_path.to_string();
+    let conf = conf.to_string();
+    let paths: Vec<String> = pods.iter().map(|p| p.path()).collect();
+    let (mut add, mut del) = overlay_tests::probe::in_netns(host, move || {
+        let call = |command: &str, id: &str, netns: &str| -> Result<()> {
+            use std::io::Write;
+            let mut child = Command::new(&plugin)
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", id)
+                .env("CNI_NETNS", netns)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", &cni_path)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            child.stdin.take().context("stdin")?.write_all(conf.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("{} {command} failed: {}", plugin.display(), String::from_utf8_lossy(&out.stdout));
+            }
+            Ok(())
+        };
+        let (mut add, mut del) = (Vec::new(), Vec::new());
+        for (k, netns) in paths.iter().enumerate() {
+            let id = format!("bench{k}");
+            let start = Instant::now();
+            call("ADD", &id, netns)?;
+            add.push(start.elapsed());
+            let start = Instant::now();
+            call("DEL", &id, netns)?;
+            del.push(start.elapsed());
+        }
+        Ok((add, del))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("cni bench thread panicked"))??;
+    let mut both: Vec<Duration> = add.iter().zip(&del).map(|(a, d)| *a + *d).collect();
+    add.sort();
+    del.sort();
+    both.sort();
+    Ok((add, del, both))
+}
+
+/// How long spawning a do-nothing process takes here: the floor under every CNI call.
+fn spawn_floor() -> Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        Command::new("/bin/true").status()?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// overlay-cni against the bridge + host-local chain, 200 pods each.
+fn cni_bench(id: &str) -> Result<()> {
+    const PODS: usize = 200;
+    let host = Netns::new(&format!("ov{id}cni"))?;
+    let dir = std::env::temp_dir().join(format!("overlay-cni-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("subnet.env"),
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )?;
+    let pods: Vec<Netns> = (0..PODS).map(|k| Netns::new(&format!("ov{id}c{k}"))).collect::<Result<_>>()?;
+    let ours = serde_json::json!({"cniVersion": "1.0.0", "name": "overlay", "type": "overlay-cni",
+        "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("ipam")});
+    let chain = serde_json::json!({"cniVersion": "1.0.0", "name": "chain", "type": "bridge", "bridge": "cni1",
+        "isGateway": true, "isDefaultGateway": true, "hairpinMode": true, "mtu": 1450,
+        "ipam": {"type": "host-local", "subnet": "10.244.8.0/24", "dataDir": dir.join("host-local"),
+                 "routes": [{"dst": "10.244.0.0/16"}]}});
+    let plugin = overlay_tests::workspace_bin("overlay-cni");
+    let reference = std::path::Path::new("/usr/lib/cni/bridge");
+    if !reference.exists() {
+        bail!("/usr/lib/cni/bridge missing: make deps installs containernetworking-plugins");
+    }
+    // One warm-up round each, so neither pays for creating its bridge.
+    cni_latencies(&host, &pods[..1], &plugin, "/usr/lib/cni", &ours)?;
+    cni_latencies(&host, &pods[..1], reference, "/usr/lib/cni", &chain)?;
+    let a = cni_latencies(&host, &pods, &plugin, "/usr/lib/cni", &ours)?;
+    let b = cni_latencies(&host, &pods, reference, "/usr/lib/cni", &chain)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let spawn = spawn_floor()?;
+    let ms = |t: &[Duration], p: f64| format!("{:.2} ms", percentile(t, p).as_secs_f64() * 1e3);
+    println!();
+    println!(
+        "| CNI, {PODS} pods, one after another | ADD p50 | ADD p99 | DEL p50 | DEL p99 | ADD+DEL p50 | ADD+DEL p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, (add, del, both)) in [
+        ("overlay-cni (one process per verb)", &a),
+        ("bridge + host-local (Debian containernetworking-plugins 1.1.1)", &b),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            ms(add, 0.5),
+            ms(add, 0.99),
+            ms(del, 0.5),
+            ms(del, 0.99),
+            ms(both, 0.5),
+            ms(both, 0.99)
+        );
+    }
+    println!("| floor: spawning /bin/true once | {} | {} | | | | |", ms(&spawn, 0.5), ms(&spawn, 0.99));
+    let ratio =
+        |x: &[Duration], y: &[Duration], p: f64| percentile(x, p).as_secs_f64() / percentile(y, p).as_secs_f64();
+    println!(
+        "overlay-cni / chain: ADD p50 {:.2}, DEL p50 {:.2}, ADD+DEL p50 {:.2}, p99 {:.2}",
+        ratio(&a.0, &b.0, 0.5),
+        ratio(&a.1, &b.1, 0.5),
+        ratio(&a.2, &b.2, 0.5),
+        ratio(&a.2, &b.2, 0.99)
+    );
+    Ok(())
+}
+
 fn ms(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "timeout".into())
 }
@@ -252,6 +385,7 @@ fn main() -> Result<()> {
     }
     println!();
     println!("cold start: from spawning overlayd until the kernel holds all N routes (routes are programmed last); floor: the same N×3 entries by one `bridge -batch` and one `ip -batch` process.");
+    cni_bench(&c.id)?;
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
     Ok(())
 }

@@ -18,6 +18,7 @@ use netlink_packet_route::{
 };
 use overlayd::dataplane::links::{self, address_message, Link};
 use overlayd::dataplane::Netlink;
+use proto::MacAddr;
 
 use crate::error::{code, CniError};
 
@@ -89,6 +90,11 @@ pub fn ensure_bridge(name: &str, gateway: Ipv4Net, mtu: u32) -> Result<Link, Cni
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         msg.attributes.push(LinkAttribute::Mtu(mtu));
+        // A set MAC: otherwise the bridge takes its lowest port's MAC, which
+        // changes as pods come and go and leaves every pod's ARP entry for
+        // the gateway pointing at a MAC that no longer exists.
+        let mac = MacAddr::from_seed(format!("overlay-bridge|{name}|{gateway}").as_bytes());
+        msg.attributes.push(LinkAttribute::Address(mac.octets().to_vec()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         match nl.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL) {
             Ok(()) => {}

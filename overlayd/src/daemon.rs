@@ -23,8 +23,26 @@ use crate::masq;
 use crate::plan::{self, KernelState, Local, Peer};
 use crate::subnet_file;
 
-/// How long to wait between attempts while etcd is unreachable or the config absent.
-const WAIT_STEP: Duration = Duration::from_secs(2);
+/// Retry pacing while etcd is unreachable or the config absent: the first
+/// retry is quick because, with several endpoints, the client may simply have
+/// picked a dead one; then it backs off to a few seconds.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Backoff(Self::FIRST)
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+}
+/// Retry delay after a failed lease renewal (the regular period is hours).
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// Retry delay after a failed reconcile, shorter than a resync period.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -98,6 +116,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 async fn wait_for_config(store: &mut EtcdLeases, args: &RunArgs) -> Result<NetConfig> {
     let path = format!("{}/config", args.etcd_prefix.trim_end_matches('/'));
+    let mut backoff = Backoff::new();
     loop {
         match store.config_text().await {
             Ok(Some(text)) => {
@@ -110,7 +129,7 @@ async fn wait_for_config(store: &mut EtcdLeases, args: &RunArgs) -> Result<NetCo
                 warn!(endpoints = %args.etcd_endpoints.join(","), error = %e, "etcd unreachable; retrying")
             }
         }
-        tokio::time::sleep(WAIT_STEP).await;
+        backoff.wait().await;
     }
 }
 
@@ -120,13 +139,14 @@ async fn acquire(
     attrs: &LeaseAttrs,
     previous: Option<Ipv4Net>,
 ) -> Result<OwnLease> {
+    let mut backoff = Backoff::new();
     loop {
         match store.acquire(config, attrs, previous).await {
             Ok(own) => return Ok(own),
             Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_))) => bail!(e),
             Err(e) => warn!(error = %e, "cannot lease a subnet yet; retrying"),
         }
-        tokio::time::sleep(WAIT_STEP).await;
+        backoff.wait().await;
     }
 }
 
@@ -182,7 +202,9 @@ impl Daemon {
                 }
                 _ = retry => retry_soon = !self.reconcile(Read::Kernel),
                 _ = renew.tick() => {
-                    self.renew().await?;
+                    if !self.renew().await? {
+                        renew.reset_after(RENEW_RETRY);
+                    }
                     retry_soon = !self.reconcile(Read::Assume);
                 }
                 _ = sigterm.recv() => break,
@@ -195,6 +217,7 @@ impl Daemon {
 
     /// Lists the leases and fills the peer map; returns the revision to watch from.
     async fn list_peers(&mut self) -> Result<i64> {
+        let mut backoff = Backoff::new();
         loop {
             match self.store.list().await {
                 Ok(listing) => {
@@ -211,7 +234,7 @@ impl Daemon {
                 }
                 Err(e) => warn!(error = %e, "cannot list leases; retrying"),
             }
-            tokio::time::sleep(WAIT_STEP).await;
+            backoff.wait().await;
         }
     }
 
@@ -358,24 +381,25 @@ impl Daemon {
         }
     }
 
-    async fn renew(&mut self) -> Result<()> {
+    /// Renews our etcd lease; false when it could not be renewed and should be retried soon.
+    async fn renew(&mut self) -> Result<bool> {
         match self.store.renew(self.own.etcd_lease).await {
             Ok(ttl) if ttl > 0 => {
                 self.metrics.renewed_now();
                 match self.store.still_ours(&self.own).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => self.reacquire("our lease key is gone or names another node").await,
+                    Ok(true) => Ok(true),
+                    Ok(false) => self.reacquire("our lease key is gone or names another node").await.map(|_| true),
                     Err(e) => {
                         warn!(error = %e, "cannot check our lease key");
-                        Ok(())
+                        Ok(true)
                     }
                 }
             }
-            Ok(_) => self.reacquire("our etcd lease expired").await,
+            Ok(_) => self.reacquire("our etcd lease expired").await.map(|_| true),
             Err(e) => {
                 self.metrics.renewal_errors.fetch_add(1, Relaxed);
-                warn!(error = %e, "lease renewal failed; will retry");
-                Ok(())
+                warn!(error = %e, retry_in_s = RENEW_RETRY.as_secs(), "lease renewal failed");
+                Ok(false)
             }
         }
     }

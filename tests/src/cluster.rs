@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     pub resync: String,
     /// A fixed id (names are `ov<id>...`) instead of a random one.
     pub id: Option<String>,
+    /// etcd members (on 192.168.50.2, .3, ...); nodes get all their endpoints.
+    pub etcd_members: usize,
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +45,7 @@ impl Default for ClusterOptions {
             config: Some(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#.into()),
             resync: "1s".into(),
             id: None,
+            etcd_members: 1,
         }
     }
 }
@@ -83,8 +86,10 @@ pub struct Node {
 pub struct Cluster {
     /// Nodes, in order of creation.
     pub nodes: Vec<Node>,
-    /// The etcd server.
+    /// The etcd server (the first member, when there are several).
     pub etcd: Etcd,
+    /// The other etcd members.
+    pub etcd_others: Vec<Etcd>,
     /// The outside host.
     pub outside: Netns,
     /// The underlay namespace (bridge and etcd).
@@ -105,6 +110,10 @@ impl Cluster {
         let underlay = Netns::new(&format!("ov{id}u"))?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        let etcd_ips: Vec<String> = (0..options.etcd_members.max(1)).map(|i| format!("192.168.50.{}", 2 + i)).collect();
+        for extra in &etcd_ips[1..] {
+            underlay.ip(&["addr", "add", &format!("{extra}/24"), "dev", "br0"])?;
+        }
         underlay.ip(&["link", "set", "br0", "up"])?;
         let outside = Netns::new(&format!("ov{id}x"))?;
         underlay.ip(&["link", "add", "x", "type", "veth", "peer", "name", "eth0", "netns", &outside.name])?;
@@ -112,11 +121,13 @@ impl Cluster {
         outside.ip(&["addr", "add", &format!("{OUTSIDE_UNDERLAY_IP}/24"), "dev", "eth0"])?;
         outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"])?;
         outside.ip(&["link", "set", "eth0", "up"])?;
-        let etcd = Etcd::start(&underlay, ETCD_IP, dir.join("etcd"))?;
+        let ips: Vec<&str> = etcd_ips.iter().map(String::as_str).collect();
+        let mut members = Etcd::start_cluster(&underlay, &ips, dir.join("etcd"))?;
+        let etcd = members.remove(0);
         if let Some(config) = &options.config {
             etcd.put(&format!("{PREFIX}/config"), config)?;
         }
-        Ok(Cluster { nodes: Vec::new(), etcd, outside, underlay, dir, id, options })
+        Ok(Cluster { nodes: Vec::new(), etcd, etcd_others: members, outside, underlay, dir, id, options })
     }
 
     /// Adds node N+1 to the underlay (no daemon yet) and returns its index in `nodes`.
@@ -139,7 +150,11 @@ impl Cluster {
             subnet_file: self.dir.join(format!("n{index}/subnet.env")),
             log: self.dir.join(format!("n{index}.log")),
             flags: flags.iter().map(|s| s.to_string()).collect(),
-            etcd_endpoint: self.etcd.endpoint(),
+            etcd_endpoint: std::iter::once(&self.etcd)
+                .chain(&self.etcd_others)
+                .map(Etcd::endpoint)
+                .collect::<Vec<_>>()
+                .join(","),
             resync: self.options.resync.clone(),
             name_prefix: format!("ov{}", self.id),
         });
@@ -168,6 +183,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
         self.etcd.stop();
+        self.etcd_others.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

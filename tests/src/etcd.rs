@@ -1,4 +1,5 @@
-//! A real etcd (Debian's etcd-server), run inside a test namespace.
+//! A real etcd (Debian's etcd-server) inside a test namespace: one member, or
+//! a cluster of several on different addresses of the underlay bridge.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -7,44 +8,73 @@ use anyhow::{bail, Context, Result};
 
 use crate::netns::Netns;
 
-/// An etcd process listening on `<addr>:2379` inside a namespace.
+/// One etcd member listening on `<addr>:2379` inside a namespace.
 pub struct Etcd {
     ns_name: String,
+    name: String,
     addr: String,
+    initial_cluster: String,
     data_dir: std::path::PathBuf,
     child: Option<Child>,
 }
 
 impl Etcd {
-    /// Starts etcd in `ns` on `addr`, with its data in `data_dir`.
+    /// Starts a single-member etcd in `ns` on `addr`, with its data in `data_dir`.
     pub fn start(ns: &Netns, addr: &str, data_dir: std::path::PathBuf) -> Result<Self> {
-        let mut etcd = Etcd { ns_name: ns.name.clone(), addr: addr.to_string(), data_dir, child: None };
-        etcd.spawn()?;
-        Ok(etcd)
+        let mut members = Self::start_cluster(ns, &[addr], data_dir)?;
+        Ok(members.remove(0))
+    }
+
+    /// Starts one member per address (peers on `<addr>:2380`) and waits until all are healthy.
+    pub fn start_cluster(ns: &Netns, addrs: &[&str], data_dir: std::path::PathBuf) -> Result<Vec<Self>> {
+        let initial_cluster =
+            addrs.iter().enumerate().map(|(i, a)| format!("m{i}=http://{a}:2380")).collect::<Vec<_>>().join(",");
+        let mut members: Vec<Etcd> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| Etcd {
+                ns_name: ns.name.clone(),
+                name: format!("m{i}"),
+                addr: addr.to_string(),
+                initial_cluster: initial_cluster.clone(),
+                data_dir: data_dir.join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        // All members first: a member of a larger cluster is healthy only with a quorum.
+        for m in &mut members {
+            m.spawn()?;
+        }
+        for m in &members {
+            m.wait_healthy()?;
+        }
+        Ok(members)
     }
 
     fn spawn(&mut self) -> Result<()> {
         let url = self.endpoint();
-        let log = std::fs::File::create(self.data_dir.with_extension("log"))?;
+        let peer = format!("http://{}:2380", self.addr);
+        std::fs::create_dir_all(self.data_dir.parent().unwrap_or(&self.data_dir))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log"))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns_name, "etcd"])
-            .args(["--name", "test", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args([
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-            ])
-            .args(["--initial-cluster", "test=http://127.0.0.1:2380"])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster, "--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting etcd (is etcd-server installed? run `make deps`)")?;
         self.child = Some(child);
-        if !crate::wait_until(Duration::from_secs(20), || self.ctl(&["endpoint", "health"]).is_ok()) {
-            bail!("etcd did not become healthy at {url}");
+        Ok(())
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
+        if !crate::wait_until(Duration::from_secs(30), || self.ctl(&["endpoint", "health"]).is_ok()) {
+            bail!("etcd member {} did not become healthy at {}", self.name, self.endpoint());
         }
         Ok(())
     }
@@ -54,7 +84,7 @@ impl Etcd {
         format!("http://{}:2379", self.addr)
     }
 
-    /// Runs etcdctl against this etcd.
+    /// Runs etcdctl against this member.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let endpoint = format!("--endpoints={}", self.endpoint());
         let mut full =
@@ -78,7 +108,7 @@ impl Etcd {
             .collect())
     }
 
-    /// Stops etcd (SIGTERM) and waits for it.
+    /// Stops the member (SIGTERM) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.
@@ -90,7 +120,8 @@ impl Etcd {
     /// Starts it again on the same data.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
-        self.spawn()
+        self.spawn()?;
+        self.wait_healthy()
     }
 }
 

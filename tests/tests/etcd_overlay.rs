@@ -24,11 +24,12 @@ fn wait_converged(c: &Cluster) {
             if i != j {
                 assert!(
                     wait_until(Duration::from_secs(5), || node.has_peer(*subnet, mac)),
-                    "node {} lacks entries for {subnet} ({mac}):\n{}\n{}\n{}",
+                    "node {} lacks entries for {subnet} ({mac}):\n{}\n{}\n{}\nlog:\n{}",
                     node.index,
                     node.neighbours(),
                     node.fdb(),
-                    node.routes()
+                    node.routes(),
+                    node.log_text()
                 );
             }
         }
@@ -434,4 +435,28 @@ fn direct_routing_skips_encapsulation_on_the_same_segment() {
     assert!(ping_until(&n1.pods[0].ns, n2.pods[0].ip, Duration::from_secs(3)));
     assert_eq!(tcp_source_seen(&n2.pods[0].ns, n2.pods[0].ip, &n1.pods[0].ns).unwrap(), n1.pods[0].ip);
     assert_eq!(n1.vxlan_tx_bytes().unwrap(), tx_before, "directly routed traffic went through the VXLAN device");
+}
+
+#[test]
+fn losing_one_of_three_etcd_members_goes_unnoticed() {
+    if !require_root("losing_one_of_three_etcd_members_goes_unnoticed") {
+        return;
+    }
+    let mut c = Cluster::new(ClusterOptions { etcd_members: 3, ..Default::default() }).unwrap();
+    for _ in 0..2 {
+        c.add_ready_node(&[], 1).unwrap();
+    }
+    wait_converged(&c);
+    let target = c.nodes[1].pods[0].ip;
+    let run = PingRun::start(&c.nodes[0].pods[0].ns, target, 100, "0.05").unwrap();
+    // The first endpoint every node lists goes away for good.
+    c.etcd.stop();
+    let i = c.add_ready_node(&[], 1).unwrap();
+    let (sent, received) = run.finish().unwrap();
+    assert_eq!(sent, received, "pod traffic disturbed by losing an etcd member");
+    wait_converged(&c);
+    for n in 0..2 {
+        assert!(ping_until(&c.nodes[n].pods[0].ns, c.nodes[i].pods[0].ip, Duration::from_secs(3)));
+    }
+    assert_eq!(c.etcd_others[0].keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 3);
 }

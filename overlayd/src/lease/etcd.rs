@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -49,6 +51,9 @@ pub enum EtcdError {
         /// SubnetMax.
         max: Ipv4Addr,
     },
+    /// No endpoint was given.
+    #[error("no etcd endpoint given (--etcd-endpoints)")]
+    NoEndpoints,
     /// Claiming kept losing races.
     #[error("could not claim a subnet after {0} attempts: other nodes kept taking the one chosen")]
     Contended(u32),
@@ -102,7 +107,11 @@ impl Listing {
 /// A connection to etcd under one prefix.
 #[derive(Clone)]
 pub struct EtcdLeases {
-    client: Client,
+    /// One client per endpoint: a failed call moves to the next endpoint.
+    /// (The library's own balancing waits, up to the request timeout, for a
+    /// dead endpoint to come back instead of trying another.)
+    clients: Arc<Vec<Client>>,
+    current: Arc<AtomicUsize>,
     prefix: String,
     ttl: i64,
 }
@@ -125,10 +134,43 @@ impl EtcdLeases {
             options = options.with_tls(t);
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(etcd(format!("connect to {}", endpoints.join(","))))?;
-        Ok(EtcdLeases { client, prefix: prefix.trim_end_matches('/').to_string(), ttl })
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+                .await
+                .map_err(etcd(format!("connect to {endpoint}")))?;
+            clients.push(client);
+        }
+        if clients.is_empty() {
+            return Err(EtcdError::NoEndpoints);
+        }
+        Ok(EtcdLeases {
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            ttl,
+        })
+    }
+
+    /// The client of the endpoint in use.
+    fn client(&self) -> Client {
+        self.clients[self.current.load(Relaxed) % self.clients.len()].clone()
+    }
+
+    /// Maps a failed call to our error, moving to the next endpoint first.
+    fn fail(&self, what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> EtcdError + '_ {
+        let what = what.into();
+        move |source| {
+            self.next_endpoint();
+            EtcdError::Etcd { what, source }
+        }
+    }
+
+    /// Moves to the next endpoint, after a failure on this one.
+    fn next_endpoint(&self) {
+        if self.clients.len() > 1 {
+            self.current.fetch_add(1, Relaxed);
+        }
     }
 
     fn subnets_prefix(&self) -> String {
@@ -142,7 +184,7 @@ impl EtcdLeases {
     /// The net-conf text at `<prefix>/config`, if it exists.
     pub async fn config_text(&mut self) -> Result<Option<String>, EtcdError> {
         let path = format!("{}/config", self.prefix);
-        let resp = self.client.get(path.as_str(), None).await.map_err(etcd(format!("get {path}")))?;
+        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
         Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
@@ -150,10 +192,10 @@ impl EtcdLeases {
     pub async fn list(&mut self) -> Result<Listing, EtcdError> {
         let prefix = self.subnets_prefix();
         let resp = self
-            .client
+            .client()
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(etcd(format!("list {prefix}")))?;
+            .map_err(self.fail(format!("list {prefix}")))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut leases = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
@@ -220,13 +262,13 @@ impl EtcdLeases {
 
     /// Creates `key` if nobody holds it; returns the etcd lease on success.
     async fn claim(&mut self, key: &LeaseKey, value: &str) -> Result<Option<i64>, EtcdError> {
-        let lease = self.client.lease_grant(self.ttl, None).await.map_err(etcd("grant lease"))?.id();
+        let lease = self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id();
         let path = self.key_path(key);
         let claimed = self.put_if(Compare::version(path.as_str(), CompareOp::Equal, 0), &path, value, lease).await?;
         if claimed {
             Ok(Some(lease))
         } else {
-            let _ = self.client.lease_revoke(lease).await;
+            let _ = self.client().lease_revoke(lease).await;
             Ok(None)
         }
     }
@@ -243,7 +285,7 @@ impl EtcdLeases {
         let lease = if lease_alive {
             old.etcd_lease
         } else {
-            self.client.lease_grant(self.ttl, None).await.map_err(etcd("grant lease"))?.id()
+            self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id()
         };
         let path = self.key_path(&old.key);
         let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, old.mod_revision);
@@ -255,21 +297,21 @@ impl EtcdLeases {
     async fn put_if(&mut self, guard: Compare, path: &str, value: &str, lease: i64) -> Result<bool, EtcdError> {
         let txn =
             Txn::new().when([guard]).and_then([TxnOp::put(path, value, Some(PutOptions::new().with_lease(lease)))]);
-        let resp = self.client.txn(txn).await.map_err(etcd(format!("transaction on {path}")))?;
+        let resp = self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
         Ok(resp.succeeded())
     }
 
     /// Seconds left on an etcd lease (0 or less: gone).
     async fn ttl_left(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let resp = self.client.lease_time_to_live(lease, None).await.map_err(etcd("lease time-to-live"))?;
+        let resp = self.client().lease_time_to_live(lease, None).await.map_err(self.fail("lease time-to-live"))?;
         Ok(resp.ttl())
     }
 
     /// Renews our etcd lease; returns the TTL the server granted (0: the lease is gone).
     pub async fn renew(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await.map_err(etcd("keep-alive"))?;
-        keeper.keep_alive().await.map_err(etcd("keep-alive"))?;
-        match stream.message().await.map_err(etcd("keep-alive"))? {
+        let (mut keeper, mut stream) = self.client().lease_keep_alive(lease).await.map_err(self.fail("keep-alive"))?;
+        keeper.keep_alive().await.map_err(self.fail("keep-alive"))?;
+        match stream.message().await.map_err(self.fail("keep-alive"))? {
             Some(resp) => Ok(resp.ttl()),
             None => Ok(0),
         }
@@ -283,7 +325,7 @@ impl EtcdLeases {
     /// Whether our key still exists and still names us.
     pub async fn still_ours(&mut self, own: &OwnLease) -> Result<bool, EtcdError> {
         let path = self.key_path(&own.key);
-        let resp = self.client.get(path.as_str(), None).await.map_err(etcd(format!("get {path}")))?;
+        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
         Ok(resp
             .kvs()
             .first()
@@ -295,14 +337,14 @@ impl EtcdLeases {
     /// an outage from the last revision seen, so no event is lost.
     pub async fn watch(mut self, mut revision: i64, tx: mpsc::UnboundedSender<Vec<PeerEvent>>) {
         let prefix = self.subnets_prefix();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Duration::from_millis(50);
         loop {
             let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
-            match self.client.watch(prefix.as_str(), Some(options)).await {
+            match self.client().watch(prefix.as_str(), Some(options)).await {
                 Ok(mut stream) => loop {
                     match stream.message().await {
                         Ok(Some(resp)) => {
-                            backoff = Duration::from_millis(200);
+                            backoff = Duration::from_millis(50);
                             if resp.compact_revision() > 0 || resp.canceled() {
                                 warn!(
                                     compact_revision = resp.compact_revision(),
@@ -351,15 +393,20 @@ impl EtcdLeases {
                         }
                         Ok(None) => {
                             warn!("etcd closed the watch; resuming");
+                            self.next_endpoint();
                             break;
                         }
                         Err(e) => {
                             warn!(error = %e, revision, "etcd watch broke; resuming from the last revision seen");
+                            self.next_endpoint();
                             break;
                         }
                     }
                 },
-                Err(e) => warn!(error = %e, "cannot watch etcd; retrying"),
+                Err(e) => {
+                    warn!(error = %e, "cannot watch etcd; retrying");
+                    self.next_endpoint();
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));

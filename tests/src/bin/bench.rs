@@ -352,7 +352,7 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), id: None })?;
+    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), ..Default::default() })?;
     let mut rows = Vec::new();
     for n in sizes {
         eprintln!("bench: N={n} ...");

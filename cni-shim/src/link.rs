@@ -56,9 +56,15 @@ pub fn open_netns(path: &str) -> Result<File, CniError> {
         return Err(bad(std::io::Error::last_os_error().to_string()));
     }
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
-    if st.f_type as i64 != NSFS_MAGIC && st.f_type as i64 != PROC_SUPER_MAGIC {
+    if st.f_type as i64 != NSFS_MAGIC {
         return Err(bad(format!("filesystem type {:#x} is not nsfs", st.f_type)));
+    }
+    // NS_GET_NSTYPE: a mount or PID namespace is nsfs too.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on an fd we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(bad("a namespace, but not a network namespace".into()));
     }
     Ok(file)
 }
@@ -321,5 +327,8 @@ mod tests {
         let e = open_netns("/etc/hostname").unwrap_err();
         assert_eq!(e.code, code::INVALID_ENV);
         assert!(open_netns("/nonexistent/netns").is_err());
+        assert!(open_netns("/proc/self/status").is_err());
+        assert!(open_netns("/proc/self/ns/mnt").is_err(), "a mount namespace is not a network namespace");
+        assert!(open_netns("/proc/self/ns/net").is_ok(), "runtimes may pass /proc/<pid>/ns/net");
     }
 }

@@ -95,10 +95,14 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let subnet_env = read_subnet_env(conf)?;
     let mtu = conf.mtu.unwrap_or(subnet_env.mtu);
     let gateway_net = subnet_env.subnet;
-    let store = Store::open(&conf.data_dir, &conf.name)?;
-    let ip = match store.find(&env.container_id, &env.ifname)? {
-        Some(ip) if gateway_net.contains(&ip) => ip,
-        _ => store.allocate(gateway_net, &env.container_id, &env.ifname)?,
+    // The lock covers choosing the address only, so parallel ADDs do their
+    // kernel work in parallel.
+    let ip = {
+        let store = Store::open(&conf.data_dir, &conf.name)?;
+        match store.find(&env.container_id, &env.ifname)? {
+            Some(ip) if gateway_net.contains(&ip) => ip,
+            _ => store.allocate(gateway_net, &env.container_id, &env.ifname)?,
+        }
     };
     let host = link::host_veth_name(&env.container_id, &env.ifname);
     let wired = wire(conf, env, &ns, &host, ip, gateway_net, subnet_env.network, mtu);
@@ -108,7 +112,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             // Roll back: the host end takes the pair with it; then the address.
             let _ = link::delete_host_link(&host);
             let _ = link::delete_in_container(&ns, &env.ifname);
-            let _ = store.release(&env.container_id, &env.ifname);
+            let _ = Store::open(&conf.data_dir, &conf.name).and_then(|s| s.release(&env.container_id, &env.ifname));
             Err(e)
         }
     }

@@ -290,6 +290,10 @@ impl EtcdLeases {
         let path = self.key_path(&old.key);
         let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, old.mod_revision);
         let updated = self.put_if(unchanged, &path, value, lease).await?;
+        if !updated && !lease_alive {
+            // The lease we just granted holds nothing: do not leave it for a day.
+            let _ = self.client().lease_revoke(lease).await;
+        }
         Ok(updated.then(|| OwnLease { key: old.key, attrs: attrs.clone(), etcd_lease: lease }))
     }
 

@@ -65,6 +65,7 @@ struct Daemon {
     config: NetConfig,
     underlay: Underlay,
     own: OwnLease,
+    vtep_mac: MacAddr,
     peers: BTreeMap<LeaseKey, Peer>,
     metrics: Arc<Metrics>,
     /// What the kernel holds after the last fully successful apply: lets a
@@ -110,7 +111,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(previous = ?previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
 
-    let mut daemon = Daemon { args, nl, store, config, underlay, own, peers: BTreeMap::new(), metrics, assumed: None };
+    let mut daemon = Daemon {
+        args,
+        nl,
+        store,
+        config,
+        underlay,
+        own,
+        vtep_mac: mac,
+        peers: BTreeMap::new(),
+        metrics,
+        assumed: None,
+    };
     daemon.main_loop().await
 }
 
@@ -244,35 +256,41 @@ impl Daemon {
         for event in events {
             self.metrics.watch_events.fetch_add(1, Relaxed);
             match event {
-                PeerEvent::Upsert(key, attrs) if key == self.own.key => {
-                    lost |= attrs.public_ip != self.own.attrs.public_ip;
-                }
+                PeerEvent::Upsert(key, attrs) => lost |= self.upsert(key, &attrs),
                 PeerEvent::Remove(key) if key == self.own.key => lost = true,
-                PeerEvent::Upsert(key, attrs) => match attrs.vxlan_data() {
-                    Ok(data) => {
-                        self.peers
-                            .insert(key, Peer { subnet: key.v4, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac });
-                    }
-                    Err(e) => {
-                        warn!(lease = %key, error = %e, "skipping peer lease");
-                        self.peers.remove(&key);
-                    }
-                },
                 PeerEvent::Remove(key) => {
                     self.peers.remove(&key);
                 }
                 PeerEvent::Snapshot(all) => {
-                    lost |= !all.iter().any(|(k, a)| *k == self.own.key && a.public_ip == self.own.attrs.public_ip);
                     self.peers.clear();
-                    let own = self.own.key;
-                    self.apply_events(
-                        all.into_iter().filter(|(k, _)| *k != own).map(|(k, a)| PeerEvent::Upsert(k, a)).collect(),
-                    );
+                    lost |= !all.iter().any(|(k, a)| *k == self.own.key && a.public_ip == self.own.attrs.public_ip);
+                    for (key, attrs) in &all {
+                        if *key != self.own.key {
+                            self.upsert(*key, attrs);
+                        }
+                    }
                 }
             }
         }
         self.metrics.leases.store(self.peers.len() as u64 + 1, Relaxed);
         lost
+    }
+
+    /// Records a written lease; true when it is our key, now naming another node.
+    fn upsert(&mut self, key: LeaseKey, attrs: &LeaseAttrs) -> bool {
+        if key == self.own.key {
+            return attrs.public_ip != self.own.attrs.public_ip;
+        }
+        match attrs.vxlan_data() {
+            Ok(data) => {
+                self.peers.insert(key, Peer { subnet: key.v4, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac });
+            }
+            Err(e) => {
+                warn!(lease = %key, error = %e, "skipping peer lease");
+                self.peers.remove(&key);
+            }
+        }
+        false
     }
 
     fn local(&self) -> Local {
@@ -284,7 +302,6 @@ impl Daemon {
     }
 
     fn device_spec(&self) -> DeviceSpec {
-        let mac = self.own.attrs.vxlan_data().map(|d| d.vtep_mac).unwrap_or_default();
         DeviceSpec {
             name: self.args.device.clone(),
             vni: self.config.backend.vni,
@@ -293,7 +310,7 @@ impl Daemon {
             local: self.underlay.addr.addr(),
             underlay_index: self.underlay.index,
             mtu: self.config.vxlan_mtu(self.underlay.mtu),
-            mac,
+            mac: self.vtep_mac,
             address: Ipv4Net::new(self.own.key.v4.network(), 32).unwrap_or(self.own.key.v4),
         }
     }
@@ -304,6 +321,7 @@ impl Daemon {
         let spec = self.device_spec();
         let assumed = if read == Read::Assume { self.assumed.take() } else { None };
         self.assumed = None;
+        let full_path = assumed.is_none();
         let result = (|| -> Result<(usize, usize, u32, KernelState)> {
             let desired = plan::plan(&self.local(), self.peers.values());
             let (index, actual) = match assumed {
@@ -353,7 +371,12 @@ impl Daemon {
                 return false;
             }
         };
-        self.write_subnet_file(spec.mtu) && ok
+        // The subnet file changes only with the lease or the MTU, both of
+        // which force the full path; an event batch need not re-read it.
+        if full_path {
+            return self.write_subnet_file(spec.mtu) && ok;
+        }
+        ok
     }
 
     fn write_subnet_file(&self, mtu: u32) -> bool {

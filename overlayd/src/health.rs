@@ -56,59 +56,47 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let get = |c: &AtomicU64| c.load(Relaxed) as f64;
+        let rows: [(&str, &str, &str, f64); 10] = [
+            ("overlay_peers", "gauge", "Peer nodes programmed into the dataplane.", get(&self.peers)),
+            ("overlay_leases", "gauge", "Leases in the lease store, ours included.", get(&self.leases)),
+            ("overlay_netlink_ops_total", "counter", "Netlink operations sent.", get(&self.netlink_ops)),
+            (
+                "overlay_netlink_errors_total",
+                "counter",
+                "Netlink operations refused by the kernel.",
+                get(&self.netlink_errors),
+            ),
+            ("overlay_resyncs_total", "counter", "Reconciles of the dataplane.", get(&self.resyncs)),
+            (
+                "overlay_resync_duration_seconds",
+                "gauge",
+                "Duration of the last reconcile.",
+                get(&self.last_resync_micros) / 1e6,
+            ),
+            (
+                "overlay_lease_last_renewal_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful lease renewal.",
+                get(&self.last_renewal_unix),
+            ),
+            ("overlay_lease_renewal_errors_total", "counter", "Failed lease renewals.", get(&self.renewal_errors)),
+            (
+                "overlay_watch_events_total",
+                "counter",
+                "Peer events received from the lease store.",
+                get(&self.watch_events),
+            ),
+            (
+                "overlay_ready",
+                "gauge",
+                "1 when lease, dataplane and subnet file are in place.",
+                if self.ready() { 1.0 } else { 0.0 },
+            ),
+        ];
+        for (name, kind, help, value) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        metric("overlay_peers", "gauge", "Peer nodes programmed into the dataplane.", self.peers.load(Relaxed) as f64);
-        metric(
-            "overlay_leases",
-            "gauge",
-            "Leases in the lease store, ours included.",
-            self.leases.load(Relaxed) as f64,
-        );
-        metric(
-            "overlay_netlink_ops_total",
-            "counter",
-            "Netlink operations sent.",
-            self.netlink_ops.load(Relaxed) as f64,
-        );
-        metric(
-            "overlay_netlink_errors_total",
-            "counter",
-            "Netlink operations refused by the kernel.",
-            self.netlink_errors.load(Relaxed) as f64,
-        );
-        metric("overlay_resyncs_total", "counter", "Reconciles of the dataplane.", self.resyncs.load(Relaxed) as f64);
-        metric(
-            "overlay_resync_duration_seconds",
-            "gauge",
-            "Duration of the last reconcile.",
-            self.last_resync_micros.load(Relaxed) as f64 / 1e6,
-        );
-        metric(
-            "overlay_lease_last_renewal_timestamp_seconds",
-            "gauge",
-            "Unix time of the last successful lease renewal.",
-            self.last_renewal_unix.load(Relaxed) as f64,
-        );
-        metric(
-            "overlay_lease_renewal_errors_total",
-            "counter",
-            "Failed lease renewals.",
-            self.renewal_errors.load(Relaxed) as f64,
-        );
-        metric(
-            "overlay_watch_events_total",
-            "counter",
-            "Peer events received from the lease store.",
-            self.watch_events.load(Relaxed) as f64,
-        );
-        metric(
-            "overlay_ready",
-            "gauge",
-            "1 when lease, dataplane and subnet file are in place.",
-            if self.ready() { 1.0 } else { 0.0 },
-        );
+        }
         out
     }
 }

@@ -17,30 +17,13 @@ use tracing::{error, info, warn};
 use crate::dataplane::{self, underlay, vxlan, DeviceSpec, Netlink, Underlay};
 use crate::flags::RunArgs;
 use crate::health::{self, Metrics};
-use crate::lease::etcd::{EtcdError, EtcdLeases, TlsFiles};
-use crate::lease::{OwnLease, PeerEvent};
+use crate::lease::etcd::{EtcdLeases, TlsFiles};
+use crate::lease::kube::KubeLeases;
+use crate::lease::{LeaseStore, OwnLease, PeerEvent, Renewal};
 use crate::masq;
 use crate::plan::{self, KernelState, Local, Peer};
 use crate::subnet_file;
 
-/// Retry pacing while etcd is unreachable or the config absent: the first
-/// retry is quick because, with several endpoints, the client may simply have
-/// picked a dead one; then it backs off to a few seconds.
-struct Backoff(Duration);
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(2);
-
-    fn new() -> Self {
-        Backoff(Self::FIRST)
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Self::MAX);
-    }
-}
 /// Retry delay after a failed lease renewal (the regular period is hours).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// Retry delay after a failed reconcile, shorter than a resync period.
@@ -58,10 +41,13 @@ fn release_freed_memory() {
     }
 }
 
-struct Daemon {
+/// Bound on a call that announces readiness: it must not stall the loop.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Daemon<S> {
     args: RunArgs,
     nl: Netlink,
-    store: EtcdLeases,
+    store: S,
     config: NetConfig,
     underlay: Underlay,
     own: OwnLease,
@@ -72,6 +58,8 @@ struct Daemon {
     /// watch event cost O(change) instead of a dump of every entry. The
     /// resync timer always reads the kernel, so drift is still found.
     assumed: Option<(u32, KernelState)>,
+    /// Whether the store has been told this node's network is up.
+    announced: bool,
 }
 
 /// Where a reconcile takes the kernel's current state from.
@@ -91,20 +79,35 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let mut nl = Netlink::open().context("opening netlink socket")?;
     let underlay = underlay::find(&mut nl, args.iface.as_deref()).context("choosing the underlay interface")?;
-    let public_ip = args.public_ip.unwrap_or(underlay.addr.addr());
-    info!(iface = %underlay.name, local = %underlay.addr, %public_ip, mtu = underlay.mtu, "underlay");
 
-    let tls =
-        TlsFiles { ca: args.etcd_cafile.clone(), cert: args.etcd_certfile.clone(), key: args.etcd_keyfile.clone() };
-    let ttl = args.subnet_lease_ttl.as_secs().max(5) as i64;
-    let mut store = EtcdLeases::connect(&args.etcd_endpoints, &tls, &args.etcd_prefix, ttl).await?;
-    let config = wait_for_config(&mut store, &args).await?;
+    if args.kube_subnet_mgr {
+        let store = KubeLeases::connect(&args).await?;
+        run_with(store, args, nl, underlay, metrics).await
+    } else {
+        let tls =
+            TlsFiles { ca: args.etcd_cafile.clone(), cert: args.etcd_certfile.clone(), key: args.etcd_keyfile.clone() };
+        let ttl = args.subnet_lease_ttl.as_secs().max(5) as i64;
+        let store = EtcdLeases::connect(&args.etcd_endpoints, &tls, &args.etcd_prefix, ttl).await?;
+        run_with(store, args, nl, underlay, metrics).await
+    }
+}
+
+async fn run_with<S: LeaseStore + Clone>(
+    mut store: S,
+    args: RunArgs,
+    nl: Netlink,
+    underlay: Underlay,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let config = store.network_config().await?;
     info!(network = %config.network, subnet_len = config.subnet_len, vni = config.backend.vni, "network config");
+    let public_ip = store.public_ip(args.public_ip.unwrap_or(underlay.addr.addr())).await?;
+    info!(iface = %underlay.name, local = %underlay.addr, %public_ip, mtu = underlay.mtu, "underlay");
 
     let mac = vtep_mac(public_ip, config.backend.vni);
     let attrs = LeaseAttrs::vxlan(public_ip, VxlanBackendData { vni: config.backend.vni, vtep_mac: mac });
     let previous = subnet_file::previous_subnet(&args.subnet_file);
-    let own = acquire(&mut store, &config, &attrs, previous).await?;
+    let own = store.acquire(&config, &attrs, previous).await?;
     metrics.lease_held.store(true, Relaxed);
     metrics.renewed_now();
     if previous.is_some_and(|p| p != own.key.v4) {
@@ -122,44 +125,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         peers: BTreeMap::new(),
         metrics,
         assumed: None,
+        announced: false,
     };
     daemon.main_loop().await
-}
-
-async fn wait_for_config(store: &mut EtcdLeases, args: &RunArgs) -> Result<NetConfig> {
-    let path = format!("{}/config", args.etcd_prefix.trim_end_matches('/'));
-    let mut backoff = Backoff::new();
-    loop {
-        match store.config_text().await {
-            Ok(Some(text)) => {
-                return NetConfig::parse(&text).with_context(|| format!("invalid network config at etcd key {path}"));
-            }
-            Ok(None) => {
-                info!(key = %path, "waiting for the network config: no such key in etcd yet")
-            }
-            Err(e) => {
-                warn!(endpoints = %args.etcd_endpoints.join(","), error = %e, "etcd unreachable; retrying")
-            }
-        }
-        backoff.wait().await;
-    }
-}
-
-async fn acquire(
-    store: &mut EtcdLeases,
-    config: &NetConfig,
-    attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
-) -> Result<OwnLease> {
-    let mut backoff = Backoff::new();
-    loop {
-        match store.acquire(config, attrs, previous).await {
-            Ok(own) => return Ok(own),
-            Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_))) => bail!(e),
-            Err(e) => warn!(error = %e, "cannot lease a subnet yet; retrying"),
-        }
-        backoff.wait().await;
-    }
 }
 
 /// A stable VTEP MAC: derived from the machine and its public address, so a
@@ -170,18 +138,30 @@ fn vtep_mac(public_ip: std::net::Ipv4Addr, vni: u32) -> MacAddr {
     MacAddr::from_seed(seed.as_bytes())
 }
 
-impl Daemon {
+impl<S: LeaseStore + Clone> Daemon<S> {
     async fn main_loop(&mut self) -> Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let listing = self.list_peers().await?;
-        tokio::spawn(self.store.clone().watch(listing, tx));
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        tokio::spawn(self.store.clone().watch(tx));
+
+        // The first reconcile waits for the store's first listing: planning
+        // from an empty peer set would delete every peer's entries.
+        let first = tokio::select! {
+            Some(batch) = rx.recv() => batch,
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        };
+        if self.apply_events(first) {
+            self.reacquire("our lease is missing from the store's listing").await?;
+        }
+        release_freed_memory();
 
         dataplane::enable_ip_forward().context("setting net.ipv4.ip_forward=1")?;
         self.assert_masquerade();
         let mut retry_soon = !self.reconcile(Read::Kernel);
+        self.announce(retry_soon).await;
 
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut resync = tokio::time::interval(self.args.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
@@ -204,7 +184,7 @@ impl Daemon {
                         lost |= self.apply_events(more);
                     }
                     if lost {
-                        self.reacquire("our lease key was deleted or taken over").await?;
+                        self.reacquire("our lease was deleted or taken over").await?;
                     }
                     retry_soon = !self.reconcile(Read::Assume);
                 }
@@ -218,35 +198,27 @@ impl Daemon {
                         renew.reset_after(RENEW_RETRY);
                     }
                     retry_soon = !self.reconcile(Read::Assume);
+                    // Re-assert readiness too: something else may have reset it.
+                    self.announced = false;
                 }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
+            self.announce(retry_soon).await;
         }
         info!("exiting; the device, the routes and the lease stay in place for the next start");
         Ok(())
     }
 
-    /// Lists the leases and fills the peer map; returns the revision to watch from.
-    async fn list_peers(&mut self) -> Result<i64> {
-        let mut backoff = Backoff::new();
-        loop {
-            match self.store.list().await {
-                Ok(listing) => {
-                    for l in &listing.leases {
-                        if let Err(e) = &l.attrs {
-                            warn!(lease = %l.key, error = %e, "skipping a peer lease that does not parse");
-                        }
-                    }
-                    self.apply_events(vec![PeerEvent::Snapshot(listing.peers())]);
-                    let revision = listing.revision;
-                    drop(listing);
-                    release_freed_memory();
-                    return Ok(revision);
-                }
-                Err(e) => warn!(error = %e, "cannot list leases; retrying"),
-            }
-            backoff.wait().await;
+    /// Tells the store the network is up, once the dataplane is programmed.
+    async fn announce(&mut self, failing: bool) {
+        if self.announced || failing {
+            return;
+        }
+        match tokio::time::timeout(ANNOUNCE_TIMEOUT, self.store.announce_ready()).await {
+            Ok(Ok(())) => self.announced = true,
+            Ok(Err(e)) => warn!(error = format!("{e:#}"), "cannot announce that the network is up; retrying"),
+            Err(_) => warn!("announcing that the network is up timed out; retrying"),
         }
     }
 
@@ -263,7 +235,7 @@ impl Daemon {
                 }
                 PeerEvent::Snapshot(all) => {
                     self.peers.clear();
-                    lost |= !all.iter().any(|(k, a)| *k == self.own.key && a.public_ip == self.own.attrs.public_ip);
+                    lost |= !all.iter().any(|(k, a)| *k == self.own.key && *a == self.own.attrs);
                     for (key, attrs) in &all {
                         if *key != self.own.key {
                             self.upsert(*key, attrs);
@@ -276,10 +248,12 @@ impl Daemon {
         lost
     }
 
-    /// Records a written lease; true when it is our key, now naming another node.
+    /// Records a written lease; true when it is our key and no longer says
+    /// what we published (another node took it, or someone rewrote our MAC):
+    /// peers would send our pods' traffic to the wrong place.
     fn upsert(&mut self, key: LeaseKey, attrs: &LeaseAttrs) -> bool {
         if key == self.own.key {
-            return attrs.public_ip != self.own.attrs.public_ip;
+            return *attrs != self.own.attrs;
         }
         match attrs.vxlan_data() {
             Ok(data) => {
@@ -404,22 +378,15 @@ impl Daemon {
         }
     }
 
-    /// Renews our etcd lease; false when it could not be renewed and should be retried soon.
+    /// Renews our lease; false when it could not be renewed and should be retried soon.
     async fn renew(&mut self) -> Result<bool> {
-        match self.store.renew(self.own.etcd_lease).await {
-            Ok(ttl) if ttl > 0 => {
+        match self.store.renew(&self.own).await {
+            Renewal::Held => {
                 self.metrics.renewed_now();
-                match self.store.still_ours(&self.own).await {
-                    Ok(true) => Ok(true),
-                    Ok(false) => self.reacquire("our lease key is gone or names another node").await.map(|_| true),
-                    Err(e) => {
-                        warn!(error = %e, "cannot check our lease key");
-                        Ok(true)
-                    }
-                }
+                Ok(true)
             }
-            Ok(_) => self.reacquire("our etcd lease expired").await.map(|_| true),
-            Err(e) => {
+            Renewal::Lost(why) => self.reacquire(&why).await.map(|_| true),
+            Renewal::Failed(e) => {
                 self.metrics.renewal_errors.fetch_add(1, Relaxed);
                 warn!(error = %e, retry_in_s = RENEW_RETRY.as_secs(), "lease renewal failed");
                 Ok(false)
@@ -431,7 +398,7 @@ impl Daemon {
     async fn reacquire(&mut self, why: &str) -> Result<()> {
         error!(subnet = %self.own.key, why, "LEASE LOST: re-claiming a subnet");
         self.metrics.lease_held.store(false, Relaxed);
-        let own = acquire(&mut self.store, &self.config, &self.own.attrs, Some(self.own.key.v4)).await?;
+        let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key.v4)).await?;
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {
@@ -441,6 +408,7 @@ impl Daemon {
         self.own = own;
         // The device address may change with the subnet: take the full path.
         self.assumed = None;
+        self.announced = false;
         self.metrics.lease_held.store(true, Relaxed);
         self.metrics.renewed_now();
         self.assert_masquerade();

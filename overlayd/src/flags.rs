@@ -71,6 +71,23 @@ pub struct RunArgs {
     /// Lifetime of the etcd lease on our subnet; renewed at a third of it.
     #[arg(long, env = "OVERLAYD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
+    /// Kubernetes mode: the subnet is this Node's spec.podCIDR and peers are
+    /// the Nodes carrying our annotations; etcd is not used.
+    #[arg(long, env = "OVERLAYD_KUBE_SUBNET_MGR")]
+    pub kube_subnet_mgr: bool,
+    /// This node's name in Kubernetes (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kubeconfig to reach the API server. Default: the in-cluster service
+    /// account, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "OVERLAYD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The network config (net-conf.json) in Kubernetes mode, usually mounted from a ConfigMap.
+    #[arg(long, env = "OVERLAYD_NET_CONFIG_PATH", default_value = "/etc/overlay/net-conf.json")]
+    pub net_config_path: PathBuf,
+    /// Prefix of the Node annotations we publish and read (flannel's by default).
+    #[arg(long, env = "OVERLAYD_KUBE_ANNOTATION_PREFIX", default_value = proto::node_annotations::DEFAULT_PREFIX)]
+    pub kube_annotation_prefix: String,
 }
 
 /// Parses `30s`, `500ms`, `2m`, `24h`, or plain seconds.

@@ -1,6 +1,7 @@
 //! overlayd as a library: the daemon's modules, and the netlink layer the CNI
 //! plugin (`overlay-cni`) shares with it.
 
+pub mod backoff;
 pub mod daemon;
 pub mod dataplane;
 pub mod flags;

@@ -8,10 +8,12 @@ pub mod alloc;
 pub mod lease;
 pub mod mac;
 pub mod net_config;
+pub mod node_annotations;
 pub mod subnet_env;
 
 pub use alloc::SubnetRange;
 pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
 pub use mac::MacAddr;
 pub use net_config::{Backend, ConfigError, NetConfig};
+pub use node_annotations::{NodeAnnotations, NodeLeaseError};
 pub use subnet_env::{SubnetEnv, SubnetEnvError};

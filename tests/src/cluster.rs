@@ -25,6 +25,10 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const OUTSIDE_UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 254);
 /// Where etcd listens, on the underlay bridge.
 pub const ETCD_IP: &str = "192.168.50.2";
+/// Where the Kubernetes API test double listens, on the underlay bridge.
+pub const KUBE_API: &str = "192.168.50.2:6443";
+/// The cluster CIDR the test double's node IPAM cuts /24s from.
+pub const KUBE_CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 /// How the cluster is set up.
 #[derive(Debug, Clone)]
@@ -75,6 +79,8 @@ pub struct Node {
     pub subnet_file: PathBuf,
     /// Its daemon's log.
     pub log: PathBuf,
+    /// Its name in the Kubernetes API (Kubernetes mode).
+    pub name: String,
     /// Extra daemon flags.
     pub flags: Vec<String>,
     etcd_endpoint: String,
@@ -94,6 +100,8 @@ pub struct Cluster {
     pub outside: Netns,
     /// The underlay namespace (bridge and etcd).
     pub underlay: Netns,
+    /// The Kubernetes API test double, in Kubernetes mode.
+    pub kube: Option<crate::kube_api::KubeApi>,
     /// A scratch directory for logs, subnet files and etcd data.
     pub dir: PathBuf,
     /// Unique id of this cluster.
@@ -127,7 +135,7 @@ impl Cluster {
         if let Some(config) = &options.config {
             etcd.put(&format!("{PREFIX}/config"), config)?;
         }
-        Ok(Cluster { nodes: Vec::new(), etcd, etcd_others: members, outside, underlay, dir, id, options })
+        Ok(Cluster { nodes: Vec::new(), etcd, etcd_others: members, outside, underlay, kube: None, dir, id, options })
     }
 
     /// Adds node N+1 to the underlay (no daemon yet) and returns its index in `nodes`.
@@ -149,6 +157,7 @@ impl Cluster {
             ip,
             subnet_file: self.dir.join(format!("n{index}/subnet.env")),
             log: self.dir.join(format!("n{index}.log")),
+            name: format!("node-{index}"),
             flags: flags.iter().map(|s| s.to_string()).collect(),
             etcd_endpoint: std::iter::once(&self.etcd)
                 .chain(&self.etcd_others)
@@ -173,6 +182,44 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Starts the Kubernetes API test double on the underlay (`KUBE_API`)
+    /// and writes the kubeconfig and net-conf.json the nodes will use.
+    pub fn start_kube_api(&mut self, net_conf: &str) -> Result<()> {
+        let api = crate::kube_api::KubeApi::start(&self.underlay, KUBE_API.parse()?, KUBE_CLUSTER_CIDR.parse()?)?;
+        api.write_kubeconfig(&self.dir.join("kubeconfig"))?;
+        std::fs::write(self.dir.join("net-conf.json"), net_conf)?;
+        self.kube = Some(api);
+        Ok(())
+    }
+
+    /// The API test double; panics outside Kubernetes mode.
+    pub fn api(&self) -> &crate::kube_api::KubeApi {
+        self.kube.as_ref().expect("start_kube_api first")
+    }
+
+    /// Adds node N+1 in Kubernetes mode: registered in the API (with a
+    /// podCIDR when `allocate`), its daemon configured but not started.
+    pub fn add_kube_node(&mut self, allocate: bool, extra: &[&str]) -> Result<usize> {
+        let name = format!("node-{}", self.nodes.len() + 1);
+        let kubeconfig = self.dir.join("kubeconfig");
+        let net_conf = self.dir.join("net-conf.json");
+        let mut flags = vec![
+            "--kube-subnet-mgr",
+            "--node-name",
+            &name,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap_or_default(),
+            "--net-config-path",
+            net_conf.to_str().unwrap_or_default(),
+        ];
+        flags.extend_from_slice(extra);
+        let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let i = self.add_node(&flags)?;
+        self.api().add_node(&name, self.nodes[i].ip, allocate)?;
+        Ok(i)
+    }
+
     /// Every pod of every node, with its node index.
     pub fn pods(&self) -> Vec<(usize, &Pod)> {
         self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p))).collect()
@@ -182,6 +229,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
+        self.kube = None;
         self.etcd.stop();
         self.etcd_others.clear();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -9,6 +9,7 @@ pub mod bulk;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;
+pub mod kube_api;
 pub mod netns;
 pub mod podman;
 pub mod probe;

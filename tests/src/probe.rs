@@ -59,7 +59,15 @@ pub fn in_netns<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> std::thread::JoinHandle<Result<T>> {
-    let path = ns.path();
+    in_netns_path(&ns.path(), f)
+}
+
+/// [`in_netns`] for a namespace given by its path.
+pub fn in_netns_path<T: Send + 'static>(
+    path: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = path.to_string();
     std::thread::spawn(move || {
         let file = File::open(&path).with_context(|| format!("opening {path}"))?;
         // SAFETY: setns on a valid namespace fd affects only this thread.

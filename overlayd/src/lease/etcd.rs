@@ -2,21 +2,23 @@
 //! subnets claimed by transaction, renewed by keep-alive, watched by revision.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     Txn, TxnOp, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{OwnLease, PeerEvent};
+use super::{EventSender, LeaseStore, OwnLease, PeerEvent, Renewal};
+use crate::backoff::Backoff;
 
 /// Why the etcd store failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,7 @@ pub struct EtcdLeases {
     /// dead endpoint to come back instead of trying another.)
     clients: Arc<Vec<Client>>,
     current: Arc<AtomicUsize>,
+    endpoints: Arc<Vec<String>>,
     prefix: String,
     ttl: i64,
 }
@@ -147,6 +150,7 @@ impl EtcdLeases {
         Ok(EtcdLeases {
             clients: Arc::new(clients),
             current: Arc::new(AtomicUsize::new(0)),
+            endpoints: Arc::new(endpoints),
             prefix: prefix.trim_end_matches('/').to_string(),
             ttl,
         })
@@ -212,7 +216,7 @@ impl EtcdLeases {
     /// Takes a subnet for a node at `attrs.public_ip`: its existing lease if it
     /// has one, else `previous` if free, else any free subnet. Never two nodes
     /// on one subnet: every claim is a transaction on the key's version.
-    pub async fn acquire(
+    pub async fn claim_subnet(
         &mut self,
         config: &NetConfig,
         attrs: &LeaseAttrs,
@@ -312,7 +316,7 @@ impl EtcdLeases {
     }
 
     /// Renews our etcd lease; returns the TTL the server granted (0: the lease is gone).
-    pub async fn renew(&mut self, lease: i64) -> Result<i64, EtcdError> {
+    pub async fn keep_alive(&mut self, lease: i64) -> Result<i64, EtcdError> {
         let (mut keeper, mut stream) = self.client().lease_keep_alive(lease).await.map_err(self.fail("keep-alive"))?;
         keeper.keep_alive().await.map_err(self.fail("keep-alive"))?;
         match stream.message().await.map_err(self.fail("keep-alive"))? {
@@ -321,26 +325,41 @@ impl EtcdLeases {
         }
     }
 
-    /// How often to renew: well before the lease could expire.
-    pub fn renew_interval(&self) -> Duration {
-        Duration::from_secs((self.ttl / 3).clamp(1, 3600) as u64)
-    }
-
-    /// Whether our key still exists and still names us.
+    /// Whether our key still exists and still says exactly what we published.
     pub async fn still_ours(&mut self, own: &OwnLease) -> Result<bool, EtcdError> {
         let path = self.key_path(&own.key);
         let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
-        Ok(resp
-            .kvs()
-            .first()
-            .is_some_and(|kv| LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a.public_ip == own.attrs.public_ip)))
+        Ok(resp.kvs().first().is_some_and(|kv| LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a == own.attrs)))
     }
 
-    /// Streams peer events from `revision` on, forever: every event of every
-    /// response; a relist (as a `Snapshot`) after compaction; reconnects after
-    /// an outage from the last revision seen, so no event is lost.
-    pub async fn watch(mut self, mut revision: i64, tx: mpsc::UnboundedSender<Vec<PeerEvent>>) {
+    /// Lists until it succeeds and sends the listing as a `Snapshot`;
+    /// returns the revision to watch from, or None when the daemon is gone.
+    async fn relist(&mut self, tx: &EventSender) -> Option<i64> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.list().await {
+                Ok(listing) => {
+                    for l in &listing.leases {
+                        if let Err(e) = &l.attrs {
+                            warn!(lease = %l.key, error = %e, "skipping a peer lease that does not parse");
+                        }
+                    }
+                    tx.send(vec![PeerEvent::Snapshot(listing.peers())]).ok()?;
+                    return Some(listing.revision);
+                }
+                Err(e) => warn!(error = %e, "cannot list leases; retrying"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// Lists, then streams peer events from the listing's revision on,
+    /// forever: every event of every response; a relist (as a `Snapshot`)
+    /// after compaction; reconnects after an outage from the last revision
+    /// seen, so no event is lost.
+    async fn list_and_watch(mut self, tx: EventSender) {
         let prefix = self.subnets_prefix();
+        let Some(mut revision) = self.relist(&tx).await else { return };
         let mut backoff = Duration::from_millis(50);
         loop {
             let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
@@ -355,15 +374,8 @@ impl EtcdLeases {
                                     reason = resp.cancel_reason(),
                                     "watch history lost; relisting"
                                 );
-                                match self.list().await {
-                                    Ok(listing) => {
-                                        revision = listing.revision;
-                                        if tx.send(vec![PeerEvent::Snapshot(listing.peers())]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e) => warn!(error = %e, "relist failed"),
-                                }
+                                let Some(listed_at) = self.relist(&tx).await else { return };
+                                revision = listed_at;
                                 break;
                             }
                             let mut batch = Vec::with_capacity(resp.events().len());
@@ -415,6 +427,73 @@ impl EtcdLeases {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+impl LeaseStore for EtcdLeases {
+    async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
+        let path = format!("{}/config", self.prefix);
+        let mut backoff = Backoff::new();
+        loop {
+            match self.config_text().await {
+                Ok(Some(text)) => {
+                    return NetConfig::parse(&text)
+                        .with_context(|| format!("invalid network config at etcd key {path}"));
+                }
+                Ok(None) => info!(key = %path, "waiting for the network config: no such key in etcd yet"),
+                Err(e) => warn!(endpoints = %self.endpoints.join(","), error = %e, "etcd unreachable; retrying"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+        Ok(detected)
+    }
+
+    async fn acquire(
+        &mut self,
+        config: &NetConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+    ) -> anyhow::Result<OwnLease> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.claim_subnet(config, attrs, previous).await {
+                Ok(own) => return Ok(own),
+                Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_))) => return Err(e.into()),
+                Err(e) => warn!(error = %e, "cannot lease a subnet yet; retrying"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
+        self.list_and_watch(tx)
+    }
+
+    fn renew_interval(&self) -> Duration {
+        Duration::from_secs((self.ttl / 3).clamp(1, 3600) as u64)
+    }
+
+    async fn renew(&mut self, own: &OwnLease) -> Renewal {
+        match self.keep_alive(own.etcd_lease).await {
+            Ok(ttl) if ttl > 0 => match self.still_ours(own).await {
+                Ok(true) => Renewal::Held,
+                Ok(false) => Renewal::Lost("our lease key is gone or names another node".into()),
+                Err(e) => {
+                    // The keep-alive worked: the lease is alive, whatever this says.
+                    warn!(error = %e, "cannot check our lease key");
+                    Renewal::Held
+                }
+            },
+            Ok(_) => Renewal::Lost("our etcd lease expired".into()),
+            Err(e) => Renewal::Failed(e.to_string()),
+        }
+    }
+
+    async fn announce_ready(&mut self) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

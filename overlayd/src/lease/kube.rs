@@ -1,0 +1,334 @@
+//! The Kubernetes lease store: this node's subnet is its Node's
+//! `spec.podCIDR` (assigned by kube-controller-manager), peers are the Nodes
+//! that carry flannel's annotations, and readiness is the Node condition
+//! `NetworkUnavailable=False`. The API server is the only source of truth;
+//! nothing is claimed, so nothing can be contended.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Config};
+use proto::node_annotations::parse_pod_cidr;
+use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
+use tracing::{debug, info, warn};
+
+use super::{EventSender, LeaseStore, OwnLease, PeerEvent, Renewal};
+use crate::backoff::Backoff;
+use crate::flags::RunArgs;
+
+/// The condition we own on our Node, and what we set it to.
+const CONDITION: &str = "NetworkUnavailable";
+const CONDITION_REASON: &str = "OverlayIsUp";
+/// Bound on one API call; a blackholed API server must not stall the daemon.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The watch already shows us changes to our own Node; this is a safety net,
+/// kept rare so 5,000 nodes do not load the API server.
+const RENEW_INTERVAL: Duration = Duration::from_secs(300);
+
+/// A connection to the API server, for one node.
+#[derive(Clone)]
+pub struct KubeLeases {
+    nodes: Api<Node>,
+    node_name: String,
+    annotations: NodeAnnotations,
+    net_config_path: PathBuf,
+}
+
+impl KubeLeases {
+    /// Builds a client from `--kubeconfig`, or the in-cluster service account.
+    pub async fn connect(args: &RunArgs) -> anyhow::Result<Self> {
+        let node_name = args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
+            "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
+        )?;
+        let mut config = match &args.kubeconfig {
+            Some(path) => {
+                let kubeconfig =
+                    Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("using kubeconfig {}", path.display()))?
+            }
+            None => Config::infer()
+                .await
+                .context("finding the API server: not in a pod and no kubeconfig (use --kubeconfig)")?,
+        };
+        config.connect_timeout = Some(Duration::from_secs(5));
+        info!(server = %config.cluster_url, node = %node_name, "Kubernetes mode");
+        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        Ok(KubeLeases {
+            nodes: Api::all(client),
+            node_name,
+            annotations: NodeAnnotations::new(&args.kube_annotation_prefix),
+            net_config_path: args.net_config_path.clone(),
+        })
+    }
+
+    /// Our Node, or None when it does not exist (yet).
+    async fn own_node(&self) -> anyhow::Result<Option<Node>> {
+        bounded(format!("getting node {}", self.node_name), self.nodes.get_opt(&self.node_name)).await
+    }
+
+    /// Our Node, waiting (and saying why) while the API server is down or
+    /// the kubelet has not registered it yet.
+    async fn wait_for_own_node(&self) -> Node {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.own_node().await {
+                Ok(Some(node)) => return node,
+                Ok(None) => info!(node = %self.node_name, "waiting for node {} to be registered", self.node_name),
+                Err(e) => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// Writes our annotations onto our Node (a merge patch: other annotations stay).
+    async fn publish(&self, attrs: &LeaseAttrs) -> anyhow::Result<()> {
+        let patch = serde_json::json!({ "metadata": { "annotations": self.annotations.publish(attrs) } });
+        let params = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        bounded(format!("annotating node {}", self.node_name), self.nodes.patch(&self.node_name, &params, &patch))
+            .await?;
+        Ok(())
+    }
+
+    /// The lease a Node stands for, if it is a usable peer.
+    fn node_lease(&self, node: &Node) -> Option<(LeaseKey, LeaseAttrs)> {
+        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref());
+        let empty = BTreeMap::new();
+        let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
+        match self.annotations.lease(pod_cidr, annotations) {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(node = node.metadata.name.as_deref().unwrap_or("?"), error = %e, "skipping node: its lease does not parse");
+                None
+            }
+        }
+    }
+
+    /// Streams Node changes as peer events, forever. kube's watcher lists,
+    /// watches from the list's resourceVersion with bookmarks, and relists
+    /// after a 410 Gone; a relist becomes one `Snapshot`, which the daemon
+    /// diffs like any other batch, so unchanged peers are not touched.
+    async fn watch_nodes(self, tx: EventSender) {
+        let stream = watcher::watcher(self.nodes.clone(), watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        // Which lease each node stood for, so a node whose podCIDR or
+        // annotations went away (or that was deleted) can be removed.
+        let mut known: HashMap<String, LeaseKey> = HashMap::new();
+        let mut listing: Option<Vec<(String, LeaseKey, LeaseAttrs)>> = None;
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            let batch = match item {
+                Ok(Event::Init) => {
+                    listing = Some(Vec::new());
+                    continue;
+                }
+                Ok(Event::InitApply(node)) => {
+                    if let (Some(buffer), Some(name), Some((key, attrs))) =
+                        (listing.as_mut(), node.metadata.name.clone(), self.node_lease(&node))
+                    {
+                        buffer.push((name, key, attrs));
+                    }
+                    continue;
+                }
+                Ok(Event::InitDone) => {
+                    let listed = listing.take().unwrap_or_default();
+                    known = listed.iter().map(|(name, key, _)| (name.clone(), *key)).collect();
+                    debug!(peers = listed.len(), "listed nodes");
+                    vec![PeerEvent::Snapshot(listed.into_iter().map(|(_, k, a)| (k, a)).collect())]
+                }
+                Ok(Event::Apply(node)) => {
+                    let Some(name) = node.metadata.name.clone() else { continue };
+                    let lease = self.node_lease(&node);
+                    let mut batch = Vec::with_capacity(2);
+                    let previous = match &lease {
+                        Some((key, _)) => known.insert(name, *key),
+                        None => known.remove(&name),
+                    };
+                    if let Some(old) = previous.filter(|old| lease.as_ref().is_none_or(|(key, _)| key != old)) {
+                        batch.push(PeerEvent::Remove(old));
+                    }
+                    if let Some((key, attrs)) = lease {
+                        batch.push(PeerEvent::Upsert(key, attrs));
+                    }
+                    batch
+                }
+                Ok(Event::Delete(node)) => {
+                    let Some(old) = node.metadata.name.as_ref().and_then(|name| known.remove(name)) else { continue };
+                    vec![PeerEvent::Remove(old)]
+                }
+                Err(e) => {
+                    // kube's backoff paces the retries; say it once per outage.
+                    if !failing {
+                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
+                    }
+                    failing = true;
+                    continue;
+                }
+            };
+            if failing {
+                info!("watching nodes again");
+                failing = false;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            if tx.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One API call, bounded in time, its error saying `what` was being done.
+async fn bounded<T>(what: String, call: impl Future<Output = Result<T, kube::Error>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.context(what),
+        Err(_) => bail!("{what}: no answer in {CALL_TIMEOUT:?}"),
+    }
+}
+
+impl LeaseStore for KubeLeases {
+    async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
+        let path = &self.net_config_path;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the network config {} (mounted from the ConfigMap)", path.display()))?;
+        NetConfig::parse(&text).with_context(|| format!("invalid network config in {}", path.display()))
+    }
+
+    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+        let node = self.wait_for_own_node().await;
+        let empty = BTreeMap::new();
+        let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
+        match self.annotations.public_ip_overwrite(annotations).context("on our own node")? {
+            Some(ip) => {
+                info!(public_ip = %ip, detected = %detected, "using the address pinned by {}", self.annotations.key("public-ip-overwrite"));
+                Ok(ip)
+            }
+            None => Ok(detected),
+        }
+    }
+
+    async fn acquire(
+        &mut self,
+        config: &NetConfig,
+        attrs: &LeaseAttrs,
+        _previous: Option<Ipv4Net>,
+    ) -> anyhow::Result<OwnLease> {
+        let mut backoff = Backoff::new();
+        let mut waited = 0u32;
+        loop {
+            let node = self.wait_for_own_node().await;
+            match node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).filter(|c| !c.is_empty()) {
+                None => {
+                    // Say it at once, then every half minute or so, not every retry.
+                    if waited.is_multiple_of(15) {
+                        info!(
+                            node = %self.node_name,
+                            "waiting for podCIDR on node {} (is kube-controller-manager running with --allocate-node-cidrs?)",
+                            self.node_name
+                        );
+                    }
+                    waited += 1;
+                }
+                Some(cidr) => {
+                    let subnet = parse_pod_cidr(cidr).with_context(|| format!("node {}", self.node_name))?;
+                    if !config.network.contains(&subnet) {
+                        bail!(
+                            "node {}'s podCIDR {subnet} is outside the network {} of {}: the controller-manager's --cluster-cidr and the net-conf Network must agree",
+                            self.node_name,
+                            config.network,
+                            self.net_config_path.display()
+                        );
+                    }
+                    let empty = BTreeMap::new();
+                    let current = node.metadata.annotations.as_ref().unwrap_or(&empty);
+                    let key = LeaseKey::v4(subnet);
+                    if self.annotations.published(current, attrs) {
+                        return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: 0 });
+                    }
+                    match self.publish(attrs).await {
+                        Ok(()) => {
+                            info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, "published our lease on the node");
+                            return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: 0 });
+                        }
+                        Err(e) => warn!(error = format!("{e:#}"), "cannot annotate our node; retrying"),
+                    }
+                }
+            }
+            backoff.wait().await;
+        }
+    }
+
+    fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
+        self.watch_nodes(tx)
+    }
+
+    fn renew_interval(&self) -> Duration {
+        RENEW_INTERVAL
+    }
+
+    async fn renew(&mut self, own: &OwnLease) -> Renewal {
+        let node = match self.own_node().await {
+            Ok(Some(node)) => node,
+            Ok(None) => return Renewal::Lost(format!("node {} was deleted", self.node_name)),
+            Err(e) => return Renewal::Failed(format!("{e:#}")),
+        };
+        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).unwrap_or("");
+        if parse_pod_cidr(pod_cidr).ok() != Some(own.key.v4) {
+            return Renewal::Lost(format!("node {}'s podCIDR is now {pod_cidr:?}", self.node_name));
+        }
+        let empty = BTreeMap::new();
+        if !self.annotations.published(node.metadata.annotations.as_ref().unwrap_or(&empty), &own.attrs) {
+            warn!(node = %self.node_name, "our annotations were changed or removed; writing them again");
+            if let Err(e) = self.publish(&own.attrs).await {
+                return Renewal::Failed(format!("{e:#}"));
+            }
+        }
+        Renewal::Held
+    }
+
+    async fn announce_ready(&mut self) -> anyhow::Result<()> {
+        let node = self.own_node().await?.with_context(|| format!("node {} not found", self.node_name))?;
+        let already = node.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == CONDITION && c.status == "False" && c.reason.as_deref() == Some(CONDITION_REASON))
+        });
+        if already {
+            return Ok(());
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(now).context("the clock is out of range")?);
+        // Strategic merge: conditions merge by `type`, so other conditions stay.
+        let patch = serde_json::json!({
+            "status": { "conditions": [{
+                "type": CONDITION,
+                "status": "False",
+                "reason": CONDITION_REASON,
+                "message": "overlayd is running on this node",
+                "lastTransitionTime": now,
+                "lastHeartbeatTime": now,
+            }]}
+        });
+        let params = PatchParams::default();
+        let patch = Patch::Strategic(&patch);
+        let what = format!("setting {CONDITION}=False on node {}", self.node_name);
+        bounded(what, self.nodes.patch_status(&self.node_name, &params, &patch)).await?;
+        info!(node = %self.node_name, "node condition {CONDITION}=False ({CONDITION_REASON})");
+        Ok(())
+    }
+}

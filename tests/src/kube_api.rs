@@ -1,0 +1,846 @@
+//! A test double of the Kubernetes API server, for the Node endpoints
+//! overlayd uses. No kube-apiserver can be installed on these machines, so
+//! the Kubernetes mode is tested against this: real HTTP/1.1 on a socket in
+//! the test's underlay namespace, bodies as the API's JSON (checked against
+//! `k8s-openapi`'s `Node`), and the semantics a client depends on:
+//!
+//! - list with `limit`/`continue` pages and a `resourceVersion`;
+//! - watch from a resourceVersion, replaying history, with bookmarks and
+//!   `timeoutSeconds`; a resourceVersion older than the kept history gets
+//!   an `ERROR` event with a 410 `Expired` Status, as the watch cache sends;
+//! - get; merge, strategic-merge (merge keys for conditions, addresses,
+//!   taints) and JSON patch on `nodes` and `nodes/status`, each changing
+//!   only its part (spec and metadata, or status); a no-op patch does not
+//!   bump the resourceVersion;
+//! - strict: an unknown field, an unsupported patch content type, a changed
+//!   podCIDR, a stale resourceVersion precondition, a selector it does not
+//!   implement: each is refused with the Status a real server would send;
+//! - node IPAM as kube-controller-manager's range allocator does it: the
+//!   first free `/24` of the cluster CIDR, set on `spec.podCIDR(s)`.
+//!
+//! It does not implement authentication, other resources, server-side apply
+//! or label/field selectors; a request for them fails loudly rather than
+//! being half-served.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use crate::netns::Netns;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What the server has been asked, for tests that assert on client behaviour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// List requests (each page counts).
+    pub lists: u64,
+    /// Watch requests.
+    pub watches: u64,
+    /// GETs of one node.
+    pub gets: u64,
+    /// PATCH requests, successful or not.
+    pub patches: u64,
+    /// Watches answered with 410 Gone.
+    pub expired: u64,
+}
+
+struct State {
+    rv: u64,
+    nodes: BTreeMap<String, Value>,
+    /// Every change after `oldest`, in order: (resourceVersion, type, object).
+    history: VecDeque<(u64, &'static str, Value)>,
+    /// A watch may start from this resourceVersion or later; older is 410.
+    oldest: u64,
+    cluster_cidr: Ipv4Net,
+    allocated: BTreeSet<Ipv4Net>,
+    next_uid: u64,
+    stats: Stats,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The current resourceVersion, for watchers to wake on.
+    changed: watch::Sender<u64>,
+    /// Bumped to end every open watch with a 410.
+    expire: watch::Sender<u64>,
+    /// Bumped by `stop()`: every connection and the listener go away.
+    epoch: watch::Sender<u64>,
+    bookmark_every: Duration,
+}
+
+/// The running test double. Dropping it closes every connection.
+pub struct KubeApi {
+    shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+    netns_path: String,
+    addr: SocketAddr,
+}
+
+impl KubeApi {
+    /// Serves on `addr` inside `ns`, handing out podCIDRs from `cluster_cidr`.
+    pub fn start(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kube-api")
+            .enable_all()
+            .build()
+            .context("starting the test API server's runtime")?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 1,
+                nodes: BTreeMap::new(),
+                history: VecDeque::new(),
+                oldest: 1,
+                cluster_cidr,
+                allocated: BTreeSet::new(),
+                next_uid: 1,
+                stats: Stats::default(),
+            }),
+            changed: watch::channel(1).0,
+            expire: watch::channel(0).0,
+            epoch: watch::channel(0).0,
+            bookmark_every: Duration::from_secs(1),
+        });
+        let api = KubeApi { shared, rt: Some(rt), netns_path: ns.path(), addr };
+        api.listen()?;
+        Ok(api)
+    }
+
+    /// The server's URL, as the nodes reach it.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server (anonymous; the double has no auth).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> Result<()> {
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url()}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            "users": [{"name": "test", "user": {}}],
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&config)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn listen(&self) -> Result<()> {
+        let addr = self.addr;
+        let listener = crate::probe::in_netns_path(&self.netns_path, move || {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow!("bind thread panicked"))??;
+        let shared = self.shared.clone();
+        let rt = self.rt.as_ref().ok_or_else(|| anyhow!("server dropped"))?;
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        rt.spawn(accept_loop(listener, shared));
+        Ok(())
+    }
+
+    /// Takes the server down: the listener closes and every connection
+    /// (watches included) is cut, as when the API server restarts.
+    pub fn stop(&self) {
+        self.shared.epoch.send_modify(|e| *e += 1);
+        // Let the accept loop drop its socket before a restart binds again.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Brings the server back on the same address, with the same state and history.
+    pub fn restart(&self) -> Result<()> {
+        self.listen()
+    }
+
+    /// Ends every open watch with `410 Gone` and forgets the history, so
+    /// the clients must relist (what a compacted watch cache does).
+    pub fn expire_watches(&self) {
+        {
+            let mut s = self.lock();
+            // A change elsewhere in the cluster moves the resourceVersion on.
+            s.rv += 1;
+            s.oldest = s.rv;
+            s.history.clear();
+            let rv = s.rv;
+            self.shared.changed.send_replace(rv);
+        }
+        self.shared.expire.send_modify(|e| *e += 1);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What clients have asked so far.
+    pub fn stats(&self) -> Stats {
+        self.lock().stats
+    }
+
+    /// Registers a node as a kubelet would; with `allocate`, then gives it
+    /// a podCIDR as the controller-manager would. Returns the podCIDR.
+    pub fn add_node(&self, name: &str, internal_ip: Ipv4Addr, allocate: bool) -> Result<Option<Ipv4Net>> {
+        let mut s = self.lock();
+        if s.nodes.contains_key(name) {
+            anyhow::bail!("node {name} exists");
+        }
+        let uid = s.next_uid;
+        s.next_uid += 1;
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"),
+                         "creationTimestamp": "2026-01-01T00:00:00Z",
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": {},
+            "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()},
+                                     {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "kubelet is posting ready status",
+                                       "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        });
+        commit(&self.shared, &mut s, name, "ADDED", node);
+        drop(s);
+        if allocate {
+            return self.allocate_pod_cidr(name).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Gives `name` the first free subnet of the cluster CIDR (node IPAM).
+    pub fn allocate_pod_cidr(&self, name: &str) -> Result<Ipv4Net> {
+        let mut s = self.lock();
+        let subnets = s.cluster_cidr.subnets(24).context("cluster CIDR smaller than /24")?;
+        let free = subnets.into_iter().find(|n| !s.allocated.contains(n)).context("cluster CIDR exhausted")?;
+        let mut node = s.nodes.get(name).cloned().with_context(|| format!("no node {name}"))?;
+        node["spec"]["podCIDR"] = json!(free.to_string());
+        node["spec"]["podCIDRs"] = json!([free.to_string()]);
+        s.allocated.insert(free);
+        commit(&self.shared, &mut s, name, "MODIFIED", node);
+        Ok(free)
+    }
+
+    /// Changes a node as another client (kubectl, the kubelet) would.
+    pub fn edit_node(&self, name: &str, edit: impl FnOnce(&mut Value)) -> Result<()> {
+        let mut s = self.lock();
+        let mut node = s.nodes.get(name).cloned().with_context(|| format!("no node {name}"))?;
+        edit(&mut node);
+        commit(&self.shared, &mut s, name, "MODIFIED", node);
+        Ok(())
+    }
+
+    /// Deletes a node (and frees its podCIDR, as the node IPAM does).
+    pub fn delete_node(&self, name: &str) -> Result<()> {
+        let mut s = self.lock();
+        let node = s.nodes.remove(name).with_context(|| format!("no node {name}"))?;
+        if let Some(cidr) = node["spec"]["podCIDR"].as_str().and_then(|c| c.parse().ok()) {
+            s.allocated.remove(&cidr);
+        }
+        s.rv += 1;
+        let rv = s.rv;
+        let mut last = node;
+        last["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.history.push_back((rv, "DELETED", last));
+        self.shared.changed.send_replace(rv);
+        Ok(())
+    }
+
+    /// A node as the API holds it.
+    pub fn node(&self, name: &str) -> Result<Node> {
+        let s = self.lock();
+        let v = s.nodes.get(name).cloned().with_context(|| format!("no node {name}"))?;
+        Ok(serde_json::from_value(v)?)
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        self.shared.epoch.send_modify(|e| *e += 1);
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Stores `node` under `name` as a new revision and wakes the watchers.
+fn commit(shared: &Shared, s: &mut State, name: &str, kind: &'static str, mut node: Value) {
+    s.rv += 1;
+    let rv = s.rv;
+    node["metadata"]["resourceVersion"] = json!(rv.to_string());
+    s.nodes.insert(name.to_string(), node.clone());
+    s.history.push_back((rv, kind, node));
+    shared.changed.send_replace(rv);
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let mut epoch = shared.epoch.subscribe();
+    epoch.mark_unchanged();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = epoch.changed() => return,
+        };
+        let shared = shared.clone();
+        let mut conn_epoch = epoch.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = conn_epoch.changed() => {}
+            }
+        });
+    }
+}
+
+/// An API error, rendered as a `Status` object.
+struct ApiError {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+fn err(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError { code, reason, message: message.into() }
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn respond(code: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    match route(shared, req).await {
+        Ok(r) => r,
+        Err(e) => respond(e.code, status_json(e.code.as_u16(), e.reason, &e.message)),
+    }
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let rest = path.strip_prefix("/api/v1/nodes").ok_or_else(|| {
+        err(StatusCode::NOT_FOUND, "NotFound", format!("the test API server serves only /api/v1/nodes, not {path}"))
+    })?;
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    for unsupported in ["labelSelector", "fieldSelector"] {
+        if query.get(unsupported).is_some_and(|v| !v.is_empty()) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("test double: {unsupported} is not implemented"),
+            ));
+        }
+    }
+    match (req.method().clone(), parts.as_slice()) {
+        (Method::GET, []) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
+            watch_nodes(shared, &query)
+        }
+        (Method::GET, []) => list_nodes(&shared, &query),
+        (Method::GET, [name]) | (Method::GET, [name, "status"]) => {
+            let mut s = lock(&shared);
+            s.stats.gets += 1;
+            let node = s.nodes.get(*name).cloned().ok_or_else(|| not_found(name))?;
+            Ok(respond(StatusCode::OK, node))
+        }
+        (Method::PATCH, [name]) | (Method::PATCH, [name, "status"]) => {
+            let status = parts.len() == 2;
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let name = name.to_string();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| err(StatusCode::BAD_REQUEST, "BadRequest", format!("reading body: {e}")))?
+                .to_bytes();
+            let mut s = lock(&shared);
+            s.stats.patches += 1;
+            let node = patch_node(&shared, &mut s, &name, status, &content_type, &body)?;
+            Ok(respond(StatusCode::OK, node))
+        }
+        (_, [] | [_] | [_, "status"]) => Err(err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("test double: {} {path} is not implemented", req.method()),
+        )),
+        _ => Err(err(StatusCode::NOT_FOUND, "NotFound", format!("no such path {path}"))),
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn not_found(name: &str) -> ApiError {
+    err(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"))
+}
+
+fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(b) => out.push(b),
+                    Err(_) => out.extend_from_slice(&bytes[i..i + 3]),
+                }
+                i += 3;
+                continue;
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
+    let mut s = lock(shared);
+    s.stats.lists += 1;
+    let limit: usize = match query.get("limit") {
+        Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
+        None => 0,
+    };
+    // A continue token is "<resourceVersion>/<last name served>".
+    let (rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let (rv, after) = token
+                .split_once('/')
+                .and_then(|(rv, name)| Some((rv.parse::<u64>().ok()?, name.to_string())))
+                .ok_or_else(|| err(StatusCode::BAD_REQUEST, "BadRequest", format!("continue token {token:?}")))?;
+            if rv < s.oldest {
+                return Err(err(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                ));
+            }
+            (rv, Some(after))
+        }
+        None => (s.rv, None),
+    };
+    let mut items = Vec::new();
+    let mut more = false;
+    for (name, node) in &s.nodes {
+        if after.as_ref().is_some_and(|a| name <= a) {
+            continue;
+        }
+        if limit > 0 && items.len() == limit {
+            more = true;
+            break;
+        }
+        let mut item = node.clone();
+        // List items carry no kind or apiVersion, as from a real server.
+        if let Some(o) = item.as_object_mut() {
+            o.remove("kind");
+            o.remove("apiVersion");
+        }
+        items.push(item);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more {
+        let last = items.last().and_then(|i| i["metadata"]["name"].as_str()).unwrap_or_default().to_string();
+        metadata["continue"] = json!(format!("{rv}/{last}"));
+    }
+    Ok(respond(StatusCode::OK, json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items})))
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
+    if query.get("sendInitialEvents").is_some_and(|v| v == "true") {
+        return Err(err(StatusCode::BAD_REQUEST, "BadRequest", "test double: sendInitialEvents is not implemented"));
+    }
+    let from: Option<u64> = match query.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(rv) => Some(
+            rv.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("resourceVersion {rv:?}")))?,
+        ),
+    };
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
+    lock(&shared).stats.watches += 1;
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(stream_events(shared, from, bookmarks, timeout, tx));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    Ok(r)
+}
+
+async fn stream_events(
+    shared: Arc<Shared>,
+    from: Option<u64>,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut changed = shared.changed.subscribe();
+    let mut expire = shared.expire.subscribe();
+    expire.mark_unchanged();
+    let mut epoch = shared.epoch.subscribe();
+    epoch.mark_unchanged();
+    let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(1800)));
+    tokio::pin!(deadline);
+    let gone = |rv: u64, oldest: u64| {
+        let status = status_json(410, "Expired", &format!("too old resource version: {rv} ({oldest})"));
+        event_line("ERROR", &status)
+    };
+    // What to send first: a 410, or the current objects (no version given), or nothing.
+    let (first, start): (Vec<Bytes>, Option<u64>) = {
+        let mut s = lock(&shared);
+        match from {
+            Some(rv) if rv < s.oldest => {
+                s.stats.expired += 1;
+                (vec![gone(rv, s.oldest)], None)
+            }
+            Some(rv) => (Vec::new(), Some(rv)),
+            None => (s.nodes.values().map(|n| event_line("ADDED", n)).collect(), Some(s.rv)),
+        }
+    };
+    for line in first {
+        if tx.send(line).await.is_err() {
+            return;
+        }
+    }
+    let Some(mut cursor) = start else { return };
+    loop {
+        let pending: Vec<Bytes> = {
+            let s = lock(&shared);
+            let lines = s.history.iter().filter(|(rv, _, _)| *rv > cursor).map(|(_, k, o)| event_line(k, o)).collect();
+            cursor = cursor.max(s.history.back().map(|(rv, _, _)| *rv).unwrap_or(cursor));
+            lines
+        };
+        for line in pending {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = expire.changed() => {
+                let line = {
+                    let mut s = lock(&shared);
+                    s.stats.expired += 1;
+                    gone(cursor, s.oldest)
+                };
+                let _ = tx.send(line).await;
+                return;
+            }
+            _ = tokio::time::sleep(shared.bookmark_every), if bookmarks => {
+                // Everything up to the current version has been sent (or
+                // concerned other resources): say so, as the watch cache does.
+                let rv = {
+                    let s = lock(&shared);
+                    if s.history.back().is_some_and(|(rv, _, _)| *rv > cursor) {
+                        continue;
+                    }
+                    s.rv
+                };
+                cursor = cursor.max(rv);
+                let mark = json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}});
+                if tx.send(event_line("BOOKMARK", &mark)).await.is_err() {
+                    return;
+                }
+            }
+            _ = &mut deadline => return,
+            _ = epoch.changed() => return,
+        }
+    }
+}
+
+fn patch_node(
+    shared: &Shared,
+    s: &mut State,
+    name: &str,
+    status: bool,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let current = s.nodes.get(name).cloned().ok_or_else(|| not_found(name))?;
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "BadRequest", format!("patch body is not JSON: {e}")))?;
+    let mut new = current.clone();
+    match content_type {
+        "application/merge-patch+json" => json_patch::merge(&mut new, &patch),
+        "application/strategic-merge-patch+json" => {
+            strategic_merge(&mut new, &patch, "").map_err(|m| err(StatusCode::BAD_REQUEST, "BadRequest", m))?
+        }
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+                .map_err(|e| err(StatusCode::BAD_REQUEST, "BadRequest", format!("not a JSON patch: {e}")))?;
+            json_patch::patch(&mut new, &ops)
+                .map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("JSON patch failed: {e}")))?
+        }
+        other => {
+            return Err(err(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other:?})"),
+            ))
+        }
+    }
+    // A resourceVersion in the patch is a precondition.
+    if let Some(rv) = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+        if Some(rv) != current.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+            return Err(err(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+            ));
+        }
+    }
+    // Each endpoint changes only its part of the object.
+    if status {
+        new["spec"] = current["spec"].clone();
+        new["metadata"] = current["metadata"].clone();
+    } else {
+        new["status"] = current["status"].clone();
+    }
+    for field in ["name", "uid", "creationTimestamp", "resourceVersion"] {
+        if new["metadata"][field] != current["metadata"][field] {
+            if field == "resourceVersion" {
+                new["metadata"][field] = current["metadata"][field].clone();
+            } else {
+                return Err(err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    format!("metadata.{field}: field is immutable"),
+                ));
+            }
+        }
+    }
+    let old_cidr = current.pointer("/spec/podCIDR").and_then(Value::as_str).unwrap_or("");
+    let new_cidr = new.pointer("/spec/podCIDR").and_then(Value::as_str).unwrap_or("");
+    if !old_cidr.is_empty() && old_cidr != new_cidr {
+        return Err(err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("Node \"{name}\" is invalid: spec.podCIDRs: Forbidden: node updates may not change podCIDR except from \"\" to valid"),
+        ));
+    }
+    strict_check(&new).map_err(|m| err(StatusCode::BAD_REQUEST, "BadRequest", m))?;
+    if new == current {
+        return Ok(current);
+    }
+    commit(shared, s, name, "MODIFIED", new.clone());
+    Ok(s.nodes.get(name).cloned().unwrap_or(new))
+}
+
+/// Refuses a Node with a field `k8s-openapi` does not know (strict field validation).
+fn strict_check(node: &Value) -> Result<(), String> {
+    let typed: Node = serde_json::from_value(node.clone()).map_err(|e| format!("invalid Node: {e}"))?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut unknown = Vec::new();
+    unknown_fields(node, &back, "", &mut unknown);
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "strict decoding error: {}",
+            unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect::<Vec<_>>().join(", ")
+        ))
+    }
+}
+
+fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, known) {
+        (Value::Object(i), Value::Object(k)) => {
+            for (key, value) in i {
+                let p = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                match k.get(key) {
+                    Some(kv) => unknown_fields(value, kv, &p, out),
+                    None if value.is_null() => {}
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(k)) => {
+            for (n, (iv, kv)) in i.iter().zip(k).enumerate() {
+                unknown_fields(iv, kv, &format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The merge key of a list in a Node, from its patchStrategy tags.
+fn merge_key(path: &str) -> Option<&'static str> {
+    match path {
+        "/status/conditions" | "/status/addresses" => Some("type"),
+        "/spec/taints" => Some("key"),
+        "/status/volumesAttached" => Some("name"),
+        _ => None,
+    }
+}
+
+/// A strategic merge patch on a Node: maps merge, `null` deletes, lists
+/// with a merge key merge by it (`$patch: delete` removes an element),
+/// `podCIDRs` merges as a set, other lists are replaced.
+fn strategic_merge(target: &mut Value, patch: &Value, path: &str) -> Result<(), String> {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    if let Some(directive) = p.get("$patch") {
+        match directive.as_str() {
+            Some("replace") => {
+                let mut replaced = patch.clone();
+                if let Some(o) = replaced.as_object_mut() {
+                    o.remove("$patch");
+                }
+                *target = replaced;
+                return Ok(());
+            }
+            Some("delete") => {
+                *target = Value::Null;
+                return Ok(());
+            }
+            other => return Err(format!("unknown patch directive {other:?} at {path}")),
+        }
+    }
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (key, value) in p {
+        if key.starts_with("$setElementOrder/") {
+            continue;
+        }
+        if key.starts_with('$') {
+            return Err(format!("test double: patch directive {key} at {path} is not implemented"));
+        }
+        let child = format!("{path}/{key}");
+        let Some(t) = target.as_object_mut() else { unreachable!("made an object above") };
+        if value.is_null() {
+            t.remove(key);
+            continue;
+        }
+        let slot = t.entry(key.clone()).or_insert(Value::Null);
+        match (value, merge_key(&child)) {
+            (Value::Array(items), Some(mk)) => {
+                let mut list = slot.as_array().cloned().unwrap_or_default();
+                for item in items {
+                    let k = item.get(mk).cloned().ok_or_else(|| format!("{child}: element without merge key {mk}"))?;
+                    let at = list.iter().position(|e| e.get(mk) == Some(&k));
+                    if item.get("$patch").and_then(Value::as_str) == Some("delete") {
+                        if let Some(at) = at {
+                            list.remove(at);
+                        }
+                        continue;
+                    }
+                    match at {
+                        Some(at) => strategic_merge(&mut list[at], item, &child)?,
+                        None => list.push(item.clone()),
+                    }
+                }
+                *slot = Value::Array(list);
+            }
+            (Value::Array(items), None) if child == "/spec/podCIDRs" => {
+                let mut list = slot.as_array().cloned().unwrap_or_default();
+                for item in items {
+                    if !list.contains(item) {
+                        list.push(item.clone());
+                    }
+                }
+                *slot = Value::Array(list);
+            }
+            (Value::Object(_), _) => strategic_merge(slot, value, &child)?,
+            _ => *slot = value.clone(),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategic_merge_by_key() {
+        let mut node = json!({"status": {"conditions": [
+            {"type": "Ready", "status": "True"}, {"type": "NetworkUnavailable", "status": "True", "reason": "NoRoute"}]}});
+        let patch =
+            json!({"status": {"conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "X"}]}});
+        strategic_merge(&mut node, &patch, "").unwrap();
+        let c = node["status"]["conditions"].as_array().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1], json!({"type": "NetworkUnavailable", "status": "False", "reason": "X"}));
+        let delete = json!({"status": {"conditions": [{"type": "Ready", "$patch": "delete"}]}});
+        strategic_merge(&mut node, &delete, "").unwrap();
+        assert_eq!(node["status"]["conditions"].as_array().unwrap().len(), 1);
+        assert!(strategic_merge(&mut node, &json!({"$retainKeys": []}), "").is_err());
+        assert!(strategic_merge(&mut node, &json!({"status": {"conditions": [{"status": "x"}]}}), "").is_err());
+    }
+
+    #[test]
+    fn strict_check_finds_unknown_fields() {
+        let ok = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a", "annotations": {"x": "y"}}, "spec": {"podCIDR": "10.0.0.0/24"}});
+        assert!(strict_check(&ok).is_ok());
+        let mut bad = ok.clone();
+        bad["spec"]["podCidr"] = json!("10.0.0.0/24");
+        let e = strict_check(&bad).unwrap_err();
+        assert!(e.contains("unknown field \"spec.podCidr\""), "{e}");
+    }
+
+    #[test]
+    fn queries_decode() {
+        let q = parse_query("watch=true&resourceVersion=12&continue=5%2Fnode-1&x");
+        assert_eq!(q["continue"], "5/node-1");
+        assert_eq!(q["watch"], "true");
+        assert_eq!(q["x"], "");
+    }
+}

@@ -4,8 +4,14 @@ CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler iputils-ping procps util-linux \
                 podman runc conmon busybox-static containernetworking-plugins
+# The manifest validator (PyPI), pinned, in a venv of its own; and the
+# Kubernetes version whose schemas the manifests must satisfy (the oldest
+# k8s-openapi version we build against).
+KUBERNETES_VALIDATE := 1.37.0
+K8S_VERSION := 1.33.0
+PYTOOLS := $(CURDIR)/target/pytools
 
-.PHONY: all deps build release test unit e2e bench demo demo-down fmt clippy clean
+.PHONY: all deps build release test unit e2e bench demo demo-down fmt clippy clean validate-manifests
 
 all: build
 
@@ -20,6 +26,14 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi; \
 	rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+	@if ! $(PYTOOLS)/bin/kubernetes-validate --version 2>/dev/null | grep -qx '$(KUBERNETES_VALIDATE)'; then \
+	  echo "make deps: installing kubernetes-validate $(KUBERNETES_VALIDATE) into $(PYTOOLS)"; \
+	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
+	fi
+
+## validate-manifests: every document of deploy/overlay.yaml against the Kubernetes schemas, strictly
+validate-manifests: deps
+	$(PYTOOLS)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) deploy/overlay.yaml
 
 build:
 	$(CARGO) build --workspace --bins
@@ -34,7 +48,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## test: format and lint checks, then every test (unit and end-to-end, as root)
-test: deps
+test: deps validate-manifests
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins

@@ -157,7 +157,9 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
         release_freed_memory();
 
-        dataplane::enable_ip_forward().context("setting net.ipv4.ip_forward=1")?;
+        dataplane::enable_ip_forward().context(
+            "setting net.ipv4.ip_forward=1 (in an unprivileged container /proc/sys is read-only: set it on the host)",
+        )?;
         self.assert_masquerade();
         let mut retry_soon = !self.reconcile(Read::Kernel);
         self.announce(retry_soon).await;

@@ -8,7 +8,13 @@ use clap::{Parser, Subcommand};
 
 /// overlayd: a VXLAN pod network node daemon, wire-compatible with flannel.
 #[derive(Debug, Parser)]
-#[command(name = "overlayd", version, about, long_about = None)]
+#[command(
+    name = "overlayd",
+    version,
+    about,
+    long_about = None,
+    after_help = "Logging: set OVERLAYD_LOG to a filter such as info, or info,overlayd=debug."
+)]
 pub struct Cli {
     /// What to do; without a command, run the daemon.
     #[command(subcommand)]

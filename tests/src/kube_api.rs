@@ -57,6 +57,9 @@ pub struct Stats {
     pub expired: u64,
 }
 
+/// One kind of request, as RBAC sees it: a verb on a resource.
+pub type Access = (&'static str, &'static str);
+
 struct State {
     rv: u64,
     nodes: BTreeMap<String, Value>,
@@ -68,6 +71,8 @@ struct State {
     allocated: BTreeSet<Ipv4Net>,
     next_uid: u64,
     stats: Stats,
+    /// Every (verb, resource) a client used, for RBAC checks.
+    used: BTreeSet<Access>,
 }
 
 struct Shared {
@@ -108,6 +113,7 @@ impl KubeApi {
                 allocated: BTreeSet::new(),
                 next_uid: 1,
                 stats: Stats::default(),
+                used: BTreeSet::new(),
             }),
             changed: watch::channel(1).0,
             expire: watch::channel(0).0,
@@ -182,6 +188,11 @@ impl KubeApi {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every (verb, resource) clients used so far, as RBAC names them.
+    pub fn accesses(&self) -> BTreeSet<Access> {
+        self.lock().used.clone()
     }
 
     /// What clients have asked so far.
@@ -366,6 +377,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         (Method::GET, [name]) | (Method::GET, [name, "status"]) => {
             let mut s = lock(&shared);
             s.stats.gets += 1;
+            s.used.insert(("get", if parts.len() == 2 { "nodes/status" } else { "nodes" }));
             let node = s.nodes.get(*name).cloned().ok_or_else(|| not_found(name))?;
             Ok(respond(StatusCode::OK, node))
         }
@@ -390,6 +402,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                 .to_bytes();
             let mut s = lock(&shared);
             s.stats.patches += 1;
+            s.used.insert(("patch", if status { "nodes/status" } else { "nodes" }));
             let node = patch_node(&shared, &mut s, &name, status, &content_type, &body)?;
             Ok(respond(StatusCode::OK, node))
         }
@@ -445,6 +458,7 @@ fn percent_decode(s: &str) -> String {
 fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
     let mut s = lock(shared);
     s.stats.lists += 1;
+    s.used.insert(("list", "nodes"));
     let limit: usize = match query.get("limit") {
         Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
         None => 0,
@@ -511,7 +525,11 @@ fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<
     };
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
-    lock(&shared).stats.watches += 1;
+    {
+        let mut s = lock(&shared);
+        s.stats.watches += 1;
+        s.used.insert(("watch", "nodes"));
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(stream_events(shared, from, bookmarks, timeout, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -683,39 +701,7 @@ fn patch_node(
 
 /// Refuses a Node with a field `k8s-openapi` does not know (strict field validation).
 fn strict_check(node: &Value) -> Result<(), String> {
-    let typed: Node = serde_json::from_value(node.clone()).map_err(|e| format!("invalid Node: {e}"))?;
-    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
-    let mut unknown = Vec::new();
-    unknown_fields(node, &back, "", &mut unknown);
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "strict decoding error: {}",
-            unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect::<Vec<_>>().join(", ")
-        ))
-    }
-}
-
-fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String>) {
-    match (input, known) {
-        (Value::Object(i), Value::Object(k)) => {
-            for (key, value) in i {
-                let p = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-                match k.get(key) {
-                    Some(kv) => unknown_fields(value, kv, &p, out),
-                    None if value.is_null() => {}
-                    None => out.push(p),
-                }
-            }
-        }
-        (Value::Array(i), Value::Array(k)) => {
-            for (n, (iv, kv)) in i.iter().zip(k).enumerate() {
-                unknown_fields(iv, kv, &format!("{path}[{n}]"), out);
-            }
-        }
-        _ => {}
-    }
+    crate::strict::decode::<Node>(node).map(|_| ())
 }
 
 /// The merge key of a list in a Node, from its patchStrategy tags.
@@ -824,16 +810,6 @@ mod tests {
         assert_eq!(node["status"]["conditions"].as_array().unwrap().len(), 1);
         assert!(strategic_merge(&mut node, &json!({"$retainKeys": []}), "").is_err());
         assert!(strategic_merge(&mut node, &json!({"status": {"conditions": [{"status": "x"}]}}), "").is_err());
-    }
-
-    #[test]
-    fn strict_check_finds_unknown_fields() {
-        let ok = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a", "annotations": {"x": "y"}}, "spec": {"podCIDR": "10.0.0.0/24"}});
-        assert!(strict_check(&ok).is_ok());
-        let mut bad = ok.clone();
-        bad["spec"]["podCidr"] = json!("10.0.0.0/24");
-        let e = strict_check(&bad).unwrap_err();
-        assert!(e.contains("unknown field \"spec.podCidr\""), "{e}");
     }
 
     #[test]

@@ -10,9 +10,11 @@ pub mod cluster;
 pub mod cni;
 pub mod etcd;
 pub mod kube_api;
+pub mod manifests;
 pub mod netns;
 pub mod podman;
 pub mod probe;
+pub mod strict;
 
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use etcd::Etcd;

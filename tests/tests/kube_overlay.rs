@@ -172,6 +172,15 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
     }
     assert!(ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(3)));
 
+    // RBAC: the ClusterRole grants exactly what the daemons used, no more.
+    let used: std::collections::BTreeSet<(String, String)> =
+        c.api().accesses().iter().map(|(v, r)| (v.to_string(), r.to_string())).collect();
+    assert_eq!(
+        used,
+        overlay_tests::manifests::cluster_role_grants().unwrap(),
+        "daemon requests vs deploy/overlay.yaml"
+    );
+
     // Someone overwrites our published MAC: the daemon writes it back, so
     // peers never keep sending to a wrong VTEP.
     let own_mac = c.nodes[0].vtep_mac().unwrap();

@@ -27,8 +27,6 @@ pub const OUTSIDE_UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 254);
 pub const ETCD_IP: &str = "192.168.50.2";
 /// Where the Kubernetes API test double listens, on the underlay bridge.
 pub const KUBE_API: &str = "192.168.50.2:6443";
-/// The cluster CIDR the test double's node IPAM cuts /24s from.
-pub const KUBE_CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 /// How the cluster is set up.
 #[derive(Debug, Clone)]
@@ -183,9 +181,11 @@ impl Cluster {
     }
 
     /// Starts the Kubernetes API test double on the underlay (`KUBE_API`)
-    /// and writes the kubeconfig and net-conf.json the nodes will use.
+    /// and writes the kubeconfig and net-conf.json the nodes will use. The
+    /// node IPAM's cluster CIDR is the net-conf's Network, as it must be.
     pub fn start_kube_api(&mut self, net_conf: &str) -> Result<()> {
-        let api = crate::kube_api::KubeApi::start(&self.underlay, KUBE_API.parse()?, KUBE_CLUSTER_CIDR.parse()?)?;
+        let cluster_cidr = proto::NetConfig::parse(net_conf)?.network;
+        let api = crate::kube_api::KubeApi::start(&self.underlay, KUBE_API.parse()?, cluster_cidr)?;
         api.write_kubeconfig(&self.dir.join("kubeconfig"))?;
         std::fs::write(self.dir.join("net-conf.json"), net_conf)?;
         self.kube = Some(api);

@@ -230,6 +230,33 @@ impl KubeApi {
         Ok(None)
     }
 
+    /// Adds a node that already has a podCIDR and a peer's annotations, as
+    /// a running cluster's nodes do (for benchmarks: one revision per node).
+    pub fn add_peer_node(
+        &self,
+        name: &str,
+        internal_ip: Ipv4Addr,
+        pod_cidr: Ipv4Net,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut s = self.lock();
+        if s.nodes.contains_key(name) || s.allocated.contains(&pod_cidr) {
+            anyhow::bail!("node {name} or podCIDR {pod_cidr} exists");
+        }
+        let uid = s.next_uid;
+        s.next_uid += 1;
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"),
+                         "creationTimestamp": "2026-01-01T00:00:00Z", "annotations": annotations},
+            "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+            "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()}]},
+        });
+        s.allocated.insert(pod_cidr);
+        commit(&self.shared, &mut s, name, "ADDED", node);
+        Ok(())
+    }
+
     /// Gives `name` the first free subnet of the cluster CIDR (node IPAM).
     pub fn allocate_pod_cidr(&self, name: &str) -> Result<Ipv4Net> {
         let mut s = self.lock();

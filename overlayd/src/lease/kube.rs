@@ -104,8 +104,58 @@ impl KubeLeases {
         Ok(())
     }
 
+    /// Streams Node changes as peer events, forever. kube's watcher lists,
+    /// watches from the list's resourceVersion with bookmarks, and relists
+    /// after a 410 Gone; a relist becomes one `Snapshot`, which the daemon
+    /// diffs like any other batch, so unchanged peers are not touched.
+    async fn watch_nodes(self, tx: EventSender) {
+        let stream = watcher::watcher(self.nodes.clone(), watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut nodes = NodeEvents::new(self.annotations.clone());
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            let batch = match item {
+                Ok(event) => {
+                    if failing {
+                        info!("watching nodes again");
+                        failing = false;
+                    }
+                    nodes.on_event(event)
+                }
+                Err(e) => {
+                    // kube's backoff paces the retries; say it once per outage.
+                    if !failing {
+                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
+                    }
+                    failing = true;
+                    continue;
+                }
+            };
+            if !batch.is_empty() && tx.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Turns the watcher's Node events into peer events. Pure, so the
+/// translation is unit-tested without an API server.
+struct NodeEvents {
+    annotations: NodeAnnotations,
+    /// Which lease each node stood for, so a node whose podCIDR or
+    /// annotations went away (or that was deleted) can be removed.
+    known: HashMap<String, LeaseKey>,
+    /// Nodes of a (re)list in progress.
+    listing: Option<Vec<(String, LeaseKey, LeaseAttrs)>>,
+}
+
+impl NodeEvents {
+    fn new(annotations: NodeAnnotations) -> Self {
+        NodeEvents { annotations, known: HashMap::new(), listing: None }
+    }
+
     /// The lease a Node stands for, if it is a usable peer.
-    fn node_lease(&self, node: &Node) -> Option<(LeaseKey, LeaseAttrs)> {
+    fn lease(&self, node: &Node) -> Option<(LeaseKey, LeaseAttrs)> {
         let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref());
         let empty = BTreeMap::new();
         let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
@@ -118,77 +168,45 @@ impl KubeLeases {
         }
     }
 
-    /// Streams Node changes as peer events, forever. kube's watcher lists,
-    /// watches from the list's resourceVersion with bookmarks, and relists
-    /// after a 410 Gone; a relist becomes one `Snapshot`, which the daemon
-    /// diffs like any other batch, so unchanged peers are not touched.
-    async fn watch_nodes(self, tx: EventSender) {
-        let stream = watcher::watcher(self.nodes.clone(), watcher::Config::default()).default_backoff();
-        let mut stream = std::pin::pin!(stream);
-        // Which lease each node stood for, so a node whose podCIDR or
-        // annotations went away (or that was deleted) can be removed.
-        let mut known: HashMap<String, LeaseKey> = HashMap::new();
-        let mut listing: Option<Vec<(String, LeaseKey, LeaseAttrs)>> = None;
-        let mut failing = false;
-        while let Some(item) = stream.next().await {
-            let batch = match item {
-                Ok(Event::Init) => {
-                    listing = Some(Vec::new());
-                    continue;
-                }
-                Ok(Event::InitApply(node)) => {
-                    if let (Some(buffer), Some(name), Some((key, attrs))) =
-                        (listing.as_mut(), node.metadata.name.clone(), self.node_lease(&node))
-                    {
-                        buffer.push((name, key, attrs));
-                    }
-                    continue;
-                }
-                Ok(Event::InitDone) => {
-                    let listed = listing.take().unwrap_or_default();
-                    known = listed.iter().map(|(name, key, _)| (name.clone(), *key)).collect();
-                    debug!(peers = listed.len(), "listed nodes");
-                    vec![PeerEvent::Snapshot(listed.into_iter().map(|(_, k, a)| (k, a)).collect())]
-                }
-                Ok(Event::Apply(node)) => {
-                    let Some(name) = node.metadata.name.clone() else { continue };
-                    let lease = self.node_lease(&node);
-                    let mut batch = Vec::with_capacity(2);
-                    let previous = match &lease {
-                        Some((key, _)) => known.insert(name, *key),
-                        None => known.remove(&name),
-                    };
-                    if let Some(old) = previous.filter(|old| lease.as_ref().is_none_or(|(key, _)| key != old)) {
-                        batch.push(PeerEvent::Remove(old));
-                    }
-                    if let Some((key, attrs)) = lease {
-                        batch.push(PeerEvent::Upsert(key, attrs));
-                    }
-                    batch
-                }
-                Ok(Event::Delete(node)) => {
-                    let Some(old) = node.metadata.name.as_ref().and_then(|name| known.remove(name)) else { continue };
-                    vec![PeerEvent::Remove(old)]
-                }
-                Err(e) => {
-                    // kube's backoff paces the retries; say it once per outage.
-                    if !failing {
-                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
-                    }
-                    failing = true;
-                    continue;
-                }
-            };
-            if failing {
-                info!("watching nodes again");
-                failing = false;
+    /// The peer events one watcher event stands for (often none).
+    fn on_event(&mut self, event: Event<Node>) -> Vec<PeerEvent> {
+        match event {
+            Event::Init => {
+                self.listing = Some(Vec::new());
+                Vec::new()
             }
-            if batch.is_empty() {
-                continue;
+            Event::InitApply(node) => {
+                if let (Some(name), Some((key, attrs))) = (node.metadata.name.clone(), self.lease(&node)) {
+                    self.listing.get_or_insert_with(Vec::new).push((name, key, attrs));
+                }
+                Vec::new()
             }
-            if tx.send(batch).is_err() {
-                return;
+            Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                self.known = listed.iter().map(|(name, key, _)| (name.clone(), *key)).collect();
+                debug!(peers = listed.len(), "listed nodes");
+                vec![PeerEvent::Snapshot(listed.into_iter().map(|(_, k, a)| (k, a)).collect())]
             }
+            Event::Apply(node) => {
+                let Some(name) = node.metadata.name.clone() else { return Vec::new() };
+                let lease = self.lease(&node);
+                let previous = match &lease {
+                    Some((key, _)) => self.known.insert(name, *key),
+                    None => self.known.remove(&name),
+                };
+                let mut batch = Vec::with_capacity(2);
+                if let Some(old) = previous.filter(|old| lease.as_ref().is_none_or(|(key, _)| key != old)) {
+                    batch.push(PeerEvent::Remove(old));
+                }
+                if let Some((key, attrs)) = lease {
+                    batch.push(PeerEvent::Upsert(key, attrs));
+                }
+                batch
+            }
+            Event::Delete(node) => match node.metadata.name.as_ref().and_then(|name| self.known.remove(name)) {
+                Some(old) => vec![PeerEvent::Remove(old)],
+                None => Vec::new(),
+            },
         }
     }
 }
@@ -330,5 +348,104 @@ impl LeaseStore for KubeLeases {
         bounded(what, self.nodes.patch_status(&self.node_name, &params, &patch)).await?;
         info!(node = %self.node_name, "node condition {CONDITION}=False ({CONDITION_REASON})");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::NodeSpec;
+    use proto::{MacAddr, VxlanBackendData};
+
+    fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
+        let vtep_mac: MacAddr = mac.parse().unwrap();
+        LeaseAttrs::vxlan(ip.parse().unwrap(), VxlanBackendData { vni: 1, vtep_mac })
+    }
+
+    fn node(name: &str, cidr: Option<&str>, lease: Option<&LeaseAttrs>) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.annotations = lease.map(|a| NodeAnnotations::default().publish(a));
+        n.spec = Some(NodeSpec { pod_cidr: cidr.map(String::from), ..NodeSpec::default() });
+        n
+    }
+
+    fn key(cidr: &str) -> LeaseKey {
+        LeaseKey::v4(cidr.parse().unwrap())
+    }
+
+    fn summary(events: &[PeerEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                PeerEvent::Upsert(k, a) => format!("upsert {k} {}", a.public_ip),
+                PeerEvent::Remove(k) => format!("remove {k}"),
+                PeerEvent::Snapshot(all) => format!("snapshot {}", all.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn list_then_changes_become_peer_events() {
+        let mut n = NodeEvents::new(NodeAnnotations::default());
+        let a = attrs("192.168.1.1", "02:00:00:00:00:01");
+        assert!(n.on_event(Event::Init).is_empty());
+        assert!(n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a)))).is_empty());
+        // Not yet a peer: no podCIDR, or no annotations.
+        assert!(n.on_event(Event::InitApply(node("b", None, Some(&a)))).is_empty());
+        assert!(n.on_event(Event::InitApply(node("c", Some("10.244.3.0/24"), None))).is_empty());
+        assert_eq!(summary(&n.on_event(Event::InitDone)), ["snapshot 1"]);
+
+        // c publishes: a new peer.
+        let c = attrs("192.168.1.3", "02:00:00:00:00:03");
+        assert_eq!(
+            summary(&n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), Some(&c))))),
+            ["upsert 10.244.3.0-24 192.168.1.3"]
+        );
+        // c's annotations are removed: it is no longer a peer.
+        assert_eq!(
+            summary(&n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None)))),
+            ["remove 10.244.3.0-24"]
+        );
+        // ...and a change to a non-peer is nothing.
+        assert!(n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None))).is_empty());
+        // a is recreated with another podCIDR: the old lease goes, the new comes.
+        assert_eq!(
+            summary(&n.on_event(Event::Apply(node("a", Some("10.244.9.0/24"), Some(&a))))),
+            ["remove 10.244.1.0-24", "upsert 10.244.9.0-24 192.168.1.1"]
+        );
+        // a is deleted; deleting an unknown node is nothing.
+        assert_eq!(
+            summary(&n.on_event(Event::Delete(node("a", Some("10.244.9.0/24"), Some(&a))))),
+            ["remove 10.244.9.0-24"]
+        );
+        assert!(n.on_event(Event::Delete(node("zz", None, None))).is_empty());
+    }
+
+    #[test]
+    fn relist_forgets_nodes_gone_meanwhile() {
+        let mut n = NodeEvents::new(NodeAnnotations::default());
+        let a = attrs("192.168.1.1", "02:00:00:00:00:01");
+        let b = attrs("192.168.1.2", "02:00:00:00:00:02");
+        n.on_event(Event::Init);
+        n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
+        n.on_event(Event::InitApply(node("b", Some("10.244.2.0/24"), Some(&b))));
+        n.on_event(Event::InitDone);
+        // A 410, and b was deleted while the watch was down: the snapshot
+        // has only a, and a later delete of b is not reported twice.
+        n.on_event(Event::Init);
+        n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
+        let events = n.on_event(Event::InitDone);
+        let PeerEvent::Snapshot(all) = &events[0] else { panic!("{events:?}") };
+        assert_eq!(all.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key("10.244.1.0/24")]);
+        assert!(n.on_event(Event::Delete(node("b", Some("10.244.2.0/24"), Some(&b)))).is_empty());
+    }
+
+    #[test]
+    fn a_malformed_node_is_skipped_not_fatal() {
+        let mut n = NodeEvents::new(NodeAnnotations::default());
+        let mut bad = node("a", Some("10.244.1.0/24"), Some(&attrs("192.168.1.1", "02:00:00:00:00:01")));
+        bad.metadata.annotations.as_mut().unwrap().insert("flannel.alpha.coreos.com/public-ip".into(), "nope".into());
+        assert!(n.on_event(Event::Apply(bad)).is_empty());
     }
 }

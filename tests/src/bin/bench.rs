@@ -43,6 +43,8 @@ fn wait_routes(ns: &Netns, timeout: Duration, done: impl Fn(usize) -> bool) -> O
 #[derive(Default, Clone, Copy)]
 struct Usage {
     rss_kib: u64,
+    /// Heap and stacks; the rest of the RSS is the binary's own pages.
+    anon_kib: u64,
     peak_kib: u64,
     cpu_s: f64,
 }
@@ -65,7 +67,7 @@ fn usage(pid: u32) -> Usage {
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Usage { rss_kib: field("VmRSS:"), peak_kib: field("VmHWM:"), cpu_s: ticks as f64 / hz }
+    Usage { rss_kib: field("VmRSS:"), anon_kib: field("RssAnon:"), peak_kib: field("VmHWM:"), cpu_s: ticks as f64 / hz }
 }
 
 fn config_for_bench() -> &'static str {
@@ -200,6 +202,60 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
         burst_usage,
         floor: floor(&c.id, n)?,
     })
+}
+
+/// Kubernetes mode: N Node objects present at start → all N programmed.
+struct KubeRow {
+    n: u32,
+    cold: Option<Duration>,
+    usage: Usage,
+    idle: Usage,
+}
+
+fn kube_bench(n: u32) -> Result<KubeRow> {
+    let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), ..Default::default() })?;
+    c.start_kube_api(config_for_bench())?;
+    let prefix = proto::node_annotations::DEFAULT_PREFIX;
+    for i in 1..=n {
+        let (subnet, value) = synthetic_lease(i);
+        let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
+        let annotations = proto::NodeAnnotations::new(prefix).publish(&attrs);
+        c.api().add_peer_node(&format!("peer-{i}"), attrs.public_ip, subnet, &annotations)?;
+    }
+    let i = c.add_kube_node(true, &[])?;
+    let start = Instant::now();
+    c.nodes[i].start()?;
+    let timeout = Duration::from_secs(60);
+    let cold = loop {
+        if route_count(&c.nodes[i].ns) >= n as usize {
+            break Some(start.elapsed());
+        }
+        if start.elapsed() > timeout || !c.nodes[i].running() {
+            eprintln!("kube cold start n={n} failed:\n{}", c.nodes[i].log_text());
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let pid = c.nodes[i].pid().context("pid")?;
+    let usage_at_start = usage(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = usage(pid);
+    if std::env::var("OVERLAY_BENCH_SMAPS").is_ok() {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut name = String::new();
+        for line in smaps.lines() {
+            if line.contains('-') && !line.starts_with(|c: char| c.is_ascii_uppercase()) {
+                name = line.to_string();
+            } else if let Some(rss) = line.strip_prefix("Rss:") {
+                let kib: u64 = rss.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+                if kib >= 256 {
+                    eprintln!("{kib:>6} KiB  {name}");
+                }
+            }
+        }
+    }
+    c.nodes[i].stop()?;
+    Ok(KubeRow { n, cold, usage: usage_at_start, idle })
 }
 
 /// Per pod: (ADD, DEL, ADD+DEL) wall times of one plugin, each list sorted.
@@ -354,20 +410,26 @@ fn main() -> Result<()> {
         .collect();
     let mut c = Cluster::new(ClusterOptions { config: None, resync: "30s".into(), ..Default::default() })?;
     let mut rows = Vec::new();
-    for n in sizes {
+    for &n in &sizes {
         eprintln!("bench: N={n} ...");
         rows.push(bench(&mut c, n)?);
     }
+    let mut kube_rows = Vec::new();
+    for &n in &sizes {
+        eprintln!("bench: Kubernetes mode, N={n} ...");
+        kube_rows.push(kube_bench(n)?);
+    }
     println!();
-    println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers | RSS idle, N peers | peak RSS | CPU s (cold start) | CPU s (burst add+remove) |");
+    println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers (heap) | RSS idle, N peers (heap) | peak RSS | CPU s (cold start) | CPU s (burst add+remove) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let etcd_cold: Vec<(u32, Option<Duration>)> = rows.iter().map(|r| (r.n, r.cold)).collect();
     for r in rows {
         let ratio = r
             .cold
             .map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6)))
             .unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {:.2} | {:.2} |",
             r.n,
             ms(r.cold),
             ms(Some(r.floor)),
@@ -377,7 +439,9 @@ fn main() -> Result<()> {
             ms(r.removal),
             r.removal_stale,
             mib(r.idle_empty.rss_kib),
+            mib(r.idle_empty.anon_kib),
             mib(r.idle_full.rss_kib),
+            mib(r.idle_full.anon_kib),
             mib(r.cold_usage.peak_kib.max(r.burst_usage.peak_kib)),
             r.cold_usage.cpu_s,
             r.burst_usage.cpu_s - r.idle_empty.cpu_s,
@@ -385,6 +449,27 @@ fn main() -> Result<()> {
     }
     println!();
     println!("cold start: from spawning overlayd until the kernel holds all N routes (routes are programmed last); floor: the same N×3 entries by one `bridge -batch` and one `ip -batch` process.");
+    println!();
+    println!("| N Nodes (Kubernetes mode) | cold start (all N×3 entries) | etcd mode, same N | RSS idle (of which heap) | peak RSS | CPU s (cold start) |");
+    println!("|---|---|---|---|---|---|");
+    for r in &kube_rows {
+        let etcd = etcd_cold.iter().find(|(n, _)| *n == r.n).and_then(|(_, d)| *d);
+        println!(
+            "| {} | {} | {} | {} ({}) | {} | {:.2} |",
+            r.n,
+            ms(r.cold),
+            ms(etcd),
+            mib(r.idle.rss_kib),
+            mib(r.idle.anon_kib),
+            mib(r.usage.peak_kib.max(r.idle.peak_kib)),
+            r.usage.cpu_s
+        );
+    }
+    println!();
+    println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The list is paged (500 per page), as kube's watcher does against a real API server.");
+    if std::env::var("OVERLAY_BENCH_SKIP_CNI").is_ok() {
+        return Ok(());
+    }
     cni_bench(&c.id)?;
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
     Ok(())

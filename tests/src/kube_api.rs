@@ -12,7 +12,8 @@
 //!   taints) and JSON patch on `nodes` and `nodes/status`, each changing
 //!   only its part (spec and metadata, or status); a no-op patch does not
 //!   bump the resourceVersion;
-//! - strict: an unknown field, an unsupported patch content type, a changed
+//! - strict (`tests/tests/kube_api_double.rs` checks it): an unknown field
+//!   (always, as with `fieldValidation=Strict`), an unsupported patch content type, a changed
 //!   podCIDR, a stale resourceVersion precondition, a selector it does not
 //!   implement: each is refused with the Status a real server would send;
 //! - node IPAM as kube-controller-manager's range allocator does it: the
@@ -90,13 +91,25 @@ struct Shared {
 pub struct KubeApi {
     shared: Arc<Shared>,
     rt: Option<tokio::runtime::Runtime>,
-    netns_path: String,
+    /// The namespace to listen in; None: the test process's own (loopback only).
+    netns_path: Option<String>,
     addr: SocketAddr,
 }
 
 impl KubeApi {
     /// Serves on `addr` inside `ns`, handing out podCIDRs from `cluster_cidr`.
     pub fn start(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
+        Self::start_in(Some(ns.path()), addr, cluster_cidr)
+    }
+
+    /// Serves on a free port of 127.0.0.1 in the test's own namespace, for
+    /// tests of the double itself (no root needed).
+    pub fn start_on_loopback(cluster_cidr: Ipv4Net) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_in(None, SocketAddr::from(([127, 0, 0, 1], port)), cluster_cidr)
+    }
+
+    fn start_in(netns_path: Option<String>, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kube-api")
@@ -120,7 +133,7 @@ impl KubeApi {
             epoch: watch::channel(0).0,
             bookmark_every: Duration::from_secs(1),
         });
-        let api = KubeApi { shared, rt: Some(rt), netns_path: ns.path(), addr };
+        let api = KubeApi { shared, rt: Some(rt), netns_path, addr };
         api.listen()?;
         Ok(api)
     }
@@ -143,13 +156,17 @@ impl KubeApi {
 
     fn listen(&self) -> Result<()> {
         let addr = self.addr;
-        let listener = crate::probe::in_netns_path(&self.netns_path, move || {
+        let bind = move || -> Result<std::net::TcpListener> {
             let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             l.set_nonblocking(true)?;
             Ok(l)
-        })
-        .join()
-        .map_err(|_| anyhow!("bind thread panicked"))??;
+        };
+        let listener = match &self.netns_path {
+            Some(path) => {
+                crate::probe::in_netns_path(path, bind).join().map_err(|_| anyhow!("bind thread panicked"))??
+            }
+            None => bind()?,
+        };
         let shared = self.shared.clone();
         let rt = self.rt.as_ref().ok_or_else(|| anyhow!("server dropped"))?;
         let _guard = rt.enter();

@@ -31,6 +31,8 @@ use crate::flags::RunArgs;
 /// The condition we own on our Node, and what we set it to.
 const CONDITION: &str = "NetworkUnavailable";
 const CONDITION_REASON: &str = "OverlayIsUp";
+/// Who wrote our fields, in the Node's managedFields.
+const FIELD_MANAGER: &str = "overlayd";
 /// Bound on one API call; a blackholed API server must not stall the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The watch already shows us changes to our own Node; this is a safety net,
@@ -97,7 +99,7 @@ impl KubeLeases {
     /// Writes our annotations onto our Node (a merge patch: other annotations stay).
     async fn publish(&self, attrs: &LeaseAttrs) -> anyhow::Result<()> {
         let patch = serde_json::json!({ "metadata": { "annotations": self.annotations.publish(attrs) } });
-        let params = PatchParams::default();
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
         let patch = Patch::Merge(&patch);
         bounded(format!("annotating node {}", self.node_name), self.nodes.patch(&self.node_name, &params, &patch))
             .await?;
@@ -342,7 +344,7 @@ impl LeaseStore for KubeLeases {
                 "lastHeartbeatTime": now,
             }]}
         });
-        let params = PatchParams::default();
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
         let patch = Patch::Strategic(&patch);
         let what = format!("setting {CONDITION}=False on node {}", self.node_name);
         bounded(what, self.nodes.patch_status(&self.node_name, &params, &patch)).await?;

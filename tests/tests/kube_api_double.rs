@@ -1,0 +1,205 @@
+//! The Kubernetes API test double keeps the promises its docs make: the
+//! semantics overlayd depends on, and strictness where a real API server is
+//! strict. Raw HTTP on loopback, so the bytes on the wire are what is tested.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use overlay_tests::kube_api::KubeApi;
+use serde_json::{json, Value};
+
+fn api() -> (KubeApi, SocketAddr) {
+    let api = KubeApi::start_on_loopback("10.244.0.0/16".parse().unwrap()).unwrap();
+    let addr: SocketAddr = api.url().trim_start_matches("http://").parse().unwrap();
+    (api, addr)
+}
+
+/// One request; returns the status code and the JSON body.
+fn call(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // Plain Content-Length bodies only (not watches).
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn patch(addr: SocketAddr, path: &str, content_type: &str, body: Value) -> (u16, Value) {
+    call(addr, "PATCH", path, content_type, &body.to_string())
+}
+
+/// Opens a watch and returns a reader positioned at the first event line.
+fn watch(addr: SocketAddr, query: &str) -> BufReader<TcpStream> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /api/v1/nodes?watch=true&{query} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            return r;
+        }
+    }
+}
+
+/// The next watch event (chunked encoding: a size line, the event, CRLF).
+fn next_event(r: &mut BufReader<TcpStream>) -> Value {
+    let mut size = String::new();
+    r.read_line(&mut size).unwrap();
+    let n = usize::from_str_radix(size.trim(), 16).unwrap();
+    let mut chunk = vec![0; n + 2];
+    r.read_exact(&mut chunk).unwrap();
+    serde_json::from_slice(&chunk[..n]).unwrap()
+}
+
+#[test]
+fn lists_in_pages_and_assigns_pod_cidrs_like_node_ipam() {
+    let (api, addr) = api();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let cidr = api.add_node(name, std::net::Ipv4Addr::new(192, 168, 0, i as u8 + 1), true).unwrap().unwrap();
+        assert_eq!(cidr.to_string(), format!("10.244.{i}.0/24"));
+    }
+    let (code, page) = call(addr, "GET", "/api/v1/nodes?limit=2", "", "");
+    assert_eq!(code, 200);
+    assert_eq!(page["kind"], "NodeList");
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert!(page["items"][0].get("kind").is_none(), "list items carry no kind");
+    let token = page["metadata"]["continue"].as_str().unwrap().replace('/', "%2F");
+    let (_, rest) = call(addr, "GET", &format!("/api/v1/nodes?limit=2&continue={token}"), "", "");
+    assert_eq!(rest["items"][0]["metadata"]["name"], "c");
+    assert!(rest["metadata"].get("continue").is_none());
+    assert_eq!(rest["items"][0]["spec"]["podCIDRs"], json!(["10.244.2.0/24"]));
+    // Deleting a node frees its subnet for the next one.
+    api.delete_node("b").unwrap();
+    assert_eq!(api.add_node("d", "192.168.0.4".parse().unwrap(), true).unwrap().unwrap().to_string(), "10.244.1.0/24");
+}
+
+#[test]
+fn patches_by_content_type_each_on_its_own_part() {
+    let (api, addr) = api();
+    api.add_node("a", "192.168.0.1".parse().unwrap(), true).unwrap();
+    let rv = |v: &Value| v["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+
+    let (code, merged) = patch(
+        addr,
+        "/api/v1/nodes/a",
+        "application/merge-patch+json",
+        json!({"metadata": {"annotations": {"x": "1"}}}),
+    );
+    assert_eq!(code, 200, "{merged}");
+    assert_eq!(merged["metadata"]["annotations"]["x"], "1");
+    // The same patch again changes nothing, so the version stays.
+    let (_, again) = patch(
+        addr,
+        "/api/v1/nodes/a",
+        "application/merge-patch+json",
+        json!({"metadata": {"annotations": {"x": "1"}}}),
+    );
+    assert_eq!(rv(&again), rv(&merged));
+
+    let (code, json_patched) = patch(
+        addr,
+        "/api/v1/nodes/a",
+        "application/json-patch+json",
+        json!([{"op": "add", "path": "/metadata/labels/role", "value": "edge"}]),
+    );
+    assert_eq!(code, 200, "{json_patched}");
+    assert_eq!(json_patched["metadata"]["labels"]["role"], "edge");
+
+    // Strategic merge on the status: conditions merge by type.
+    let condition = json!({"type": "NetworkUnavailable", "status": "False", "reason": "OverlayIsUp"});
+    let (code, status) = patch(
+        addr,
+        "/api/v1/nodes/a/status",
+        "application/strategic-merge-patch+json",
+        json!({"status": {"conditions": [condition]}}),
+    );
+    assert_eq!(code, 200, "{status}");
+    let types: Vec<&str> =
+        status["status"]["conditions"].as_array().unwrap().iter().map(|c| c["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["Ready", "NetworkUnavailable"]);
+    // The main resource ignores status; the status subresource ignores the rest.
+    let (_, ignored) =
+        patch(addr, "/api/v1/nodes/a", "application/merge-patch+json", json!({"status": {"conditions": null}}));
+    assert_eq!(ignored["status"]["conditions"].as_array().unwrap().len(), 2);
+    let (_, ignored) =
+        patch(addr, "/api/v1/nodes/a/status", "application/merge-patch+json", json!({"spec": {"unschedulable": true}}));
+    assert!(ignored["spec"].get("unschedulable").is_none());
+    assert!(api.node("a").unwrap().spec.unwrap().unschedulable.is_none());
+}
+
+#[test]
+fn refuses_what_a_real_server_refuses() {
+    let (api, addr) = api();
+    api.add_node("a", "192.168.0.1".parse().unwrap(), true).unwrap();
+    let before = serde_json::to_value(api.node("a").unwrap()).unwrap();
+
+    let (code, status) =
+        patch(addr, "/api/v1/nodes/a", "application/merge-patch+json", json!({"spec": {"podCidr": "x"}}));
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    assert!(status["message"].as_str().unwrap().contains("unknown field \"spec.podCidr\""), "{status}");
+
+    let (code, _) = patch(addr, "/api/v1/nodes/a", "application/json", json!({}));
+    assert_eq!(code, 415);
+    let (code, _) = patch(addr, "/api/v1/nodes/a", "application/apply-patch+yaml", json!({}));
+    assert_eq!(code, 415);
+
+    let (code, status) =
+        patch(addr, "/api/v1/nodes/a", "application/merge-patch+json", json!({"spec": {"podCIDR": "10.244.9.0/24"}}));
+    assert_eq!(code, 422, "{status}");
+
+    let (code, _) =
+        patch(addr, "/api/v1/nodes/a", "application/merge-patch+json", json!({"metadata": {"resourceVersion": "1"}}));
+    assert_eq!(code, 409);
+
+    let (code, _) = call(addr, "GET", "/api/v1/nodes?labelSelector=a%3Db", "", "");
+    assert_eq!(code, 400);
+    let (code, status) = call(addr, "GET", "/api/v1/nodes/zz", "", "");
+    assert_eq!((code, status["kind"].as_str()), (404, Some("Status")));
+    let (code, _) = call(addr, "DELETE", "/api/v1/nodes/a", "", "");
+    assert_eq!(code, 405);
+    let (code, _) = call(addr, "GET", "/api/v1/pods", "", "");
+    assert_eq!(code, 404);
+
+    // None of it changed the node.
+    assert_eq!(serde_json::to_value(api.node("a").unwrap()).unwrap(), before);
+}
+
+#[test]
+fn watch_replays_history_bookmarks_and_expires() {
+    let (api, addr) = api();
+    api.add_node("a", "192.168.0.1".parse().unwrap(), false).unwrap();
+    let (_, list) = call(addr, "GET", "/api/v1/nodes", "", "");
+    let listed_at: u64 = list["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+    api.allocate_pod_cidr("a").unwrap();
+
+    // From the list's version: the change made since, then bookmarks.
+    let mut w = watch(addr, &format!("resourceVersion={listed_at}&allowWatchBookmarks=true"));
+    let event = next_event(&mut w);
+    assert_eq!(event["type"], "MODIFIED");
+    assert_eq!(event["object"]["spec"]["podCIDR"], "10.244.0.0/24");
+    let mark = next_event(&mut w);
+    assert_eq!(mark["type"], "BOOKMARK");
+    assert_eq!(mark["object"]["metadata"]["resourceVersion"], event["object"]["metadata"]["resourceVersion"]);
+    api.delete_node("a").unwrap();
+    assert_eq!(next_event(&mut w)["type"], "DELETED");
+
+    // Expiry ends the open watch with a 410, and a watch from before it gets one too.
+    api.expire_watches();
+    let gone = next_event(&mut w);
+    assert_eq!((gone["type"].as_str(), gone["object"]["code"].as_u64()), (Some("ERROR"), Some(410)));
+    let mut late = watch(addr, &format!("resourceVersion={listed_at}"));
+    assert_eq!(next_event(&mut late)["object"]["reason"], "Expired");
+    assert!(api.stats().expired >= 2);
+}

@@ -29,7 +29,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// Retry delay after a failed reconcile, shorter than a resync period.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
-/// A reconcile this large leaves megabytes of freed buffers behind.
+/// A reconcile this large (operations, or peers read back) leaves megabytes of freed buffers behind.
 const TRIM_AFTER_OPS: usize = 256;
 
 /// Hands freed heap back to the kernel. A big reconcile or listing peaks at a
@@ -324,7 +324,9 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 }
                 self.metrics.netlink_ops.fetch_add(sent as u64, Relaxed);
                 self.metrics.netlink_errors.fetch_add(failed as u64, Relaxed);
-                if sent >= TRIM_AFTER_OPS {
+                // A big apply, or a dump of a big table (every resync), leaves
+                // megabytes of freed buffers behind.
+                if sent >= TRIM_AFTER_OPS || (full_path && self.peers.len() >= TRIM_AFTER_OPS) {
                     release_freed_memory();
                 }
                 if sent > 0 {

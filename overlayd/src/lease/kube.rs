@@ -86,11 +86,18 @@ impl KubeLeases {
     /// the kubelet has not registered it yet.
     async fn wait_for_own_node(&self) -> Node {
         let mut backoff = Backoff::new();
+        let mut attempt = 0u32;
         loop {
+            // Say it at once, then about every half minute, not every retry.
+            let say = attempt.is_multiple_of(15);
+            attempt = attempt.wrapping_add(1);
             match self.own_node().await {
                 Ok(Some(node)) => return node,
-                Ok(None) => info!(node = %self.node_name, "waiting for node {} to be registered", self.node_name),
-                Err(e) => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
+                Ok(None) if say => {
+                    info!(node = %self.node_name, "waiting for node {} to be registered", self.node_name)
+                }
+                Err(e) if say => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
+                _ => {}
             }
             backoff.wait().await;
         }

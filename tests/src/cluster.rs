@@ -192,6 +192,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts the API test double as a cluster serves it (HTTPS, bearer
+    /// token), writes a pod's service-account files to `dir/serviceaccount`
+    /// and the net-conf.json; returns the credentials.
+    pub fn start_kube_api_in_cluster(&mut self, net_conf: &str) -> Result<crate::kube_api::Credentials> {
+        let cluster_cidr = proto::NetConfig::parse(net_conf)?.network;
+        let (api, credentials) =
+            crate::kube_api::KubeApi::start_secure(&self.underlay, KUBE_API.parse()?, cluster_cidr)?;
+        credentials.write_service_account(&self.dir.join("serviceaccount"), "kube-overlay")?;
+        std::fs::write(self.dir.join("net-conf.json"), net_conf)?;
+        self.kube = Some(api);
+        Ok(credentials)
+    }
+
     /// The API test double; panics outside Kubernetes mode.
     pub fn api(&self) -> &crate::kube_api::KubeApi {
         self.kube.as_ref().expect("start_kube_api first")
@@ -251,6 +264,54 @@ impl Node {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    /// Starts `overlayd` as the DaemonSet's container would run: only the
+    /// environment `env` (no flags), in a private mount namespace where
+    /// `/run` is a fresh tmpfs holding the pod's service-account files
+    /// (from `service_account`) and the node's `/run/overlay` (this node's
+    /// scratch directory). Nothing is mounted outside that namespace.
+    pub fn start_as_pod(&mut self, env: &[(String, String)], service_account: &std::path::Path) -> Result<()> {
+        if self.daemon.is_some() {
+            bail!("node {} already runs a daemon", self.index);
+        }
+        let node_dir = self.subnet_file.parent().unwrap_or(&self.subnet_file).to_path_buf();
+        std::fs::create_dir_all(&node_dir)?;
+        let home = node_dir.join("home");
+        std::fs::create_dir_all(&home)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        const SCRIPT: &str = r#"set -e
+mount -t tmpfs -o mode=0755 pod-run /run
+mkdir -p /run/secrets/kubernetes.io/serviceaccount /run/overlay
+cp "$POD_SA_DIR"/token "$POD_SA_DIR"/ca.crt "$POD_SA_DIR"/namespace /run/secrets/kubernetes.io/serviceaccount/
+mount --bind "$POD_NODE_DIR" /run/overlay
+exec "$POD_BIN""#;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns.name,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                SCRIPT,
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("POD_SA_DIR", service_account)
+            .env("POD_NODE_DIR", &node_dir)
+            .env("POD_BIN", crate::workspace_bin("overlayd"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting overlayd as a pod")?;
         self.daemon = Some(child);
         Ok(())
     }

@@ -19,9 +19,11 @@
 //! - node IPAM as kube-controller-manager's range allocator does it: the
 //!   first free `/24` of the cluster CIDR, set on `spec.podCIDR(s)`.
 //!
-//! It does not implement authentication, other resources, server-side apply
-//! or label/field selectors; a request for them fails loudly rather than
-//! being half-served.
+//! `start_secure` serves it as a cluster does: HTTPS with a certificate from
+//! a fresh CA, and only for a bearer token (401 otherwise), so a client can
+//! run with a pod's in-cluster configuration. It does not implement RBAC,
+//! other resources, server-side apply or label/field selectors; a request
+//! for them fails loudly rather than being half-served.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -85,6 +87,51 @@ struct Shared {
     /// Bumped by `stop()`: every connection and the listener go away.
     epoch: watch::Sender<u64>,
     bookmark_every: Duration,
+    /// Serve HTTPS with this, as a real API server does (in-cluster clients need it).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Require `Authorization: Bearer <token>` (a service account's token).
+    token: Option<String>,
+}
+
+/// What an in-cluster client needs: the CA that signed the server's
+/// certificate, and a service-account token the server accepts.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// PEM of the CA (the pod's `ca.crt`).
+    pub ca_pem: String,
+    /// The bearer token (the pod's `token`).
+    pub token: String,
+}
+
+impl Credentials {
+    /// Writes them as the kubelet mounts them into a pod:
+    /// `token`, `ca.crt` and `namespace` in `dir`.
+    pub fn write_service_account(&self, dir: &std::path::Path, namespace: &str) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("token"), &self.token)?;
+        std::fs::write(dir.join("ca.crt"), &self.ca_pem)?;
+        std::fs::write(dir.join("namespace"), namespace)?;
+        Ok(())
+    }
+}
+
+/// A CA and a server certificate for `ip` (and the in-cluster DNS name), signed by it.
+fn tls_for(ip: std::net::IpAddr) -> Result<(tokio_rustls::TlsAcceptor, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "overlay test cluster CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let mut server_params = CertificateParams::new(vec![ip.to_string(), "kubernetes.default.svc".to_string()])?;
+    server_params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    let server_key = KeyPair::generate()?;
+    let server = server_params.signed_by(&server_key, &ca)?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).map_err(|e| anyhow!("{e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![server.der().clone()], key)?;
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem()))
 }
 
 /// The running test double. Dropping it closes every connection.
@@ -99,17 +146,36 @@ pub struct KubeApi {
 impl KubeApi {
     /// Serves on `addr` inside `ns`, handing out podCIDRs from `cluster_cidr`.
     pub fn start(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
-        Self::start_in(Some(ns.path()), addr, cluster_cidr)
+        Self::start_in(Some(ns.path()), addr, cluster_cidr, false).map(|(api, _)| api)
+    }
+
+    /// Like [`start`](Self::start), but as a real cluster serves it: HTTPS
+    /// with a certificate from a fresh CA, and only for a bearer token.
+    pub fn start_secure(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<(Self, Credentials)> {
+        let (api, credentials) = Self::start_in(Some(ns.path()), addr, cluster_cidr, true)?;
+        Ok((api, credentials.ok_or_else(|| anyhow!("no credentials"))?))
     }
 
     /// Serves on a free port of 127.0.0.1 in the test's own namespace, for
     /// tests of the double itself (no root needed).
     pub fn start_on_loopback(cluster_cidr: Ipv4Net) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_in(None, SocketAddr::from(([127, 0, 0, 1], port)), cluster_cidr)
+        Self::start_in(None, SocketAddr::from(([127, 0, 0, 1], port)), cluster_cidr, false).map(|(api, _)| api)
     }
 
-    fn start_in(netns_path: Option<String>, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
+    fn start_in(
+        netns_path: Option<String>,
+        addr: SocketAddr,
+        cluster_cidr: Ipv4Net,
+        secure: bool,
+    ) -> Result<(Self, Option<Credentials>)> {
+        let (tls, credentials) = if secure {
+            let (acceptor, ca_pem) = tls_for(addr.ip())?;
+            let token = format!("overlay-test-{}", crate::random_suffix());
+            (Some(acceptor), Some(Credentials { ca_pem, token }))
+        } else {
+            (None, None)
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kube-api")
@@ -132,15 +198,18 @@ impl KubeApi {
             expire: watch::channel(0).0,
             epoch: watch::channel(0).0,
             bookmark_every: Duration::from_secs(1),
+            tls,
+            token: credentials.as_ref().map(|c| c.token.clone()),
         });
         let api = KubeApi { shared, rt: Some(rt), netns_path, addr };
         api.listen()?;
-        Ok(api)
+        Ok((api, credentials))
     }
 
     /// The server's URL, as the nodes reach it.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Writes a kubeconfig for this server (anonymous; the double has no auth).
@@ -353,18 +422,34 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         let mut conn_epoch = epoch.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let serve = async {
+                match shared.tls.clone() {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            serve_connection(tls, shared.clone()).await;
+                        }
+                    }
+                    None => serve_connection(stream, shared.clone()).await,
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = serve => {}
                 _ = conn_epoch.changed() => {}
             }
         });
     }
+}
+
+async fn serve_connection<IO>(io: IO, shared: Arc<Shared>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+    });
+    let _ =
+        hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(io), service).await;
 }
 
 /// An API error, rendered as a `Status` object.
@@ -398,6 +483,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    if let Some(token) = &shared.token {
+        let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if given != format!("Bearer {token}") {
+            return Err(err(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"));
+        }
+    }
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query().unwrap_or(""));
     let rest = path.strip_prefix("/api/v1/nodes").ok_or_else(|| {

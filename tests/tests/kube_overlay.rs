@@ -323,3 +323,99 @@ fn kube_waits_for_pod_cidr_honours_overwrite_and_refuses_a_foreign_cidr() {
     assert!(!c.nodes[k].wait_exit(Duration::from_secs(10)).unwrap().success());
     assert!(c.nodes[k].log_text().contains("--node-name or NODE_NAME"), "{}", c.nodes[k].log_text());
 }
+
+/// The environment the DaemonSet of `deploy/overlay.yaml` gives its
+/// container on a node, as the kubelet would resolve it; the net-conf path
+/// points at this test's copy of the ConfigMap (the kubelet would mount it).
+fn daemonset_env(name: &str, ip: Ipv4Addr, net_conf: &std::path::Path) -> Vec<(String, String)> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use overlay_tests::manifests::{deploy_dir, load, one};
+    let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
+    let ds: DaemonSet = overlay_tests::strict::decode(one(&docs, "DaemonSet").unwrap()).unwrap();
+    let container = ds.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container.env.unwrap() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => {
+                // $(VAR) refers to a variable defined before it.
+                env.iter().fold(v.clone(), |v, (k, val)| v.replace(&format!("$({k})"), val))
+            }
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("spec.nodeName") => name.to_string(),
+                Some("status.podIP") => ip.to_string(),
+                other => panic!("the test does not resolve {other:?}"),
+            },
+            (None, None) => String::new(),
+        };
+        env.push((var.name, value));
+    }
+    for (k, v) in env.iter_mut() {
+        if k == "OVERLAYD_NET_CONFIG_PATH" {
+            *v = net_conf.display().to_string();
+        }
+    }
+    // The kubelet gives every pod the API server's address.
+    env.push(("KUBERNETES_SERVICE_HOST".into(), "192.168.50.2".into()));
+    env.push(("KUBERNETES_SERVICE_PORT".into(), "6443".into()));
+    env
+}
+
+#[test]
+fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
+    if !require_root("daemonset_environment_runs_in_cluster_over_tls_with_a_token") {
+        return;
+    }
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use overlay_tests::manifests::{deploy_dir, load, one};
+    let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
+    let cm: ConfigMap = overlay_tests::strict::decode(one(&docs, "ConfigMap").unwrap()).unwrap();
+    let net_conf_text = cm.data.unwrap()["net-conf.json"].clone();
+
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
+    c.start_kube_api_in_cluster(&net_conf_text).unwrap();
+    let net_conf = c.dir.join("net-conf.json");
+    let service_account = c.dir.join("serviceaccount");
+    for _ in 0..2 {
+        let i = c.add_node(&[]).unwrap();
+        let (name, ip) = (c.nodes[i].name.clone(), c.nodes[i].ip);
+        c.api().add_node(&name, ip, true).unwrap();
+        let env = daemonset_env(&name, ip, &net_conf);
+        c.nodes[i].start_as_pod(&env, &service_account).unwrap();
+        c.nodes[i].wait_ready(Duration::from_secs(20)).unwrap();
+        c.nodes[i].add_pod().unwrap();
+        // The kubelet's probes, at the node's address as the manifest says.
+        let health: std::net::SocketAddr = (ip, 8471).into();
+        assert!(
+            wait_until(Duration::from_secs(5), || http_get(&c.nodes[i].ns, health, "/readyz")
+                .is_ok_and(|r| r.0 == 200)),
+            "{}",
+            c.nodes[i].log_text()
+        );
+        assert_eq!(http_get(&c.nodes[i].ns, health, "/healthz").unwrap().0, 200);
+    }
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    // In-cluster configuration: the service address from the environment, over TLS.
+    assert!(a.log_text().contains("server=https://192.168.50.2:6443/"), "{}", a.log_text());
+    assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
+    assert_eq!(annotations(&c, "node-2")[&format!("{PREFIX}/public-ip")], b.ip.to_string());
+
+    // A pod whose token the server does not accept never comes up, and says why.
+    let wrong = c.dir.join("wrong-serviceaccount");
+    overlay_tests::kube_api::Credentials {
+        ca_pem: std::fs::read_to_string(service_account.join("ca.crt")).unwrap(),
+        token: "not-the-token".into(),
+    }
+    .write_service_account(&wrong, "kube-overlay")
+    .unwrap();
+    let i = c.add_node(&[]).unwrap();
+    let (name, ip) = (c.nodes[i].name.clone(), c.nodes[i].ip);
+    c.api().add_node(&name, ip, true).unwrap();
+    c.nodes[i].start_as_pod(&daemonset_env(&name, ip, &net_conf), &wrong).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || c.nodes[i].log_text().contains("Unauthorized")),
+        "{}",
+        c.nodes[i].log_text()
+    );
+    assert!(c.nodes[i].subnet_env().is_err());
+    assert!(!annotations(&c, &name).contains_key(&format!("{PREFIX}/backend-data")));
+}

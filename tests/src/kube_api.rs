@@ -21,7 +21,8 @@
 //!
 //! `start_secure` serves it as a cluster does: HTTPS with a certificate from
 //! a fresh CA, and only for a bearer token (401 otherwise), so a client can
-//! run with a pod's in-cluster configuration. It does not implement RBAC,
+//! run with a pod's in-cluster configuration; `enforce_rbac` answers 403
+//! to anything a given ClusterRole does not grant. It does not implement
 //! other resources, server-side apply or label/field selectors; a request
 //! for them fails loudly rather than being half-served.
 
@@ -76,6 +77,8 @@ struct State {
     stats: Stats,
     /// Every (verb, resource) a client used, for RBAC checks.
     used: BTreeSet<Access>,
+    /// When set, only these (verb, resource) pairs are allowed (403 otherwise).
+    rbac: Option<BTreeSet<(String, String)>>,
 }
 
 struct Shared {
@@ -193,6 +196,7 @@ impl KubeApi {
                 next_uid: 1,
                 stats: Stats::default(),
                 used: BTreeSet::new(),
+                rbac: None,
             }),
             changed: watch::channel(1).0,
             expire: watch::channel(0).0,
@@ -274,6 +278,12 @@ impl KubeApi {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on, allows only `grants` ((verb, resource) pairs, e.g. a
+    /// ClusterRole's), answering anything else 403 Forbidden.
+    pub fn enforce_rbac(&self, grants: BTreeSet<(String, String)>) {
+        self.lock().rbac = Some(grants);
     }
 
     /// Every (verb, resource) clients used so far, as RBAC names them.
@@ -495,6 +505,31 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         err(StatusCode::NOT_FOUND, "NotFound", format!("the test API server serves only /api/v1/nodes, not {path}"))
     })?;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let access: Option<Access> = match (req.method().clone(), parts.as_slice()) {
+        (Method::GET, []) if watching => Some(("watch", "nodes")),
+        (Method::GET, []) => Some(("list", "nodes")),
+        (Method::GET, [_]) => Some(("get", "nodes")),
+        (Method::GET, [_, "status"]) => Some(("get", "nodes/status")),
+        (Method::PATCH, [_]) => Some(("patch", "nodes")),
+        (Method::PATCH, [_, "status"]) => Some(("patch", "nodes/status")),
+        _ => None,
+    };
+    if let Some((verb, resource)) = access {
+        let mut s = lock(&shared);
+        if s.rbac.as_ref().is_some_and(|g| !g.contains(&(verb.to_string(), resource.to_string()))) {
+            let object = match parts.first() {
+                Some(name) => format!("nodes \"{name}\""),
+                None => "nodes".to_string(),
+            };
+            return Err(err(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("{object} is forbidden: User \"system:serviceaccount:kube-overlay:overlay\" cannot {verb} resource \"{resource}\" in API group \"\" at the cluster scope"),
+            ));
+        }
+        s.used.insert((verb, resource));
+    }
     for unsupported in ["labelSelector", "fieldSelector"] {
         if query.get(unsupported).is_some_and(|v| !v.is_empty()) {
             return Err(err(
@@ -505,14 +540,11 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         }
     }
     match (req.method().clone(), parts.as_slice()) {
-        (Method::GET, []) if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) => {
-            watch_nodes(shared, &query)
-        }
+        (Method::GET, []) if watching => watch_nodes(shared, &query),
         (Method::GET, []) => list_nodes(&shared, &query),
         (Method::GET, [name]) | (Method::GET, [name, "status"]) => {
             let mut s = lock(&shared);
             s.stats.gets += 1;
-            s.used.insert(("get", if parts.len() == 2 { "nodes/status" } else { "nodes" }));
             let node = s.nodes.get(*name).cloned().ok_or_else(|| not_found(name))?;
             Ok(respond(StatusCode::OK, node))
         }
@@ -537,7 +569,6 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                 .to_bytes();
             let mut s = lock(&shared);
             s.stats.patches += 1;
-            s.used.insert(("patch", if status { "nodes/status" } else { "nodes" }));
             let node = patch_node(&shared, &mut s, &name, status, &content_type, &body)?;
             Ok(respond(StatusCode::OK, node))
         }
@@ -593,7 +624,6 @@ fn percent_decode(s: &str) -> String {
 fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
     let mut s = lock(shared);
     s.stats.lists += 1;
-    s.used.insert(("list", "nodes"));
     let limit: usize = match query.get("limit") {
         Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
         None => 0,
@@ -663,7 +693,6 @@ fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<
     {
         let mut s = lock(&shared);
         s.stats.watches += 1;
-        s.used.insert(("watch", "nodes"));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(stream_events(shared, from, bookmarks, timeout, tx));

@@ -174,6 +174,14 @@ fn refuses_what_a_real_server_refuses() {
 
     // None of it changed the node.
     assert_eq!(serde_json::to_value(api.node("a").unwrap()).unwrap(), before);
+
+    // With RBAC: what is not granted is forbidden.
+    api.enforce_rbac([("get".to_string(), "nodes".to_string())].into());
+    assert_eq!(call(addr, "GET", "/api/v1/nodes/a", "", "").0, 200);
+    let (code, status) = patch(addr, "/api/v1/nodes/a/status", "application/merge-patch+json", json!({}));
+    assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")));
+    assert!(status["message"].as_str().unwrap().contains("cannot patch resource \"nodes/status\""), "{status}");
+    assert_eq!(call(addr, "GET", "/api/v1/nodes", "", "").0, 403);
 }
 
 #[test]

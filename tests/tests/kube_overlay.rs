@@ -62,6 +62,14 @@ fn set_peer_annotations(c: &Cluster, name: &str, ip: Ipv4Addr, mac: &str) {
         .unwrap();
 }
 
+/// Whether the node carries `NetworkUnavailable=False` with our reason.
+fn network_available(c: &Cluster, name: &str) -> bool {
+    let conditions = c.api().node(name).unwrap().status.unwrap().conditions.unwrap_or_default();
+    conditions
+        .iter()
+        .any(|k| k.type_ == "NetworkUnavailable" && k.status == "False" && k.reason.as_deref() == Some("OverlayIsUp"))
+}
+
 fn metric(c: &Cluster, node: usize, name: &str) -> u64 {
     let (_, text) = http_get(&c.nodes[node].ns, "127.0.0.1:8471".parse().unwrap(), "/metrics").unwrap();
     text.lines()
@@ -94,11 +102,7 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
     for node in &c.nodes {
         let name = node.name.clone();
         assert!(
-            wait_until(Duration::from_secs(10), || {
-                c.api().node(&name).unwrap().status.unwrap().conditions.unwrap_or_default().iter().any(|k| {
-                    k.type_ == "NetworkUnavailable" && k.status == "False" && k.reason.as_deref() == Some("OverlayIsUp")
-                })
-            }),
+            wait_until(Duration::from_secs(10), || network_available(&c, &name)),
             "{name} has no NetworkUnavailable=False condition:\n{}",
             node.log_text()
         );
@@ -373,6 +377,8 @@ fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
 
     let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
     c.start_kube_api_in_cluster(&net_conf_text).unwrap();
+    // Only what the manifest's ClusterRole grants.
+    c.api().enforce_rbac(overlay_tests::manifests::cluster_role_grants().unwrap());
     let net_conf = c.dir.join("net-conf.json");
     let service_account = c.dir.join("serviceaccount");
     for _ in 0..2 {
@@ -398,6 +404,14 @@ fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
     assert!(a.log_text().contains("server=https://192.168.50.2:6443/"), "{}", a.log_text());
     assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
     assert_eq!(annotations(&c, "node-2")[&format!("{PREFIX}/public-ip")], b.ip.to_string());
+    // Every permission the daemon needs was granted: its condition got through too.
+    for name in ["node-1", "node-2"] {
+        assert!(
+            wait_until(Duration::from_secs(10), || network_available(&c, name)),
+            "{name}: NetworkUnavailable not cleared:\n{}",
+            a.log_text()
+        );
+    }
 
     // A pod whose token the server does not accept never comes up, and says why.
     let wrong = c.dir.join("wrong-serviceaccount");

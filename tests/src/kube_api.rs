@@ -327,13 +327,15 @@ impl KubeApi {
     }
 
     /// Adds a node that already has a podCIDR and a peer's annotations, as
-    /// a running cluster's nodes do (for benchmarks: one revision per node).
+    /// a running cluster's nodes do, with `extra` merged in (for benchmarks:
+    /// one revision per node).
     pub fn add_peer_node(
         &self,
         name: &str,
         internal_ip: Ipv4Addr,
         pod_cidr: Ipv4Net,
         annotations: &BTreeMap<String, String>,
+        extra: &Value,
     ) -> Result<()> {
         let mut s = self.lock();
         if s.nodes.contains_key(name) || s.allocated.contains(&pod_cidr) {
@@ -348,6 +350,9 @@ impl KubeApi {
             "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
             "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()}]},
         });
+        let mut node = node;
+        // What a real node carries besides: status, managedFields (merge patch semantics).
+        json_patch::merge(&mut node, extra);
         s.allocated.insert(pod_cidr);
         commit(&self.shared, &mut s, name, "ADDED", node);
         Ok(())

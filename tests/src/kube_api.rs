@@ -303,21 +303,7 @@ impl KubeApi {
         if s.nodes.contains_key(name) {
             anyhow::bail!("node {name} exists");
         }
-        let uid = s.next_uid;
-        s.next_uid += 1;
-        let node = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"),
-                         "creationTimestamp": "2026-01-01T00:00:00Z",
-                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-            "spec": {},
-            "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()},
-                                     {"type": "Hostname", "address": name}],
-                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                       "message": "kubelet is posting ready status",
-                                       "lastHeartbeatTime": "2026-01-01T00:00:00Z",
-                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
-        });
+        let node = registered_node(&mut s, name, internal_ip);
         commit(&self.shared, &mut s, name, "ADDED", node);
         drop(s);
         if allocate {
@@ -341,16 +327,9 @@ impl KubeApi {
         if s.nodes.contains_key(name) || s.allocated.contains(&pod_cidr) {
             anyhow::bail!("node {name} or podCIDR {pod_cidr} exists");
         }
-        let uid = s.next_uid;
-        s.next_uid += 1;
-        let node = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"),
-                         "creationTimestamp": "2026-01-01T00:00:00Z", "annotations": annotations},
-            "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
-            "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()}]},
-        });
-        let mut node = node;
+        let mut node = registered_node(&mut s, name, internal_ip);
+        node["metadata"]["annotations"] = json!(annotations);
+        node["spec"] = json!({"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]});
         // What a real node carries besides: status, managedFields (merge patch semantics).
         json_patch::merge(&mut node, extra);
         s.allocated.insert(pod_cidr);
@@ -411,6 +390,25 @@ impl Drop for KubeApi {
             rt.shutdown_background();
         }
     }
+}
+
+/// A Node as a kubelet registers it: no podCIDR yet, Ready.
+fn registered_node(s: &mut State, name: &str, internal_ip: Ipv4Addr) -> Value {
+    let uid = s.next_uid;
+    s.next_uid += 1;
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"),
+                     "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "spec": {},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()},
+                                 {"type": "Hostname", "address": name}],
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                   "message": "kubelet is posting ready status",
+                                   "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+                                   "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+    })
 }
 
 /// Stores `node` under `name` as a new revision and wakes the watchers.

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
-APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler iputils-ping procps util-linux \
+APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
                 podman runc conmon busybox-static containernetworking-plugins
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
@@ -11,11 +11,15 @@ KUBERNETES_VALIDATE := 1.37.0
 K8S_VERSION := 1.33.0
 PYTOOLS := $(CURDIR)/target/pytools
 
-.PHONY: all deps build release test unit e2e bench demo demo-down fmt clippy clean validate-manifests
+.PHONY: help deps build release test bench demo demo-down fmt clippy clean validate-manifests
+.DEFAULT_GOAL := help
 
-all: build
+## help: list the targets (what plain `make` does)
+help:
+	@echo "overlay: a VXLAN pod network, wire-compatible with flannel. Targets:"
+	@awk '/^## [a-z-]+: / { line = substr($$0, 4); i = index(line, ": "); printf "  make %-20s %s\n", substr(line, 1, i - 1), substr(line, i + 2) }' $(MAKEFILE_LIST)
 
-## deps: install the system packages (idempotent; quiet when all are present)
+## deps: install the system packages and the manifest validator (idempotent; quiet when all are present)
 deps:
 	@missing=""; \
 	for p in $(APT_PACKAGES); do \
@@ -35,24 +39,31 @@ deps:
 validate-manifests: deps
 	$(PYTOOLS)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) deploy/overlay.yaml
 
+## build: debug build of overlayd, overlay-cni and the test tools
 build:
 	$(CARGO) build --workspace --bins
 
+## release: release build (what bench and demo run)
 release:
 	$(CARGO) build --release --workspace --bins
 
+## fmt: format the code
 fmt:
 	$(CARGO) fmt --all
 
+## clippy: lint, warnings are errors
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## test: format and lint checks, then every test (unit and end-to-end, as root)
+## test: format and lint checks, then every test (unit and end-to-end, as root); fails if a test leaves anything behind
 test: deps validate-manifests
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace -- --test-threads 2
+	@tests/leftovers sweep
+	@tests/leftovers snapshot > target/leftovers.before
+	@rc=0; $(CARGO) test --workspace -- --test-threads 2 || rc=$$?; \
+	  tests/leftovers check target/leftovers.before || rc=1; exit $$rc
 
 ## bench: cold start, bursts, memory and CPU, beside the `ip -batch` floor
 bench: deps release
@@ -62,7 +73,7 @@ bench: deps release
 demo: deps release
 	OVERLAYD_BIN=$(CURDIR)/target/release/overlayd $(CURDIR)/target/release/overlay-demo up
 
-## demo-down: remove the demo cluster
+## demo-down: remove the demo cluster (namespaces, processes, files)
 demo-down:
 	@for ns in $$(ip netns list 2>/dev/null | awk '/^ovdemo/ {print $$1}'); do \
 	  for pid in $$(ip netns pids $$ns 2>/dev/null); do kill $$pid 2>/dev/null; done; \
@@ -72,5 +83,6 @@ demo-down:
 	  ip netns del $$ns; \
 	done; rm -rf /tmp/overlay-test-demo; echo "demo removed"
 
+## clean: remove build output
 clean:
 	$(CARGO) clean

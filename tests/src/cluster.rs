@@ -283,10 +283,10 @@ impl Node {
         std::fs::create_dir_all(&home)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         const SCRIPT: &str = r#"set -e
-mount -t tmpfs -o mode=0755 pod-run /run
+mount -n -t tmpfs -o mode=0755 pod-run /run
 mkdir -p /run/secrets/kubernetes.io/serviceaccount /run/overlay
 cp "$POD_SA_DIR"/token "$POD_SA_DIR"/ca.crt "$POD_SA_DIR"/namespace /run/secrets/kubernetes.io/serviceaccount/
-mount --bind "$POD_NODE_DIR" /run/overlay
+mount -n --bind "$POD_NODE_DIR" /run/overlay
 exec "$POD_BIN""#;
         let child = Command::new("ip")
             .args([

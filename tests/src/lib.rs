@@ -1,5 +1,5 @@
 //! The end-to-end harness: a cluster of network namespaces on one machine
-//! (DESIGN.md §5), a real etcd, and the real `overlayd` binary in each node.
+//! (docs/testing.md), a real etcd, and the real `overlayd` binary in each node.
 //!
 //! Every namespace and process belongs to a guard whose `Drop` removes it, so
 //! a failing or panicking test leaves nothing behind. Nothing touches the

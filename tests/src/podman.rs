@@ -1,9 +1,17 @@
 //! podman (Debian's 4.3) as a real container runtime calling overlay-cni,
 //! offline: containers run from a local busybox rootfs, with a
-//! containers.conf and storage of the test's own (DESIGN.md §5).
+//! containers.conf and storage of the test's own (docs/testing.md).
+//!
+//! podman and runc keep state in fixed places no config moves: the lock in
+//! `/dev/shm/libpod_lock`, runc's in `/run/runc`, libcni's result cache in
+//! `/var/lib/cni`. Every podman call therefore runs inside one private mount
+//! namespace, held open by a process of the test's, with fresh tmpfs over
+//! those three places: the state lives as long as the test and never lands
+//! on the host.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
@@ -14,6 +22,34 @@ pub struct Podman {
     dir: PathBuf,
     rootfs: PathBuf,
     ns: String,
+    /// Holds the private mount namespace every podman call enters.
+    holder: Child,
+}
+
+/// Starts the process that holds podman's private mount namespace and waits until its mounts are in place.
+fn mount_namespace_holder() -> Result<Child> {
+    const SCRIPT: &str = "set -e
+mount -n -t tmpfs podman-shm /dev/shm
+mount -n -t tmpfs -o mode=0755 podman-run /run
+mount -n -t tmpfs -o mode=0755 podman-varlib /var/lib
+echo ready
+exec sleep infinity";
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", SCRIPT])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting podman's mount namespace (unshare, from util-linux)")?;
+    let mut line = String::new();
+    if let Some(out) = holder.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    if line.trim() != "ready" {
+        let _ = holder.kill();
+        let _ = holder.wait();
+        bail!("podman's mount namespace could not be set up");
+    }
+    Ok(holder)
 }
 
 /// A busybox rootfs with the applets the tests use.
@@ -83,14 +119,16 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
             dir.join("storage.conf"),
             format!("[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/root\"\n", dir.display()),
         )?;
-        Ok(Podman { dir, rootfs, ns: node.ns.name.clone() })
+        Ok(Podman { dir, rootfs, ns: node.ns.name.clone(), holder: mount_namespace_holder()? })
     }
 
     fn command(&self, args: &[&str]) -> Command {
         // nsenter, not `ip netns exec`: the latter remounts /sys and hides the
-        // cgroup mount runc needs.
+        // cgroup mount runc needs. nsenter opens both namespaces before it
+        // enters either, so the node's /run/netns path is read on the host.
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.ns))
+        c.arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()))
+            .arg(format!("--net=/run/netns/{}", self.ns))
             .arg("podman")
             .args(args)
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
@@ -117,9 +155,22 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
     }
 }
 
+/// How many processes share the mount namespace of `pid` (itself included).
+fn processes_in_mount_namespace_of(pid: u32) -> usize {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { return 0 };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    procs.flatten().filter(|p| std::fs::read_link(p.path().join("ns/mnt")).is_ok_and(|other| other == ns)).count()
+}
+
 impl Drop for Podman {
     fn drop(&mut self) {
         // Containers go first, so their network is torn down through the plugin.
         let _ = self.command(&["rm", "--all", "--force", "--time", "0"]).output();
+        // conmon exits a moment after `rm` returns; then the holder goes, and
+        // with the last process in it the namespace and its tmpfs mounts.
+        let holder = self.holder.id();
+        crate::wait_until(std::time::Duration::from_secs(10), || processes_in_mount_namespace_of(holder) <= 1);
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
     }
 }

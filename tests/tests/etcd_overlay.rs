@@ -1,5 +1,5 @@
 //! End-to-end: the real overlayd against a real etcd in network namespaces.
-//! Each test asserts what a user would see; see DESIGN.md §5 for the setup.
+//! Each test asserts what a user would see; see docs/testing.md for the setup.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -68,7 +68,7 @@ fn every_pod_pings_every_pod_across_vxlan() {
         // 8 cross-node pings leave each node, at least 84 bytes each.
         assert!(sent >= 8 * 84, "node {} sent only {sent} bytes through overlay.1", node.index);
     }
-    // The device matches DESIGN.md §1: VNI 1, port 8472, nolearning, MTU 1450, <subnet>.0/32.
+    // The device matches docs/architecture.md: VNI 1, port 8472, nolearning, MTU 1450, <subnet>.0/32.
     let node = &c.nodes[0];
     let link = node.ns.ip(&["-d", "link", "show", "overlay.1"]).unwrap();
     assert!(

@@ -124,10 +124,14 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 
     fn command(&self, args: &[&str]) -> Command {
         // nsenter, not `ip netns exec`: the latter remounts /sys and hides the
-        // cgroup mount runc needs. nsenter opens both namespaces before it
-        // enters either, so the node's /run/netns path is read on the host.
+        // cgroup mount runc needs. nsenter opens every namespace before it
+        // enters any, so the node's /run/netns path is read where the test
+        // runs. Entering a mount namespace resets the root directory to that
+        // namespace's, so `--root` takes the holder's: under a chroot (a
+        // fresh-machine run) it is the chroot, not the host's `/`.
         let mut c = Command::new("nsenter");
-        c.arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()))
+        c.arg(format!("--target={}", self.holder.id()))
+            .args(["--mount", "--root"])
             .arg(format!("--net=/run/netns/{}", self.ns))
             .arg("podman")
             .args(args)

@@ -127,11 +127,11 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
         // cgroup mount runc needs. nsenter opens every namespace before it
         // enters any, so the node's /run/netns path is read where the test
         // runs. Entering a mount namespace resets the root directory to that
-        // namespace's, so `--root` takes the holder's: under a chroot (a
-        // fresh-machine run) it is the chroot, not the host's `/`.
+        // namespace's, so `--root` and `--wd` take the holder's: under a
+        // chroot (a fresh-machine run) that is the chroot, not the host's `/`.
         let mut c = Command::new("nsenter");
         c.arg(format!("--target={}", self.holder.id()))
-            .args(["--mount", "--root"])
+            .args(["--mount", "--root", "--wd"])
             .arg(format!("--net=/run/netns/{}", self.ns))
             .arg("podman")
             .args(args)

@@ -88,7 +88,7 @@ fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
 }
 
 /// ADD: an address, a veth into the pod, the routes; rolled back on any failure.
-pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
+pub async fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.check_container_id()?;
     env.check_ifname()?;
     let ns = link::open_netns(&env.netns)?;
@@ -105,12 +105,13 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         }
     };
     let host = link::host_veth_name(&env.container_id, &env.ifname);
-    let wired = wire(conf, env, &ns, &host, ip, gateway_net, subnet_env.network, mtu);
+    let nl = link::connect()?;
+    let wired = wire(&nl, conf, env, &ns, &host, ip, gateway_net, subnet_env.network, mtu).await;
     match wired {
         Ok(result) => Ok(result.to_json(&conf.cni_version, conf.prev_result.as_ref())),
         Err(e) => {
             // Roll back: the host end takes the pair with it; then the address.
-            let _ = link::delete_host_link(&host);
+            let _ = link::delete_host_link(&nl, &host).await;
             let _ = link::delete_in_container(&ns, &env.ifname);
             let _ = Store::open(&conf.data_dir, &conf.name).and_then(|s| s.release(&env.container_id, &env.ifname));
             Err(e)
@@ -119,7 +120,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn wire(
+async fn wire(
+    nl: &overlay_netlink::Netlink,
     conf: &NetConf,
     env: &Env,
     ns: &std::fs::File,
@@ -130,12 +132,12 @@ fn wire(
     mtu: u32,
 ) -> Result<CniResult, CniError> {
     let gateway = gateway_net.addr();
-    let bridge = link::ensure_bridge(&conf.bridge, gateway_net, mtu)?;
-    let host_link = link::create_veth(host, &env.ifname, ns, mtu, &bridge, conf.hairpin_mode)?;
+    let bridge = link::ensure_bridge(nl, &conf.bridge, gateway_net, mtu).await?;
+    let host_link = link::create_veth(nl, host, &env.ifname, ns, mtu, &bridge, conf.hairpin_mode).await?;
     let address = Ipv4Net::new(ip, gateway_net.prefix_len()).map_err(|e| CniError::new(code::IO, e.to_string()))?;
     let routes = planned_routes(conf, network, gateway);
     let container = link::configure_container(ns, &env.ifname, address, &routes)?;
-    let mac = |l: &overlayd::dataplane::links::Link| l.mac.map(|m| m.to_string()).unwrap_or_default();
+    let mac = |l: &overlay_netlink::Link| l.mac.map(|m| m.to_string()).unwrap_or_default();
     Ok(CniResult {
         interfaces: vec![
             Interface { name: conf.bridge.clone(), mac: mac(&bridge), sandbox: None },
@@ -157,7 +159,7 @@ fn planned_routes(conf: &NetConf, network: Ipv4Net, gateway: Ipv4Addr) -> Vec<(I
 }
 
 /// DEL: idempotent; releases the address whatever state the pod is in.
-pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+pub async fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     env.check_container_id()?;
     // containerd sends an empty CNI_NETNS; a namespace that is gone took the veth with it.
     if !env.netns.is_empty() && !env.ifname.is_empty() {
@@ -166,7 +168,8 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         }
     }
     if !env.ifname.is_empty() {
-        link::delete_host_link(&link::host_veth_name(&env.container_id, &env.ifname))?;
+        let nl = link::connect()?;
+        link::delete_host_link(&nl, &link::host_veth_name(&env.container_id, &env.ifname)).await?;
     }
     let store = Store::open(&conf.data_dir, &conf.name)?;
     store.release(&env.container_id, &env.ifname)?;

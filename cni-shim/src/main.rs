@@ -25,8 +25,8 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniError, 
     let version = conf.cni_version.clone();
     let with_version = |e: CniError| (e, version.clone());
     match env.command.as_str() {
-        "ADD" => commands::add(&conf, env).map(Some).map_err(with_version),
-        "DEL" => commands::del(&conf, env).map(|_| None).map_err(with_version),
+        "ADD" => block_on(commands::add(&conf, env)).map(Some).map_err(with_version),
+        "DEL" => block_on(commands::del(&conf, env)).map(|_| None).map_err(with_version),
         "CHECK" => commands::check(&conf, env).map(|_| None).map_err(with_version),
         "STATUS" => commands::status(&conf).map(|_| None).map_err(with_version),
         "GC" => commands::gc(&conf).map(|_| None).map_err(with_version),
@@ -35,6 +35,16 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniError, 
             format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
         ))),
     }
+}
+
+/// Runs a verb's netlink work on a single-threaded runtime (the netlink
+/// connection's I/O is a task on it).
+fn block_on<T>(work: impl std::future::Future<Output = Result<T, CniError>>) -> Result<T, CniError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::io("starting the netlink runtime", e))?
+        .block_on(work)
 }
 
 fn main() -> ExitCode {

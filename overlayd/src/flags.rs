@@ -1,10 +1,12 @@
-//! Command-line flags; every flag can also be set through an environment variable.
+//! Command-line flags, grouped by what they configure: the node, the etcd
+//! store, the Kubernetes store. Every flag can also be set through an
+//! environment variable.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// overlayd: a VXLAN pod network node daemon, wire-compatible with flannel.
 #[derive(Debug, Parser)]
@@ -34,23 +36,22 @@ pub enum Command {
 }
 
 /// Settings of the daemon.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// etcd endpoints, comma separated.
-    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
-    pub etcd_endpoints: Vec<String>,
-    /// etcd key prefix holding `config` and `subnets/` (flannel's layout).
-    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network")]
-    pub etcd_prefix: String,
-    /// CA bundle to verify etcd's certificate.
-    #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
-    pub etcd_cafile: Option<String>,
-    /// Client certificate for etcd.
-    #[arg(long, env = "OVERLAYD_ETCD_CERTFILE", requires = "etcd_keyfile")]
-    pub etcd_certfile: Option<String>,
-    /// Client key for etcd.
-    #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
-    pub etcd_keyfile: Option<String>,
+    /// The node: underlay, device, files, timers.
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The etcd lease store (the default).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// The Kubernetes lease store (`--kube-subnet-mgr`).
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// What this node builds and where.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
     /// Underlay interface, by name or by one of its IPv4 addresses. Default:
     /// the interface of the IPv4 default route.
     #[arg(long, env = "OVERLAYD_IFACE")]
@@ -68,15 +69,42 @@ pub struct RunArgs {
     /// Name of the VXLAN device.
     #[arg(long, env = "OVERLAYD_DEVICE", default_value = "overlay.1", global = true)]
     pub device: String,
-    /// How often to re-read the kernel and repair drift (e.g. 30s, 500ms, 2m).
+    /// How often to re-read the whole node and repair drift (e.g. 30s, 500ms, 1m30s).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
     /// Address for /healthz, /readyz and /metrics, e.g. 127.0.0.1:8471. Off when unset.
     #[arg(long, env = "OVERLAYD_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
+}
+
+/// Where leases come from on bare hosts.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "etcd")]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix holding `config` and `subnets/` (flannel's layout).
+    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    pub etcd_prefix: String,
+    /// CA bundle to verify etcd's certificate.
+    #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, env = "OVERLAYD_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
     /// Lifetime of the etcd lease on our subnet; renewed at a third of it.
     #[arg(long, env = "OVERLAYD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
+}
+
+/// Where leases come from in a Kubernetes cluster.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kubernetes")]
+pub struct KubeArgs {
     /// Kubernetes mode: the subnet is this Node's spec.podCIDR and peers are
     /// the Nodes carrying our annotations; etcd is not used.
     #[arg(long, env = "OVERLAYD_KUBE_SUBNET_MGR")]
@@ -96,23 +124,19 @@ pub struct RunArgs {
     pub kube_annotation_prefix: String,
 }
 
-/// Parses `30s`, `500ms`, `2m`, `24h`, or plain seconds.
+/// Parses a duration such as `30s`, `500ms`, `1m30s` or `24h`; plain numbers are seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    let parsed = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse().map(Duration::from_secs).map_err(|e| e.to_string())
+    } else {
+        humantime::parse_duration(text).map_err(|e| e.to_string())
     };
-    if d.is_zero() {
-        return Err(format!("{text:?}: must be more than zero"));
+    match parsed {
+        Ok(d) if d.is_zero() => Err(format!("{text:?}: must be more than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{text:?} is not a duration like 30s, 500ms or 1m30s: {e}")),
     }
-    Ok(d)
 }
 
 #[cfg(test)]
@@ -125,37 +149,38 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]
     fn cli_is_consistent_and_defaults_match_flannel() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["overlayd", "--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
-        assert_eq!(cli.run.etcd_endpoints.len(), 2);
-        assert_eq!(cli.run.etcd_prefix, "/coreos.com/network");
-        assert_eq!(cli.run.device, "overlay.1");
+        assert_eq!(cli.run.etcd.etcd_endpoints.len(), 2);
+        assert_eq!(cli.run.etcd.etcd_prefix, "/coreos.com/network");
+        assert_eq!(cli.run.node.device, "overlay.1");
         // SAFETY: this test alone reads these variables.
         unsafe {
             std::env::set_var("OVERLAYD_IP_MASQ", "true");
             std::env::set_var("OVERLAYD_RESYNC_INTERVAL", "5s");
         }
         let from_env = Cli::try_parse_from(["overlayd"]).unwrap();
-        assert!(from_env.run.ip_masq);
-        assert_eq!(from_env.run.resync_interval, Duration::from_secs(5));
+        assert!(from_env.run.node.ip_masq);
+        assert_eq!(from_env.run.node.resync_interval, Duration::from_secs(5));
         unsafe {
             std::env::set_var("OVERLAYD_IP_MASQ", "false");
         }
-        assert!(!Cli::try_parse_from(["overlayd"]).unwrap().run.ip_masq);
+        assert!(!Cli::try_parse_from(["overlayd"]).unwrap().run.node.ip_masq);
         unsafe {
             std::env::remove_var("OVERLAYD_IP_MASQ");
             std::env::remove_var("OVERLAYD_RESYNC_INTERVAL");
         }
         let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
         assert!(matches!(cleanup.command, Some(Command::Cleanup)));
-        assert_eq!(cleanup.run.device, "x.1");
+        assert_eq!(cleanup.run.node.device, "x.1");
     }
 }

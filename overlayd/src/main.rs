@@ -1,10 +1,23 @@
-//! overlayd: leases a subnet from etcd, builds the VXLAN device, programs every
-//! peer, masquerades outgoing pod traffic. See docs/architecture.md.
+//! overlayd: leases a subnet (etcd or the Kubernetes API), builds the VXLAN
+//! device, programs every peer, masquerades outgoing pod traffic. See
+//! docs/architecture.md.
+
+mod backoff;
+mod daemon;
+mod dataplane;
+mod flags;
+mod health;
+mod lease;
+mod masq;
+mod metrics;
+mod peers;
+mod plan;
+mod reconcile;
+mod subnet_file;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use overlayd::{daemon, flags};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -15,14 +28,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
-        Some(flags::Command::Cleanup) => daemon::cleanup(&cli.run),
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(daemon::run(cli.run))),
-    };
+    let result =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+            |rt| match cli.command {
+                Some(flags::Command::Cleanup) => rt.block_on(daemon::cleanup(&cli.run)),
+                None => rt.block_on(daemon::run(cli.run)),
+            },
+        );
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

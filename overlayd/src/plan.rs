@@ -41,6 +41,13 @@ pub struct KernelState {
     pub routes: BTreeMap<Ipv4Net, RouteVia>,
 }
 
+impl KernelState {
+    /// How many entries: neighbours, FDB entries and routes.
+    pub fn entry_count(&self) -> usize {
+        self.neighbours.len() + self.fdb.len() + self.routes.len()
+    }
+}
+
 /// What this node knows about its own place in the overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Local {

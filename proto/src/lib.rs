@@ -5,6 +5,7 @@
 //! No I/O, no async: these are the parts worth property-testing.
 
 pub mod alloc;
+pub mod hash;
 pub mod lease;
 pub mod mac;
 pub mod net_config;

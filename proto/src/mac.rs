@@ -16,13 +16,7 @@ impl MacAddr {
     /// A locally administered unicast address derived from `seed`, so a node's
     /// VTEP MAC is stable across restarts without any state on disk.
     pub fn from_seed(seed: &[u8]) -> Self {
-        // FNV-1a, 64 bit: stable across Rust versions, unlike DefaultHasher.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in seed {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let b = hash.to_be_bytes();
+        let b = crate::hash::fnv1a(seed).to_be_bytes();
         // Clear the multicast bit, set the locally-administered bit.
         MacAddr([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     }

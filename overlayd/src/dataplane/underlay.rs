@@ -1,16 +1,10 @@
 //! Finding the underlay: the interface VXLAN packets leave through, its
 //! address (our VTEP's local address) and its MTU.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
-use netlink_packet_route::{
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
-    AddressFamily, RouteNetlinkMessage,
-};
-
-use super::links::{self, primary_address};
-use super::netlink::{Netlink, NetlinkError};
+use ipnet::{IpNet, Ipv4Net};
+use overlay_netlink::{AddressFamily, Netlink};
 
 /// The interface the overlay is built over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +24,7 @@ pub struct Underlay {
 pub enum UnderlayError {
     /// Netlink failed.
     #[error(transparent)]
-    Netlink(#[from] NetlinkError),
+    Netlink(#[from] overlay_netlink::Error),
     /// The named interface or address does not exist.
     #[error("--iface {0}: no such interface or address in this network namespace")]
     NotFound(String),
@@ -44,50 +38,56 @@ pub enum UnderlayError {
 
 /// Picks the underlay: `iface` names an interface or one of its addresses;
 /// without it, the interface of the IPv4 default route.
-pub fn find(nl: &mut Netlink, iface: Option<&str>) -> Result<Underlay, UnderlayError> {
-    let links = links::list(nl)?;
-    let addrs = links::ipv4_addresses(nl)?;
-    let (index, preferred) = match iface {
+pub async fn find(nl: &Netlink, iface: Option<&str>) -> Result<Underlay, UnderlayError> {
+    let addrs: Vec<(u32, Ipv4Net)> = nl
+        .all_addresses(AddressFamily::Inet)
+        .await?
+        .into_iter()
+        .filter_map(|(index, net)| match net {
+            IpNet::V4(v4) => Some((index, v4)),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let (link, preferred) = match iface {
         Some(text) => match text.parse::<Ipv4Addr>() {
             Ok(ip) => {
-                let found =
-                    addrs.iter().find(|a| a.net.addr() == ip).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
-                (found.index, Some(ip))
+                let (index, _) =
+                    addrs.iter().find(|(_, a)| a.addr() == ip).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
+                (nl.link_by_index(*index).await?, Some(ip))
             }
-            Err(_) => {
-                let link = links.iter().find(|l| l.name == text).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
-                (link.index, None)
-            }
+            Err(_) => (nl.link(text).await?, None),
         },
-        None => default_route(nl)?.ok_or(UnderlayError::NoDefaultRoute)?,
+        None => {
+            let (oif, source) = nl.default_route(AddressFamily::Inet).await?.ok_or(UnderlayError::NoDefaultRoute)?;
+            let source = match source {
+                Some(IpAddr::V4(ip)) => Some(ip),
+                _ => None,
+            };
+            (nl.link_by_index(oif).await?, source)
+        }
     };
-    let link = links.iter().find(|l| l.index == index).ok_or_else(|| UnderlayError::NotFound(index.to_string()))?;
-    let addr = primary_address(&addrs, index, preferred).ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
-    Ok(Underlay { index, name: link.name.clone(), addr, mtu: link.mtu })
+    let link = link.ok_or_else(|| UnderlayError::NotFound(iface.unwrap_or("(default route)").into()))?;
+    let on_link: Vec<Ipv4Net> = addrs.iter().filter(|(i, _)| *i == link.index).map(|(_, a)| *a).collect();
+    let addr = primary_address(&on_link, preferred).ok_or_else(|| UnderlayError::NoAddress(link.name.clone()))?;
+    Ok(Underlay { index: link.index, name: link.name, addr, mtu: link.mtu })
 }
 
-/// The output interface and preferred source of the main table's IPv4 default route.
-fn default_route(nl: &mut Netlink) -> Result<Option<(u32, Option<Ipv4Addr>)>, NetlinkError> {
-    let mut req = RouteMessage::default();
-    req.header.address_family = AddressFamily::Inet;
-    for msg in nl.dump(RouteNetlinkMessage::GetRoute(req))? {
-        let RouteNetlinkMessage::NewRoute(r) = msg else {
-            continue;
-        };
-        if r.header.destination_prefix_length != 0 || r.header.table != RouteHeader::RT_TABLE_MAIN {
-            continue;
-        }
-        let oif = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        let src = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        });
-        if let Some(oif) = oif {
-            return Ok(Some((oif, src)));
-        }
+/// The first address, or `preferred` when the link has it.
+fn primary_address(on_link: &[Ipv4Net], preferred: Option<Ipv4Addr>) -> Option<Ipv4Net> {
+    preferred.and_then(|p| on_link.iter().find(|a| a.addr() == p)).or(on_link.first()).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preferred_address_wins_when_present() {
+        let a: Ipv4Net = "192.168.50.11/24".parse().unwrap();
+        let b: Ipv4Net = "10.0.0.5/8".parse().unwrap();
+        assert_eq!(primary_address(&[a, b], Some(b.addr())), Some(b));
+        assert_eq!(primary_address(&[a, b], Some(Ipv4Addr::new(1, 2, 3, 4))), Some(a));
+        assert_eq!(primary_address(&[a, b], None), Some(a));
+        assert_eq!(primary_address(&[], None), None);
     }
-    Ok(None)
 }

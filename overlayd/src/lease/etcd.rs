@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +12,16 @@ use std::time::Duration;
 use anyhow::Context;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    Txn, TxnOp, WatchOptions,
+    Txn, TxnOp, WatchOptions, WatchResponse,
 };
 use ipnet::Ipv4Net;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
 use tracing::{debug, info, warn};
 
-use super::{EventSender, LeaseStore, OwnLease, PeerEvent, Renewal};
-use crate::backoff::Backoff;
+use super::etcd_events::{self, KeyChange};
+use super::{EventSender, LeaseStore, OwnLease, Renewal, WatchEvent};
+use crate::backoff::{Backoff, Throttle};
+use crate::flags::EtcdArgs;
 
 /// Why the etcd store failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,17 +69,6 @@ fn etcd(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> EtcdError
     move |source| EtcdError::Etcd { what, source }
 }
 
-/// TLS material for etcd, as file paths.
-#[derive(Debug, Clone, Default)]
-pub struct TlsFiles {
-    /// CA bundle to verify etcd with.
-    pub ca: Option<String>,
-    /// Client certificate.
-    pub cert: Option<String>,
-    /// Client key.
-    pub key: Option<String>,
-}
-
 /// One lease as listed.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -95,15 +87,15 @@ pub struct Listed {
 pub struct Listing {
     /// Leases, whatever their value.
     pub leases: Vec<Listed>,
-    /// The store revision the listing is at.
-    pub revision: i64,
 }
 
-impl Listing {
-    /// The leases whose values parse, for the peer map.
-    pub fn peers(&self) -> Vec<(LeaseKey, LeaseAttrs)> {
-        self.leases.iter().filter_map(|l| l.attrs.clone().ok().map(|a| (l.key, a))).collect()
-    }
+/// A subnet key this node holds, and the etcd lease it is attached to.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimed {
+    /// The subnet key.
+    pub key: LeaseKey,
+    /// The etcd lease.
+    pub lease_id: i64,
 }
 
 /// A connection to etcd under one prefix.
@@ -117,26 +109,30 @@ pub struct EtcdLeases {
     endpoints: Arc<Vec<String>>,
     prefix: String,
     ttl: i64,
+    /// The etcd lease our key is attached to, once we hold one.
+    lease_id: Option<i64>,
 }
 
 impl EtcdLeases {
-    /// Connects to `endpoints` (a connection is made lazily; calls fail while etcd is down).
-    pub async fn connect(endpoints: &[String], tls: &TlsFiles, prefix: &str, ttl: i64) -> Result<Self, EtcdError> {
+    /// Connects to the endpoints of `args` (a connection is made lazily; calls fail while etcd is down).
+    pub async fn connect(args: &EtcdArgs) -> Result<Self, EtcdError> {
+        let ttl = args.subnet_lease_ttl.as_secs().max(5) as i64;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        if tls.ca.is_some() || tls.cert.is_some() {
+        if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
             let mut t = TlsOptions::new();
-            if let Some(ca) = &tls.ca {
+            if let Some(ca) = &args.etcd_cafile {
                 t = t.ca_certificate(Certificate::from_pem(read(ca)?));
             }
-            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            if let (Some(cert), Some(key)) = (&args.etcd_certfile, &args.etcd_keyfile) {
                 t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
             options = options.with_tls(t);
         }
-        let endpoints: Vec<String> = endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        let endpoints: Vec<String> =
+            args.etcd_endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in &endpoints {
             let client = Client::connect([endpoint.as_str()], Some(options.clone()))
@@ -151,8 +147,9 @@ impl EtcdLeases {
             clients: Arc::new(clients),
             current: Arc::new(AtomicUsize::new(0)),
             endpoints: Arc::new(endpoints),
-            prefix: prefix.trim_end_matches('/').to_string(),
+            prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
             ttl,
+            lease_id: None,
         })
     }
 
@@ -200,17 +197,15 @@ impl EtcdLeases {
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(self.fail(format!("list {prefix}")))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut leases = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
-            let path = String::from_utf8_lossy(kv.key());
-            let Some(key) = parse_key(&path, &prefix) else {
+            let Some(key) = etcd_events::lease_key(kv.key(), &prefix) else {
                 continue;
             };
             let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string());
             leases.push(Listed { key, attrs, etcd_lease: kv.lease(), mod_revision: kv.mod_revision() });
         }
-        Ok(Listing { leases, revision })
+        Ok(Listing { leases })
     }
 
     /// Takes a subnet for a node at `attrs.public_ip`: its existing lease if it
@@ -221,7 +216,7 @@ impl EtcdLeases {
         config: &NetConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
-    ) -> Result<OwnLease, EtcdError> {
+    ) -> Result<Claimed, EtcdError> {
         const ATTEMPTS: u32 = 16;
         let range = SubnetRange::of(config);
         let value = attrs.to_json();
@@ -257,7 +252,7 @@ impl EtcdLeases {
             let key = LeaseKey::v4(subnet);
             if let Some(lease) = self.claim(&key, &value).await? {
                 info!(subnet = %key, "claimed new subnet");
-                return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: lease });
+                return Ok(Claimed { key, lease_id: lease });
             }
             debug!(subnet = %key, attempt, "lost the race for a subnet; retrying");
         }
@@ -280,11 +275,11 @@ impl EtcdLeases {
     /// Re-attaches to our old key, rewriting the value (new MAC) or the etcd
     /// lease (expired, or none) if needed, but only if nobody changed it since
     /// we listed it.
-    async fn retake(&mut self, old: &Listed, value: &str, attrs: &LeaseAttrs) -> Result<Option<OwnLease>, EtcdError> {
+    async fn retake(&mut self, old: &Listed, value: &str, attrs: &LeaseAttrs) -> Result<Option<Claimed>, EtcdError> {
         let lease_alive = old.etcd_lease != 0 && self.ttl_left(old.etcd_lease).await? > 0;
         let same_value = old.attrs.as_ref().is_ok_and(|a| a == attrs);
         if lease_alive && same_value {
-            return Ok(Some(OwnLease { key: old.key, attrs: attrs.clone(), etcd_lease: old.etcd_lease }));
+            return Ok(Some(Claimed { key: old.key, lease_id: old.etcd_lease }));
         }
         let lease = if lease_alive {
             old.etcd_lease
@@ -298,7 +293,7 @@ impl EtcdLeases {
             // The lease we just granted holds nothing: do not leave it for a day.
             let _ = self.client().lease_revoke(lease).await;
         }
-        Ok(updated.then(|| OwnLease { key: old.key, attrs: attrs.clone(), etcd_lease: lease }))
+        Ok(updated.then_some(Claimed { key: old.key, lease_id: lease }))
     }
 
     /// Puts `value` at `path`, attached to `lease`, only if `guard` holds.
@@ -325,130 +320,167 @@ impl EtcdLeases {
         }
     }
 
-    /// Whether our key still exists and still says exactly what we published.
-    pub async fn still_ours(&mut self, own: &OwnLease) -> Result<bool, EtcdError> {
-        let path = self.key_path(&own.key);
+    /// What our key holds now (none: gone, or not a lease that parses).
+    async fn read_own(&mut self, key: &LeaseKey) -> Result<Option<LeaseAttrs>, EtcdError> {
+        let path = self.key_path(key);
         let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
-        Ok(resp.kvs().first().is_some_and(|kv| LeaseAttrs::from_json(kv.value()).is_ok_and(|a| a == own.attrs)))
+        Ok(resp.kvs().first().and_then(|kv| LeaseAttrs::from_json(kv.value()).ok()))
     }
+}
 
-    /// Lists until it succeeds and sends the listing as a `Snapshot`;
-    /// returns the revision to watch from, or None when the daemon is gone.
-    async fn relist(&mut self, tx: &EventSender) -> Option<i64> {
-        let mut backoff = Backoff::new();
-        loop {
-            match self.list().await {
-                Ok(listing) => {
-                    for l in &listing.leases {
-                        if let Err(e) = &l.attrs {
-                            warn!(lease = %l.key, error = %e, "skipping a peer lease that does not parse");
-                        }
-                    }
-                    tx.send(vec![PeerEvent::Snapshot(listing.peers())]).ok()?;
-                    return Some(listing.revision);
-                }
-                Err(e) => warn!(error = %e, "cannot list leases; retrying"),
-            }
-            backoff.wait().await;
-        }
-    }
+/// Where the etcd watcher stands: kube-runtime's watcher, for etcd. A
+/// listing is sent as `Init`, `InitApply`..., `InitDone` and gives the
+/// revision to watch from; a compaction or a canceled watch relists; a broken
+/// stream is resumed from the last revision seen, so no event is lost.
+enum WatchState {
+    /// Nothing known: list everything.
+    Listing,
+    /// Listed (or seen) up to `revision`: watch from the one after it.
+    Watching { revision: i64 },
+}
 
-    /// Lists, then streams peer events from the listing's revision on,
-    /// forever: every event of every response; a relist (as a `Snapshot`)
-    /// after compaction; reconnects after an outage from the last revision
-    /// seen, so no event is lost.
+impl EtcdLeases {
+    /// Lists, then streams watch events, forever (until the daemon is gone).
     async fn list_and_watch(mut self, tx: EventSender) {
         let prefix = self.subnets_prefix();
-        let Some(mut revision) = self.relist(&tx).await else { return };
-        let mut backoff = Duration::from_millis(50);
+        let mut state = WatchState::Listing;
+        let mut backoff = Backoff::with_max(Duration::from_secs(5));
+        let mut say = Throttle::new(Duration::from_secs(30));
         loop {
-            let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
-            match self.client().watch(prefix.as_str(), Some(options)).await {
-                Ok(mut stream) => loop {
-                    match stream.message().await {
-                        Ok(Some(resp)) => {
-                            backoff = Duration::from_millis(50);
-                            if resp.compact_revision() > 0 || resp.canceled() {
-                                warn!(
-                                    compact_revision = resp.compact_revision(),
-                                    reason = resp.cancel_reason(),
-                                    "watch history lost; relisting"
-                                );
-                                let Some(listed_at) = self.relist(&tx).await else { return };
-                                revision = listed_at;
-                                break;
-                            }
-                            let mut batch = Vec::with_capacity(resp.events().len());
-                            for event in resp.events() {
-                                let Some(kv) = event.kv() else { continue };
-                                revision = revision.max(kv.mod_revision());
-                                let path = String::from_utf8_lossy(kv.key());
-                                let Some(key) = parse_key(&path, &prefix) else {
-                                    warn!(key = %path, "skipping a key under subnets/ that is not a lease key");
-                                    continue;
-                                };
-                                match event.event_type() {
-                                    EventType::Put => match LeaseAttrs::from_json(kv.value()) {
-                                        Ok(attrs) => batch.push(PeerEvent::Upsert(key, attrs)),
-                                        Err(e) => {
-                                            warn!(lease = %key, error = %e, "skipping a peer lease that does not parse");
-                                            batch.push(PeerEvent::Remove(key));
-                                        }
-                                    },
-                                    EventType::Delete => batch.push(PeerEvent::Remove(key)),
-                                }
-                            }
-                            if resp.events().is_empty() {
-                                if let Some(h) = resp.header() {
-                                    revision = revision.max(h.revision());
-                                }
-                            }
-                            if !batch.is_empty() && tx.send(batch).is_err() {
-                                return;
-                            }
+            state = match state {
+                WatchState::Listing => match self.list_events(&prefix).await {
+                    Ok((events, revision)) => {
+                        if tx.send(events).is_err() {
+                            return;
                         }
-                        Ok(None) => {
-                            warn!("etcd closed the watch; resuming");
-                            self.next_endpoint();
-                            break;
+                        backoff.reset();
+                        WatchState::Watching { revision }
+                    }
+                    Err(e) => {
+                        if say.ready() {
+                            warn!(error = %e, "cannot list leases; retrying");
                         }
-                        Err(e) => {
-                            warn!(error = %e, revision, "etcd watch broke; resuming from the last revision seen");
-                            self.next_endpoint();
-                            break;
-                        }
+                        backoff.wait().await;
+                        WatchState::Listing
                     }
                 },
-                Err(e) => {
-                    warn!(error = %e, "cannot watch etcd; retrying");
-                    self.next_endpoint();
+                WatchState::Watching { revision } => {
+                    match self.watch_from(&prefix, revision, &tx, &mut backoff).await {
+                        Resume::From(revision) => {
+                            backoff.wait().await;
+                            WatchState::Watching { revision }
+                        }
+                        Resume::Relist => WatchState::Listing,
+                        Resume::Stop => return,
+                    }
                 }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            };
         }
     }
+
+    /// Every lease as watch events, and the revision the listing is at.
+    async fn list_events(&mut self, prefix: &str) -> Result<(Vec<WatchEvent>, i64), EtcdError> {
+        let resp = self
+            .client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.fail(format!("list {prefix}")))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let events = etcd_events::listing(prefix, resp.kvs().iter().map(|kv| (kv.key(), kv.value())));
+        Ok((events, revision))
+    }
+
+    /// Watches from the revision after `revision` until the stream ends; says how to go on.
+    async fn watch_from(&mut self, prefix: &str, mut revision: i64, tx: &EventSender, backoff: &mut Backoff) -> Resume {
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
+        let mut stream = match self.client().watch(prefix, Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(error = %e, "cannot watch etcd; retrying");
+                self.next_endpoint();
+                return Resume::From(revision);
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    backoff.reset();
+                    if resp.compact_revision() > 0 || resp.canceled() {
+                        warn!(
+                            compact_revision = resp.compact_revision(),
+                            reason = resp.cancel_reason(),
+                            "watch history lost; relisting"
+                        );
+                        return Resume::Relist;
+                    }
+                    let (events, seen) = watch_events(prefix, &resp);
+                    revision = revision.max(seen);
+                    if !events.is_empty() && tx.send(events).is_err() {
+                        return Resume::Stop;
+                    }
+                }
+                Ok(None) => {
+                    warn!("etcd closed the watch; resuming");
+                    self.next_endpoint();
+                    return Resume::From(revision);
+                }
+                Err(e) => {
+                    warn!(error = %e, revision, "etcd watch broke; resuming from the last revision seen");
+                    self.next_endpoint();
+                    return Resume::From(revision);
+                }
+            }
+        }
+    }
+}
+
+/// How the watcher goes on after a watch stream ended.
+enum Resume {
+    /// Watch again after this revision.
+    From(i64),
+    /// History is lost: list again.
+    Relist,
+    /// The daemon is gone.
+    Stop,
+}
+
+/// The events of one watch response, and the highest revision it shows.
+fn watch_events(prefix: &str, resp: &WatchResponse) -> (Vec<WatchEvent>, i64) {
+    let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut events = Vec::with_capacity(resp.events().len());
+    for event in resp.events() {
+        let Some(kv) = event.kv() else { continue };
+        revision = revision.max(kv.mod_revision());
+        let kind = match event.event_type() {
+            EventType::Put => KeyChange::Put,
+            EventType::Delete => KeyChange::Delete,
+        };
+        events.extend(etcd_events::change(prefix, kind, kv.key(), kv.value()));
+    }
+    (events, revision)
 }
 
 impl LeaseStore for EtcdLeases {
     async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
         let path = format!("{}/config", self.prefix);
         let mut backoff = Backoff::new();
+        let mut say = Throttle::new(Duration::from_secs(30));
         loop {
             match self.config_text().await {
                 Ok(Some(text)) => {
                     return NetConfig::parse(&text)
                         .with_context(|| format!("invalid network config at etcd key {path}"));
                 }
-                Ok(None) => info!(key = %path, "waiting for the network config: no such key in etcd yet"),
-                Err(e) => warn!(endpoints = %self.endpoints.join(","), error = %e, "etcd unreachable; retrying"),
+                Ok(None) if say.ready() => {
+                    info!(key = %path, "waiting for the network config: no such key in etcd yet")
+                }
+                Err(e) if say.ready() => {
+                    warn!(endpoints = %self.endpoints.join(","), error = %e, "etcd unreachable; retrying")
+                }
+                _ => {}
             }
             backoff.wait().await;
         }
-    }
-
-    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
-        Ok(detected)
     }
 
     async fn acquire(
@@ -458,11 +490,16 @@ impl LeaseStore for EtcdLeases {
         previous: Option<Ipv4Net>,
     ) -> anyhow::Result<OwnLease> {
         let mut backoff = Backoff::new();
+        let mut say = Throttle::new(Duration::from_secs(30));
         loop {
             match self.claim_subnet(config, attrs, previous).await {
-                Ok(own) => return Ok(own),
+                Ok(claimed) => {
+                    self.lease_id = Some(claimed.lease_id);
+                    return Ok(OwnLease { key: claimed.key, attrs: attrs.clone() });
+                }
                 Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_))) => return Err(e.into()),
-                Err(e) => warn!(error = %e, "cannot lease a subnet yet; retrying"),
+                Err(e) if say.ready() => warn!(error = %e, "cannot lease a subnet yet; retrying"),
+                Err(_) => {}
             }
             backoff.wait().await;
         }
@@ -477,32 +514,25 @@ impl LeaseStore for EtcdLeases {
     }
 
     async fn renew(&mut self, own: &OwnLease) -> Renewal {
-        match self.keep_alive(own.etcd_lease).await {
-            Ok(ttl) if ttl > 0 => match self.still_ours(own).await {
-                Ok(true) => Renewal::Held,
-                Ok(false) => Renewal::Lost("our lease key is gone or names another node".into()),
+        let Some(lease_id) = self.lease_id else { return Renewal::Seen(None) };
+        match self.keep_alive(lease_id).await {
+            // The key went with its etcd lease.
+            Ok(ttl) if ttl <= 0 => Renewal::Seen(None),
+            Ok(_) => match self.read_own(&own.key).await {
+                Ok(seen) => Renewal::Seen(seen),
                 Err(e) => {
                     // The keep-alive worked: the lease is alive, whatever this says.
-                    warn!(error = %e, "cannot check our lease key");
-                    Renewal::Held
+                    warn!(error = %e, "cannot read our lease key back");
+                    Renewal::Seen(Some(own.attrs.clone()))
                 }
             },
-            Ok(_) => Renewal::Lost("our etcd lease expired".into()),
             Err(e) => Renewal::Failed(e.to_string()),
         }
     }
-
-    async fn announce_ready(&mut self) -> anyhow::Result<()> {
-        Ok(())
-    }
 }
 
-fn read(path: &str) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|source| EtcdError::TlsFile { path: path.into(), source })
-}
-
-fn parse_key(path: &str, prefix: &str) -> Option<LeaseKey> {
-    path.strip_prefix(prefix)?.parse().ok()
+fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile { path: path.display().to_string(), source })
 }
 
 /// Where in the range a node starts looking, so simultaneous joiners spread out.

@@ -25,9 +25,9 @@ use proto::node_annotations::parse_pod_cidr;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{debug, info, warn};
 
-use super::{EventSender, LeaseStore, OwnLease, PeerEvent, Renewal};
-use crate::backoff::Backoff;
-use crate::flags::RunArgs;
+use super::{EventSender, LeaseStore, OwnLease, Renewal, WatchEvent};
+use crate::backoff::{Backoff, Throttle};
+use crate::flags::KubeArgs;
 
 /// The condition we own on our Node, and what we set it to.
 const CONDITION: &str = "NetworkUnavailable";
@@ -45,6 +45,10 @@ const LIST_PAGE_SIZE: u32 = 100;
 /// The watch already shows us changes to our own Node; this is a safety net,
 /// kept rare so 5,000 nodes do not load the API server.
 const RENEW_INTERVAL: Duration = Duration::from_secs(300);
+/// How often a lasting condition (no podCIDR yet, API server down) is said again.
+const SAY_EVERY: Duration = Duration::from_secs(30);
+/// Cap of the watch's retry delay: an outage is noticed within this once the server is back.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A Node as the watch reads it: name, resourceVersion, annotations and
 /// podCIDR. A real Node carries kilobytes that overlayd never reads (the
@@ -124,7 +128,7 @@ pub struct KubeLeases {
 
 impl KubeLeases {
     /// Builds a client from `--kubeconfig`, or the in-cluster service account.
-    pub async fn connect(args: &RunArgs) -> anyhow::Result<Self> {
+    pub async fn connect(args: &KubeArgs) -> anyhow::Result<Self> {
         let node_name = args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
             "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
         )?;
@@ -162,17 +166,14 @@ impl KubeLeases {
     /// the kubelet has not registered it yet.
     async fn wait_for_own_node(&self) -> Node {
         let mut backoff = Backoff::new();
-        let mut attempt = 0u32;
+        let mut say = Throttle::new(SAY_EVERY);
         loop {
-            // Say it at once, then about every half minute, not every retry.
-            let say = attempt.is_multiple_of(15);
-            attempt = attempt.wrapping_add(1);
             match self.own_node().await {
                 Ok(Some(node)) => return node,
-                Ok(None) if say => {
+                Ok(None) if say.ready() => {
                     info!(node = %self.node_name, "waiting for node {} to be registered", self.node_name)
                 }
-                Err(e) if say => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
+                Err(e) if say.ready() => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
                 _ => {}
             }
             backoff.wait().await;
@@ -189,24 +190,27 @@ impl KubeLeases {
         Ok(())
     }
 
-    /// Streams Node changes as peer events, forever. kube's watcher lists,
+    /// Streams Node changes as watch events, forever. kube's watcher lists,
     /// watches from the list's resourceVersion with bookmarks, and relists
-    /// after a 410 Gone; a relist becomes one `Snapshot`, which the daemon
-    /// diffs like any other batch, so unchanged peers are not touched.
+    /// after a 410 Gone; a relist ends in one `InitDone`, after which the
+    /// daemon diffs the whole listing like any other change, so unchanged
+    /// peers are not touched.
     async fn watch_nodes(self, tx: EventSender) {
         let stream = watcher::watcher(self.peers.clone(), watcher::Config::default().page_size(LIST_PAGE_SIZE))
-            .default_backoff();
+            .backoff(Backoff::with_max(WATCH_BACKOFF_MAX));
         let mut stream = std::pin::pin!(stream);
         let mut nodes = NodeEvents::new(self.annotations.clone());
         let mut failing = false;
+        // A listing goes to the daemon as one batch, from Init to InitDone.
+        let mut batch = Vec::new();
         while let Some(item) = stream.next().await {
-            let batch = match item {
+            match item {
                 Ok(event) => {
                     if failing {
                         info!("watching nodes again");
                         failing = false;
                     }
-                    nodes.on_event(event)
+                    batch.extend(nodes.on_event(event));
                 }
                 Err(e) => {
                     // kube's backoff paces the retries; say it once per outage.
@@ -217,41 +221,28 @@ impl KubeLeases {
                     continue;
                 }
             };
-            if !batch.is_empty() && tx.send(batch).is_err() {
+            let listing = matches!(batch.last(), Some(WatchEvent::Init | WatchEvent::InitApply(..)));
+            if !batch.is_empty() && !listing && tx.send(std::mem::take(&mut batch)).is_err() {
                 return;
             }
         }
     }
 }
 
-/// A node name, hashed (SipHash with fixed keys: the same in every run).
-/// Two of 5,000 names colliding has a chance of about 1 in 10^12.
-type NameHash = u64;
-
-fn name_hash(name: &str) -> NameHash {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    name.hash(&mut h);
-    h.finish()
-}
-
-/// Turns the watcher's Node events into peer events. Pure, so the
+/// Turns the watcher's Node events into lease watch events. Pure, so the
 /// translation is unit-tested without an API server.
 struct NodeEvents {
     annotations: NodeAnnotations,
     /// Which lease each node stood for, so a node whose podCIDR or
     /// annotations went away (or that was deleted) can be removed.
-    /// Keyed by a hash of the name rather than the name: 5,000 small
-    /// strings, allocated into the holes a listing leaves, would pin heap
-    /// pages that could otherwise go back to the kernel.
-    known: HashMap<NameHash, LeaseKey>,
-    /// Nodes of a (re)list in progress.
-    listing: Option<Vec<(NameHash, LeaseKey, LeaseAttrs)>>,
+    known: HashMap<String, LeaseKey>,
+    /// The nodes of a (re)list in progress.
+    listing: HashMap<String, LeaseKey>,
 }
 
 impl NodeEvents {
     fn new(annotations: NodeAnnotations) -> Self {
-        NodeEvents { annotations, known: HashMap::new(), listing: None }
+        NodeEvents { annotations, known: HashMap::new(), listing: HashMap::new() }
     }
 
     /// The lease a Node stands for, if it is a usable peer.
@@ -266,29 +257,28 @@ impl NodeEvents {
         }
     }
 
-    /// The peer events one watcher event stands for (often none).
-    fn on_event(&mut self, event: Event<PeerNode>) -> Vec<PeerEvent> {
+    /// The lease events one watcher event stands for (often none).
+    fn on_event(&mut self, event: Event<PeerNode>) -> Vec<WatchEvent> {
         match event {
             Event::Init => {
-                self.listing = Some(Vec::new());
-                Vec::new()
+                self.listing.clear();
+                vec![WatchEvent::Init]
             }
             Event::InitApply(node) => {
-                if let (Some(name), Some((key, attrs))) =
-                    (node.metadata.name.as_deref().map(name_hash), self.lease(&node))
-                {
-                    self.listing.get_or_insert_with(Vec::new).push((name, key, attrs));
-                }
-                Vec::new()
+                let (Some(name), Some((key, attrs))) = (node.metadata.name.clone(), self.lease(&node)) else {
+                    return Vec::new();
+                };
+                self.listing.insert(name, key);
+                vec![WatchEvent::InitApply(key, attrs)]
             }
             Event::InitDone => {
-                let listed = self.listing.take().unwrap_or_default();
-                self.known = listed.iter().map(|(name, key, _)| (*name, *key)).collect();
-                debug!(peers = listed.len(), "listed nodes");
-                vec![PeerEvent::Snapshot(listed.into_iter().map(|(_, k, a)| (k, a)).collect())]
+                self.known = std::mem::take(&mut self.listing);
+                self.known.shrink_to_fit();
+                debug!(peers = self.known.len(), "listed nodes");
+                vec![WatchEvent::InitDone]
             }
             Event::Apply(node) => {
-                let Some(name) = node.metadata.name.as_deref().map(name_hash) else { return Vec::new() };
+                let Some(name) = node.metadata.name.clone() else { return Vec::new() };
                 let lease = self.lease(&node);
                 let previous = match &lease {
                     Some((key, _)) => self.known.insert(name, *key),
@@ -296,19 +286,17 @@ impl NodeEvents {
                 };
                 let mut batch = Vec::with_capacity(2);
                 if let Some(old) = previous.filter(|old| lease.as_ref().is_none_or(|(key, _)| key != old)) {
-                    batch.push(PeerEvent::Remove(old));
+                    batch.push(WatchEvent::Delete(old));
                 }
                 if let Some((key, attrs)) = lease {
-                    batch.push(PeerEvent::Upsert(key, attrs));
+                    batch.push(WatchEvent::Apply(key, attrs));
                 }
                 batch
             }
-            Event::Delete(node) => {
-                match node.metadata.name.as_deref().and_then(|name| self.known.remove(&name_hash(name))) {
-                    Some(old) => vec![PeerEvent::Remove(old)],
-                    None => Vec::new(),
-                }
-            }
+            Event::Delete(node) => match node.metadata.name.as_deref().and_then(|name| self.known.remove(name)) {
+                Some(old) => vec![WatchEvent::Delete(old)],
+                None => Vec::new(),
+            },
         }
     }
 }
@@ -353,20 +341,18 @@ impl LeaseStore for KubeLeases {
         _previous: Option<Ipv4Net>,
     ) -> anyhow::Result<OwnLease> {
         let mut backoff = Backoff::new();
-        let mut waited = 0u32;
+        let mut say = Throttle::new(SAY_EVERY);
         loop {
             let node = self.wait_for_own_node().await;
             match node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).filter(|c| !c.is_empty()) {
                 None => {
-                    // Say it at once, then every half minute or so, not every retry.
-                    if waited.is_multiple_of(15) {
+                    if say.ready() {
                         info!(
                             node = %self.node_name,
                             "waiting for podCIDR on node {} (is kube-controller-manager running with --allocate-node-cidrs?)",
                             self.node_name
                         );
                     }
-                    waited += 1;
                 }
                 Some(cidr) => {
                     let subnet = parse_pod_cidr(cidr).with_context(|| format!("node {}", self.node_name))?;
@@ -380,12 +366,12 @@ impl LeaseStore for KubeLeases {
                     }
                     let key = LeaseKey::v4(subnet);
                     if self.annotations.published(annotations_of(&node.metadata), attrs) {
-                        return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: 0 });
+                        return Ok(OwnLease { key, attrs: attrs.clone() });
                     }
                     match self.publish(attrs).await {
                         Ok(()) => {
                             info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, "published our lease on the node");
-                            return Ok(OwnLease { key, attrs: attrs.clone(), etcd_lease: 0 });
+                            return Ok(OwnLease { key, attrs: attrs.clone() });
                         }
                         Err(e) => warn!(error = format!("{e:#}"), "cannot annotate our node; retrying"),
                     }
@@ -406,23 +392,18 @@ impl LeaseStore for KubeLeases {
     async fn renew(&mut self, own: &OwnLease) -> Renewal {
         let node = match self.own_node().await {
             Ok(Some(node)) => node,
-            Ok(None) => return Renewal::Lost(format!("node {} was deleted", self.node_name)),
+            Ok(None) => return Renewal::Seen(None),
             Err(e) => return Renewal::Failed(format!("{e:#}")),
         };
-        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).unwrap_or("");
-        if parse_pod_cidr(pod_cidr).ok() != Some(own.key.v4) {
-            return Renewal::Lost(format!("node {}'s podCIDR is now {pod_cidr:?}", self.node_name));
-        }
-        let published = self.annotations.published(annotations_of(&node.metadata), &own.attrs);
+        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref());
+        // What our Node stands for now; another podCIDR means our key is gone.
+        let seen = match self.annotations.lease(pod_cidr, annotations_of(&node.metadata)) {
+            Ok(Some((key, attrs))) if key == own.key => Some(attrs),
+            _ => None,
+        };
         // The daemon announces readiness right after a renewal: this read serves both.
         self.last_read = Some(node);
-        if !published {
-            warn!(node = %self.node_name, "our annotations were changed or removed; writing them again");
-            if let Err(e) = self.publish(&own.attrs).await {
-                return Renewal::Failed(format!("{e:#}"));
-            }
-        }
-        Renewal::Held
+        Renewal::Seen(seen)
     }
 
     async fn announce_ready(&mut self) -> anyhow::Result<()> {
@@ -501,50 +482,55 @@ mod tests {
         LeaseKey::v4(cidr.parse().unwrap())
     }
 
-    fn summary(events: &[PeerEvent]) -> Vec<String> {
+    fn summary(events: &[WatchEvent]) -> Vec<String> {
         events
             .iter()
             .map(|e| match e {
-                PeerEvent::Upsert(k, a) => format!("upsert {k} {}", a.public_ip),
-                PeerEvent::Remove(k) => format!("remove {k}"),
-                PeerEvent::Snapshot(all) => format!("snapshot {}", all.len()),
+                WatchEvent::Init => "init".to_string(),
+                WatchEvent::InitApply(k, a) => format!("listed {k} {}", a.public_ip),
+                WatchEvent::InitDone => "listed".to_string(),
+                WatchEvent::Apply(k, a) => format!("apply {k} {}", a.public_ip),
+                WatchEvent::Delete(k) => format!("delete {k}"),
             })
             .collect()
     }
 
     #[test]
-    fn list_then_changes_become_peer_events() {
+    fn list_then_changes_become_watch_events() {
         let mut n = NodeEvents::new(NodeAnnotations::default());
         let a = attrs("192.168.1.1", "02:00:00:00:00:01");
-        assert!(n.on_event(Event::Init).is_empty());
-        assert!(n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a)))).is_empty());
+        assert_eq!(summary(&n.on_event(Event::Init)), ["init"]);
+        assert_eq!(
+            summary(&n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))))),
+            ["listed 10.244.1.0-24 192.168.1.1"]
+        );
         // Not yet a peer: no podCIDR, or no annotations.
         assert!(n.on_event(Event::InitApply(node("b", None, Some(&a)))).is_empty());
         assert!(n.on_event(Event::InitApply(node("c", Some("10.244.3.0/24"), None))).is_empty());
-        assert_eq!(summary(&n.on_event(Event::InitDone)), ["snapshot 1"]);
+        assert_eq!(summary(&n.on_event(Event::InitDone)), ["listed"]);
 
         // c publishes: a new peer.
         let c = attrs("192.168.1.3", "02:00:00:00:00:03");
         assert_eq!(
             summary(&n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), Some(&c))))),
-            ["upsert 10.244.3.0-24 192.168.1.3"]
+            ["apply 10.244.3.0-24 192.168.1.3"]
         );
         // c's annotations are removed: it is no longer a peer.
         assert_eq!(
             summary(&n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None)))),
-            ["remove 10.244.3.0-24"]
+            ["delete 10.244.3.0-24"]
         );
         // ...and a change to a non-peer is nothing.
         assert!(n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None))).is_empty());
         // a is recreated with another podCIDR: the old lease goes, the new comes.
         assert_eq!(
             summary(&n.on_event(Event::Apply(node("a", Some("10.244.9.0/24"), Some(&a))))),
-            ["remove 10.244.1.0-24", "upsert 10.244.9.0-24 192.168.1.1"]
+            ["delete 10.244.1.0-24", "apply 10.244.9.0-24 192.168.1.1"]
         );
         // a is deleted; deleting an unknown node is nothing.
         assert_eq!(
             summary(&n.on_event(Event::Delete(node("a", Some("10.244.9.0/24"), Some(&a))))),
-            ["remove 10.244.9.0-24"]
+            ["delete 10.244.9.0-24"]
         );
         assert!(n.on_event(Event::Delete(node("zz", None, None))).is_empty());
     }
@@ -558,14 +544,15 @@ mod tests {
         n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
         n.on_event(Event::InitApply(node("b", Some("10.244.2.0/24"), Some(&b))));
         n.on_event(Event::InitDone);
-        // A 410, and b was deleted while the watch was down: the snapshot
-        // has only a, and a later delete of b is not reported twice.
+        // A 410, and b was deleted while the watch was down: the relist has
+        // only a, and a later delete of b is not reported twice.
         n.on_event(Event::Init);
-        n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
-        let events = n.on_event(Event::InitDone);
-        let PeerEvent::Snapshot(all) = &events[0] else { panic!("{events:?}") };
-        assert_eq!(all.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key("10.244.1.0/24")]);
+        let listed = n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
+        assert_eq!(summary(&listed), ["listed 10.244.1.0-24 192.168.1.1"]);
+        assert_eq!(summary(&n.on_event(Event::InitDone)), ["listed"]);
         assert!(n.on_event(Event::Delete(node("b", Some("10.244.2.0/24"), Some(&b)))).is_empty());
+        assert_eq!(n.known.len(), 1);
+        assert_eq!(n.known["a"], key("10.244.1.0/24"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Where leases come from: etcd (`etcd`, bare hosts) or the Kubernetes API
 //! (`kube`, a Node's podCIDR). The daemon sees a store only through
-//! [`LeaseStore`]: the network config, our own lease, and batches of peer
-//! events; everything after that is the same plan → diff → apply path.
+//! [`LeaseStore`]: the network config, our own lease, and a list-then-watch
+//! stream of [`WatchEvent`]s in one shape for both stores; everything after
+//! that is the same plan → diff → apply path.
 
 pub mod etcd;
+mod etcd_events;
 pub mod kube;
 
 use std::future::Future;
@@ -14,17 +16,27 @@ use ipnet::Ipv4Net;
 use proto::{LeaseAttrs, LeaseKey, NetConfig};
 use tokio::sync::mpsc;
 
-/// A change to the set of peers, as the lease store saw it.
-#[derive(Debug, Clone)]
-pub enum PeerEvent {
-    /// A lease was written (new node, or a node's MAC or address changed).
-    Upsert(LeaseKey, LeaseAttrs),
-    /// A lease was removed or expired: the node left.
-    Remove(LeaseKey),
-    /// The full set, after a (re)list: the first thing a watch sends, and
-    /// what it sends whenever it lost history (compaction, 410 Gone).
-    Snapshot(Vec<(LeaseKey, LeaseAttrs)>),
+/// One step of a store's list-then-watch, in kube-runtime's shape. A (re)list
+/// is `Init`, one `InitApply` per lease, then `InitDone`: the leases listed
+/// replace every lease known before, at once. After it, `Apply` and `Delete`
+/// follow the changes one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A (re)list begins.
+    Init,
+    /// A lease of the listing.
+    InitApply(LeaseKey, LeaseAttrs),
+    /// The listing is complete.
+    InitDone,
+    /// A lease was written: a new node, or a node's MAC or address changed.
+    Apply(LeaseKey, LeaseAttrs),
+    /// A lease was removed, expired, or no longer parses: the node left.
+    Delete(LeaseKey),
 }
+
+/// Watch events flow from a store's watch task to the daemon in batches:
+/// everything one read of the store brought.
+pub type EventSender = mpsc::UnboundedSender<Vec<WatchEvent>>;
 
 /// The lease this node holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,24 +45,39 @@ pub struct OwnLease {
     pub key: LeaseKey,
     /// What we published in it.
     pub attrs: LeaseAttrs,
-    /// The etcd lease the key is attached to (0 in Kubernetes mode, where
-    /// the Node object itself carries the lease).
-    pub etcd_lease: i64,
 }
 
-/// The outcome of a periodic renewal.
+/// What a renewal found at our key.
 #[derive(Debug)]
 pub enum Renewal {
-    /// Still ours.
-    Held,
-    /// Gone or taken: claim a subnet again.
-    Lost(String),
+    /// The store holds this at our key now (none: the key is gone or expired).
+    Seen(Option<LeaseAttrs>),
     /// Could not tell (store unreachable): try again soon.
     Failed(String),
 }
 
-/// Peer events flow from a store's watch task to the daemon through this.
-pub type EventSender = mpsc::UnboundedSender<Vec<PeerEvent>>;
+/// Our lease no longer says what we published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LeaseLost(pub String);
+
+/// Judges whether our lease is still ours from what the store holds at our
+/// key: the one place where a lost lease is decided, whether the news came
+/// from a watch event or a renewal. A record that names another node, a
+/// rewritten MAC, a deleted key: peers would send our pods' traffic to the
+/// wrong place, so the lease must be claimed again.
+pub fn check_own(own: &OwnLease, seen: Option<&LeaseAttrs>) -> Result<(), LeaseLost> {
+    match seen {
+        None => Err(LeaseLost(format!("our lease {} is gone from the store", own.key))),
+        Some(attrs) if *attrs != own.attrs => Err(LeaseLost(format!(
+            "our lease {} now says public IP {} and {}, not what we published",
+            own.key,
+            attrs.public_ip,
+            attrs.vxlan_data().map(|d| format!("VTEP MAC {}", d.vtep_mac)).unwrap_or_else(|e| e.to_string())
+        ))),
+        Some(_) => Ok(()),
+    }
+}
 
 /// A source of leases. Used with static dispatch from the daemon's own
 /// single-threaded runtime, so `async fn` here needs no `Send` bound; only
@@ -61,11 +88,14 @@ pub trait LeaseStore: Send + 'static {
     async fn network_config(&mut self) -> anyhow::Result<NetConfig>;
 
     /// The address peers must send to: `detected` unless the store pins another.
-    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr>;
+    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+        Ok(detected)
+    }
 
-    /// Takes (or finds) this node's subnet and publishes `attrs` in it.
-    /// Retries while the store is unreachable; errors only when retrying
-    /// cannot help (network full, a podCIDR outside the network).
+    /// Takes (or finds) this node's subnet and publishes `attrs` in it;
+    /// `previous` is the subnet this node had, where the store lets a node
+    /// choose. Retries while the store is unreachable; errors only when
+    /// retrying cannot help (network full, a podCIDR outside the network).
     async fn acquire(
         &mut self,
         config: &NetConfig,
@@ -73,17 +103,42 @@ pub trait LeaseStore: Send + 'static {
         previous: Option<Ipv4Net>,
     ) -> anyhow::Result<OwnLease>;
 
-    /// Streams peer events forever, starting with a `Snapshot`.
+    /// Lists, then watches, forever: a stream of [`WatchEvent`] batches that
+    /// starts with a listing and relists whenever history was lost.
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static;
 
     /// How often [`renew`](LeaseStore::renew) runs.
     fn renew_interval(&self) -> Duration;
 
-    /// Keeps our lease alive and checks it is still ours.
+    /// Keeps our lease alive and reads back what the store holds at our key.
     async fn renew(&mut self, own: &OwnLease) -> Renewal;
 
-    /// Tells the cluster this node's network is up (Kubernetes: the Node
-    /// condition `NetworkUnavailable=False`). Called after a successful
-    /// reconcile until it succeeds once, and again after every renewal.
-    async fn announce_ready(&mut self) -> anyhow::Result<()>;
+    /// Tells the cluster this node's network is up, where the store has a
+    /// place for it (Kubernetes: the Node condition `NetworkUnavailable=False`).
+    async fn announce_ready(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::VxlanBackendData;
+
+    fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
+        LeaseAttrs::vxlan(ip.parse().unwrap(), VxlanBackendData { vni: 1, vtep_mac: mac.parse().unwrap() })
+    }
+
+    #[test]
+    fn own_lease_is_lost_when_gone_or_rewritten() {
+        let own = OwnLease {
+            key: LeaseKey::v4("10.244.1.0/24".parse().unwrap()),
+            attrs: attrs("192.168.1.1", "02:00:00:00:00:01"),
+        };
+        assert_eq!(check_own(&own, Some(&own.attrs)), Ok(()));
+        let gone = check_own(&own, None).unwrap_err();
+        assert!(gone.0.contains("10.244.1.0-24 is gone"), "{gone}");
+        let taken = check_own(&own, Some(&attrs("192.168.1.9", "02:00:00:00:00:09"))).unwrap_err();
+        assert!(taken.0.contains("192.168.1.9") && taken.0.contains("02:00:00:00:00:09"), "{taken}");
+    }
 }

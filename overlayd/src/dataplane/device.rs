@@ -1,0 +1,281 @@
+//! The VXLAN device as a resource: what it must look like, a pure diff
+//! against the device the node holds, and the named operations that close
+//! the gap. Settings the kernel cannot change in place (VNI, port, local
+//! address, lower device, learning, GBP) mean the device is recreated.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+use overlay_netlink::{AddressFamily, Link, Netlink, VxlanDevice};
+use proto::MacAddr;
+use tracing::{info, warn};
+
+/// What the VXLAN device must look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Device name, `overlay.1` by default.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// UDP port.
+    pub port: u16,
+    /// Group-based policy extension.
+    pub gbp: bool,
+    /// Local VTEP address (the underlay address).
+    pub local: Ipv4Addr,
+    /// Underlay interface index.
+    pub underlay_index: u32,
+    /// Device MTU.
+    pub mtu: u32,
+    /// Stable VTEP MAC.
+    pub mac: MacAddr,
+    /// `<own subnet>.0/32`.
+    pub address: Ipv4Net,
+}
+
+/// One step that takes the node's device to the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// There is no device: create it.
+    Create,
+    /// The device at this index has settings the kernel cannot change: delete it, then create it.
+    Recreate(u32),
+    /// Set the MTU.
+    SetMtu,
+    /// Set the MAC.
+    SetMac,
+    /// Set it up.
+    SetUp,
+    /// Add the spec's address.
+    AddAddress(Ipv4Net),
+    /// Remove an address that is not the spec's.
+    RemoveAddress(Ipv4Net),
+}
+
+/// Whether an existing device's immutable settings match the spec.
+fn compatible(link: &Link, spec: &DeviceSpec) -> bool {
+    let Some(v) = &link.vxlan else { return false };
+    v.vni == Some(spec.vni)
+        && v.local == Some(IpAddr::V4(spec.local))
+        && v.port == Some(spec.port)
+        && v.learning == Some(false)
+        && v.gbp == spec.gbp
+        && v.lower == Some(spec.underlay_index)
+}
+
+/// The changes that take `link` (with its IPv4 `addresses`) to `spec`. Pure.
+pub fn diff(spec: &DeviceSpec, link: Option<&Link>, addresses: &[Ipv4Net]) -> Vec<DeviceChange> {
+    let link = match link {
+        None => return vec![DeviceChange::Create],
+        Some(link) if !compatible(link, spec) => return vec![DeviceChange::Recreate(link.index)],
+        Some(link) => link,
+    };
+    let mut changes = Vec::new();
+    if link.mtu != spec.mtu {
+        changes.push(DeviceChange::SetMtu);
+    }
+    if link.mac != Some(spec.mac) {
+        changes.push(DeviceChange::SetMac);
+    }
+    for address in addresses.iter().filter(|a| **a != spec.address) {
+        changes.push(DeviceChange::RemoveAddress(*address));
+    }
+    if !addresses.contains(&spec.address) {
+        changes.push(DeviceChange::AddAddress(spec.address));
+    }
+    // Up last: the device carries traffic only once it is right.
+    if !link.up {
+        changes.push(DeviceChange::SetUp);
+    }
+    changes
+}
+
+/// The device as the node holds it after a reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device {
+    /// Its index.
+    pub index: u32,
+    /// Whether this reconcile (re)created it: every peer entry must then be programmed again.
+    pub created: bool,
+    /// How many changes were made.
+    pub changes: usize,
+}
+
+/// Why the device could not be made right.
+#[derive(Debug, thiserror::Error)]
+#[error("VXLAN device {device}: {source}")]
+pub struct DeviceError {
+    device: String,
+    #[source]
+    source: overlay_netlink::Error,
+}
+
+/// Reads the device, diffs it with `spec` and applies the changes. A created
+/// device is read and diffed once more, for its address and up state.
+pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, DeviceError> {
+    let fail = |source| DeviceError { device: spec.name.clone(), source };
+    let mut created = false;
+    let mut changes = 0;
+    for _pass in 0..2 {
+        let link = nl.link(&spec.name).await.map_err(fail)?;
+        let addresses = match &link {
+            Some(link) => ipv4(nl.addresses(link.index, AddressFamily::Inet).await.map_err(fail)?),
+            None => Vec::new(),
+        };
+        let todo = diff(spec, link.as_ref(), &addresses);
+        if todo.is_empty() {
+            let index = link.map(|l| l.index).unwrap_or_default();
+            return Ok(Device { index, created, changes });
+        }
+        for change in &todo {
+            apply(nl, spec, link.as_ref(), *change).await.map_err(fail)?;
+            created |= matches!(change, DeviceChange::Create | DeviceChange::Recreate(_));
+        }
+        changes += todo.len();
+    }
+    // Two passes always suffice (create, then settle); a third means someone fights us.
+    let link = nl.link(&spec.name).await.map_err(fail)?;
+    match link {
+        Some(link) => Ok(Device { index: link.index, created, changes }),
+        None => Err(fail(overlay_netlink::Error::Protocol {
+            what: "creating the device".into(),
+            detail: "it vanished right after it was made".into(),
+        })),
+    }
+}
+
+async fn apply(
+    nl: &Netlink,
+    spec: &DeviceSpec,
+    link: Option<&Link>,
+    change: DeviceChange,
+) -> Result<(), overlay_netlink::Error> {
+    let index = link.map(|l| l.index).unwrap_or_default();
+    match change {
+        DeviceChange::Create => create(nl, spec).await,
+        DeviceChange::Recreate(old) => {
+            warn!(device = %spec.name, kind = ?link.and_then(|l| l.kind.clone()), "device exists with other settings (VNI, port, local address or kind); recreating it");
+            nl.delete_link(old).await?;
+            create(nl, spec).await
+        }
+        DeviceChange::SetMtu => nl.set_mtu(index, spec.mtu).await,
+        DeviceChange::SetMac => nl.set_mac(index, spec.mac).await,
+        DeviceChange::SetUp => nl.set_up(index).await,
+        DeviceChange::AddAddress(a) => nl.add_address(index, IpNet::V4(a)).await,
+        DeviceChange::RemoveAddress(a) => nl.delete_address(index, IpNet::V4(a)).await,
+    }
+}
+
+async fn create(nl: &Netlink, spec: &DeviceSpec) -> Result<(), overlay_netlink::Error> {
+    nl.create_vxlan(&VxlanDevice {
+        name: spec.name.clone(),
+        vni: spec.vni,
+        port: spec.port,
+        gbp: spec.gbp,
+        local: IpAddr::V4(spec.local),
+        lower: spec.underlay_index,
+        mtu: spec.mtu,
+        mac: spec.mac,
+    })
+    .await?;
+    info!(device = %spec.name, vni = spec.vni, port = spec.port, local = %spec.local, mtu = spec.mtu, mac = %spec.mac, "created VXLAN device");
+    Ok(())
+}
+
+fn ipv4(addresses: Vec<IpNet>) -> Vec<Ipv4Net> {
+    addresses
+        .into_iter()
+        .filter_map(|a| match a {
+            IpNet::V4(v4) => Some(v4),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Removes the device named `name`, if present (for `overlayd cleanup`).
+pub async fn remove(nl: &Netlink, name: &str) -> Result<bool, DeviceError> {
+    let fail = |source| DeviceError { device: name.to_string(), source };
+    let Some(link) = nl.link(name).await.map_err(fail)? else {
+        return Ok(false);
+    };
+    nl.delete_link(link.index).await.map_err(fail)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlay_netlink::VxlanSettings;
+
+    fn spec() -> DeviceSpec {
+        DeviceSpec {
+            name: "overlay.1".into(),
+            vni: 1,
+            port: 8472,
+            gbp: false,
+            local: Ipv4Addr::new(192, 168, 50, 11),
+            underlay_index: 2,
+            mtu: 1450,
+            mac: "b2:5e:e8:32:3a:be".parse().unwrap(),
+            address: "10.244.33.0/32".parse().unwrap(),
+        }
+    }
+
+    fn matching(spec: &DeviceSpec) -> Link {
+        Link {
+            index: 7,
+            name: spec.name.clone(),
+            mac: Some(spec.mac),
+            mtu: spec.mtu,
+            up: true,
+            kind: Some("vxlan".into()),
+            controller: None,
+            vxlan: Some(VxlanSettings {
+                vni: Some(spec.vni),
+                local: Some(IpAddr::V4(spec.local)),
+                port: Some(spec.port),
+                learning: Some(false),
+                gbp: false,
+                lower: Some(spec.underlay_index),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_matching_device_needs_nothing() {
+        let s = spec();
+        assert_eq!(diff(&s, Some(&matching(&s)), &[s.address]), []);
+    }
+
+    #[test]
+    fn a_missing_device_is_created_and_an_incompatible_one_recreated() {
+        let s = spec();
+        assert_eq!(diff(&s, None, &[]), [DeviceChange::Create]);
+        let mut other_vni = matching(&s);
+        other_vni.vxlan.as_mut().unwrap().vni = Some(2);
+        assert_eq!(diff(&s, Some(&other_vni), &[s.address]), [DeviceChange::Recreate(7)]);
+        let mut a_bridge = matching(&s);
+        a_bridge.vxlan = None;
+        assert_eq!(diff(&s, Some(&a_bridge), &[]), [DeviceChange::Recreate(7)]);
+    }
+
+    #[test]
+    fn drift_is_repaired_in_place_and_up_comes_last() {
+        let s = spec();
+        let mut drifted = matching(&s);
+        drifted.mtu = 1500;
+        drifted.mac = Some("02:00:00:00:00:01".parse().unwrap());
+        drifted.up = false;
+        let stale: Ipv4Net = "10.244.9.0/32".parse().unwrap();
+        assert_eq!(
+            diff(&s, Some(&drifted), &[stale]),
+            [
+                DeviceChange::SetMtu,
+                DeviceChange::SetMac,
+                DeviceChange::RemoveAddress(stale),
+                DeviceChange::AddAddress(s.address),
+                DeviceChange::SetUp
+            ]
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! What the daemon reports: Prometheus metrics (`/metrics`) and the
+//! readiness behind `/readyz`, shared by the daemon loop and the HTTP server.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A piece of node state the reconcile owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resource {
+    /// `net.ipv4.ip_forward=1`.
+    IpForward,
+    /// The VXLAN device: exists, up, MTU, MAC, address.
+    Device,
+    /// The neighbour, FDB and route entries of every peer.
+    Entries,
+    /// The nftables table `ip overlay` (present with `--ip-masq`, absent without).
+    Masquerade,
+    /// The subnet file the CNI plugin reads.
+    SubnetFile,
+}
+
+impl Resource {
+    /// Every resource, in the order a reconcile handles them.
+    pub const ALL: [Resource; 5] =
+        [Resource::IpForward, Resource::Device, Resource::Entries, Resource::Masquerade, Resource::SubnetFile];
+
+    /// Its name in logs and in `/readyz`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::IpForward => "ip_forward",
+            Resource::Device => "device",
+            Resource::Entries => "entries",
+            Resource::Masquerade => "masquerade",
+            Resource::SubnetFile => "subnet_file",
+        }
+    }
+}
+
+impl EncodeLabelValue for Resource {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResourceLabel {
+    resource: Resource,
+}
+
+/// Counters, gauges and readiness.
+pub struct Metrics {
+    registry: Registry,
+    /// Peer nodes programmed into the dataplane.
+    pub peers: Gauge,
+    /// Leases in the lease store, ours included.
+    pub leases: Gauge,
+    /// Netlink operations sent to change the node.
+    pub netlink_ops: Counter,
+    /// Netlink operations the kernel refused.
+    pub netlink_errors: Counter,
+    /// Reconciles run.
+    pub reconciles: Counter,
+    reconcile_seconds: Gauge<f64, AtomicU64>,
+    last_renewal: Gauge,
+    /// Lease renewals that failed.
+    pub renewal_errors: Counter,
+    /// Watch events received from the lease store.
+    pub watch_events: Counter,
+    resource_ready: Family<ResourceLabel, Gauge>,
+    resource_errors: Family<ResourceLabel, Counter>,
+    ready: Gauge,
+    lease_held: AtomicBool,
+    /// Which resources were right after the last reconcile, one bit each.
+    resources_ok: AtomicI64,
+    reconciled: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            peers: Gauge::default(),
+            leases: Gauge::default(),
+            netlink_ops: Counter::default(),
+            netlink_errors: Counter::default(),
+            reconciles: Counter::default(),
+            reconcile_seconds: Gauge::default(),
+            last_renewal: Gauge::default(),
+            renewal_errors: Counter::default(),
+            watch_events: Counter::default(),
+            resource_ready: Family::default(),
+            resource_errors: Family::default(),
+            ready: Gauge::default(),
+            lease_held: AtomicBool::new(false),
+            resources_ok: AtomicI64::new(0),
+            reconciled: AtomicBool::new(false),
+        };
+        let r = &mut m.registry;
+        r.register("overlay_peers", "Peer nodes programmed into the dataplane", m.peers.clone());
+        r.register("overlay_leases", "Leases in the lease store, ours included", m.leases.clone());
+        r.register("overlay_netlink_ops", "Netlink operations sent to change the node", m.netlink_ops.clone());
+        r.register("overlay_netlink_errors", "Netlink operations refused by the kernel", m.netlink_errors.clone());
+        r.register("overlay_resyncs", "Reconciles of the node", m.reconciles.clone());
+        r.register("overlay_resync_duration_seconds", "Duration of the last reconcile", m.reconcile_seconds.clone());
+        r.register(
+            "overlay_lease_last_renewal_timestamp_seconds",
+            "Unix time of the last successful lease renewal",
+            m.last_renewal.clone(),
+        );
+        r.register("overlay_lease_renewal_errors", "Failed lease renewals", m.renewal_errors.clone());
+        r.register("overlay_watch_events", "Watch events received from the lease store", m.watch_events.clone());
+        r.register(
+            "overlay_resource_ready",
+            "1 when the node held what was planned for this resource after the last reconcile",
+            m.resource_ready.clone(),
+        );
+        r.register(
+            "overlay_reconcile_errors",
+            "Reconciles in which this resource could not be made right",
+            m.resource_errors.clone(),
+        );
+        r.register("overlay_ready", "1 when the lease is held and every resource is right", m.ready.clone());
+        m
+    }
+}
+
+impl Metrics {
+    /// Records a successful renewal now.
+    pub fn renewed_now(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.last_renewal.set(now as i64);
+    }
+
+    /// Records whether we hold a lease.
+    pub fn set_lease_held(&self, held: bool) {
+        self.lease_held.store(held, Relaxed);
+        self.update_ready();
+    }
+
+    /// Records how each resource came out of a reconcile that took `elapsed`.
+    pub fn reconciled(&self, elapsed: Duration, outcomes: &[(Resource, bool)]) {
+        self.reconciles.inc();
+        self.reconcile_seconds.set(elapsed.as_secs_f64());
+        let mut bits = self.resources_ok.load(Relaxed);
+        for (resource, ok) in outcomes {
+            let label = ResourceLabel { resource: *resource };
+            self.resource_ready.get_or_create(&label).set(i64::from(*ok));
+            if *ok {
+                bits |= 1 << *resource as u8;
+            } else {
+                bits &= !(1 << *resource as u8);
+                self.resource_errors.get_or_create(&label).inc();
+            }
+        }
+        self.resources_ok.store(bits, Relaxed);
+        self.reconciled.store(true, Relaxed);
+        self.update_ready();
+    }
+
+    fn resource_ok(&self, resource: Resource) -> bool {
+        self.resources_ok.load(Relaxed) & (1 << resource as u8) != 0
+    }
+
+    fn update_ready(&self) {
+        self.ready.set(i64::from(self.ready()));
+    }
+
+    /// Ready means: lease held, and every resource right after the last reconcile.
+    pub fn ready(&self) -> bool {
+        self.lease_held.load(Relaxed)
+            && self.reconciled.load(Relaxed)
+            && Resource::ALL.iter().all(|r| self.resource_ok(*r))
+    }
+
+    /// Why not ready, for the body of a 503 `/readyz`.
+    pub fn readiness_detail(&self) -> String {
+        let mut parts = vec![format!("lease_held={}", self.lease_held.load(Relaxed))];
+        if !self.reconciled.load(Relaxed) {
+            parts.push("not reconciled yet".into());
+        }
+        parts.extend(Resource::ALL.iter().map(|r| format!("{}={}", r.name(), self.resource_ok(*r))));
+        format!("not ready: {}\n", parts.join(" "))
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_the_lease_and_every_resource() {
+        let m = Metrics::default();
+        assert!(!m.ready());
+        m.set_lease_held(true);
+        assert!(!m.ready(), "not before the first reconcile");
+        let all_ok: Vec<_> = Resource::ALL.iter().map(|r| (*r, true)).collect();
+        m.reconciled(Duration::from_millis(3), &all_ok);
+        assert!(m.ready());
+        m.reconciled(Duration::from_millis(3), &[(Resource::Masquerade, false)]);
+        assert!(!m.ready());
+        assert!(m.readiness_detail().contains("masquerade=false"), "{}", m.readiness_detail());
+        let text = m.render();
+        assert!(text.contains("overlay_ready 0"), "{text}");
+        assert!(text.contains(r#"overlay_resource_ready{resource="masquerade"} 0"#), "{text}");
+        assert!(text.contains(r#"overlay_reconcile_errors_total{resource="masquerade"} 1"#), "{text}");
+        assert!(text.contains("overlay_resyncs_total 2"), "{text}");
+    }
+}

@@ -1,0 +1,208 @@
+//! The peer view: the store's watch events folded into the set of peer
+//! nodes the plan is made from, as kube-runtime's reflector folds a watch
+//! into a store. A listing replaces the view at once (on `InitDone`), so a
+//! relist that finds nothing new changes nothing.
+
+use std::collections::BTreeMap;
+
+use proto::{LeaseAttrs, LeaseKey};
+use tracing::warn;
+
+use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
+use crate::plan::Peer;
+
+/// What a batch of watch events did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing the plan depends on (a listing in progress, an unchanged relist).
+    Unchanged,
+    /// The set of peers changed.
+    Changed,
+    /// Our own lease no longer says what we published.
+    Lost(LeaseLost),
+}
+
+/// The peers, as the store's watch has shown them so far.
+#[derive(Debug, Default)]
+pub struct PeerView {
+    peers: BTreeMap<LeaseKey, Peer>,
+    /// A listing in progress, and what it said of our own key.
+    listing: Option<(BTreeMap<LeaseKey, Peer>, Option<LeaseAttrs>)>,
+    /// Whether a listing has completed: until then the view is not to be planned from.
+    listed: bool,
+}
+
+impl PeerView {
+    /// The peers.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    /// How many peers.
+    pub fn count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether a first listing has completed.
+    pub fn listed(&self) -> bool {
+        self.listed
+    }
+
+    /// Forgets a key that became ours (a new lease may be an old peer's).
+    pub fn forget(&mut self, key: &LeaseKey) {
+        self.peers.remove(key);
+    }
+
+    /// Folds `events` into the view.
+    pub fn apply(&mut self, own: &OwnLease, events: impl IntoIterator<Item = WatchEvent>) -> Update {
+        let mut update = Update::Unchanged;
+        let mut note = |u: Update| {
+            if !matches!(update, Update::Lost(_)) && u != Update::Unchanged {
+                update = u;
+            }
+        };
+        for event in events {
+            match event {
+                WatchEvent::Init => self.listing = Some((BTreeMap::new(), None)),
+                WatchEvent::InitApply(key, attrs) => {
+                    let (listing, own_seen) = self.listing.get_or_insert_with(Default::default);
+                    if key == own.key {
+                        *own_seen = Some(attrs);
+                    } else if let Some(peer) = peer(key, &attrs) {
+                        listing.insert(key, peer);
+                    }
+                }
+                WatchEvent::InitDone => {
+                    let (listing, own_seen) = self.listing.take().unwrap_or_default();
+                    if let Err(lost) = check_own(own, own_seen.as_ref()) {
+                        note(Update::Lost(lost));
+                    }
+                    if !self.listed || listing != self.peers {
+                        note(Update::Changed);
+                    }
+                    self.peers = listing;
+                    self.listed = true;
+                }
+                WatchEvent::Apply(key, attrs) if key == own.key => {
+                    if let Err(lost) = check_own(own, Some(&attrs)) {
+                        note(Update::Lost(lost));
+                    }
+                }
+                WatchEvent::Delete(key) if key == own.key => {
+                    if let Err(lost) = check_own(own, None) {
+                        note(Update::Lost(lost));
+                    }
+                }
+                WatchEvent::Apply(key, attrs) => {
+                    let before = match peer(key, &attrs) {
+                        Some(p) => self.peers.insert(key, p),
+                        None => self.peers.remove(&key),
+                    };
+                    if before != self.peers.get(&key).copied() {
+                        note(Update::Changed);
+                    }
+                }
+                WatchEvent::Delete(key) => {
+                    if self.peers.remove(&key).is_some() {
+                        note(Update::Changed);
+                    }
+                }
+            }
+        }
+        update
+    }
+}
+
+/// A lease as a peer of the dataplane; none (and said) when its backend data does not parse.
+fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<Peer> {
+    match attrs.vxlan_data() {
+        Ok(data) => Some(Peer { subnet: key.v4, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac }),
+        Err(e) => {
+            warn!(lease = %key, error = %e, "skipping peer lease");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::VxlanBackendData;
+
+    fn key(cidr: &str) -> LeaseKey {
+        LeaseKey::v4(cidr.parse().unwrap())
+    }
+
+    fn attrs(ip: &str, mac: &str) -> LeaseAttrs {
+        LeaseAttrs::vxlan(ip.parse().unwrap(), VxlanBackendData { vni: 1, vtep_mac: mac.parse().unwrap() })
+    }
+
+    fn own() -> OwnLease {
+        OwnLease { key: key("10.244.1.0/24"), attrs: attrs("192.168.1.1", "02:00:00:00:00:01") }
+    }
+
+    fn listing(leases: &[(LeaseKey, LeaseAttrs)]) -> Vec<WatchEvent> {
+        let mut events = vec![WatchEvent::Init];
+        events.extend(leases.iter().map(|(k, a)| WatchEvent::InitApply(*k, a.clone())));
+        events.push(WatchEvent::InitDone);
+        events
+    }
+
+    #[test]
+    fn a_listing_replaces_the_view_and_an_identical_relist_changes_nothing() {
+        let own = own();
+        let b = (key("10.244.2.0/24"), attrs("192.168.1.2", "02:00:00:00:00:02"));
+        let mut view = PeerView::default();
+        let first = listing(&[(own.key, own.attrs.clone()), b.clone()]);
+        assert_eq!(view.apply(&own, first.clone()), Update::Changed);
+        assert_eq!((view.count(), view.listed()), (1, true));
+        assert_eq!(view.apply(&own, first), Update::Unchanged, "a 410 relist with nothing new");
+        // Mid-listing, the old view stands.
+        assert_eq!(view.apply(&own, [WatchEvent::Init]), Update::Unchanged);
+        assert_eq!(view.count(), 1);
+        assert_eq!(
+            view.apply(&own, [WatchEvent::InitApply(own.key, own.attrs.clone()), WatchEvent::InitDone]),
+            Update::Changed
+        );
+        assert_eq!(view.count(), 0, "b was gone in the relist");
+    }
+
+    #[test]
+    fn changes_to_peers_are_followed() {
+        let own = own();
+        let mut view = PeerView::default();
+        view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
+        let k = key("10.244.2.0/24");
+        assert_eq!(
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"))]),
+            Update::Changed
+        );
+        assert_eq!(
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"))]),
+            Update::Unchanged
+        );
+        assert_eq!(
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:03"))]),
+            Update::Changed
+        );
+        assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Changed);
+        assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Unchanged);
+    }
+
+    #[test]
+    fn our_own_lease_is_checked_in_every_kind_of_event() {
+        let own = own();
+        let mut view = PeerView::default();
+        assert!(matches!(view.apply(&own, listing(&[])), Update::Lost(_)), "missing from the listing");
+        assert_eq!(view.apply(&own, [WatchEvent::Apply(own.key, own.attrs.clone())]), Update::Unchanged);
+        let taken = attrs("192.168.1.9", "02:00:00:00:00:09");
+        assert!(matches!(view.apply(&own, [WatchEvent::Apply(own.key, taken)]), Update::Lost(_)));
+        // Lost wins over a peer change in the same batch.
+        let batch = [
+            WatchEvent::Delete(own.key),
+            WatchEvent::Apply(key("10.244.3.0/24"), attrs("192.168.1.3", "02:00:00:00:00:03")),
+        ];
+        assert!(matches!(view.apply(&own, batch), Update::Lost(_)));
+        assert_eq!(view.count(), 1, "the peer change was still taken");
+    }
+}

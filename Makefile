@@ -62,7 +62,7 @@ test: deps validate-manifests
 	$(CARGO) build --workspace --bins
 	@tests/leftovers sweep
 	@tests/leftovers snapshot > target/leftovers.before
-	@rc=0; $(CARGO) test --workspace -- --test-threads 2 || rc=$$?; \
+	@rc=0; $(CARGO) test --workspace -- --test-threads 2 --include-ignored || rc=$$?; \
 	  tests/leftovers check target/leftovers.before || rc=1; exit $$rc
 
 ## bench: cold start, bursts, memory and CPU, beside the `ip -batch` floor

@@ -15,6 +15,8 @@ use clap::{Args, Parser, Subcommand};
     version,
     about,
     long_about = None,
+    // A flag given twice takes its last value, as flanneld's (Go's flag package) do.
+    args_override_self = true,
     after_help = "Logging: set OVERLAYD_LOG to a filter such as info, or info,overlayd=debug."
 )]
 pub struct Cli {

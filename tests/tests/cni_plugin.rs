@@ -62,10 +62,9 @@ impl Drop for Host {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn add_check_del_across_versions() {
-    if !require_root("add_check_del_across_versions") {
-        return;
-    }
+    require_root();
     let host = Host::new(true);
     for (k, version) in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
         let pod = host.pod(k);
@@ -117,10 +116,9 @@ fn add_check_del_across_versions() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn two_hundred_parallel_adds_get_distinct_addresses() {
-    if !require_root("two_hundred_parallel_adds_get_distinct_addresses") {
-        return;
-    }
+    require_root();
     let host = Host::new(true);
     let pods: Vec<Netns> = (0..200).map(|k| host.pod(k)).collect();
     let conf = host.conf("1.0.0");
@@ -167,10 +165,9 @@ fn two_hundred_parallel_adds_get_distinct_addresses() {
 }
 
 #[test]
-fn gc_status_and_bad_input() {
-    if !require_root("gc_status_and_bad_input") {
-        return;
-    }
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn before_the_daemon_is_ready_status_is_50_and_add_is_try_again() {
+    require_root();
     let host = Host::new(false);
     let conf = host.conf("1.1.0");
     // STATUS before the daemon wrote its subnet file: 50; ADD: 11, "try again later".
@@ -183,7 +180,15 @@ fn gc_status_and_bad_input() {
     assert_eq!(host.allocations(), 0);
     host.write_subnet_file();
     assert!(call(&host.ns, "STATUS", "", "", "", &conf).unwrap().ok);
+}
 
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn bad_input_gets_its_cni_error_code_and_leaves_nothing() {
+    require_root();
+    let host = Host::new(true);
+    let conf = host.conf("1.1.0");
+    let pod = host.pod(0);
     // Bad netns path: error 4, nothing left behind.
     let bad = call(&host.ns, "ADD", "c1", "/etc/hostname", "eth0", &conf).unwrap();
     assert_eq!(bad.code(), Some(4), "{:?}", bad.json);
@@ -205,8 +210,15 @@ fn gc_status_and_bad_input() {
     assert_eq!(r.code(), Some(6));
     assert_eq!(host.allocations(), 0);
     assert!(pod.ip(&["link", "show", "eth0"]).is_err());
+}
 
-    // GC: three attachments, one still valid: the other two are released.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn gc_releases_every_attachment_not_listed_as_valid() {
+    require_root();
+    let host = Host::new(true);
+    let conf = host.conf("1.1.0");
+    // Three attachments, one still valid: the other two are released.
     let pods: Vec<Netns> = (1..=3).map(|k| host.pod(k)).collect();
     for (k, p) in pods.iter().enumerate() {
         assert!(call(&host.ns, "ADD", &format!("g{k}"), &p.path(), "eth0", &conf).unwrap().ok);
@@ -216,8 +228,13 @@ fn gc_status_and_bad_input() {
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
     assert!(call(&host.ns, "GC", "", "", "", &gc).unwrap().ok);
     assert_eq!(host.allocations(), 1);
+}
 
-    // VERSION.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn version_lists_the_supported_versions() {
+    require_root();
+    let host = Host::new(true);
     let v = call(&host.ns, "VERSION", "", "", "", &json!({})).unwrap();
     assert!(v.json["supportedVersions"].as_array().unwrap().iter().any(|s| s == "1.1.0"));
 }
@@ -232,10 +249,9 @@ fn shipped_conflist_parses_and_names_our_plugin_first() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn a_failed_add_rolls_back_everything() {
-    if !require_root("a_failed_add_rolls_back_everything") {
-        return;
-    }
+    require_root();
     let host = Host::new(true);
     let pod = host.pod(0);
     // The pod already has an eth0: the veth cannot be created with that name.

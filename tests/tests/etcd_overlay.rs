@@ -37,10 +37,9 @@ fn wait_converged(c: &Cluster) {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn every_pod_pings_every_pod_across_vxlan() {
-    if !require_root("every_pod_pings_every_pod_across_vxlan") {
-        return;
-    }
+    require_root();
     let c = cluster(3, 2, &[]);
     wait_converged(&c);
     let tx_before: Vec<u64> = c.nodes.iter().map(|n| n.vxlan_tx_bytes().unwrap()).collect();
@@ -83,36 +82,44 @@ fn every_pod_pings_every_pod_across_vxlan() {
 }
 
 #[test]
-fn pod_to_pod_keeps_source_and_outgoing_is_masqueraded() {
-    if !require_root("pod_to_pod_keeps_source_and_outgoing_is_masqueraded") {
-        return;
-    }
-    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
-    c.add_ready_node(&["--ip-masq"], 1).unwrap();
-    c.add_ready_node(&[], 1).unwrap();
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn pod_to_pod_keeps_the_pod_source_address() {
+    require_root();
+    let c = cluster(2, 1, &["--ip-masq"]);
     wait_converged(&c);
-    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
-    let (p1, p2) = (&n1.pods[0], &n2.pods[0]);
-
-    // Pod → pod across nodes: the server sees the client pod's own address.
+    let (p1, p2) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    // Pod → pod across nodes: the server sees the client pod's own address, masquerade or not.
     assert_eq!(tcp_source_seen(&p2.ns, p2.ip, &p1.ns).unwrap(), p1.ip);
     assert_eq!(tcp_source_seen(&p1.ns, p1.ip, &p2.ns).unwrap(), p2.ip);
-
-    // Pod → outside with --ip-masq: the outside server sees node 1's underlay address.
-    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p1.ns).unwrap(), n1.ip);
-
-    // Without --ip-masq: it sees the pod address (given a route back to the pod subnet).
-    c.outside.ip(&["route", "add", &n2.subnet().unwrap().to_string(), "via", &n2.ip.to_string()]).unwrap();
-    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &p2.ns).unwrap(), p2.ip);
-    let table = n2.ns.exec("nft", &["list", "tables"]).unwrap();
-    assert!(!table.contains("overlay"), "node without --ip-masq has a NAT table: {table}");
 }
 
 #[test]
-fn joining_node_is_reached_and_leaving_node_is_removed() {
-    if !require_root("joining_node_is_reached_and_leaving_node_is_removed") {
-        return;
-    }
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn outgoing_traffic_is_masqueraded_with_ip_masq() {
+    require_root();
+    let c = cluster(1, 1, &["--ip-masq"]);
+    let (node, pod) = (&c.nodes[0], &c.nodes[0].pods[0]);
+    // Pod → outside: the outside server sees the node's underlay address.
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &pod.ns).unwrap(), node.ip);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn without_ip_masq_outgoing_keeps_the_pod_address_and_there_is_no_table() {
+    require_root();
+    let c = cluster(1, 1, &[]);
+    let (node, pod) = (&c.nodes[0], &c.nodes[0].pods[0]);
+    // Given a route back to the pod subnet, the outside server sees the pod address.
+    c.outside.ip(&["route", "add", &node.subnet().unwrap().to_string(), "via", &node.ip.to_string()]).unwrap();
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &pod.ns).unwrap(), pod.ip);
+    let tables = node.ns.exec("nft", &["list", "tables"]).unwrap();
+    assert!(!tables.contains("overlay"), "node without --ip-masq has a NAT table: {tables}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_joining_node_is_reached_by_every_pod() {
+    require_root();
     let mut c = cluster(3, 1, &[]);
     wait_converged(&c);
     let i = c.add_ready_node(&[], 1).unwrap();
@@ -126,15 +133,21 @@ fn joining_node_is_reached_and_leaving_node_is_removed() {
         );
         assert!(ping(&c.nodes[i].pods[0].ns, from.ip), "new node's pod cannot reach {}", from.ip);
     }
+}
 
-    // Node 4 leaves: its key is deleted; every peer loses all three entries.
-    let leaving = &c.nodes[i];
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_leaving_node_s_entries_are_removed_from_every_peer() {
+    require_root();
+    let mut c = cluster(3, 0, &[]);
+    wait_converged(&c);
+    // Node 3 leaves: its key is deleted; every peer loses all three entries.
+    let leaving = &c.nodes[2];
     let (subnet, mac) = (leaving.subnet().unwrap(), leaving.vtep_mac().unwrap());
     let key = format!("{PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix_len());
-    c.nodes[i].stop().unwrap();
+    c.nodes[2].stop().unwrap();
     c.etcd.ctl(&["del", &key]).unwrap();
-    for n in 0..3 {
-        let node = &c.nodes[n];
+    for node in &c.nodes[..2] {
         assert!(
             wait_until(Duration::from_secs(3), || !node.has_any_entry_for(subnet, &mac)),
             "node {} still has entries for departed {subnet}:\n{}\n{}\n{}",
@@ -147,10 +160,9 @@ fn joining_node_is_reached_and_leaving_node_is_removed() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn restart_loses_no_packet_and_keeps_subnet() {
-    if !require_root("restart_loses_no_packet_and_keeps_subnet") {
-        return;
-    }
+    require_root();
     let mut c = cluster(2, 1, &[]);
     wait_converged(&c);
     let subnet_before = c.nodes[1].subnet().unwrap();
@@ -177,14 +189,12 @@ fn restart_loses_no_packet_and_keeps_subnet() {
 }
 
 #[test]
-fn hand_deleted_entries_and_device_come_back() {
-    if !require_root("hand_deleted_entries_and_device_come_back") {
-        return;
-    }
-    let c = cluster(3, 1, &[]);
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn hand_deleted_entries_come_back() {
+    require_root();
+    let c = cluster(2, 0, &[]);
     wait_converged(&c);
-    let node = &c.nodes[0];
-    let peer = &c.nodes[1];
+    let (node, peer) = (&c.nodes[0], &c.nodes[1]);
     let (subnet, mac) = (peer.subnet().unwrap(), peer.vtep_mac().unwrap());
     let gw = subnet.network().to_string();
     node.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
@@ -197,16 +207,42 @@ fn hand_deleted_entries_and_device_come_back() {
     assert!(!node.has_peer(subnet, &mac));
     // Resync interval is 1 s in tests.
     assert!(wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)), "entries not repaired");
+}
 
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_deleted_device_comes_back_with_every_peer() {
+    require_root();
+    let c = cluster(3, 1, &[]);
+    wait_converged(&c);
+    let node = &c.nodes[0];
     node.ns.ip(&["link", "del", "overlay.1"]).unwrap();
-    let other = &c.nodes[2];
-    let (s2, m2) = (other.subnet().unwrap(), other.vtep_mac().unwrap());
-    assert!(
-        wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac) && node.has_peer(s2, &m2)),
-        "device and peers not restored:\n{}",
-        node.log_text()
-    );
-    assert!(ping_until(&node.pods[0].ns, peer.pods[0].ip, Duration::from_secs(3)));
+    for peer in &c.nodes[1..] {
+        let (subnet, mac) = (peer.subnet().unwrap(), peer.vtep_mac().unwrap());
+        assert!(
+            wait_until(Duration::from_secs(3), || node.has_peer(subnet, &mac)),
+            "device and peers not restored:\n{}",
+            node.log_text()
+        );
+    }
+    assert!(ping_until(&node.pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(3)));
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_flushed_masquerade_table_comes_back() {
+    require_root();
+    let c = cluster(1, 1, &["--ip-masq"]);
+    let (node, pod) = (&c.nodes[0], &c.nodes[0].pods[0]);
+    let rules = || node.ns.exec("nft", &["list", "table", "ip", "overlay"]).unwrap_or_default();
+    assert_eq!(rules().matches("masquerade").count(), 2, "{}", rules());
+    // What an admin's `nft flush ruleset` does to it.
+    node.ns.exec("nft", &["flush", "ruleset"]).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || rules().matches("masquerade").count() == 2), "table not restored");
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &pod.ns).unwrap(), node.ip);
+    // A deleted table comes back too.
+    node.ns.exec("nft", &["delete", "table", "ip", "overlay"]).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || rules().matches("masquerade").count() == 2), "table not restored");
 }
 
 fn no_kernel_change(node: &overlay_tests::Node) {
@@ -216,11 +252,9 @@ fn no_kernel_change(node: &overlay_tests::Node) {
 }
 
 #[test]
-fn bad_input_is_a_clear_error_and_changes_nothing() {
-    if !require_root("bad_input_is_a_clear_error_and_changes_nothing") {
-        return;
-    }
-    // Malformed config.
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_malformed_config_is_refused_and_changes_nothing() {
+    require_root();
     let mut c = Cluster::new(ClusterOptions {
         config: Some(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#.into()),
         ..Default::default()
@@ -233,25 +267,30 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     let log = c.nodes[i].log_text();
     assert!(log.contains("SubnetLen 31 leaves no room for pods"), "{log}");
     no_kernel_change(&c.nodes[i]);
+}
 
-    // A full network: one subnet, already held by someone else.
-    c.etcd
-        .put(
-            &format!("{PREFIX}/config"),
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#,
-        )
-        .unwrap();
-    c.etcd
-        .put(&format!("{PREFIX}/subnets/10.244.5.0-24"), r#"{"PublicIP":"192.168.50.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}"#)
-        .unwrap();
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_full_network_is_refused_and_changes_nothing() {
+    require_root();
+    // One subnet, already held by someone else.
+    let config = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#;
+    let mut c = Cluster::new(ClusterOptions { config: Some(config.into()), ..Default::default() }).unwrap();
+    c.etcd.put(&format!("{PREFIX}/subnets/10.244.5.0-24"), &lease_json("192.168.50.99", "02:00:00:00:00:99")).unwrap();
+    let i = c.add_node(&["--ip-masq"]).unwrap();
     c.nodes[i].start().unwrap();
     let status = c.nodes[i].wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let log = c.nodes[i].log_text();
     assert!(log.contains("network 10.244.0.0/16 is full"), "{log}");
     no_kernel_change(&c.nodes[i]);
+}
 
-    // etcd unreachable: it says so, keeps trying, and touches nothing meanwhile.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn unreachable_etcd_is_said_and_changes_nothing() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
     let j = c.add_node(&["--ip-masq", "--etcd-endpoints", "http://192.168.50.2:2399"]).unwrap();
     c.nodes[j].start().unwrap();
     assert!(
@@ -264,10 +303,9 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn two_nodes_racing_for_the_last_subnet() {
-    if !require_root("two_nodes_racing_for_the_last_subnet") {
-        return;
-    }
+    require_root();
     let options = ClusterOptions {
         config: Some(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0"}"#.into()),
         ..Default::default()
@@ -292,10 +330,9 @@ fn two_nodes_racing_for_the_last_subnet() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
-    if !require_root("etcd_restart_does_not_disturb_pods_and_later_joins_are_seen") {
-        return;
-    }
+    require_root();
     let mut c = cluster(2, 1, &[]);
     wait_converged(&c);
     let target = c.nodes[1].pods[0].ip;
@@ -317,14 +354,11 @@ fn etcd_restart_does_not_disturb_pods_and_later_joins_are_seen() {
 }
 
 #[test]
-fn health_metrics_and_cleanup() {
-    if !require_root("health_metrics_and_cleanup") {
-        return;
-    }
-    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn health_readiness_and_metrics_answer() {
+    require_root();
     let health: std::net::SocketAddr = "127.0.0.1:8471".parse().unwrap();
-    c.add_ready_node(&["--ip-masq", "--health-addr", "127.0.0.1:8471"], 0).unwrap();
-    c.add_ready_node(&[], 0).unwrap();
+    let c = cluster(2, 0, &["--ip-masq", "--health-addr", "127.0.0.1:8471"]);
     wait_converged(&c);
     let node = &c.nodes[0];
     assert_eq!(http_get(&node.ns, health, "/healthz").unwrap().0, 200);
@@ -333,9 +367,52 @@ fn health_metrics_and_cleanup() {
     assert_eq!(status, 200);
     assert!(metrics.contains("\noverlay_peers 1\n"), "{metrics}");
     assert!(metrics.contains("overlay_lease_last_renewal_timestamp_seconds"), "{metrics}");
+    for resource in ["ip_forward", "device", "entries", "masquerade", "subnet_file"] {
+        let line = format!("overlay_resource_ready{{resource=\"{resource}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
     assert_eq!(http_get(&node.ns, health, "/nope").unwrap().0, 404);
+}
 
-    // A normal exit removes nothing; `overlayd cleanup` removes device, rules and subnet file.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_resource_that_cannot_be_made_right_is_not_ready_and_says_why() {
+    require_root();
+    let health: std::net::SocketAddr = "127.0.0.1:8471".parse().unwrap();
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    // The subnet file's directory is a file: the file cannot be written.
+    let blocker = c.dir.join("blocked");
+    std::fs::write(&blocker, "in the way").unwrap();
+    let subnet_file = blocker.join("subnet.env").display().to_string();
+    let i = c.add_node(&["--health-addr", "127.0.0.1:8471", "--subnet-file", &subnet_file]).unwrap();
+    c.nodes[i].start().unwrap();
+    let node = &c.nodes[i];
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(&node.ns, health, "/readyz")
+            .is_ok_and(|(code, body)| code == 503
+                && body.contains("subnet_file=false")
+                && body.contains("device=true"))),
+        "{:?}\n{}",
+        http_get(&node.ns, health, "/readyz"),
+        node.log_text()
+    );
+    assert!(node.log_text().contains("resource=\"subnet_file\""), "{}", node.log_text());
+    // Once the way is clear, the next retry writes it and the node is ready.
+    std::fs::remove_file(&blocker).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(&node.ns, health, "/readyz")
+            .is_ok_and(|(code, _)| code == 200)),
+        "{}",
+        node.log_text()
+    );
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_normal_exit_keeps_the_dataplane_and_cleanup_removes_it() {
+    require_root();
+    let mut c = cluster(2, 0, &["--ip-masq"]);
+    wait_converged(&c);
     let (subnet, mac) = (c.nodes[1].subnet().unwrap(), c.nodes[1].vtep_mac().unwrap());
     c.nodes[0].stop().unwrap();
     let node = &c.nodes[0];
@@ -358,19 +435,32 @@ fn lease_json(ip: &str, mac: &str) -> String {
 }
 
 #[test]
-fn lease_changes_are_followed_and_lost_history_is_relisted() {
-    if !require_root("lease_changes_are_followed_and_lost_history_is_relisted") {
-        return;
-    }
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn leases_that_do_not_parse_are_skipped() {
+    require_root();
     let mut c = cluster(2, 0, &[]);
     wait_converged(&c);
     let subnets = format!("{PREFIX}/subnets");
-    let fake: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
-
-    // A lease that does not parse, and a key that is not a lease key: logged, skipped.
     c.etcd.put(&format!("{subnets}/10.244.199.0-24"), "{not json").unwrap();
     c.etcd.put(&format!("{subnets}/garbage"), "x").unwrap();
-    // A peer appears, then changes MAC and address: old entries go, new ones come.
+    let node = &c.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(3), || node.log_text().contains("skipping a peer lease that does not parse")),
+        "{}",
+        node.log_text()
+    );
+    assert!(node.log_text().contains("not a lease key"), "{}", node.log_text());
+    assert!(!node.routes().contains("10.244.199.0"), "{}", node.routes());
+    assert!(c.nodes[0].running() && c.nodes[1].running());
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_peer_changing_mac_and_address_leaves_no_stale_entry() {
+    require_root();
+    let c = cluster(1, 0, &[]);
+    let subnets = format!("{PREFIX}/subnets");
+    let fake: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
     c.etcd.put(&format!("{subnets}/10.244.200.0-24"), &lease_json("192.168.50.200", "02:00:00:00:02:00")).unwrap();
     let node = &c.nodes[0];
     assert!(wait_until(Duration::from_secs(3), || node.has_peer(fake, "02:00:00:00:02:00")));
@@ -379,23 +469,38 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
         && !node.fdb().contains("02:00:00:00:02:00")
         && !node.neighbours().contains("02:00:00:00:02:00")));
     assert!(node.fdb().contains("02:00:00:00:02:01 dst 192.168.50.201"), "{}", node.fdb());
-    assert!(node.log_text().contains("skipping a peer lease that does not parse"), "{}", node.log_text());
-    assert!(c.nodes[0].running() && c.nodes[1].running());
+}
 
-    // Our own key deleted: re-claimed (the same subnet, it is free), loudly.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn our_deleted_key_is_claimed_again() {
+    require_root();
+    let c = cluster(1, 0, &[]);
     let own = c.nodes[0].subnet().unwrap();
-    let own_key = format!("{subnets}/{}-{}", own.network(), own.prefix_len());
+    let own_key = format!("{PREFIX}/subnets/{}-{}", own.network(), own.prefix_len());
     c.etcd.ctl(&["del", &own_key]).unwrap();
+    // Re-claimed: the same subnet (it is free), loudly.
     assert!(
         wait_until(Duration::from_secs(5), || c.etcd.keys(&own_key).is_ok_and(|k| k.len() == 1)),
         "own key not re-claimed"
     );
     assert!(c.nodes[0].log_text().contains("LEASE LOST"));
     assert_eq!(c.nodes[0].subnet().unwrap(), own);
+}
 
-    // Lost history: node 1 is frozen through an etcd restart, misses a removal
-    // and an addition that are then compacted away; on waking it must relist.
-    let pid = c.nodes[0].pid().unwrap() as i32;
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn lost_watch_history_is_relisted() {
+    require_root();
+    let mut c = cluster(1, 0, &[]);
+    let subnets = format!("{PREFIX}/subnets");
+    let gone: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    c.etcd.put(&format!("{subnets}/10.244.200.0-24"), &lease_json("192.168.50.201", "02:00:00:00:02:01")).unwrap();
+    let node = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(3), || node.has_peer(gone, "02:00:00:00:02:01")));
+    // The node is frozen through an etcd restart, misses a removal and an
+    // addition that are then compacted away; on waking it must relist.
+    let pid = node.pid().unwrap() as i32;
     // SAFETY: signals to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     c.etcd.restart().unwrap();
@@ -407,10 +512,9 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
         .unwrap();
     c.etcd.ctl(&["compact", &revision.to_string()]).unwrap();
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let node = &c.nodes[0];
     assert!(
         wait_until(Duration::from_secs(10), || node.has_peer("10.244.201.0/24".parse().unwrap(), "02:00:00:00:02:02")
-            && !node.has_any_entry_for(fake, "02:00:00:00:02:01")),
+            && !node.has_any_entry_for(gone, "02:00:00:00:02:01")),
         "after compaction the node did not converge:\n{}\n{}",
         node.routes(),
         node.log_text()
@@ -419,10 +523,9 @@ fn lease_changes_are_followed_and_lost_history_is_relisted() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn direct_routing_skips_encapsulation_on_the_same_segment() {
-    if !require_root("direct_routing_skips_encapsulation_on_the_same_segment") {
-        return;
-    }
+    require_root();
     let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
     let mut c = Cluster::new(ClusterOptions { config: Some(config.into()), ..Default::default() }).unwrap();
     c.add_ready_node(&["--iface", "eth0"], 1).unwrap();
@@ -438,10 +541,9 @@ fn direct_routing_skips_encapsulation_on_the_same_segment() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn losing_one_of_three_etcd_members_goes_unnoticed() {
-    if !require_root("losing_one_of_three_etcd_members_goes_unnoticed") {
-        return;
-    }
+    require_root();
     let mut c = Cluster::new(ClusterOptions { etcd_members: 3, ..Default::default() }).unwrap();
     for _ in 0..2 {
         c.add_ready_node(&[], 1).unwrap();

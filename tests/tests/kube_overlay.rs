@@ -79,13 +79,12 @@ fn metric(c: &Cluster, node: usize, name: &str) -> u64 {
 }
 
 #[test]
-fn three_kube_nodes_ping_publish_and_follow_node_changes() {
-    if !require_root("three_kube_nodes_ping_publish_and_follow_node_changes") {
-        return;
-    }
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_nodes_publish_flannel_annotations_and_clear_network_unavailable() {
+    require_root();
     let mut c = kube_cluster();
-    for _ in 0..3 {
-        ready_node(&mut c, 1, &[]);
+    for _ in 0..2 {
+        ready_node(&mut c, 0, &[]);
     }
     // Each node's lease is its podCIDR, and it published flannel's annotations.
     for node in &c.nodes {
@@ -110,7 +109,24 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
         let conditions = c.api().node(&name).unwrap().status.unwrap().conditions.unwrap();
         assert!(conditions.iter().any(|k| k.type_ == "Ready"), "{conditions:?}");
     }
-    // Every pod reaches every pod across nodes.
+    // The ClusterRole grants exactly what the daemons used, no more.
+    let used: std::collections::BTreeSet<(String, String)> =
+        c.api().accesses().iter().map(|(v, r)| (v.to_string(), r.to_string())).collect();
+    assert_eq!(
+        used,
+        overlay_tests::manifests::cluster_role_grants().unwrap(),
+        "daemon requests vs deploy/overlay.yaml"
+    );
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_every_pod_reaches_every_pod_across_nodes() {
+    require_root();
+    let mut c = kube_cluster();
+    for _ in 0..3 {
+        ready_node(&mut c, 1, &[]);
+    }
     let pods = c.pods();
     for (a, from) in &pods {
         for (b, to) in &pods {
@@ -126,39 +142,41 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
             }
         }
     }
+}
 
-    // A peer's MAC changes (its VTEP was recreated): old FDB and ARP entries
-    // go, new ones come, on every node.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_peer_changing_its_mac_leaves_no_stale_entry() {
+    require_root();
+    let mut c = kube_cluster();
+    ready_node(&mut c, 0, &[]);
+    // A peer's MAC changes (its VTEP was recreated): old FDB and ARP entries go, new ones come.
     let remote_ip = Ipv4Addr::new(192, 168, 50, 99);
     let remote = add_remote_peer(&c, "remote-1", remote_ip, "0a:00:00:00:00:01");
-    for node in &c.nodes {
-        assert!(
-            wait_until(Duration::from_secs(5), || node.has_peer(remote, "0a:00:00:00:00:01")),
-            "{}",
-            node.log_text()
-        );
-    }
+    let node = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(5), || node.has_peer(remote, "0a:00:00:00:00:01")), "{}", node.log_text());
     set_peer_annotations(&c, "remote-1", remote_ip, "0a:00:00:00:00:02");
-    for node in &c.nodes {
-        assert!(
-            wait_until(Duration::from_secs(5), || node.has_peer(remote, "0a:00:00:00:00:02")),
-            "{}",
-            node.log_text()
-        );
-        assert!(!node.fdb().contains("0a:00:00:00:00:01"), "stale FDB entry on {}:\n{}", node.name, node.fdb());
-        assert!(
-            !node.neighbours().contains("0a:00:00:00:00:01"),
-            "stale neighbour on {}:\n{}",
-            node.name,
-            node.neighbours()
-        );
-    }
+    assert!(wait_until(Duration::from_secs(5), || node.has_peer(remote, "0a:00:00:00:00:02")), "{}", node.log_text());
+    assert!(!node.fdb().contains("0a:00:00:00:00:01"), "stale FDB entry:\n{}", node.fdb());
+    assert!(!node.neighbours().contains("0a:00:00:00:00:01"), "stale neighbour:\n{}", node.neighbours());
+}
 
-    // A Node deleted from the API: its entries are gone from every peer.
-    c.api().delete_node("remote-1").unwrap();
-    for node in &c.nodes {
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_deleted_node_entries_are_removed_from_every_peer() {
+    require_root();
+    let mut c = kube_cluster();
+    for _ in 0..3 {
+        ready_node(&mut c, 1, &[]);
+    }
+    // A node decommissioned: daemon stopped, Node deleted.
+    let gone = pod_cidr(&c, "node-3");
+    let gone_mac = c.nodes[2].vtep_mac().unwrap();
+    c.nodes[2].stop().unwrap();
+    c.api().delete_node("node-3").unwrap();
+    for node in &c.nodes[..2] {
         assert!(
-            wait_until(Duration::from_secs(5), || !node.has_any_entry_for(remote, "0a:00:00:00:00:02")),
+            wait_until(Duration::from_secs(5), || !node.has_any_entry_for(gone, &gone_mac)),
             "entries for deleted node remain on {}:\n{}\n{}\n{}",
             node.name,
             node.neighbours(),
@@ -166,25 +184,15 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
             node.routes()
         );
     }
-    // A real node decommissioned: daemon stopped, Node deleted.
-    let gone = pod_cidr(&c, "node-3");
-    let gone_mac = c.nodes[2].vtep_mac().unwrap();
-    c.nodes[2].stop().unwrap();
-    c.api().delete_node("node-3").unwrap();
-    for node in &c.nodes[..2] {
-        assert!(wait_until(Duration::from_secs(5), || !node.has_any_entry_for(gone, &gone_mac)), "{}", node.routes());
-    }
     assert!(ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(3)));
+}
 
-    // RBAC: the ClusterRole grants exactly what the daemons used, no more.
-    let used: std::collections::BTreeSet<(String, String)> =
-        c.api().accesses().iter().map(|(v, r)| (v.to_string(), r.to_string())).collect();
-    assert_eq!(
-        used,
-        overlay_tests::manifests::cluster_role_grants().unwrap(),
-        "daemon requests vs deploy/overlay.yaml"
-    );
-
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_overwritten_annotations_are_written_back() {
+    require_root();
+    let mut c = kube_cluster();
+    ready_node(&mut c, 0, &[]);
     // Someone overwrites our published MAC: the daemon writes it back, so
     // peers never keep sending to a wrong VTEP.
     let own_mac = c.nodes[0].vtep_mac().unwrap();
@@ -203,10 +211,9 @@ fn three_kube_nodes_ping_publish_and_follow_node_changes() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn kube_relist_after_410_touches_no_entry() {
-    if !require_root("kube_relist_after_410_touches_no_entry") {
-        return;
-    }
+    require_root();
     let mut c = kube_cluster();
     ready_node(&mut c, 0, &["--health-addr", "127.0.0.1:8471"]);
     ready_node(&mut c, 0, &[]);
@@ -245,10 +252,9 @@ fn kube_relist_after_410_touches_no_entry() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn kube_api_outage_loses_no_ping_and_recovers() {
-    if !require_root("kube_api_outage_loses_no_ping_and_recovers") {
-        return;
-    }
+    require_root();
     let mut c = kube_cluster();
     ready_node(&mut c, 1, &[]);
     ready_node(&mut c, 1, &[]);
@@ -280,10 +286,9 @@ fn kube_api_outage_loses_no_ping_and_recovers() {
 }
 
 #[test]
-fn kube_waits_for_pod_cidr_honours_overwrite_and_refuses_a_foreign_cidr() {
-    if !require_root("kube_waits_for_pod_cidr_honours_overwrite_and_refuses_a_foreign_cidr") {
-        return;
-    }
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_waits_for_a_pod_cidr_and_honours_public_ip_overwrite() {
+    require_root();
     let mut c = kube_cluster();
     // No podCIDR yet: the daemon waits, says why, and does not exit.
     let i = c.add_kube_node(false, &[]).unwrap();
@@ -309,19 +314,30 @@ fn kube_waits_for_pod_cidr_honours_overwrite_and_refuses_a_foreign_cidr() {
     assert_eq!(c.nodes[i].subnet().unwrap(), cidr);
     // public-ip-overwrite is what peers are told.
     assert_eq!(annotations(&c, "node-1")[&format!("{PREFIX}/public-ip")], "192.168.50.77");
+}
 
-    // A podCIDR outside the configured Network: a clear error, and nothing made.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_pod_cidr_outside_the_network_is_refused_and_changes_nothing() {
+    require_root();
+    let mut c = kube_cluster();
     let j = c.add_kube_node(false, &[]).unwrap();
-    c.api().edit_node("node-2", |n| n["spec"]["podCIDR"] = json!("10.99.0.0/24")).unwrap();
+    let name = c.nodes[j].name.clone();
+    c.api().edit_node(&name, |n| n["spec"]["podCIDR"] = json!("10.99.0.0/24")).unwrap();
     c.nodes[j].start().unwrap();
     let status = c.nodes[j].wait_exit(Duration::from_secs(15)).unwrap();
     assert!(!status.success());
     let log = c.nodes[j].log_text();
     assert!(log.contains("podCIDR 10.99.0.0/24 is outside the network 10.244.0.0/16"), "{log}");
     assert!(c.nodes[j].ns.ip(&["link", "show", "overlay.1"]).is_err(), "device created despite the error");
-    assert!(!annotations(&c, "node-2").contains_key(&format!("{PREFIX}/backend-data")));
+    assert!(!annotations(&c, &name).contains_key(&format!("{PREFIX}/backend-data")));
+}
 
-    // No node name: a clear error at once.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_mode_without_a_node_name_is_a_clear_error() {
+    require_root();
+    let mut c = kube_cluster();
     let k = c.add_node(&["--kube-subnet-mgr"]).unwrap();
     c.nodes[k].start().unwrap();
     assert!(!c.nodes[k].wait_exit(Duration::from_secs(10)).unwrap().success());
@@ -365,10 +381,9 @@ fn daemonset_env(name: &str, ip: Ipv4Addr, net_conf: &std::path::Path) -> Vec<(S
 }
 
 #[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
-    if !require_root("daemonset_environment_runs_in_cluster_over_tls_with_a_token") {
-        return;
-    }
+    require_root();
     use k8s_openapi::api::core::v1::ConfigMap;
     use overlay_tests::manifests::{deploy_dir, load, one};
     let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
@@ -412,7 +427,21 @@ fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
             a.log_text()
         );
     }
+}
 
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn daemonset_with_a_wrong_token_stays_unready_and_says_why() {
+    require_root();
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use overlay_tests::manifests::{deploy_dir, load, one};
+    let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
+    let cm: ConfigMap = overlay_tests::strict::decode(one(&docs, "ConfigMap").unwrap()).unwrap();
+    let net_conf_text = cm.data.unwrap()["net-conf.json"].clone();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
+    c.start_kube_api_in_cluster(&net_conf_text).unwrap();
+    let net_conf = c.dir.join("net-conf.json");
+    let service_account = c.dir.join("serviceaccount");
     // A pod whose token the server does not accept never comes up, and says why.
     let wrong = c.dir.join("wrong-serviceaccount");
     overlay_tests::kube_api::Credentials {

@@ -78,6 +78,8 @@ fn config_for_bench() -> &'static str {
 struct Row {
     n: u32,
     cold: Option<Duration>,
+    /// /healthz round trips while the cold start's reconcile ran.
+    health: Vec<Duration>,
     cold_usage: Usage,
     idle_empty: Usage,
     idle_full: Usage,
@@ -87,6 +89,48 @@ struct Row {
     removal_stale: usize,
     burst_usage: Usage,
     floor: Duration,
+}
+
+/// Asks the daemon's `/healthz` again and again, as a kubelet probe would,
+/// timing each answer, until stopped.
+struct HealthProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<Duration>>>,
+}
+
+impl HealthProbe {
+    fn start(ns: &Netns, addr: std::net::SocketAddr) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = overlay_tests::probe::in_netns(ns, move || {
+            let mut took = Vec::new();
+            while !flag.load(Relaxed) {
+                let start = Instant::now();
+                // Refused until the daemon has bound its port: not an answer, not counted.
+                if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    let mut reply = String::new();
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+                    s.read_to_string(&mut reply)?;
+                    if reply.starts_with("HTTP/1.") && reply.contains(" 200 ") {
+                        took.push(start.elapsed());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(took)
+        });
+        HealthProbe { stop, thread }
+    }
+
+    fn stop(self) -> Vec<Duration> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut took = self.thread.join().ok().and_then(Result::ok).unwrap_or_default();
+        took.sort();
+        took
+    }
 }
 
 fn floor(id: &str, n: u32) -> Result<Duration> {
@@ -146,9 +190,10 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
     let cold_prefix = format!("/bench/cold-{n}");
     c.etcd.put(&format!("{cold_prefix}/config"), config_for_bench())?;
     bulk::leases(&c.underlay, &endpoint, &cold_prefix, n, Bulk::Put)?;
-    let i = c.add_node(&["--etcd-prefix", &cold_prefix])?;
+    let i = c.add_node(&["--etcd-prefix", &cold_prefix, "--health-addr", "127.0.0.1:8471"])?;
     let start = Instant::now();
     c.nodes[i].start()?;
+    let probe = HealthProbe::start(&c.nodes[i].ns, "127.0.0.1:8471".parse()?);
     let cold = loop {
         if route_count(&c.nodes[i].ns) >= n as usize {
             break Some(start.elapsed());
@@ -158,6 +203,7 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    let health = probe.stop();
     let counts = entry_counts(&c.nodes[i].ns);
     if counts != (n as usize, n as usize, n as usize) {
         eprintln!("cold start n={n}: entries {counts:?}, want {n} each");
@@ -192,6 +238,7 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
     Ok(Row {
         n,
         cold,
+        health,
         cold_usage,
         idle_empty,
         idle_full,
@@ -450,8 +497,8 @@ fn mib(kib: u64) -> String {
 }
 
 fn main() -> Result<()> {
-    if !overlay_tests::require_root("overlay-bench") {
-        return Ok(());
+    if !overlay_tests::is_root() {
+        bail!("the bench builds network namespaces: run it as root");
     }
     let sizes: Vec<u32> = std::env::var("OVERLAY_BENCH_SIZES")
         .unwrap_or_else(|_| "100,1000,5000".into())
@@ -472,16 +519,20 @@ fn main() -> Result<()> {
         kube_rows.push(kube_bench(n)?);
     }
     println!();
-    println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers (heap) | RSS idle, N peers (heap) | peak RSS | CPU s (cold start) | CPU s (burst add+remove) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers (heap) | RSS idle, N peers (heap) | peak RSS | CPU s (cold start) | CPU s (burst add+remove) | /healthz during cold start: max (p50, answers) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let etcd_cold: Vec<(u32, Option<Duration>)> = rows.iter().map(|r| (r.n, r.cold)).collect();
     for r in rows {
         let ratio = r
             .cold
             .map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6)))
             .unwrap_or_else(|| "-".into());
+        let health = match r.health.last() {
+            Some(max) => format!("{} ({}, {})", ms(Some(*max)), ms(Some(percentile(&r.health, 0.5))), r.health.len()),
+            None => "no answer".into(),
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {:.2} | {:.2} | {} |",
             r.n,
             ms(r.cold),
             ms(Some(r.floor)),
@@ -497,6 +548,7 @@ fn main() -> Result<()> {
             mib(r.cold_usage.peak_kib.max(r.burst_usage.peak_kib)),
             r.cold_usage.cpu_s,
             r.burst_usage.cpu_s - r.idle_empty.cpu_s,
+            health,
         );
     }
     println!();

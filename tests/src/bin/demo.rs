@@ -13,7 +13,7 @@ fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() != Some("up") {
         bail!("usage: overlay-demo up   (remove it with `make demo-down`)");
     }
-    if !overlay_tests::require_root("overlay-demo") {
+    if !overlay_tests::is_root() {
         bail!("the demo builds network namespaces: run it as root");
     }
     if overlay_tests::ip(&["netns", "list"])?.lines().any(|l| l.starts_with("ovdemo")) {

@@ -160,8 +160,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let mut trigger = Trigger::Start;
         let mut requeue_at = Instant::now();
         loop {
-            let plan = self.plan();
-            if let Action::Requeue(after) = self.reconciler.reconcile(&plan, trigger).await {
+            if let Action::Requeue(after) = self.reconciler.reconcile(self.plan(), trigger).await {
                 requeue_at = Instant::now() + after;
             }
             self.announce().await;

@@ -21,6 +21,13 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // One malloc arena for every thread: the bulk netlink work runs on a
+    // blocking thread, and a second arena would keep the megabytes a big
+    // dump decodes into where `malloc_trim` cannot give them back as well.
+    // SAFETY: mallopt only tunes glibc's allocator; no allocation is live on another thread yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = flags::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))

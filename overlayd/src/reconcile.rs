@@ -110,8 +110,9 @@ impl Reconciler {
         })
     }
 
-    /// Makes the node hold `plan`.
-    pub async fn reconcile(&mut self, plan: &NodePlan, trigger: Trigger) -> Action {
+    /// Makes the node hold `plan`. It takes the plan whole: what was applied
+    /// is kept as the next event's starting point, not copied.
+    pub async fn reconcile(&mut self, plan: NodePlan, trigger: Trigger) -> Action {
         let started = Instant::now();
         let read = trigger.reads_node();
         let mut failures = Vec::new();
@@ -126,7 +127,7 @@ impl Reconciler {
         record(Resource::IpForward, self.ip_forward(read));
         match self.device(&plan.device, read).await {
             Ok(index) => {
-                let result = self.entries(index, &plan.entries, read).await;
+                let result = self.entries(index, plan.entries, read).await;
                 record(Resource::Device, Ok(()));
                 record(Resource::Entries, result);
             }
@@ -195,30 +196,29 @@ impl Reconciler {
         Ok(device.index)
     }
 
-    async fn entries(&mut self, index: u32, desired: &KernelState, read: bool) -> anyhow::Result<()> {
+    async fn entries(&mut self, index: u32, desired: KernelState, read: bool) -> anyhow::Result<()> {
         let assumed = match self.applied.entries.take() {
             Some((at, state)) if !read && at == index => Some(state),
             _ => None,
         };
         let read_entries = assumed.is_none();
         let mut bulk = self.bulk.take().ok_or_else(|| anyhow::anyhow!("the netlink socket was lost"))?;
-        let desired_owned = desired.clone();
         let started = Instant::now();
-        // The bulk socket blocks: it runs on a blocking thread and comes back.
+        // The bulk socket blocks: it runs on a blocking thread and comes back, with the plan.
         let joined = tokio::task::spawn_blocking(move || {
             let result = (|| {
                 let actual = match assumed {
                     Some(state) => state,
                     None => entries::read(&mut bulk, index)?,
                 };
-                let ops = plan::diff(&desired_owned, &actual);
+                let ops = plan::diff(&desired, &actual);
                 let report = entries::apply(&mut bulk, index, &ops)?;
                 Ok::<_, overlay_netlink::Error>((actual.entry_count(), report))
             })();
-            (bulk, result)
+            (bulk, desired, result)
         })
         .await;
-        let (bulk, result) = joined.map_err(|e| anyhow::anyhow!("the entries worker failed: {e}"))?;
+        let (bulk, desired, result) = joined.map_err(|e| anyhow::anyhow!("the entries worker failed: {e}"))?;
         self.bulk = Some(bulk);
         let (read_back, report) = result?;
         self.metrics.netlink_ops.inc_by(report.sent as u64);
@@ -240,7 +240,7 @@ impl Reconciler {
         if let Some((op, e)) = report.failed.first() {
             anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
         }
-        self.applied.entries = Some((index, desired.clone()));
+        self.applied.entries = Some((index, desired));
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! nothing is claimed, so nothing can be contended.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config};
 use proto::node_annotations::parse_pod_cidr;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{EventSender, LeaseStore, OwnLease, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
@@ -231,24 +231,25 @@ impl KubeLeases {
 
 /// Turns the watcher's Node events into lease watch events. Pure, so the
 /// translation is unit-tested without an API server.
+///
+/// It keeps no map of node names: a Node's `spec.podCIDR` cannot change once
+/// set (the API server refuses it), so every event already carries the key
+/// its node stands for. A node that is deleted, or stops being a usable
+/// peer, is a `Delete` of the key its podCIDR names; a node deleted and
+/// recreated with another podCIDR arrives as a delete and an add, or, if the
+/// watch missed both, in the next listing.
 struct NodeEvents {
     annotations: NodeAnnotations,
-    /// Which lease each node stood for, so a node whose podCIDR or
-    /// annotations went away (or that was deleted) can be removed.
-    known: HashMap<String, LeaseKey>,
-    /// The nodes of a (re)list in progress.
-    listing: HashMap<String, LeaseKey>,
 }
 
 impl NodeEvents {
     fn new(annotations: NodeAnnotations) -> Self {
-        NodeEvents { annotations, known: HashMap::new(), listing: HashMap::new() }
+        NodeEvents { annotations }
     }
 
     /// The lease a Node stands for, if it is a usable peer.
     fn lease(&self, node: &PeerNode) -> Option<(LeaseKey, LeaseAttrs)> {
-        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref());
-        match self.annotations.lease(pod_cidr, annotations_of(&node.metadata)) {
+        match self.annotations.lease(pod_cidr_of(node), annotations_of(&node.metadata)) {
             Ok(lease) => lease,
             Err(e) => {
                 warn!(node = node.metadata.name.as_deref().unwrap_or("?"), error = %e, "skipping node: its lease does not parse");
@@ -257,48 +258,33 @@ impl NodeEvents {
         }
     }
 
+    /// The key a Node's podCIDR names, usable peer or not.
+    fn key(node: &PeerNode) -> Option<LeaseKey> {
+        parse_pod_cidr(pod_cidr_of(node)?).ok().map(LeaseKey::v4)
+    }
+
     /// The lease events one watcher event stands for (often none).
     fn on_event(&mut self, event: Event<PeerNode>) -> Vec<WatchEvent> {
         match event {
-            Event::Init => {
-                self.listing.clear();
-                vec![WatchEvent::Init]
-            }
-            Event::InitApply(node) => {
-                let (Some(name), Some((key, attrs))) = (node.metadata.name.clone(), self.lease(&node)) else {
-                    return Vec::new();
-                };
-                self.listing.insert(name, key);
-                vec![WatchEvent::InitApply(key, attrs)]
-            }
-            Event::InitDone => {
-                self.known = std::mem::take(&mut self.listing);
-                self.known.shrink_to_fit();
-                debug!(peers = self.known.len(), "listed nodes");
-                vec![WatchEvent::InitDone]
-            }
-            Event::Apply(node) => {
-                let Some(name) = node.metadata.name.clone() else { return Vec::new() };
-                let lease = self.lease(&node);
-                let previous = match &lease {
-                    Some((key, _)) => self.known.insert(name, *key),
-                    None => self.known.remove(&name),
-                };
-                let mut batch = Vec::with_capacity(2);
-                if let Some(old) = previous.filter(|old| lease.as_ref().is_none_or(|(key, _)| key != old)) {
-                    batch.push(WatchEvent::Delete(old));
-                }
-                if let Some((key, attrs)) = lease {
-                    batch.push(WatchEvent::Apply(key, attrs));
-                }
-                batch
-            }
-            Event::Delete(node) => match node.metadata.name.as_deref().and_then(|name| self.known.remove(name)) {
-                Some(old) => vec![WatchEvent::Delete(old)],
+            Event::Init => vec![WatchEvent::Init],
+            Event::InitApply(node) => match self.lease(&node) {
+                Some((key, attrs)) => vec![WatchEvent::InitApply(key, attrs)],
                 None => Vec::new(),
             },
+            Event::InitDone => vec![WatchEvent::InitDone],
+            Event::Apply(node) => match (self.lease(&node), Self::key(&node)) {
+                (Some((key, attrs)), _) => vec![WatchEvent::Apply(key, attrs)],
+                // No longer (or not yet) a peer: whatever its podCIDR stood for goes.
+                (None, Some(key)) => vec![WatchEvent::Delete(key)],
+                (None, None) => Vec::new(),
+            },
+            Event::Delete(node) => Self::key(&node).map(WatchEvent::Delete).into_iter().collect(),
         }
     }
+}
+
+fn pod_cidr_of(node: &PeerNode) -> Option<&str> {
+    node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).filter(|c| !c.is_empty())
 }
 
 /// A Node's annotations; none is the same as an empty map.
@@ -478,10 +464,6 @@ mod tests {
         assert_eq!(PeerNode::url_path(&(), None), "/api/v1/nodes");
     }
 
-    fn key(cidr: &str) -> LeaseKey {
-        LeaseKey::v4(cidr.parse().unwrap())
-    }
-
     fn summary(events: &[WatchEvent]) -> Vec<String> {
         events
             .iter()
@@ -520,39 +502,18 @@ mod tests {
             summary(&n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None)))),
             ["delete 10.244.3.0-24"]
         );
-        // ...and a change to a non-peer is nothing.
-        assert!(n.on_event(Event::Apply(node("c", Some("10.244.3.0/24"), None))).is_empty());
-        // a is recreated with another podCIDR: the old lease goes, the new comes.
+        // A node without a podCIDR stands for nothing.
+        assert!(n.on_event(Event::Apply(node("d", None, Some(&c)))).is_empty());
+        // a is deleted and recreated with another podCIDR: the old lease goes, the new comes.
+        assert_eq!(
+            summary(&n.on_event(Event::Delete(node("a", Some("10.244.1.0/24"), Some(&a))))),
+            ["delete 10.244.1.0-24"]
+        );
         assert_eq!(
             summary(&n.on_event(Event::Apply(node("a", Some("10.244.9.0/24"), Some(&a))))),
-            ["delete 10.244.1.0-24", "apply 10.244.9.0-24 192.168.1.1"]
-        );
-        // a is deleted; deleting an unknown node is nothing.
-        assert_eq!(
-            summary(&n.on_event(Event::Delete(node("a", Some("10.244.9.0/24"), Some(&a))))),
-            ["delete 10.244.9.0-24"]
+            ["apply 10.244.9.0-24 192.168.1.1"]
         );
         assert!(n.on_event(Event::Delete(node("zz", None, None))).is_empty());
-    }
-
-    #[test]
-    fn relist_forgets_nodes_gone_meanwhile() {
-        let mut n = NodeEvents::new(NodeAnnotations::default());
-        let a = attrs("192.168.1.1", "02:00:00:00:00:01");
-        let b = attrs("192.168.1.2", "02:00:00:00:00:02");
-        n.on_event(Event::Init);
-        n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
-        n.on_event(Event::InitApply(node("b", Some("10.244.2.0/24"), Some(&b))));
-        n.on_event(Event::InitDone);
-        // A 410, and b was deleted while the watch was down: the relist has
-        // only a, and a later delete of b is not reported twice.
-        n.on_event(Event::Init);
-        let listed = n.on_event(Event::InitApply(node("a", Some("10.244.1.0/24"), Some(&a))));
-        assert_eq!(summary(&listed), ["listed 10.244.1.0-24 192.168.1.1"]);
-        assert_eq!(summary(&n.on_event(Event::InitDone)), ["listed"]);
-        assert!(n.on_event(Event::Delete(node("b", Some("10.244.2.0/24"), Some(&b)))).is_empty());
-        assert_eq!(n.known.len(), 1);
-        assert_eq!(n.known["a"], key("10.244.1.0/24"));
     }
 
     #[test]
@@ -560,6 +521,7 @@ mod tests {
         let mut n = NodeEvents::new(NodeAnnotations::default());
         let mut bad = node("a", Some("10.244.1.0/24"), Some(&attrs("192.168.1.1", "02:00:00:00:00:01")));
         bad.metadata.annotations.as_mut().unwrap().insert("flannel.alpha.coreos.com/public-ip".into(), "nope".into());
-        assert!(n.on_event(Event::Apply(bad)).is_empty());
+        // Not fatal: it is simply no longer a usable peer.
+        assert_eq!(summary(&n.on_event(Event::Apply(bad))), ["delete 10.244.1.0-24"]);
     }
 }

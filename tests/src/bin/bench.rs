@@ -133,8 +133,9 @@ impl HealthProbe {
     }
 }
 
-fn floor(id: &str, n: u32) -> Result<Duration> {
-    let ns = Netns::new(&format!("ov{id}floor"))?;
+/// A namespace with an underlay leg and a VXLAN device, as a node has, and nothing else.
+fn bare_node(name: &str) -> Result<Netns> {
+    let ns = Netns::new(name)?;
     // This kernel has no dummy driver: one leg of a veth pair serves as underlay.
     ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])?;
     ns.ip(&["addr", "add", "172.31.255.1/12", "dev", "d0"])?;
@@ -157,6 +158,111 @@ fn floor(id: &str, n: u32) -> Result<Duration> {
     ])?;
     ns.ip(&["addr", "add", "10.200.0.0/32", "dev", "overlay.1"])?;
     ns.ip(&["link", "set", "overlay.1", "up"])?;
+    Ok(ns)
+}
+
+/// Peer `i`'s entries: (gateway, VTEP MAC, underlay address, subnet), as the synthetic leases have them.
+fn synthetic_peer(i: u32) -> (std::net::Ipv4Addr, [u8; 6], std::net::Ipv4Addr, ipnet::Ipv4Net) {
+    let (subnet, _) = synthetic_lease(i);
+    let mac = [2, 0, 0, ((i >> 16) & 0xff) as u8, ((i >> 8) & 0xff) as u8, (i & 0xff) as u8];
+    (subnet.network(), mac, std::net::Ipv4Addr::from(0xac10_0000 + i), subnet)
+}
+
+/// How to send N peers' entries: the bulk batch, or rtnetlink's handle.
+#[derive(Clone, Copy, Debug)]
+enum NetlinkPath {
+    /// overlay-netlink's `Bulk`: 512 requests per `sendmsg`.
+    Bulk,
+    /// rtnetlink's handle, one request per message, `depth` awaited at once.
+    Handle { depth: usize },
+}
+
+/// Programs N peers' neighbour, FDB entry and route into a bare node by `path`; the time taken.
+fn netlink_path(id: &str, n: u32, path: NetlinkPath) -> Result<Duration> {
+    use futures::StreamExt;
+    use overlay_netlink::{Change, Entry, FdbEntry, Neighbour, Route};
+    let ns = bare_node(&format!("ov{id}nl"))?;
+    let index: u32 = ns.ip(&["-o", "link", "show", "overlay.1"])?.split(':').next().unwrap_or("0").trim().parse()?;
+    let changes: Vec<Change> = (1..=n)
+        .flat_map(|i| {
+            let (gw, mac, public, subnet) = synthetic_peer(i);
+            let mac = proto::MacAddr(mac);
+            [
+                Entry::Neighbour(Neighbour { ifindex: index, ip: gw.into(), mac }),
+                Entry::Fdb(FdbEntry { ifindex: index, mac, dst: public.into() }),
+                Entry::Route(Route {
+                    destination: subnet.into(),
+                    gateway: Some(gw.into()),
+                    oif: Some(index),
+                    onlink: true,
+                    protocol: 77,
+                }),
+            ]
+        })
+        .map(Change::Set)
+        .collect();
+    let took = overlay_tests::probe::in_netns(&ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async move {
+            let start = Instant::now();
+            match path {
+                NetlinkPath::Bulk => {
+                    let results = overlay_netlink::Bulk::open()?.apply(&changes)?;
+                    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                        bail!("bulk: {e}");
+                    }
+                }
+                NetlinkPath::Handle { depth } => {
+                    let (connection, handle, _) = rtnetlink::new_connection()?;
+                    tokio::spawn(connection);
+                    let failed = std::sync::atomic::AtomicUsize::new(0);
+                    futures::stream::iter(changes)
+                        .for_each_concurrent(depth, |change| {
+                            let handle = handle.clone();
+                            let failed = &failed;
+                            async move {
+                                let result = match change {
+                                    Change::Set(Entry::Neighbour(n)) => {
+                                        handle.neighbours().add(n.ifindex, n.ip).link_layer_address(&n.mac.octets()).replace().execute().await
+                                    }
+                                    Change::Set(Entry::Fdb(f)) => {
+                                        handle
+                                            .neighbours()
+                                            .add_bridge(f.ifindex, &f.mac.octets())
+                                            .destination(f.dst)
+                                            .flags(rtnetlink::packet_route::neighbour::NeighbourFlags::Own)
+                                            .replace()
+                                            .execute()
+                                            .await
+                                    }
+                                    Change::Set(Entry::Route(r)) => handle.route().add(r.message()).replace().execute().await,
+                                    Change::Delete(_) => Ok(()),
+                                };
+                                if result.is_err() {
+                                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                        })
+                        .await;
+                    let failed = failed.into_inner();
+                    if failed > 0 {
+                        bail!("rtnetlink handle: {failed} requests refused");
+                    }
+                }
+            }
+            Ok(start.elapsed())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netlink bench thread panicked"))??;
+    if route_count(&ns) != n as usize {
+        bail!("{path:?}: {} of {n} routes programmed", route_count(&ns));
+    }
+    Ok(took)
+}
+
+fn floor(id: &str, n: u32) -> Result<Duration> {
+    let ns = bare_node(&format!("ov{id}floor"))?;
     let dir = std::env::temp_dir().join(format!("overlay-floor-{id}"));
     std::fs::create_dir_all(&dir)?;
     let (mut ip_batch, mut fdb_batch) = (String::new(), String::new());
@@ -573,6 +679,15 @@ fn main() -> Result<()> {
     println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The list is paged (500 per page), as kube's watcher does against a real API server.");
     if std::env::var("OVERLAY_BENCH_SKIP_CNI").is_ok() {
         return Ok(());
+    }
+    println!();
+    println!("| netlink: N peers' entries (N×3) into a bare node | bulk batch (512 per sendmsg) | rtnetlink handle, 64 in flight | rtnetlink handle, one at a time |");
+    println!("|---|---|---|---|");
+    for &n in sizes.iter().filter(|_| !kube_only) {
+        let bulk = netlink_path(&c.id, n, NetlinkPath::Bulk)?;
+        let pipelined = netlink_path(&c.id, n, NetlinkPath::Handle { depth: 64 })?;
+        let serial = netlink_path(&c.id, n, NetlinkPath::Handle { depth: 1 })?;
+        println!("| {n} | {} | {} | {} |", ms(Some(bulk)), ms(Some(pipelined)), ms(Some(serial)));
     }
     cni_bench(&c.id)?;
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");

@@ -223,7 +223,13 @@ fn netlink_path(id: &str, n: u32, path: NetlinkPath) -> Result<Duration> {
                             async move {
                                 let result = match change {
                                     Change::Set(Entry::Neighbour(n)) => {
-                                        handle.neighbours().add(n.ifindex, n.ip).link_layer_address(&n.mac.octets()).replace().execute().await
+                                        handle
+                                            .neighbours()
+                                            .add(n.ifindex, n.ip)
+                                            .link_layer_address(&n.mac.octets())
+                                            .replace()
+                                            .execute()
+                                            .await
                                     }
                                     Change::Set(Entry::Fdb(f)) => {
                                         handle
@@ -235,7 +241,9 @@ fn netlink_path(id: &str, n: u32, path: NetlinkPath) -> Result<Duration> {
                                             .execute()
                                             .await
                                     }
-                                    Change::Set(Entry::Route(r)) => handle.route().add(r.message()).replace().execute().await,
+                                    Change::Set(Entry::Route(r)) => {
+                                        handle.route().add(r.message()).replace().execute().await
+                                    }
                                     Change::Delete(_) => Ok(()),
                                 };
                                 if result.is_err() {
@@ -676,7 +684,7 @@ fn main() -> Result<()> {
         );
     }
     println!();
-    println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The list is paged (500 per page), as kube's watcher does against a real API server.");
+    println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The list is paged, 100 Nodes per page.");
     if std::env::var("OVERLAY_BENCH_SKIP_CNI").is_ok() {
         return Ok(());
     }

@@ -380,22 +380,28 @@ fn daemonset_env(name: &str, ip: Ipv4Addr, net_conf: &std::path::Path) -> Vec<(S
     env
 }
 
-#[test]
-#[ignore = "needs root (network namespaces): run by `make test`"]
-fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
-    require_root();
+/// A cluster whose API double serves HTTPS with a service-account token and
+/// enforces only what the manifest's ClusterRole grants, as a pod sees it;
+/// the net-conf is the manifest's ConfigMap's. Returns it with the paths of
+/// the net-conf and the service-account files.
+fn in_cluster_api() -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
     use k8s_openapi::api::core::v1::ConfigMap;
     use overlay_tests::manifests::{deploy_dir, load, one};
     let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
     let cm: ConfigMap = overlay_tests::strict::decode(one(&docs, "ConfigMap").unwrap()).unwrap();
     let net_conf_text = cm.data.unwrap()["net-conf.json"].clone();
-
     let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
     c.start_kube_api_in_cluster(&net_conf_text).unwrap();
-    // Only what the manifest's ClusterRole grants.
     c.api().enforce_rbac(overlay_tests::manifests::cluster_role_grants().unwrap());
-    let net_conf = c.dir.join("net-conf.json");
-    let service_account = c.dir.join("serviceaccount");
+    let (net_conf, service_account) = (c.dir.join("net-conf.json"), c.dir.join("serviceaccount"));
+    (c, net_conf, service_account)
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
+    require_root();
+    let (mut c, net_conf, service_account) = in_cluster_api();
     for _ in 0..2 {
         let i = c.add_node(&[]).unwrap();
         let (name, ip) = (c.nodes[i].name.clone(), c.nodes[i].ip);
@@ -433,15 +439,7 @@ fn daemonset_environment_runs_in_cluster_over_tls_with_a_token() {
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn daemonset_with_a_wrong_token_stays_unready_and_says_why() {
     require_root();
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use overlay_tests::manifests::{deploy_dir, load, one};
-    let docs = load(&deploy_dir().join("overlay.yaml")).unwrap();
-    let cm: ConfigMap = overlay_tests::strict::decode(one(&docs, "ConfigMap").unwrap()).unwrap();
-    let net_conf_text = cm.data.unwrap()["net-conf.json"].clone();
-    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
-    c.start_kube_api_in_cluster(&net_conf_text).unwrap();
-    let net_conf = c.dir.join("net-conf.json");
-    let service_account = c.dir.join("serviceaccount");
+    let (mut c, net_conf, service_account) = in_cluster_api();
     // A pod whose token the server does not accept never comes up, and says why.
     let wrong = c.dir.join("wrong-serviceaccount");
     overlay_tests::kube_api::Credentials {

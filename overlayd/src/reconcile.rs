@@ -202,7 +202,11 @@ impl Reconciler {
             _ => None,
         };
         let read_entries = assumed.is_none();
-        let mut bulk = self.bulk.take().ok_or_else(|| anyhow::anyhow!("the netlink socket was lost"))?;
+        // A socket lost with a failed worker is opened anew.
+        let mut bulk = match self.bulk.take() {
+            Some(bulk) => bulk,
+            None => Bulk::open()?,
+        };
         let started = Instant::now();
         // The bulk socket blocks: it runs on a blocking thread and comes back, with the plan.
         let joined = tokio::task::spawn_blocking(move || {

@@ -45,11 +45,14 @@ pub struct Masquerade {
 pub struct MasqError {
     what: &'static str,
     detail: String,
+    /// The nft binary could not be run at all.
+    nft_missing: bool,
 }
 
 impl MasqError {
     fn from_nft(what: &'static str) -> impl FnOnce(NftablesError) -> MasqError {
         move |e| {
+            let nft_missing = matches!(e, NftablesError::NftExecution { .. });
             let detail = match e {
                 NftablesError::NftExecution { inner, .. } => {
                     format!("cannot run nft (is the nftables package installed?): {inner}")
@@ -57,7 +60,7 @@ impl MasqError {
                 NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
                 other => other.to_string(),
             };
-            MasqError { what, detail }
+            MasqError { what, detail, nft_missing }
         }
     }
 }
@@ -200,9 +203,11 @@ async fn list() -> Result<Option<Value>, MasqError> {
     match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, ["list", "table", "ip", TABLE])
         .await
     {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| MasqError { what: "reading the table", detail: e.to_string() }),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| MasqError {
+            what: "reading the table",
+            detail: e.to_string(),
+            nft_missing: false,
+        }),
         Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
         Err(e) => Err(MasqError::from_nft("reading the table")(e)),
     }
@@ -216,7 +221,7 @@ pub async fn reconcile(desired: Option<&Masquerade>, read: bool) -> Result<bool,
         let listed = match list().await {
             Ok(listed) => listed,
             // Without nft there can be no table of ours to remove.
-            Err(e) if desired.is_none() && e.detail.starts_with("cannot run nft") => return Ok(false),
+            Err(e) if desired.is_none() && e.nft_missing => return Ok(false),
             Err(e) => return Err(e),
         };
         let right = match (desired, &listed) {

@@ -196,23 +196,14 @@ impl Netlink {
 
     /// Removes `address` from the link `index`.
     pub async fn delete_address(&self, index: u32, address: IpNet) -> Result<()> {
-        let msg = match address.addr() {
-            IpAddr::V4(ip) => AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(ip, address.prefix_len()),
-            IpAddr::V6(ip) => {
-                return self
-                    .delete_address_message(
-                        AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(ip, address.prefix_len()).build(),
-                        address,
-                        index,
-                    )
-                    .await
+        let msg = match address {
+            IpNet::V4(a) => {
+                AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(a.addr(), a.prefix_len()).build()
             }
-        }
-        .build();
-        self.delete_address_message(msg, address, index).await
-    }
-
-    async fn delete_address_message(&self, msg: AddressMessage, address: IpNet, index: u32) -> Result<()> {
+            IpNet::V6(a) => {
+                AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(a.addr(), a.prefix_len()).build()
+            }
+        };
         self.handle
             .address()
             .del(msg)
@@ -221,17 +212,22 @@ impl Netlink {
             .map_err(Error::rtnl(format!("removing {address} from link {index}")))
     }
 
-    /// The main table's routes of `family`, only those through `oif` when given (filtered by the kernel).
-    pub async fn routes(&self, family: AddressFamily, oif: Option<u32>) -> Result<Vec<Route>> {
+    /// The main table's route messages of `family`, through `oif` only when given (the kernel filters).
+    async fn main_table_routes(&self, family: AddressFamily, oif: Option<u32>) -> Result<Vec<RouteMessage>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family;
         msg.header.table = RouteHeader::RT_TABLE_MAIN;
         if let Some(oif) = oif {
             msg.attributes.push(RouteAttribute::Oif(oif));
         }
-        let messages: Vec<RouteMessage> =
-            self.handle.route().get(msg).execute().try_collect().await.map_err(Error::rtnl("reading routes"))?;
-        Ok(messages
+        self.handle.route().get(msg).execute().try_collect().await.map_err(Error::rtnl("reading routes"))
+    }
+
+    /// The main table's routes of `family`, only those through `oif` when given (filtered by the kernel).
+    pub async fn routes(&self, family: AddressFamily, oif: Option<u32>) -> Result<Vec<Route>> {
+        Ok(self
+            .main_table_routes(family, oif)
+            .await?
             .iter()
             .filter_map(Route::from_message)
             .filter(|r| oif.is_none_or(|o| r.oif == Some(o)) && family_of(r.destination) == family)
@@ -240,11 +236,7 @@ impl Netlink {
 
     /// The output device and preferred source of the main table's default route of `family`.
     pub async fn default_route(&self, family: AddressFamily) -> Result<Option<(u32, Option<IpAddr>)>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = family;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        let messages: Vec<RouteMessage> =
-            self.handle.route().get(msg).execute().try_collect().await.map_err(Error::rtnl("reading routes"))?;
+        let messages = self.main_table_routes(family, None).await?;
         Ok(messages.iter().filter(|r| r.header.destination_prefix_length == 0).find_map(|r| {
             let route = Route::from_message(r)?;
             let source = r.attributes.iter().find_map(|a| match a {

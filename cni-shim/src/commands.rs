@@ -1,16 +1,16 @@
 //! The CNI verbs: ADD, DEL, CHECK, STATUS, GC, VERSION.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
-use proto::SubnetEnv;
+use ipnet::IpNet;
+use proto::{Family, FamilyEnv, SubnetEnv};
 use serde_json::{json, Value};
 
 use crate::config::{NetConf, SUPPORTED_VERSIONS};
 use crate::error::{code, CniError};
 use crate::ipam::Store;
 use crate::link;
-use crate::result::{address_in, CniResult, Interface, IpConfig, Route};
+use crate::result::{addresses_in, CniResult, Interface, IpConfig, Route};
 
 /// The runtime's CNI_* variables.
 #[derive(Debug, Clone, Default)]
@@ -87,30 +87,44 @@ fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     })
 }
 
-/// ADD: an address, a veth into the pod, the routes; rolled back on any failure.
+/// ADD: an address per family, a veth into the pod, the routes; rolled back on any failure.
 pub async fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.check_container_id()?;
     env.check_ifname()?;
     let ns = link::open_netns(&env.netns)?;
     let subnet_env = read_subnet_env(conf)?;
     let mtu = conf.mtu.unwrap_or(subnet_env.mtu);
-    let gateway_net = subnet_env.subnet;
-    // The lock covers choosing the address only, so parallel ADDs do their
-    // kernel work in parallel.
-    let ip = {
+    let families = subnet_env.families();
+    // The lock covers choosing the addresses only, so parallel ADDs do their
+    // kernel work in parallel. One range per family, numbered as host-local numbers them.
+    let addresses = {
         let store = Store::open(&conf.data_dir, &conf.name)?;
-        match store.find(&env.container_id, &env.ifname)? {
-            Some(ip) if gateway_net.contains(&ip) => ip,
-            _ => store.allocate(gateway_net, &env.container_id, &env.ifname)?,
+        let held = store.find(&env.container_id, &env.ifname)?;
+        let mut addresses = Vec::with_capacity(families.len());
+        for (range, half) in families.iter().enumerate() {
+            let ip = match held.iter().find(|ip| half.gateway.contains(*ip)) {
+                Some(ip) => *ip,
+                None => match store.allocate(half.gateway, range, &env.container_id, &env.ifname) {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        // Nothing half-allocated stays behind.
+                        let _ = store.release(&env.container_id, &env.ifname);
+                        return Err(e);
+                    }
+                },
+            };
+            addresses
+                .push(IpNet::new(ip, half.gateway.prefix_len()).map_err(|e| CniError::new(code::IO, e.to_string()))?);
         }
+        addresses
     };
     let host = link::host_veth_name(&env.container_id, &env.ifname);
     let nl = link::connect()?;
-    let wired = wire(&nl, conf, env, &ns, &host, ip, gateway_net, subnet_env.network, mtu).await;
+    let wired = wire(&nl, conf, env, &ns, &host, &addresses, &families, mtu).await;
     match wired {
         Ok(result) => Ok(result.to_json(&conf.cni_version, conf.prev_result.as_ref())),
         Err(e) => {
-            // Roll back: the host end takes the pair with it; then the address.
+            // Roll back: the host end takes the pair with it; then the addresses.
             let _ = link::delete_host_link(&nl, &host).await;
             let _ = link::delete_in_container(&ns, &env.ifname);
             let _ = Store::open(&conf.data_dir, &conf.name).and_then(|s| s.release(&env.container_id, &env.ifname));
@@ -126,17 +140,15 @@ async fn wire(
     env: &Env,
     ns: &std::fs::File,
     host: &str,
-    ip: Ipv4Addr,
-    gateway_net: Ipv4Net,
-    network: Ipv4Net,
+    addresses: &[IpNet],
+    families: &[FamilyEnv],
     mtu: u32,
 ) -> Result<CniResult, CniError> {
-    let gateway = gateway_net.addr();
-    let bridge = link::ensure_bridge(nl, &conf.bridge, gateway_net, mtu).await?;
+    let gateways: Vec<IpNet> = families.iter().map(|f| f.gateway).collect();
+    let bridge = link::ensure_bridge(nl, &conf.bridge, &gateways, mtu).await?;
     let host_link = link::create_veth(nl, host, &env.ifname, ns, mtu, &bridge, conf.hairpin_mode).await?;
-    let address = Ipv4Net::new(ip, gateway_net.prefix_len()).map_err(|e| CniError::new(code::IO, e.to_string()))?;
-    let routes = planned_routes(conf, network, gateway);
-    let container = link::configure_container(ns, &env.ifname, address, &routes)?;
+    let routes = planned_routes(conf, families);
+    let container = link::configure_container(ns, &env.ifname, addresses, &routes)?;
     let mac = |l: &overlay_netlink::Link| l.mac.map(|m| m.to_string()).unwrap_or_default();
     Ok(CniResult {
         interfaces: vec![
@@ -144,16 +156,27 @@ async fn wire(
             Interface { name: host.to_string(), mac: mac(&host_link), sandbox: None },
             Interface { name: env.ifname.clone(), mac: mac(&container), sandbox: Some(env.netns.clone()) },
         ],
-        ips: vec![IpConfig { address, gateway, interface: 2 }],
+        ips: addresses
+            .iter()
+            .zip(families)
+            .map(|(address, half)| IpConfig { address: *address, gateway: half.gateway.addr(), interface: 2 })
+            .collect(),
         routes: routes.iter().map(|(dst, gw)| Route { dst: *dst, gw: *gw }).collect(),
         dns: conf.dns.clone(),
     })
 }
 
-fn planned_routes(conf: &NetConf, network: Ipv4Net, gateway: Ipv4Addr) -> Vec<(Ipv4Net, Ipv4Addr)> {
-    let mut routes = vec![(network, gateway)];
+/// Each family's cluster network via its gateway, then (isDefaultGateway) each family's default route.
+fn planned_routes(conf: &NetConf, families: &[FamilyEnv]) -> Vec<(IpNet, IpAddr)> {
+    let mut routes: Vec<(IpNet, IpAddr)> = families.iter().map(|f| (f.network, f.gateway.addr())).collect();
     if conf.is_default_gateway {
-        routes.push((Ipv4Net::default(), gateway));
+        for f in families {
+            let default = match Family::of_net(&f.network) {
+                Family::V4 => IpNet::V4(Default::default()),
+                Family::V6 => IpNet::V6(Default::default()),
+            };
+            routes.push((default, f.gateway.addr()));
+        }
     }
     routes
 }
@@ -176,37 +199,43 @@ pub async fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     Ok(())
 }
 
-/// CHECK: the interface, its address, its routes and the allocation are all as ADD left them.
+/// CHECK: the interface, its addresses, its routes and the allocations are all as ADD left them.
 pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     env.check_container_id()?;
     env.check_ifname()?;
     let prev =
         conf.prev_result.as_ref().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
-    let (address, gateway) = address_in(prev, &env.ifname)
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, format!("prevResult has no address for {}", env.ifname)))?;
+    let expected = addresses_in(prev, &env.ifname);
+    if expected.is_empty() {
+        return Err(CniError::new(code::INVALID_CONFIG, format!("prevResult has no address for {}", env.ifname)));
+    }
     let fail = |msg: String| Err(CniError::new(code::IO, msg));
     let ns = link::open_netns(&env.netns)?;
     let store = Store::open(&conf.data_dir, &conf.name)?;
-    match store.find(&env.container_id, &env.ifname)? {
-        Some(ip) if ip == address.addr() => {}
-        Some(ip) => return fail(format!("allocation is {ip}, prevResult says {}", address.addr())),
-        None => {
-            return Err(CniError::new(
-                code::UNKNOWN_CONTAINER,
-                format!("no address is allocated to {}/{}", env.container_id, env.ifname),
-            ))
-        }
+    let mut held = store.find(&env.container_id, &env.ifname)?;
+    if held.is_empty() {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("no address is allocated to {}/{}", env.container_id, env.ifname),
+        ));
+    }
+    let mut want: Vec<IpAddr> = expected.iter().map(|(a, _)| a.addr()).collect();
+    held.sort();
+    want.sort();
+    if held != want {
+        return fail(format!("allocations are {held:?}, prevResult says {want:?}"));
     }
     let view = link::inspect_container(&ns, &env.ifname)?;
     if view.link.is_none() {
         return fail(format!("{} does not exist in {}", env.ifname, env.netns));
     }
-    if !view.addresses.contains(&address) {
-        return fail(format!("{} has {:?}, expected {address}", env.ifname, view.addresses));
+    for (address, _) in &expected {
+        if !view.addresses.contains(address) {
+            return fail(format!("{} has {:?}, expected {address}", env.ifname, view.addresses));
+        }
     }
     let subnet_env = read_subnet_env(conf)?;
-    let gateway = gateway.unwrap_or(subnet_env.subnet.addr());
-    for (dst, gw) in planned_routes(conf, subnet_env.network, gateway) {
+    for (dst, gw) in planned_routes(conf, &subnet_env.families()) {
         if !view.routes.contains(&(dst, Some(gw))) {
             return fail(format!("route {dst} via {gw} is missing on {}", env.ifname));
         }

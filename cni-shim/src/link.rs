@@ -5,10 +5,10 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use overlay_netlink::{AddressFamily, Link, Netlink, Route, PROTOCOL_BOOT};
 use proto::MacAddr;
 
@@ -89,8 +89,9 @@ where
     })
 }
 
-/// Makes sure the bridge exists, is up and holds the gateway address.
-pub async fn ensure_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32) -> Result<Link, CniError> {
+/// Makes sure the bridge exists, is up and holds the gateway address of each family.
+pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u32) -> Result<Link, CniError> {
+    let gateway = gateways.first().copied().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "no subnet to serve"))?;
     if find(nl, name).await?.is_none() {
         // A set MAC: otherwise the bridge takes its lowest port's MAC, which
         // changes as pods come and go and leaves every pod's ARP entry for
@@ -107,14 +108,15 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateway: Ipv4Net, mtu: u32)
     if bridge.kind.as_deref() != Some("bridge") {
         return Err(CniError::new(code::INVALID_CONFIG, format!("{name} exists and is not a bridge")));
     }
-    let addresses = nl
-        .addresses(bridge.index, AddressFamily::Inet)
-        .await
-        .map_err(|e| CniError::io(format!("reading the addresses of {name}"), e))?;
-    if !addresses.contains(&IpNet::V4(gateway)) {
-        nl.add_address(bridge.index, IpNet::V4(gateway))
+    for gateway in gateways {
+        let family = if gateway.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let addresses = nl
+            .addresses(bridge.index, family)
             .await
-            .map_err(nl_err(format!("adding {gateway} to {name}")))?;
+            .map_err(|e| CniError::io(format!("reading the addresses of {name}"), e))?;
+        if !addresses.contains(gateway) {
+            nl.add_address(bridge.index, *gateway).await.map_err(nl_err(format!("adding {gateway} to {name}")))?;
+        }
     }
     if !bridge.up {
         nl.set_up(bridge.index).await.map_err(nl_err(format!("setting {name} up")))?;
@@ -161,30 +163,24 @@ pub async fn delete_host_link(nl: &Netlink, name: &str) -> Result<(), CniError> 
     Ok(())
 }
 
-fn route(dst: Ipv4Net, gw: Ipv4Addr, oif: u32) -> Route {
-    Route {
-        destination: IpNet::V4(dst),
-        gateway: Some(IpAddr::V4(gw)),
-        oif: Some(oif),
-        onlink: false,
-        protocol: PROTOCOL_BOOT,
-    }
+fn route(dst: IpNet, gw: IpAddr, oif: u32) -> Route {
+    Route { destination: dst, gateway: Some(gw), oif: Some(oif), onlink: false, protocol: PROTOCOL_BOOT }
 }
 
-/// Inside the container: `ifname` up with `address`, loopback up, `routes` via their gateways.
+/// Inside the container: `ifname` up with `addresses`, loopback up, `routes` via their gateways.
 pub fn configure_container(
     ns: &File,
     ifname: &str,
-    address: Ipv4Net,
-    routes: &[(Ipv4Net, Ipv4Addr)],
+    addresses: &[IpNet],
+    routes: &[(IpNet, IpAddr)],
 ) -> Result<Link, CniError> {
     in_netns(ns, |nl| async move {
         let link = find(&nl, ifname)
             .await?
             .ok_or_else(|| CniError::new(code::IO, format!("{ifname} missing in the container")))?;
-        nl.add_address(link.index, IpNet::V4(address))
-            .await
-            .map_err(nl_err(format!("adding {address} to {ifname}")))?;
+        for address in addresses {
+            nl.add_address(link.index, *address).await.map_err(nl_err(format!("adding {address} to {ifname}")))?;
+        }
         nl.set_up(link.index).await.map_err(nl_err(format!("setting {ifname} up")))?;
         if let Some(lo) = find(&nl, "lo").await? {
             nl.set_up(lo.index).await.map_err(nl_err("setting lo up"))?;
@@ -207,10 +203,10 @@ pub fn delete_in_container(ns: &File, ifname: &str) -> Result<(), CniError> {
 pub struct ContainerView {
     /// The interface, if present.
     pub link: Option<Link>,
-    /// Its IPv4 addresses.
-    pub addresses: Vec<Ipv4Net>,
-    /// IPv4 routes through it: (destination, gateway).
-    pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+    /// Its addresses, both families (not the kernel's link-local ones).
+    pub addresses: Vec<IpNet>,
+    /// Routes through it, both families: (destination, gateway).
+    pub routes: Vec<(IpNet, Option<IpAddr>)>,
 }
 
 /// Reads `ifname`'s addresses and routes inside the container.
@@ -219,27 +215,24 @@ pub fn inspect_container(ns: &File, ifname: &str) -> Result<ContainerView, CniEr
         let Some(link) = find(&nl, ifname).await? else {
             return Ok(ContainerView { link: None, addresses: vec![], routes: vec![] });
         };
-        let addresses = nl
-            .addresses(link.index, AddressFamily::Inet)
-            .await
-            .map_err(|e| CniError::io("reading addresses", e))?
-            .into_iter()
-            .filter_map(|a| match a {
-                IpNet::V4(v4) => Some(v4),
-                IpNet::V6(_) => None,
-            })
-            .collect();
-        let routes = nl
-            .routes(AddressFamily::Inet, Some(link.index))
-            .await
-            .map_err(|e| CniError::io("reading routes", e))?
-            .into_iter()
-            .filter_map(|r| match (r.destination, r.gateway) {
-                (IpNet::V4(dst), Some(IpAddr::V4(gw))) => Some((dst, Some(gw))),
-                (IpNet::V4(dst), None) => Some((dst, None)),
-                _ => None,
-            })
-            .collect();
+        let mut addresses = Vec::new();
+        let mut routes = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            addresses.extend(
+                nl.addresses(link.index, family)
+                    .await
+                    .map_err(|e| CniError::io("reading addresses", e))?
+                    .into_iter()
+                    .filter(|a| !proto::family::is_link_local(a.addr())),
+            );
+            routes.extend(
+                nl.routes(family, Some(link.index))
+                    .await
+                    .map_err(|e| CniError::io("reading routes", e))?
+                    .into_iter()
+                    .map(|r| (r.destination, r.gateway)),
+            );
+        }
         Ok(ContainerView { link: Some(link), addresses, routes })
     })
 }

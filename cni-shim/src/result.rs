@@ -1,8 +1,8 @@
 //! The ADD result, rendered for the cniVersion the runtime asked for.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::{json, Value};
 
 /// An interface the plugin created or touched.
@@ -20,9 +20,9 @@ pub struct Interface {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpConfig {
     /// The address with the subnet's prefix.
-    pub address: Ipv4Net,
+    pub address: IpNet,
     /// The gateway.
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// Index into `interfaces`.
     pub interface: usize,
 }
@@ -31,9 +31,9 @@ pub struct IpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     /// Destination.
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// Gateway.
-    pub gw: Ipv4Addr,
+    pub gw: IpAddr,
 }
 
 /// The result of ADD.
@@ -50,7 +50,7 @@ pub struct CniResult {
 }
 
 impl CniResult {
-    /// The JSON for `version`: 0.3.x and 0.4.0 carry `"version": "4"` on each IP.
+    /// The JSON for `version`: 0.3.x and 0.4.0 carry `"version": "4"` (or `"6"`) on each IP.
     pub fn to_json(&self, version: &str, prev: Option<&Value>) -> Value {
         let legacy = version.starts_with("0.");
         let mut interfaces: Vec<Value> = prev.and_then(|p| p["interfaces"].as_array().cloned()).unwrap_or_default();
@@ -67,7 +67,7 @@ impl CniResult {
         for ip in &self.ips {
             let mut v = json!({"address": ip.address.to_string(), "gateway": ip.gateway.to_string(), "interface": ip.interface + offset});
             if legacy {
-                v["version"] = json!("4");
+                v["version"] = json!(if ip.address.addr().is_ipv4() { "4" } else { "6" });
             }
             ips.push(v);
         }
@@ -80,17 +80,20 @@ impl CniResult {
     }
 }
 
-/// The container address and gateway a previous result gave `ifname`, for CHECK.
-pub fn address_in(prev: &Value, ifname: &str) -> Option<(Ipv4Net, Option<Ipv4Addr>)> {
-    let interfaces = prev["interfaces"].as_array()?;
-    let index = interfaces.iter().position(|i| i["name"] == ifname && !i["sandbox"].is_null())?;
-    prev["ips"].as_array()?.iter().find_map(|ip| {
-        if ip["interface"].as_u64() != Some(index as u64) {
-            return None;
-        }
-        let address = ip["address"].as_str()?.parse().ok()?;
-        Some((address, ip["gateway"].as_str().and_then(|g| g.parse().ok())))
-    })
+/// The container addresses and gateways a previous result gave `ifname` (one per family), for CHECK.
+pub fn addresses_in(prev: &Value, ifname: &str) -> Vec<(IpNet, Option<IpAddr>)> {
+    let Some(interfaces) = prev["interfaces"].as_array() else { return Vec::new() };
+    let Some(index) = interfaces.iter().position(|i| i["name"] == ifname && !i["sandbox"].is_null()) else {
+        return Vec::new();
+    };
+    let ips = prev["ips"].as_array().map(Vec::as_slice).unwrap_or_default();
+    ips.iter()
+        .filter(|ip| ip["interface"].as_u64() == Some(index as u64))
+        .filter_map(|ip| {
+            let address = ip["address"].as_str()?.parse().ok()?;
+            Some((address, ip["gateway"].as_str().and_then(|g| g.parse().ok())))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -129,10 +132,28 @@ mod tests {
         assert_eq!(old["ips"][0]["version"], "4");
         assert_eq!(old["routes"][0]["gw"], "10.244.1.1");
         assert_eq!(
-            address_in(&new, "eth0"),
-            Some(("10.244.1.5/24".parse().unwrap(), Some("10.244.1.1".parse().unwrap())))
+            addresses_in(&new, "eth0"),
+            vec![("10.244.1.5/24".parse().unwrap(), Some("10.244.1.1".parse().unwrap()))]
         );
-        assert_eq!(address_in(&new, "eth1"), None);
+        assert_eq!(addresses_in(&new, "eth1"), vec![]);
+    }
+
+    /// The shape of the reference plugins' dual-stack result (shared/compat).
+    #[test]
+    fn dual_stack_results_carry_both_families() {
+        let mut r = sample();
+        r.ips.push(IpConfig {
+            address: "fd00:10:244:8::2/64".parse().unwrap(),
+            gateway: "fd00:10:244:8::1".parse().unwrap(),
+            interface: 2,
+        });
+        r.routes.push(Route { dst: "::/0".parse().unwrap(), gw: "fd00:10:244:8::1".parse().unwrap() });
+        let old = r.to_json("0.3.1", None);
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert_eq!(old["ips"][1]["address"], "fd00:10:244:8::2/64");
+        assert_eq!(old["ips"][1]["gateway"], "fd00:10:244:8::1");
+        assert_eq!(old["routes"][1]["dst"], "::/0");
+        assert_eq!(addresses_in(&old, "eth0").len(), 2);
     }
 
     #[test]

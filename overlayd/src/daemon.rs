@@ -3,12 +3,13 @@
 //! trigger (a watch event, a requeue, a renewal that found our lease lost)
 //! plans the node and hands the plan to the one reconcile.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use overlay_netlink::Netlink;
-use proto::{LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
+use proto::{Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -19,12 +20,12 @@ use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
-use crate::lease::{check_own, LeaseStore, OwnLease, Renewal, WatchEvent};
+use crate::lease::{check_own, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::masq::Masquerade;
 use crate::metrics::Metrics;
 use crate::peers::{PeerView, Update};
 use crate::plan::{self, Local};
-use crate::reconcile::{self, Action, NodePlan, Reconciler, Trigger};
+use crate::reconcile::{self, Action, FamilyPlan, NodePlan, Reconciler, Trigger};
 use crate::subnet_file;
 
 /// Retry delay after a failed lease renewal (the regular period is hours).
@@ -39,19 +40,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health::serve(addr, metrics.clone()).await.with_context(|| format!("serving health endpoints on {addr}"))?;
     }
     let nl = Netlink::connect().context("opening netlink socket")?;
-    let underlay = underlay::find(&nl, args.node.iface.as_deref()).await.context("choosing the underlay interface")?;
     if args.kube.kube_subnet_mgr {
         let store = KubeLeases::connect(&args.kube).await?;
-        run_with(store, args.node, nl, underlay, metrics).await
+        run_with(store, args.node, nl, metrics).await
     } else {
         let store = EtcdLeases::connect(&args.etcd).await?;
-        run_with(store, args.node, nl, underlay, metrics).await
+        run_with(store, args.node, nl, metrics).await
     }
 }
 
 /// `overlayd cleanup`.
 pub async fn cleanup(args: &RunArgs) -> Result<()> {
-    reconcile::cleanup(&args.node.device, &args.node.subnet_file).await
+    let devices = [(Family::V4, args.node.device.as_str()), (Family::V6, args.node.device_v6.as_str())];
+    reconcile::cleanup(&devices, &args.node.subnet_file).await
 }
 
 struct Daemon<S> {
@@ -60,7 +61,8 @@ struct Daemon<S> {
     config: NetConfig,
     underlay: Underlay,
     own: OwnLease,
-    vtep_mac: MacAddr,
+    /// The VTEP MAC of each family's device (IPv4, IPv6).
+    vtep_macs: [MacAddr; 2],
     peers: PeerView,
     reconciler: Reconciler,
     metrics: Arc<Metrics>,
@@ -72,22 +74,41 @@ async fn run_with<S: LeaseStore + Clone>(
     mut store: S,
     node: NodeArgs,
     nl: Netlink,
-    underlay: Underlay,
     metrics: Arc<Metrics>,
 ) -> Result<()> {
     let config = store.network_config().await?;
-    info!(network = %config.network, subnet_len = config.subnet_len, vni = config.backend.vni, "network config");
-    let public_ip = store.public_ip(node.public_ip.unwrap_or(underlay.addr.addr())).await?;
-    info!(iface = %underlay.name, local = %underlay.addr, %public_ip, mtu = underlay.mtu, "underlay");
+    for family in config.families() {
+        if let Some(pool) = config.pool(family) {
+            info!(%family, network = %pool.network, subnet_len = pool.subnet_len, vni = config.backend.vni, "network config");
+        }
+    }
+    let families: Vec<Family> = config.families().collect();
+    let underlay =
+        underlay::find(&nl, node.iface.as_deref(), &families).await.context("choosing the underlay interface")?;
+    let detected = PublicIps {
+        v4: node.public_ip.or(underlay.v4.and_then(|a| v4(a.addr()))),
+        v6: node.public_ipv6.or(underlay.v6.and_then(|a| v6(a.addr()))),
+    };
+    let public = store.public_ips(detected).await?;
+    info!(iface = %underlay.name, v4 = ?underlay.v4, v6 = ?underlay.v6, public_ip = ?public.v4, public_ipv6 = ?public.v6, mtu = underlay.mtu, "underlay");
 
-    let vtep_mac = vtep_mac(public_ip, config.backend.vni);
-    let attrs = LeaseAttrs::vxlan(public_ip, VxlanBackendData { vni: config.backend.vni, vtep_mac });
-    let previous = subnet_file::previous_subnet(&node.subnet_file);
+    let vni = config.backend.vni;
+    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let vtep_macs = [
+        vtep_mac(&machine, public.v4.map(IpAddr::V4), vni, Family::V4),
+        vtep_mac(&machine, public.v6.map(IpAddr::V6), vni, Family::V6),
+    ];
+    let data = |family| VxlanBackendData { vni, vtep_mac: vtep_macs[family as usize] };
+    let attrs = LeaseAttrs::vxlan_families(
+        public.v4.filter(|_| config.ipv4.is_some()).map(|ip| (ip, data(Family::V4))),
+        public.v6.filter(|_| config.ipv6.is_some()).map(|ip| (ip, data(Family::V6))),
+    );
+    let previous = subnet_file::previous_subnets(&node.subnet_file);
     let own = store.acquire(&config, &attrs, previous).await?;
     metrics.set_lease_held(true);
     metrics.renewed_now();
-    if previous.is_some_and(|p| p != own.key.v4) {
-        warn!(previous = ?previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
+    if let Some(previous) = previous.filter(|p| *p != own.key) {
+        warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
     let reconciler = Reconciler::new(nl, node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
     let mut daemon = Daemon {
@@ -96,7 +117,7 @@ async fn run_with<S: LeaseStore + Clone>(
         config,
         underlay,
         own,
-        vtep_mac,
+        vtep_macs,
         peers: PeerView::default(),
         reconciler,
         metrics,
@@ -105,12 +126,30 @@ async fn run_with<S: LeaseStore + Clone>(
     daemon.main_loop().await
 }
 
-/// A stable VTEP MAC: derived from the machine and its public address, so a
-/// restart (or a reboot) keeps the entries peers hold for us valid.
-fn vtep_mac(public_ip: std::net::Ipv4Addr, vni: u32) -> MacAddr {
-    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    let seed = format!("overlay|{}|{public_ip}|{vni}", machine.trim());
+/// A stable VTEP MAC per family: derived from the machine and its public
+/// address of that family, so a restart (or a reboot) keeps the entries
+/// peers hold for us valid. (The IPv4 seed is that of the IPv4-only releases.)
+fn vtep_mac(machine: &str, public_ip: Option<IpAddr>, vni: u32, family: Family) -> MacAddr {
+    let ip = public_ip.map(|ip| ip.to_string()).unwrap_or_default();
+    let seed = match family {
+        Family::V4 => format!("overlay|{}|{ip}|{vni}", machine.trim()),
+        Family::V6 => format!("overlay-v6|{}|{ip}|{vni}", machine.trim()),
+    };
     MacAddr::from_seed(seed.as_bytes())
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(ip: IpAddr) -> Option<Ipv6Addr> {
+    match ip {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    }
 }
 
 /// SIGTERM and SIGINT, either of which ends the daemon.
@@ -210,27 +249,45 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
     }
 
-    /// What the node must hold now.
+    /// What the node must hold now: each family planned by the same code.
     fn plan(&self) -> NodePlan {
-        let subnet = self.own.key.v4;
-        let mtu = self.config.vxlan_mtu(self.underlay.mtu);
-        let local = Local { subnet, underlay: self.underlay.addr, direct_routing: self.config.backend.direct_routing };
-        NodePlan {
-            device: DeviceSpec {
-                name: self.node.device.clone(),
-                vni: self.config.backend.vni,
-                port: self.config.backend.port,
-                gbp: self.config.backend.gbp,
-                local: self.underlay.addr.addr(),
-                underlay_index: self.underlay.index,
-                mtu,
-                mac: self.vtep_mac,
-                address: reconcile::device_address(subnet),
-            },
-            entries: plan::plan(&local, self.peers.peers()),
-            masquerade: self.node.ip_masq.then_some(Masquerade { network: self.config.network, subnet }),
-            subnet_env: SubnetEnv::for_lease(self.config.network, subnet, mtu, self.node.ip_masq),
-        }
+        let subnet_env =
+            Family::ALL.iter().filter_map(|f| Some((self.config.pool(*f)?.network, self.own.key.subnet(*f)?))).fold(
+                SubnetEnv::new(self.config.pod_mtu(self.underlay.mtu), self.node.ip_masq),
+                |env, (network, subnet)| env.with(network, subnet),
+            );
+        let families = Family::ALL.map(|family| {
+            let name = match family {
+                Family::V4 => self.node.device.clone(),
+                Family::V6 => self.node.device_v6.clone(),
+            };
+            let (Some(pool), Some(subnet), Some(underlay)) =
+                (self.config.pool(family), self.own.key.subnet(family), self.underlay.addr(family))
+            else {
+                return FamilyPlan::off(family, name);
+            };
+            let local = Local { subnet, underlay, direct_routing: self.config.backend.direct_routing };
+            FamilyPlan {
+                family,
+                device: Some(DeviceSpec {
+                    family,
+                    name: name.clone(),
+                    vni: self.config.backend.vni,
+                    port: self.config.backend.port,
+                    gbp: self.config.backend.gbp,
+                    local: underlay.addr(),
+                    underlay_index: self.underlay.index,
+                    mtu: self.config.vxlan_mtu(family, self.underlay.mtu),
+                    mac: self.vtep_macs[family as usize],
+                    address: reconcile::device_address(subnet),
+                }),
+                device_name: name,
+                entries: plan::plan(&local, self.peers.peers(family)),
+                masquerade: self.node.ip_masq.then_some(Masquerade { network: pool.network, subnet }),
+                forwarding: Some(self.underlay.name.clone()),
+            }
+        });
+        NodePlan { families, subnet_env }
     }
 
     /// Tells the store the network is up, once per renewal period, when the node is right.
@@ -274,7 +331,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     async fn reacquire(&mut self, why: &str) -> Result<()> {
         error!(subnet = %self.own.key, why, "LEASE LOST: re-claiming a subnet");
         self.metrics.set_lease_held(false);
-        let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key.v4)).await?;
+        let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key)).await?;
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {

@@ -2,7 +2,7 @@
 //! store, the Kubernetes store. Every flag can also be set through an
 //! environment variable.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,14 +54,18 @@ pub struct RunArgs {
 /// What this node builds and where.
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
-    /// Underlay interface, by name or by one of its IPv4 addresses. Default:
-    /// the interface of the IPv4 default route.
+    /// Underlay interface, by name or by one of its addresses. Default: the
+    /// interface of the IPv4 default route (IPv6-only: of the IPv6 default route).
     #[arg(long, env = "OVERLAYD_IFACE")]
     pub iface: Option<String>,
     /// Address peers send VXLAN packets to, when it differs from the
     /// interface's (behind 1:1 NAT). Default: the interface's address.
     #[arg(long, env = "OVERLAYD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 address peers send VXLAN packets to, when it differs from the
+    /// interface's. Default: the interface's global IPv6 address.
+    #[arg(long, env = "OVERLAYD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
     /// Where to write the subnet file the CNI plugin reads.
     #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = "/run/overlay/subnet.env", global = true)]
     pub subnet_file: PathBuf,
@@ -71,6 +75,9 @@ pub struct NodeArgs {
     /// Name of the VXLAN device.
     #[arg(long, env = "OVERLAYD_DEVICE", default_value = "overlay.1", global = true)]
     pub device: String,
+    /// Name of the IPv6 VXLAN device (dual stack, IPv6-only).
+    #[arg(long, env = "OVERLAYD_DEVICE_V6", default_value = "overlay-v6.1", global = true)]
+    pub device_v6: String,
     /// How often to re-read the whole node and repair drift (e.g. 30s, 500ms, 1m30s).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,

@@ -1,5 +1,7 @@
 //! NAT outgoing (`--ip-masq`) as a resource: flannel's masquerade rules in an
-//! nftables table of our own, `table ip overlay`. The ruleset is built with
+//! nftables table of our own per family, `table ip overlay` and `table ip6
+//! overlay` (the same five rules; flannel has them in iptables and
+//! ip6tables). The ruleset is built with
 //! the typed schema of the `nftables` crate, applied in one transaction
 //! (`nft -j -f -`, run as a child the runtime awaits, never blocking it), and
 //! read back to tell whether someone deleted or flushed it.
@@ -11,38 +13,45 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nftables::expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
 use nftables::helper::NftablesError;
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFlag, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use proto::Family;
 use serde_json::Value;
 
-/// Our table: `table ip overlay`.
+/// Our table's name, in both families: `table ip overlay`, `table ip6 overlay`.
 pub const TABLE: &str = "overlay";
 const CHAIN: &str = "postrouting";
 /// flannel's (and kube-proxy's) "masquerade this" mark bit: such packets are
 /// masqueraded by kube-proxy already, so we leave them alone.
 const KUBE_MASQ_MARK: u32 = 0x4000;
-/// Multicast is never masqueraded.
-const MULTICAST: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4);
 
-/// What the table must hold: masquerade for pods of `network`, of which this node's are `subnet`.
+/// What a family's table must hold: masquerade for pods of `network`, of which this node's are `subnet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Masquerade {
     /// The cluster network.
-    pub network: Ipv4Net,
+    pub network: IpNet,
     /// This node's pod subnet.
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
+}
+
+/// The nftables family of an IP family, and its name in nft's syntax and payload expressions.
+fn nf_family(family: Family) -> (NfFamily, &'static str) {
+    match family {
+        Family::V4 => (NfFamily::IP, "ip"),
+        Family::V6 => (NfFamily::IP6, "ip6"),
+    }
 }
 
 /// Why nft failed.
 #[derive(Debug, thiserror::Error)]
-#[error("nftables table ip {TABLE}: {what}: {detail}")]
+#[error("nftables table {} {TABLE}: {what}: {detail}", nf_family(*family).1)]
 pub struct MasqError {
+    family: Family,
     what: &'static str,
     detail: String,
     /// The nft binary could not be run at all.
@@ -50,7 +59,7 @@ pub struct MasqError {
 }
 
 impl MasqError {
-    fn from_nft(what: &'static str) -> impl FnOnce(NftablesError) -> MasqError {
+    fn from_nft(family: Family, what: &'static str) -> impl FnOnce(NftablesError) -> MasqError {
         move |e| {
             let nft_missing = matches!(e, NftablesError::NftExecution { .. });
             let detail = match e {
@@ -60,27 +69,27 @@ impl MasqError {
                 NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
                 other => other.to_string(),
             };
-            MasqError { what, detail, nft_missing }
+            MasqError { family, what, detail, nft_missing }
         }
     }
 }
 
-fn addr(field: &'static str) -> Expression<'static> {
+fn addr(field: &'static str, family: Family) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: Cow::Borrowed("ip"),
+        protocol: Cow::Borrowed(nf_family(family).1),
         field: Cow::Borrowed(field),
     })))
 }
 
-fn prefix(net: Ipv4Net) -> Expression<'static> {
+fn prefix(net: IpNet) -> Expression<'static> {
     Expression::Named(NamedExpression::Prefix(Prefix {
         addr: Box::new(Expression::String(Cow::Owned(net.network().to_string()))),
         len: u32::from(net.prefix_len()),
     }))
 }
 
-fn addr_match(field: &'static str, op: Operator, net: Ipv4Net) -> Statement<'static> {
-    Statement::Match(Match { left: addr(field), right: prefix(net), op })
+fn addr_match(field: &'static str, op: Operator, net: IpNet) -> Statement<'static> {
+    Statement::Match(Match { left: addr(field, Family::of_net(&net)), right: prefix(net), op })
 }
 
 fn ret() -> Statement<'static> {
@@ -97,9 +106,15 @@ fn masquerade() -> Statement<'static> {
 }
 
 impl Masquerade {
+    /// The family of the table.
+    pub fn family(&self) -> Family {
+        Family::of_net(&self.network)
+    }
+
     /// flannel's rules, in order.
     fn rules(&self) -> Vec<Vec<Statement<'static>>> {
         let (network, subnet) = (self.network, self.subnet);
+        let multicast = self.family().multicast();
         let marked = Statement::Match(Match {
             left: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
                 Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark })),
@@ -116,7 +131,7 @@ impl Masquerade {
             // pod → outside (not multicast): masquerade to the node's address.
             vec![
                 addr_match("saddr", Operator::EQ, network),
-                addr_match("daddr", Operator::NEQ, MULTICAST),
+                addr_match("daddr", Operator::NEQ, multicast),
                 masquerade(),
             ],
             // outside → our own pods: no NAT.
@@ -137,9 +152,10 @@ impl Masquerade {
     /// transaction: there is no moment without rules.
     pub fn ruleset(&self) -> Nftables<'static> {
         let mark = self.mark();
-        let mut objects = replace_table();
+        let family = nf_family(self.family()).0;
+        let mut objects = replace_table(self.family());
         objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(Chain {
-            family: NfFamily::IP,
+            family,
             table: Cow::Borrowed(TABLE),
             name: Cow::Borrowed(CHAIN),
             _type: Some(NfChainType::NAT),
@@ -150,7 +166,7 @@ impl Masquerade {
         }))));
         for expr in self.rules() {
             objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
-                family: NfFamily::IP,
+                family,
                 table: Cow::Borrowed(TABLE),
                 chain: Cow::Borrowed(CHAIN),
                 expr: Cow::Owned(expr),
@@ -176,49 +192,49 @@ impl Masquerade {
     }
 }
 
-fn table() -> NfListObject<'static> {
-    NfListObject::Table(Table { family: NfFamily::IP, name: Cow::Borrowed(TABLE), handle: None })
+fn table(family: Family) -> NfListObject<'static> {
+    NfListObject::Table(Table { family: nf_family(family).0, name: Cow::Borrowed(TABLE), handle: None })
 }
 
 /// Add, delete, add: the table exists afterwards, empty, whatever it held.
-fn replace_table() -> Vec<NfObject<'static>> {
+fn replace_table(family: Family) -> Vec<NfObject<'static>> {
     vec![
-        NfObject::CmdObject(NfCmd::Add(table())),
-        NfObject::CmdObject(NfCmd::Delete(table())),
-        NfObject::CmdObject(NfCmd::Add(table())),
+        NfObject::CmdObject(NfCmd::Add(table(family))),
+        NfObject::CmdObject(NfCmd::Delete(table(family))),
+        NfObject::CmdObject(NfCmd::Add(table(family))),
     ]
 }
 
-fn delete_table() -> Nftables<'static> {
+fn delete_table(family: Family) -> Nftables<'static> {
     Nftables {
         objects: Cow::Owned(vec![
-            NfObject::CmdObject(NfCmd::Add(table())),
-            NfObject::CmdObject(NfCmd::Delete(table())),
+            NfObject::CmdObject(NfCmd::Add(table(family))),
+            NfObject::CmdObject(NfCmd::Delete(table(family))),
         ]),
     }
 }
 
-/// Our table as `nft -j` lists it; none when there is no such table.
-async fn list() -> Result<Option<Value>, MasqError> {
-    match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, ["list", "table", "ip", TABLE])
-        .await
-    {
+/// Our table of `family` as `nft -j` lists it; none when there is no such table.
+async fn list(family: Family) -> Result<Option<Value>, MasqError> {
+    let args = ["list", "table", nf_family(family).1, TABLE];
+    match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, args).await {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| MasqError {
+            family,
             what: "reading the table",
             detail: e.to_string(),
             nft_missing: false,
         }),
         Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
-        Err(e) => Err(MasqError::from_nft("reading the table")(e)),
+        Err(e) => Err(MasqError::from_nft(family, "reading the table")(e)),
     }
 }
 
-/// Makes the node hold `desired` (none: no table at all). With `read`, the
-/// table is read and changed only if it differs; without, it is written.
-/// Returns whether anything was changed.
-pub async fn reconcile(desired: Option<&Masquerade>, read: bool) -> Result<bool, MasqError> {
+/// Makes the node hold `desired` in the table of `family` (none: no table
+/// at all). With `read`, the table is read and changed only if it differs;
+/// without, it is written. Returns whether anything was changed.
+pub async fn reconcile(family: Family, desired: Option<&Masquerade>, read: bool) -> Result<bool, MasqError> {
     if read {
-        let listed = match list().await {
+        let listed = match list(family).await {
             Ok(listed) => listed,
             // Without nft there can be no table of ours to remove.
             Err(e) if desired.is_none() && e.nft_missing => return Ok(false),
@@ -234,17 +250,19 @@ pub async fn reconcile(desired: Option<&Masquerade>, read: bool) -> Result<bool,
         }
     }
     match desired {
-        Some(m) => {
-            nftables::helper::apply_ruleset_async(&m.ruleset()).await.map_err(MasqError::from_nft("replacing it"))?
-        }
-        None => remove().await?,
+        Some(m) => nftables::helper::apply_ruleset_async(&m.ruleset())
+            .await
+            .map_err(MasqError::from_nft(family, "replacing it"))?,
+        None => remove(family).await?,
     }
     Ok(true)
 }
 
-/// Removes our table, if present.
-pub async fn remove() -> Result<(), MasqError> {
-    nftables::helper::apply_ruleset_async(&delete_table()).await.map_err(MasqError::from_nft("removing it"))
+/// Removes our table of `family`, if present.
+pub async fn remove(family: Family) -> Result<(), MasqError> {
+    nftables::helper::apply_ruleset_async(&delete_table(family))
+        .await
+        .map_err(MasqError::from_nft(family, "removing it"))
 }
 
 #[cfg(test)]
@@ -296,12 +314,32 @@ mod tests {
         let outgoing = &rules[2];
         assert_eq!(outgoing[0], addr_match("saddr", Operator::EQ, m.network));
         assert_eq!(outgoing[1], addr_match("daddr", Operator::NEQ, "224.0.0.0/4".parse().unwrap()));
+        let Statement::Match(saddr) = &outgoing[0] else { panic!() };
+        assert_eq!(serde_json::to_value(&saddr.left).unwrap()["payload"]["protocol"], "ip");
         let Statement::Masquerade(Some(nat)) = &outgoing[2] else { panic!("{:?}", outgoing[2]) };
         assert_eq!(nat.flags, Some(HashSet::from([NATFlag::FullyRandom])));
         // pod → pod returns before any masquerade; traffic to our own pods is never NATed.
         assert!(matches!(rules[1].last(), Some(Statement::Return(None))));
         assert_eq!(rules[3][1], addr_match("daddr", Operator::EQ, m.subnet));
         assert!(matches!(rules[3].last(), Some(Statement::Return(None))));
+    }
+
+    /// flannel's ip6tables rules of the dual-stack capture (shared/compat), as an ip6 table.
+    #[test]
+    fn ipv6_gets_the_same_rules_in_an_ip6_table() {
+        let m =
+            Masquerade { network: "fd00:10:244::/56".parse().unwrap(), subnet: "fd00:10:244:8::/64".parse().unwrap() };
+        let ruleset = m.ruleset();
+        let cmds = commands(&ruleset);
+        assert!(matches!(cmds[0], NfCmd::Add(NfListObject::Table(t)) if t.family == NfFamily::IP6));
+        let rules = m.rules();
+        assert_eq!(rules.len(), 5);
+        assert_eq!(rules[2][1], addr_match("daddr", Operator::NEQ, "ff00::/8".parse().unwrap()));
+        assert_eq!(rules[3][1], addr_match("daddr", Operator::EQ, m.subnet));
+        let Statement::Match(first) = &rules[1][0] else { panic!() };
+        assert_eq!(serde_json::to_value(&first.left).unwrap()["payload"]["protocol"], "ip6");
+        assert_eq!(serde_json::to_value(&first.right).unwrap()["prefix"]["addr"], "fd00:10:244::");
+        assert_ne!(m.mark(), masq().mark());
     }
 
     #[test]

@@ -6,39 +6,59 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::Family as Labelled;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use proto::Family;
 
-/// A piece of node state the reconcile owns.
+/// A piece of node state the reconcile owns; all but the subnet file exist once per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
-    /// `net.ipv4.ip_forward=1`.
-    IpForward,
-    /// The VXLAN device: exists, up, MTU, MAC, address.
-    Device,
+    /// `net.ipv4.ip_forward=1`, `net.ipv6.conf.all.forwarding=1` (when that family is on).
+    Forwarding(Family),
+    /// The VXLAN device: exists, up, MTU, MAC, address (absent when that family is off).
+    Device(Family),
     /// The neighbour, FDB and route entries of every peer.
-    Entries,
-    /// The nftables table `ip overlay` (present with `--ip-masq`, absent without).
-    Masquerade,
+    Entries(Family),
+    /// The nftables table `ip overlay` / `ip6 overlay` (present with `--ip-masq`, absent without).
+    Masquerade(Family),
     /// The subnet file the CNI plugin reads.
     SubnetFile,
 }
 
 impl Resource {
     /// Every resource, in the order a reconcile handles them.
-    pub const ALL: [Resource; 5] =
-        [Resource::IpForward, Resource::Device, Resource::Entries, Resource::Masquerade, Resource::SubnetFile];
+    pub const ALL: [Resource; 9] = [
+        Resource::Forwarding(Family::V4),
+        Resource::Forwarding(Family::V6),
+        Resource::Device(Family::V4),
+        Resource::Entries(Family::V4),
+        Resource::Device(Family::V6),
+        Resource::Entries(Family::V6),
+        Resource::Masquerade(Family::V4),
+        Resource::Masquerade(Family::V6),
+        Resource::SubnetFile,
+    ];
 
-    /// Its name in logs and in `/readyz`.
+    /// Its name in logs and in `/readyz` (IPv4's names are those of the IPv4-only releases).
     pub fn name(self) -> &'static str {
+        use Family::{V4, V6};
         match self {
-            Resource::IpForward => "ip_forward",
-            Resource::Device => "device",
-            Resource::Entries => "entries",
-            Resource::Masquerade => "masquerade",
+            Resource::Forwarding(V4) => "ip_forward",
+            Resource::Forwarding(V6) => "ipv6_forwarding",
+            Resource::Device(V4) => "device",
+            Resource::Device(V6) => "device_v6",
+            Resource::Entries(V4) => "entries",
+            Resource::Entries(V6) => "entries_v6",
+            Resource::Masquerade(V4) => "masquerade",
+            Resource::Masquerade(V6) => "masquerade_v6",
             Resource::SubnetFile => "subnet_file",
         }
+    }
+
+    /// Its bit in the readiness mask.
+    fn bit(self) -> i64 {
+        1 << Resource::ALL.iter().position(|r| *r == self).unwrap_or(0)
     }
 }
 
@@ -72,8 +92,8 @@ pub struct Metrics {
     pub renewal_errors: Counter,
     /// Watch events received from the lease store.
     pub watch_events: Counter,
-    resource_ready: Family<ResourceLabel, Gauge>,
-    resource_errors: Family<ResourceLabel, Counter>,
+    resource_ready: Labelled<ResourceLabel, Gauge>,
+    resource_errors: Labelled<ResourceLabel, Counter>,
     ready: Gauge,
     lease_held: AtomicBool,
     /// Which resources were right after the last reconcile, one bit each.
@@ -94,8 +114,8 @@ impl Default for Metrics {
             last_renewal: Gauge::default(),
             renewal_errors: Counter::default(),
             watch_events: Counter::default(),
-            resource_ready: Family::default(),
-            resource_errors: Family::default(),
+            resource_ready: Labelled::default(),
+            resource_errors: Labelled::default(),
             ready: Gauge::default(),
             lease_held: AtomicBool::new(false),
             resources_ok: AtomicI64::new(0),
@@ -152,9 +172,9 @@ impl Metrics {
             let label = ResourceLabel { resource: *resource };
             self.resource_ready.get_or_create(&label).set(i64::from(*ok));
             if *ok {
-                bits |= 1 << *resource as u8;
+                bits |= resource.bit();
             } else {
-                bits &= !(1 << *resource as u8);
+                bits &= !resource.bit();
                 self.resource_errors.get_or_create(&label).inc();
             }
         }
@@ -164,7 +184,7 @@ impl Metrics {
     }
 
     fn resource_ok(&self, resource: Resource) -> bool {
-        self.resources_ok.load(Relaxed) & (1 << resource as u8) != 0
+        self.resources_ok.load(Relaxed) & resource.bit() != 0
     }
 
     fn update_ready(&self) {
@@ -210,7 +230,7 @@ mod tests {
         let all_ok: Vec<_> = Resource::ALL.iter().map(|r| (*r, true)).collect();
         m.reconciled(Duration::from_millis(3), &all_ok);
         assert!(m.ready());
-        m.reconciled(Duration::from_millis(3), &[(Resource::Masquerade, false)]);
+        m.reconciled(Duration::from_millis(3), &[(Resource::Masquerade(Family::V4), false)]);
         assert!(!m.ready());
         assert!(m.readiness_detail().contains("masquerade=false"), "{}", m.readiness_detail());
         let text = m.render();
@@ -218,5 +238,10 @@ mod tests {
         assert!(text.contains(r#"overlay_resource_ready{resource="masquerade"} 0"#), "{text}");
         assert!(text.contains(r#"overlay_reconcile_errors_total{resource="masquerade"} 1"#), "{text}");
         assert!(text.contains("overlay_resyncs_total 2"), "{text}");
+        m.reconciled(
+            Duration::from_millis(3),
+            &[(Resource::Masquerade(Family::V4), true), (Resource::Entries(Family::V6), false)],
+        );
+        assert!(m.readiness_detail().contains("entries_v6=false"), "{}", m.readiness_detail());
     }
 }

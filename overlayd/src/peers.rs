@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::{LeaseAttrs, LeaseKey};
+use proto::{Family, LeaseAttrs, LeaseKey};
 use tracing::warn;
 
 use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
@@ -25,17 +25,17 @@ pub enum Update {
 /// The peers, as the store's watch has shown them so far.
 #[derive(Debug, Default)]
 pub struct PeerView {
-    peers: BTreeMap<LeaseKey, Peer>,
+    peers: BTreeMap<LeaseKey, PeerLease>,
     /// A listing in progress, and what it said of our own key.
-    listing: Option<(BTreeMap<LeaseKey, Peer>, Option<LeaseAttrs>)>,
+    listing: Option<(BTreeMap<LeaseKey, PeerLease>, Option<LeaseAttrs>)>,
     /// Whether a listing has completed: until then the view is not to be planned from.
     listed: bool,
 }
 
 impl PeerView {
-    /// The peers.
-    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.values()
+    /// The peers of `family`: the nodes whose lease has a subnet and a VTEP in it.
+    pub fn peers(&self, family: Family) -> impl Iterator<Item = &Peer> {
+        self.peers.values().filter_map(move |p| p[family as usize].as_ref())
     }
 
     /// How many peers.
@@ -113,15 +113,27 @@ impl PeerView {
     }
 }
 
-/// A lease as a peer of the dataplane; none (and said) when its backend data does not parse.
-fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<Peer> {
-    match attrs.vxlan_data() {
-        Ok(data) => Some(Peer { subnet: key.v4, public_ip: attrs.public_ip, vtep_mac: data.vtep_mac }),
-        Err(e) => {
-            warn!(lease = %key, error = %e, "skipping peer lease");
-            None
+/// A peer node in each family (IPv4, IPv6): a lease may stand for one or both.
+type PeerLease = [Option<Peer>; 2];
+
+/// A lease as a peer of the dataplane, one half per family; none (and said)
+/// when its backend data does not parse or it carries no family at all.
+fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<PeerLease> {
+    let mut lease: PeerLease = [None, None];
+    for family in Family::ALL {
+        let Some(subnet) = key.subnet(family) else { continue };
+        match attrs.vxlan_peer(family) {
+            Ok(Some((public_ip, data))) => {
+                lease[family as usize] = Some(Peer { subnet, public_ip, vtep_mac: data.vtep_mac })
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(lease = %key, %family, error = %e, "skipping peer lease");
+                return None;
+            }
         }
     }
+    lease.iter().any(Option::is_some).then_some(lease)
 }
 
 #[cfg(test)]
@@ -187,6 +199,35 @@ mod tests {
         );
         assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Changed);
         assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Unchanged);
+    }
+
+    #[test]
+    fn dual_stack_leases_are_peers_in_each_family_they_carry() {
+        let own = own();
+        let mut view = PeerView::default();
+        view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
+        let data = |m: &str| VxlanBackendData { vni: 1, vtep_mac: m.parse().unwrap() };
+        let dual_key: LeaseKey = "10.244.2.0-24&fd00:0:0:2::-64".parse().unwrap();
+        let dual = LeaseAttrs::vxlan_families(
+            Some(("192.168.1.2".parse().unwrap(), data("02:00:00:00:00:02"))),
+            Some(("fd00:50::2".parse().unwrap(), data("02:00:00:00:06:02"))),
+        );
+        // A v4-only peer in a dual-stack network, and a malformed one.
+        let v4_key = key("10.244.3.0/24");
+        let v4_only = attrs("192.168.1.3", "02:00:00:00:00:03");
+        let mut broken = dual.clone();
+        broken.backend_v6_data = Some(serde_json::json!({"VNI": 1}));
+        let broken_key: LeaseKey = "10.244.4.0-24&fd00:0:0:4::-64".parse().unwrap();
+        let events = [
+            WatchEvent::Apply(dual_key, dual),
+            WatchEvent::Apply(v4_key, v4_only),
+            WatchEvent::Apply(broken_key, broken),
+        ];
+        assert_eq!(view.apply(&own, events), Update::Changed);
+        let v4: Vec<String> = view.peers(Family::V4).map(|p| p.subnet.to_string()).collect();
+        assert_eq!(v4, ["10.244.2.0/24", "10.244.3.0/24"]);
+        let v6: Vec<String> = view.peers(Family::V6).map(|p| format!("{} {}", p.subnet, p.public_ip)).collect();
+        assert_eq!(v6, ["fd00:0:0:2::/64 fd00:50::2"]);
     }
 
     #[test]

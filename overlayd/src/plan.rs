@@ -3,42 +3,46 @@
 //!
 //! Every trigger (a watch event, start-up, a resync, a vanished device) goes
 //! through `plan` → `diff` → apply, so there is exactly one reconcile path.
+//!
+//! Family-generic: addresses are `IpAddr`/`IpNet`, and a dual-stack node
+//! plans each family on its own (its own device, its own entries) with the
+//! same two functions.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use proto::MacAddr;
 
-/// A peer node as the dataplane needs it.
+/// A peer node, in one family, as the dataplane needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     /// The peer's pod subnet.
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
     /// Its underlay address: VXLAN packets for its pods go there.
-    pub public_ip: Ipv4Addr,
-    /// The MAC of its VXLAN device.
+    pub public_ip: IpAddr,
+    /// The MAC of its VXLAN device of this family.
     pub vtep_mac: MacAddr,
 }
 
 /// How packets for a peer's subnet leave this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RouteVia {
-    /// Encapsulated: `via <subnet>.0 dev overlay.1 onlink`.
-    Vxlan(Ipv4Addr),
+    /// Encapsulated: `via <subnet network address> dev overlay.1 onlink`.
+    Vxlan(IpAddr),
     /// Plain routing to a peer on our L2 segment: `via <public ip>` (DirectRouting).
-    Direct(Ipv4Addr),
+    Direct(IpAddr),
 }
 
-/// Kernel entries for the overlay, desired or actual.
+/// Kernel entries for the overlay in one family, desired or actual.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelState {
-    /// Neighbour (ARP) entries on the VXLAN device: peer gateway → VTEP MAC.
-    pub neighbours: BTreeMap<Ipv4Addr, MacAddr>,
+    /// Neighbour (ARP/NDP) entries on the VXLAN device: peer gateway → VTEP MAC.
+    pub neighbours: BTreeMap<IpAddr, MacAddr>,
     /// FDB entries on the VXLAN device: VTEP MAC → peer underlay address.
-    pub fdb: BTreeMap<MacAddr, Ipv4Addr>,
+    pub fdb: BTreeMap<MacAddr, IpAddr>,
     /// Routes to peer subnets.
-    pub routes: BTreeMap<Ipv4Net, RouteVia>,
+    pub routes: BTreeMap<IpNet, RouteVia>,
 }
 
 impl KernelState {
@@ -52,9 +56,9 @@ impl KernelState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Local {
     /// Our own pod subnet; never programmed as a peer.
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
     /// Our underlay address and prefix, to decide which peers are directly reachable.
-    pub underlay: Ipv4Net,
+    pub underlay: IpNet,
     /// Whether DirectRouting is on.
     pub direct_routing: bool,
 }
@@ -63,21 +67,22 @@ pub struct Local {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Add or replace a neighbour entry.
-    SetNeighbour(Ipv4Addr, MacAddr),
+    SetNeighbour(IpAddr, MacAddr),
     /// Remove a neighbour entry.
-    DelNeighbour(Ipv4Addr, MacAddr),
+    DelNeighbour(IpAddr, MacAddr),
     /// Add or replace an FDB entry.
-    SetFdb(MacAddr, Ipv4Addr),
+    SetFdb(MacAddr, IpAddr),
     /// Remove an FDB entry.
-    DelFdb(MacAddr, Ipv4Addr),
+    DelFdb(MacAddr, IpAddr),
     /// Add or replace a route.
-    SetRoute(Ipv4Net, RouteVia),
+    SetRoute(IpNet, RouteVia),
     /// Remove a route.
-    DelRoute(Ipv4Net, RouteVia),
+    DelRoute(IpNet, RouteVia),
 }
 
-/// The gateway a peer subnet is reached through on the VXLAN device: its `.0`.
-pub fn vxlan_gateway(subnet: Ipv4Net) -> Ipv4Addr {
+/// The gateway a peer subnet is reached through on the VXLAN device: its
+/// network address (`10.244.7.0`, `fd00:10:244:7::`), as flannel uses.
+pub fn vxlan_gateway(subnet: IpNet) -> IpAddr {
     subnet.network()
 }
 
@@ -85,7 +90,11 @@ pub fn vxlan_gateway(subnet: Ipv4Net) -> Ipv4Addr {
 pub fn plan<'a>(local: &Local, peers: impl IntoIterator<Item = &'a Peer>) -> KernelState {
     let mut state = KernelState::default();
     for peer in peers {
-        if peer.subnet == local.subnet || peer.subnet.contains(&local.subnet.network()) {
+        if peer.subnet == local.subnet
+            || peer.subnet.contains(&local.subnet.network())
+            || proto::Family::of_net(&peer.subnet) != proto::Family::of_net(&local.subnet)
+            || proto::Family::of(peer.public_ip) != proto::Family::of_net(&local.underlay)
+        {
             continue;
         }
         if local.direct_routing && local.underlay.contains(&peer.public_ip) && peer.public_ip != local.underlay.addr() {
@@ -144,6 +153,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     fn local() -> Local {
         Local {
             subnet: "10.244.33.0/24".parse().unwrap(),
@@ -154,10 +165,53 @@ mod tests {
 
     fn peer(third: u8, host: u8, mac: &str) -> Peer {
         Peer {
-            subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
-            public_ip: Ipv4Addr::new(192, 168, 50, host),
+            subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+            public_ip: IpAddr::V4(Ipv4Addr::new(192, 168, 50, host)),
             vtep_mac: mac.parse().unwrap(),
         }
+    }
+
+    fn local6() -> Local {
+        Local {
+            subnet: "fd00:10:244:8::/64".parse().unwrap(),
+            underlay: "fd00:50::11/64".parse().unwrap(),
+            direct_routing: false,
+        }
+    }
+
+    fn peer6(subnet: u16, host: u16, mac: &str) -> Peer {
+        Peer {
+            subnet: format!("fd00:10:244:{subnet:x}::/64").parse().unwrap(),
+            public_ip: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host)),
+            vtep_mac: mac.parse().unwrap(),
+        }
+    }
+
+    /// The IPv6 entries flanneld v0.20.2 programmed on a dual-stack node (shared/compat).
+    #[test]
+    fn golden_flannel_dual_stack_node_state() {
+        let peers = [
+            peer6(0x18, 0x12, "d2:69:e8:6a:1c:03"),
+            peer6(0x29, 0x13, "96:83:fb:1c:fc:87"),
+            peer6(8, 0x11, "fe:e4:ca:57:1c:83"),
+        ];
+        let s = plan(&local6(), &peers);
+        let neigh: Vec<_> = s.neighbours.iter().map(|(ip, mac)| format!("{ip} lladdr {mac}")).collect();
+        assert_eq!(neigh, ["fd00:10:244:18:: lladdr d2:69:e8:6a:1c:03", "fd00:10:244:29:: lladdr 96:83:fb:1c:fc:87"]);
+        let fdb: Vec<_> = s.fdb.iter().map(|(mac, dst)| format!("{mac} dst {dst}")).collect();
+        assert_eq!(fdb, ["96:83:fb:1c:fc:87 dst fd00:50::13", "d2:69:e8:6a:1c:03 dst fd00:50::12"]);
+        let routes: Vec<_> = s.routes.iter().map(|(n, v)| format!("{n} {v:?}")).collect();
+        assert_eq!(
+            routes,
+            ["fd00:10:244:18::/64 Vxlan(fd00:10:244:18::)", "fd00:10:244:29::/64 Vxlan(fd00:10:244:29::)"]
+        );
+        // The other family's peers are never planned into this one.
+        assert_eq!(plan(&local(), &peers), KernelState::default());
+        let mut d = local6();
+        d.direct_routing = true;
+        let s = plan(&d, &peers);
+        assert_eq!(s.routes[&"fd00:10:244:18::/64".parse().unwrap()], RouteVia::Direct("fd00:50::12".parse().unwrap()));
+        assert!(s.fdb.is_empty());
     }
 
     /// The entries flanneld v0.20.2 programmed on node 1 (shared/compat).
@@ -179,10 +233,10 @@ mod tests {
         let mut l = local();
         l.direct_routing = true;
         let mut far = peer(7, 1, "02:00:00:00:00:07");
-        far.public_ip = Ipv4Addr::new(172, 16, 0, 1);
+        far.public_ip = "172.16.0.1".parse().unwrap();
         let s = plan(&l, &[peer(92, 12, "52:58:c0:08:52:6d"), far]);
-        assert_eq!(s.routes[&"10.244.92.0/24".parse().unwrap()], RouteVia::Direct(Ipv4Addr::new(192, 168, 50, 12)));
-        assert_eq!(s.routes[&"10.244.7.0/24".parse().unwrap()], RouteVia::Vxlan(Ipv4Addr::new(10, 244, 7, 0)));
+        assert_eq!(s.routes[&"10.244.92.0/24".parse().unwrap()], RouteVia::Direct("192.168.50.12".parse().unwrap()));
+        assert_eq!(s.routes[&"10.244.7.0/24".parse().unwrap()], RouteVia::Vxlan("10.244.7.0".parse().unwrap()));
         assert_eq!(s.fdb.len(), 1);
     }
 
@@ -194,9 +248,9 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                Op::SetNeighbour(Ipv4Addr::new(10, 244, 92, 0), "02:11:22:33:44:55".parse().unwrap()),
-                Op::SetFdb("02:11:22:33:44:55".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 14)),
-                Op::DelFdb("52:58:c0:08:52:6d".parse().unwrap(), Ipv4Addr::new(192, 168, 50, 12)),
+                Op::SetNeighbour("10.244.92.0".parse().unwrap(), "02:11:22:33:44:55".parse().unwrap()),
+                Op::SetFdb("02:11:22:33:44:55".parse().unwrap(), "192.168.50.14".parse().unwrap()),
+                Op::DelFdb("52:58:c0:08:52:6d".parse().unwrap(), "192.168.50.12".parse().unwrap()),
             ]
         );
     }
@@ -243,8 +297,8 @@ mod tests {
         proptest::collection::vec((1u8..255, 1u8..20, any::<[u8; 6]>()), 0..30).prop_map(|v| {
             v.into_iter()
                 .map(|(third, host, mac)| Peer {
-                    subnet: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).unwrap(),
-                    public_ip: Ipv4Addr::new(192, 168, 50, host),
+                    subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+                    public_ip: IpAddr::V4(Ipv4Addr::new(192, 168, 50, host)),
                     vtep_mac: MacAddr([2, 0, 0, third, mac[4], mac[5]]),
                 })
                 .collect()

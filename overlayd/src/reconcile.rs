@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_netlink::{Bulk, Netlink};
-use proto::SubnetEnv;
-use tracing::{error, info};
+use proto::{Family, SubnetEnv};
+use tracing::{debug, error, info};
 
 use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
@@ -24,14 +24,43 @@ use crate::subnet_file;
 /// What the node must hold, planned purely from what the daemon knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePlan {
-    /// The VXLAN device.
-    pub device: DeviceSpec,
-    /// Every peer's neighbour, FDB entry and route.
+    /// One part per family, IPv4 first; a family that is off is planned
+    /// too: as nothing (no device, no entries, no table).
+    pub families: [FamilyPlan; 2],
+    /// The subnet file's content.
+    pub subnet_env: SubnetEnv,
+}
+
+/// What one family needs on the node. The same resources, planned and
+/// reconciled by the same code, in both families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyPlan {
+    /// The family.
+    pub family: Family,
+    /// The VXLAN device's name (`overlay.1`, `overlay-v6.1`).
+    pub device_name: String,
+    /// The device; none: the family is off, and no device of that name may exist.
+    pub device: Option<DeviceSpec>,
+    /// Every peer's neighbour, FDB entry and route (none when off).
     pub entries: KernelState,
     /// The masquerade table; none: no table.
     pub masquerade: Option<Masquerade>,
-    /// The subnet file's content.
-    pub subnet_env: SubnetEnv,
+    /// The underlay interface, when the family is on: forwarding must be on then.
+    pub forwarding: Option<String>,
+}
+
+impl FamilyPlan {
+    /// A family that is off: nothing of it may remain on the node.
+    pub fn off(family: Family, device_name: String) -> Self {
+        FamilyPlan {
+            family,
+            device_name,
+            device: None,
+            entries: KernelState::default(),
+            masquerade: None,
+            forwarding: None,
+        }
+    }
 }
 
 /// Why a reconcile runs.
@@ -64,14 +93,28 @@ pub enum Action {
     Requeue(Duration),
 }
 
-/// The plan of each resource the node held after its last successful apply.
+/// The plan of each resource of one family after its last successful apply.
+#[derive(Default)]
+struct FamilyApplied {
+    forwarding: Option<Option<String>>,
+    /// The device spec (none: off) and its index.
+    device: Option<(Option<DeviceSpec>, Option<u32>)>,
+    entries: Option<(Option<u32>, KernelState)>,
+    masquerade: Option<Option<Masquerade>>,
+}
+
+/// What the node held after the last successful apply of each resource.
 #[derive(Default)]
 struct Applied {
-    ip_forward: bool,
-    device: Option<(DeviceSpec, u32)>,
-    entries: Option<(u32, KernelState)>,
-    masquerade: Option<Option<Masquerade>>,
+    families: [FamilyApplied; 2],
     subnet_env: Option<SubnetEnv>,
+}
+
+fn slot(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
 }
 
 /// A resource that could not be made right, and why.
@@ -124,20 +167,31 @@ impl Reconciler {
             }
         };
 
-        record(Resource::IpForward, self.ip_forward(read));
-        match self.device(&plan.device, read).await {
-            Ok(index) => {
-                let result = self.entries(index, plan.entries, read).await;
-                record(Resource::Device, Ok(()));
-                record(Resource::Entries, result);
-            }
-            Err(e) => {
-                record(Resource::Device, Err(e));
-                record(Resource::Entries, Err(anyhow::anyhow!("not programmed: the device is not right")));
-            }
+        let NodePlan { families, subnet_env } = plan;
+        self.metrics.peers.set(families.iter().map(|f| f.entries.routes.len()).max().unwrap_or(0) as i64);
+        for family in &families {
+            record(Resource::Forwarding(family.family), self.forwarding(family, read));
         }
-        record(Resource::Masquerade, self.masquerade(plan.masquerade.as_ref(), read).await);
-        record(Resource::SubnetFile, self.subnet_file(&plan.subnet_env, read).await);
+        let mut masquerades = Vec::with_capacity(2);
+        for family in families {
+            let FamilyPlan { family, device_name, device, entries, masquerade, .. } = family;
+            match self.device(family, &device_name, device.as_ref(), read).await {
+                Ok(index) => {
+                    let result = self.entries(family, index, entries, read).await;
+                    record(Resource::Device(family), Ok(()));
+                    record(Resource::Entries(family), result);
+                }
+                Err(e) => {
+                    record(Resource::Device(family), Err(e));
+                    record(Resource::Entries(family), Err(anyhow::anyhow!("not programmed: the device is not right")));
+                }
+            }
+            masquerades.push((family, masquerade));
+        }
+        for (family, masquerade) in masquerades {
+            record(Resource::Masquerade(family), self.masquerade(family, masquerade.as_ref(), read).await);
+        }
+        record(Resource::SubnetFile, self.subnet_file(&subnet_env, read).await);
 
         self.metrics.reconciled(started.elapsed(), &outcomes);
         if !failures.is_empty() {
@@ -166,38 +220,63 @@ impl Reconciler {
         Action::Requeue(retry_in)
     }
 
-    fn ip_forward(&mut self, read: bool) -> anyhow::Result<()> {
-        if !read && self.applied.ip_forward {
+    /// Forwarding of a family that is on; a family that is off leaves it as it is.
+    fn forwarding(&mut self, plan: &FamilyPlan, read: bool) -> anyhow::Result<()> {
+        let applied = &mut self.applied.families[slot(plan.family)].forwarding;
+        if !read && applied.as_ref() == Some(&plan.forwarding) {
             return Ok(());
         }
-        self.applied.ip_forward = false;
-        if sysctl::ensure_ip_forward()? {
-            info!("turned on net.ipv4.ip_forward");
+        *applied = None;
+        if let Some(underlay) = &plan.forwarding {
+            if sysctl::ensure_forwarding(plan.family, Some(underlay))? {
+                info!(family = %plan.family, "turned on forwarding");
+            }
         }
-        self.applied.ip_forward = true;
+        self.applied.families[slot(plan.family)].forwarding = Some(plan.forwarding.clone());
         Ok(())
     }
 
-    /// The device's index, once it is right.
-    async fn device(&mut self, spec: &DeviceSpec, read: bool) -> anyhow::Result<u32> {
-        if let Some((applied, index)) = &self.applied.device {
-            if !read && applied == spec {
+    /// The device's index once it is right; none when the family is off and the device gone.
+    async fn device(
+        &mut self,
+        family: Family,
+        name: &str,
+        spec: Option<&DeviceSpec>,
+        read: bool,
+    ) -> anyhow::Result<Option<u32>> {
+        let applied = &mut self.applied.families[slot(family)];
+        if let Some((done, index)) = &applied.device {
+            if !read && done.as_ref() == spec {
                 return Ok(*index);
             }
         }
-        self.applied.device = None;
+        applied.device = None;
+        let Some(spec) = spec else {
+            if device::remove(&self.nl, name).await? {
+                info!(device = %name, %family, "removed the device of a family that is off");
+            }
+            self.applied.families[slot(family)].device = Some((None, None));
+            return Ok(None);
+        };
         let device = device::reconcile(&self.nl, spec).await?;
         self.metrics.netlink_ops.inc_by(device.changes as u64);
+        let applied = &mut self.applied.families[slot(family)];
         if device.created {
             info!(device = %spec.name, "device (re)created; programming every peer");
-            self.applied.entries = None;
+            applied.entries = None;
         }
-        self.applied.device = Some((spec.clone(), device.index));
-        Ok(device.index)
+        applied.device = Some((Some(spec.clone()), Some(device.index)));
+        Ok(Some(device.index))
     }
 
-    async fn entries(&mut self, index: u32, desired: KernelState, read: bool) -> anyhow::Result<()> {
-        let assumed = match self.applied.entries.take() {
+    async fn entries(
+        &mut self,
+        family: Family,
+        index: Option<u32>,
+        desired: KernelState,
+        read: bool,
+    ) -> anyhow::Result<()> {
+        let assumed = match self.applied.families[slot(family)].entries.take() {
             Some((at, state)) if !read && at == index => Some(state),
             _ => None,
         };
@@ -213,10 +292,18 @@ impl Reconciler {
             let result = (|| {
                 let actual = match assumed {
                     Some(state) => state,
-                    None => entries::read(&mut bulk, index)?,
+                    None => match entries::read(&mut bulk, index, family) {
+                        Ok(state) => state,
+                        // A family that is off may be off in the kernel too (ipv6.disable=1): nothing of it to remove.
+                        Err(e) if index.is_none() && desired.entry_count() == 0 => {
+                            debug!(%family, error = %e, "cannot read the routes of a family that is off");
+                            KernelState::default()
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
                 let ops = plan::diff(&desired, &actual);
-                let report = entries::apply(&mut bulk, index, &ops)?;
+                let report = entries::apply(&mut bulk, index.unwrap_or(0), &ops)?;
                 Ok::<_, overlay_netlink::Error>((actual.entry_count(), report))
             })();
             (bulk, desired, result)
@@ -227,9 +314,9 @@ impl Reconciler {
         let (read_back, report) = result?;
         self.metrics.netlink_ops.inc_by(report.sent as u64);
         self.metrics.netlink_errors.inc_by(report.failed.len() as u64);
-        self.metrics.peers.set(desired.routes.len() as i64);
         if report.sent > 0 {
             info!(
+                %family,
                 ops = report.sent,
                 failed = report.failed.len(),
                 entries = desired.entry_count(),
@@ -244,22 +331,23 @@ impl Reconciler {
         if let Some((op, e)) = report.failed.first() {
             anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
         }
-        self.applied.entries = Some((index, desired));
+        self.applied.families[slot(family)].entries = Some((index, desired));
         Ok(())
     }
 
-    async fn masquerade(&mut self, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {
-        if !read && self.applied.masquerade.as_ref() == Some(&desired.copied()) {
+    async fn masquerade(&mut self, family: Family, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {
+        let applied = &mut self.applied.families[slot(family)].masquerade;
+        if !read && applied.as_ref() == Some(&desired.copied()) {
             return Ok(());
         }
-        self.applied.masquerade = None;
-        if masq::reconcile(desired, read).await? {
+        *applied = None;
+        if masq::reconcile(family, desired, read).await? {
             match desired {
                 Some(m) => info!(network = %m.network, subnet = %m.subnet, "masquerade rules (re)written"),
-                None => info!("masquerade table removed"),
+                None => info!(%family, "masquerade table removed"),
             }
         }
-        self.applied.masquerade = Some(desired.copied());
+        self.applied.families[slot(family)].masquerade = Some(desired.copied());
         Ok(())
     }
 
@@ -276,7 +364,8 @@ impl Reconciler {
             .map_err(|e| anyhow::anyhow!("the subnet file worker failed: {e}"))?
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", self.subnet_file.display()))?;
         if written {
-            info!(path = %self.subnet_file.display(), subnet = %env.subnet, mtu = env.mtu, "wrote subnet file");
+            let subnets: Vec<String> = env.families().iter().map(|f| f.subnet().to_string()).collect();
+            info!(path = %self.subnet_file.display(), subnets = %subnets.join(","), mtu = env.mtu, "wrote subnet file");
         }
         self.applied.subnet_env = Some(env.clone());
         Ok(())
@@ -292,20 +381,32 @@ pub fn release_freed_memory() {
     }
 }
 
-/// `overlayd cleanup`: removes the device (and with it every peer entry on
-/// it), our direct routes, our nftables table and the subnet file.
-pub async fn cleanup(device_name: &str, subnet_file: &std::path::Path) -> anyhow::Result<()> {
+/// `overlayd cleanup`: removes both devices (and with them every peer entry
+/// on them), our direct routes, our nftables tables and the subnet file.
+pub async fn cleanup(device_names: &[(Family, &str)], subnet_file: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let nl = Netlink::connect()?;
-    if device::remove(&nl, device_name).await? {
-        info!(device = %device_name, "removed VXLAN device and with it every peer entry");
-    }
-    // Direct routes live on the underlay, not on the device: remove them too.
     let mut bulk = Bulk::open()?;
-    let state = entries::read(&mut bulk, u32::MAX).context("reading overlay routes")?;
-    let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
-    let routes_left = if ops.is_empty() { 0 } else { entries::apply(&mut bulk, 0, &ops)?.failed.len() };
-    masq::remove().await.context("removing masquerade rules")?;
+    let mut routes_left = 0;
+    for (family, name) in device_names {
+        if device::remove(&nl, name).await? {
+            info!(device = %name, "removed VXLAN device and with it every peer entry");
+        }
+        // Direct routes live on the underlay, not on the device: remove them too.
+        let state = match entries::read(&mut bulk, None, *family) {
+            Ok(state) => state,
+            Err(e) if *family == Family::V6 => {
+                debug!(error = %e, "no IPv6 routes to read");
+                KernelState::default()
+            }
+            Err(e) => return Err(e).context("reading overlay routes"),
+        };
+        let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
+        if !ops.is_empty() {
+            routes_left += entries::apply(&mut bulk, 0, &ops)?.failed.len();
+        }
+        masq::remove(*family).await.with_context(|| format!("removing {family} masquerade rules"))?;
+    }
     match std::fs::remove_file(subnet_file) {
         Ok(()) => info!(path = %subnet_file.display(), "removed subnet file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -317,9 +418,10 @@ pub async fn cleanup(device_name: &str, subnet_file: &std::path::Path) -> anyhow
     Ok(())
 }
 
-/// `<subnet>.0/32`: the VXLAN device's address, as flannel gives it.
-pub fn device_address(subnet: Ipv4Net) -> Ipv4Net {
-    Ipv4Net::new_assert(subnet.network(), 32)
+/// The subnet's network address as a host address (`10.244.33.0/32`,
+/// `fd00:10:244:8::/128`): the VXLAN device's address, as flannel gives it.
+pub fn device_address(subnet: IpNet) -> IpNet {
+    Family::host(subnet.network())
 }
 
 #[cfg(test)]
@@ -337,5 +439,6 @@ mod tests {
     #[test]
     fn the_device_address_is_the_subnet_s_zero() {
         assert_eq!(device_address("10.244.33.0/24".parse().unwrap()), "10.244.33.0/32".parse().unwrap());
+        assert_eq!(device_address("fd00:10:244:8::/64".parse().unwrap()), "fd00:10:244:8::/128".parse().unwrap());
     }
 }

@@ -23,10 +23,11 @@ pub fn write(path: &Path, env: &SubnetEnv) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// The subnet recorded in an existing subnet file, if it parses.
-pub fn previous_subnet(path: &Path) -> Option<ipnet::Ipv4Net> {
+/// The subnets recorded in an existing subnet file, if it parses.
+pub fn previous_subnets(path: &Path) -> Option<proto::LeaseKey> {
     let text = std::fs::read_to_string(path).ok()?;
-    SubnetEnv::parse(&text).ok().map(|env| env.subnet_network())
+    let env = SubnetEnv::parse(&text).ok()?;
+    Some(proto::LeaseKey::new(env.subnet_network(), env.ipv6_subnet_network()))
 }
 
 #[cfg(test)]
@@ -40,7 +41,7 @@ mod tests {
         let env = SubnetEnv::for_lease("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap(), 1450, true);
         assert!(write(&path, &env).unwrap());
         assert!(!write(&path, &env).unwrap(), "unchanged content is not rewritten");
-        assert_eq!(previous_subnet(&path), Some("10.244.7.0/24".parse().unwrap()));
+        assert_eq!(previous_subnets(&path), Some(proto::LeaseKey::v4("10.244.7.0/24".parse().unwrap())));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -2,21 +2,24 @@
 //! value that tells peers how to reach it.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use crate::family::Family;
 use crate::mac::MacAddr;
 
 /// The subnet(s) a lease is for: the last path segment of its etcd key,
-/// `10.244.1.0-24` or, dual stack, `10.244.1.0-24&fc00::-64`.
+/// `10.244.1.0-24` or, dual stack, `10.244.1.0-24&fc00::-64`. In etcd the
+/// IPv4 part is always there (flannel's parser requires it); a Kubernetes
+/// Node may stand for an IPv6 subnet alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseKey {
     /// The node's IPv4 pod subnet.
-    pub v4: Ipv4Net,
-    /// The node's IPv6 pod subnet, when dual stack.
+    pub v4: Option<Ipv4Net>,
+    /// The node's IPv6 pod subnet.
     pub v6: Option<Ipv6Net>,
 }
 
@@ -33,15 +36,32 @@ pub struct LeaseKeyError {
 impl LeaseKey {
     /// A key for an IPv4-only lease.
     pub fn v4(subnet: Ipv4Net) -> Self {
-        LeaseKey { v4: subnet, v6: None }
+        LeaseKey { v4: Some(subnet), v6: None }
+    }
+
+    /// A key for the subnets of both families.
+    pub fn new(v4: Option<Ipv4Net>, v6: Option<Ipv6Net>) -> Self {
+        LeaseKey { v4, v6 }
+    }
+
+    /// The subnet of `family`, if the lease has one.
+    pub fn subnet(&self, family: Family) -> Option<IpNet> {
+        match family {
+            Family::V4 => self.v4.map(IpNet::V4),
+            Family::V6 => self.v6.map(IpNet::V6),
+        }
     }
 }
 
 impl fmt::Display for LeaseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.v4.addr(), self.v4.prefix_len())?;
+        if let Some(v4) = self.v4 {
+            write!(f, "{}-{}", v4.addr(), v4.prefix_len())?;
+        }
         if let Some(v6) = self.v6 {
-            write!(f, "&{}-{}", v6.addr(), v6.prefix_len())?;
+            let sep = if self.v4.is_some() { "&" } else { "" };
+            // Ipv6Addr's Display is RFC 5952: compressed, lowercase, as flannel writes it.
+            write!(f, "{sep}{}-{}", v6.addr(), v6.prefix_len())?;
         }
         Ok(())
     }
@@ -81,7 +101,7 @@ impl FromStr for LeaseKey {
                 Some(net)
             }
         };
-        Ok(LeaseKey { v4, v6 })
+        Ok(LeaseKey { v4: Some(v4), v6 })
     }
 }
 
@@ -139,6 +159,19 @@ impl LeaseAttrs {
         }
     }
 
+    /// A dual-stack (or, in Kubernetes mode, IPv6-only) vxlan lease: each
+    /// family's underlay address and VTEP. A family that is off has no data;
+    /// its address is unspecified (`0.0.0.0`, as flannel writes it) or null.
+    pub fn vxlan_families(v4: Option<(Ipv4Addr, VxlanBackendData)>, v6: Option<(Ipv6Addr, VxlanBackendData)>) -> Self {
+        LeaseAttrs {
+            public_ip: v4.map(|(ip, _)| ip).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6: v6.map(|(ip, _)| ip),
+            backend_type: "vxlan".into(),
+            backend_data: v4.map(|(_, d)| serde_json::to_value(d).unwrap_or_default()).unwrap_or_default(),
+            backend_v6_data: v6.map(|(_, d)| serde_json::to_value(d).unwrap_or_default()),
+        }
+    }
+
     /// Parses a lease value as stored in etcd.
     pub fn from_json(bytes: &[u8]) -> Result<Self, LeaseValueError> {
         Ok(serde_json::from_slice(bytes)?)
@@ -157,6 +190,24 @@ impl LeaseAttrs {
         }
         Ok(serde_json::from_value(self.backend_data.clone())?)
     }
+
+    /// The peer of one family this lease stands for: its underlay address and
+    /// VTEP; none when the lease carries nothing for that family.
+    pub fn vxlan_peer(&self, family: Family) -> Result<Option<(IpAddr, VxlanBackendData)>, LeaseValueError> {
+        if self.backend_type != "vxlan" {
+            return Err(LeaseValueError::NotVxlan(self.backend_type.clone()));
+        }
+        match family {
+            Family::V4 if self.public_ip.is_unspecified() || self.backend_data.is_null() => Ok(None),
+            Family::V4 => Ok(Some((IpAddr::V4(self.public_ip), self.vxlan_data()?))),
+            Family::V6 => match (self.public_ipv6, &self.backend_v6_data) {
+                (Some(ip), Some(data)) if !data.is_null() => {
+                    Ok(Some((IpAddr::V6(ip), serde_json::from_value(data.clone())?)))
+                }
+                _ => Ok(None),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -167,7 +218,7 @@ mod tests {
     #[test]
     fn keys_from_flannel_capture() {
         let k: LeaseKey = "10.244.33.0-24".parse().unwrap();
-        assert_eq!(k.v4, "10.244.33.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(k.v4, Some("10.244.33.0/24".parse::<Ipv4Net>().unwrap()));
         assert_eq!(k.to_string(), "10.244.33.0-24");
         let d: LeaseKey = "10.244.1.0-24&fc00::-64".parse().unwrap();
         assert_eq!(d.v6, Some("fc00::/64".parse().unwrap()));
@@ -186,6 +237,9 @@ mod tests {
             "10.244.1.0-24&",
             "10.244.1.0-24&fc00::-129",
             "10.244.1.0-+4",
+            "fd00::-64",
+            "10.244.1.0-24&10.244.2.0-24",
+            "10.244.1.0-24&fd00::1-64",
         ] {
             assert!(bad.parse::<LeaseKey>().is_err(), "{bad}");
         }
@@ -211,12 +265,41 @@ mod tests {
         assert!(LeaseAttrs::from_json(b"{\"PublicIP\":\"nope\"}").is_err());
     }
 
+    /// Keys and values of the dual-stack flannel capture (shared/compat), byte for byte.
+    #[test]
+    fn dual_stack_golden_keys_and_values() {
+        let key: LeaseKey = "10.244.18.0-24&fd00:10:244:18::-64".parse().unwrap();
+        assert_eq!(key.subnet(Family::V6).unwrap().to_string(), "fd00:10:244:18::/64");
+        assert_eq!(key.to_string(), "10.244.18.0-24&fd00:10:244:18::-64");
+        let ours = LeaseKey::new(Some("10.244.40.0/24".parse().unwrap()), Some("fd00:10:244:8::/64".parse().unwrap()));
+        assert_eq!(ours.to_string(), "10.244.40.0-24&fd00:10:244:8::-64");
+        // Uppercase or uncompressed input still reads; we write the compressed lowercase form.
+        let loose: LeaseKey = "10.244.18.0-24&FD00:10:244:18:0:0:0:0-64".parse().unwrap();
+        assert_eq!(loose, key);
+        let text = r#"{"PublicIP":"192.168.50.12","PublicIPv6":"fd00:50::12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:d8:d2:05:d3:63"},"BackendV6Data":{"VNI":1,"VtepMAC":"d2:69:e8:6a:1c:03"}}"#;
+        let attrs = LeaseAttrs::from_json(text.as_bytes()).unwrap();
+        let (ip6, data6) = attrs.vxlan_peer(Family::V6).unwrap().unwrap();
+        assert_eq!((ip6.to_string(), data6.vtep_mac.to_string()), ("fd00:50::12".into(), "d2:69:e8:6a:1c:03".into()));
+        let (ip4, data4) = attrs.vxlan_peer(Family::V4).unwrap().unwrap();
+        assert_eq!((ip4.to_string(), data4.vtep_mac.to_string()), ("192.168.50.12".into(), "0a:d8:d2:05:d3:63".into()));
+        let built = LeaseAttrs::vxlan_families(
+            Some(("192.168.50.12".parse().unwrap(), data4)),
+            Some(("fd00:50::12".parse().unwrap(), data6)),
+        );
+        assert_eq!(built.to_json(), text);
+        // A v4-only lease says so for IPv6; a malformed PublicIPv6 is not a lease.
+        let v4_only = LeaseAttrs::vxlan("192.168.50.11".parse().unwrap(), data4);
+        assert_eq!(v4_only.vxlan_peer(Family::V6).unwrap(), None);
+        let bad = text.replace("fd00:50::12", "fd00:50::zz");
+        assert!(LeaseAttrs::from_json(bad.as_bytes()).is_err());
+    }
+
     proptest! {
         #[test]
         fn key_roundtrip(a in any::<u32>(), len in 0u8..=32, v6 in proptest::option::of((any::<u128>(), 0u8..=128))) {
             let v4 = Ipv4Net::new(Ipv4Addr::from(a), len).unwrap().trunc();
             let v6 = v6.map(|(b, l)| Ipv6Net::new(Ipv6Addr::from(b), l).unwrap().trunc());
-            let key = LeaseKey { v4, v6 };
+            let key = LeaseKey { v4: Some(v4), v6 };
             prop_assert_eq!(key.to_string().parse::<LeaseKey>().unwrap(), key);
         }
 

@@ -5,6 +5,7 @@
 //! No I/O, no async: these are the parts worth property-testing.
 
 pub mod alloc;
+pub mod family;
 pub mod hash;
 pub mod lease;
 pub mod mac;
@@ -13,8 +14,9 @@ pub mod node_annotations;
 pub mod subnet_env;
 
 pub use alloc::SubnetRange;
+pub use family::Family;
 pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
 pub use mac::MacAddr;
-pub use net_config::{Backend, ConfigError, NetConfig};
+pub use net_config::{Backend, ConfigError, NetConfig, Pool};
 pub use node_annotations::{NodeAnnotations, NodeLeaseError};
-pub use subnet_env::{SubnetEnv, SubnetEnvError};
+pub use subnet_env::{FamilyEnv, SubnetEnv, SubnetEnvError};

@@ -4,8 +4,13 @@
 //! ```text
 //!  [pod]─veth─[cni0 node-N eth0]─veth─[br0 underlay 192.168.50.2 (etcd)]─veth─[outside .254, 203.0.113.1]
 //! ```
+//!
+//! The underlay is dual stack: node N is also `fd00:50::1N` (as in the
+//! flannel capture), the outside host `fd00:50::fe` and `2001:db8::1`.
+//! IPv6 addresses are added without duplicate address detection, so they
+//! are usable at once.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +28,13 @@ pub const PREFIX: &str = "/coreos.com/network";
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The outside host's underlay address: the nodes' default gateway.
 pub const OUTSIDE_UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 254);
+/// The outside host's IPv6 "internet" address (documentation prefix), inside the test only.
+pub const OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The outside host's IPv6 underlay address: the nodes' IPv6 default gateway.
+pub const OUTSIDE_UNDERLAY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0xfe);
+/// A dual-stack net-conf: flannel's capture (shared/compat).
+pub const DUAL_STACK_CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 /// Where etcd listens, on the underlay bridge.
 pub const ETCD_IP: &str = "192.168.50.2";
 /// Where the Kubernetes API test double listens, on the underlay bridge.
@@ -57,8 +69,10 @@ impl Default for ClusterOptions {
 pub struct Pod {
     /// Its namespace.
     pub ns: Netns,
-    /// Its address.
+    /// Its IPv4 address (unspecified when the network is IPv6-only).
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, when the network carries IPv6.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A node: a namespace on the underlay, maybe running `overlayd`.
@@ -73,6 +87,8 @@ pub struct Node {
     pub index: u8,
     /// Underlay address.
     pub ip: Ipv4Addr,
+    /// IPv6 underlay address.
+    pub ip6: Ipv6Addr,
     /// Where its daemon writes subnet.env.
     pub subnet_file: PathBuf,
     /// Its daemon's log.
@@ -116,6 +132,7 @@ impl Cluster {
         let underlay = Netns::new(&format!("ov{id}u"))?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        underlay.ip(&["addr", "add", "fd00:50::2/64", "dev", "br0", "nodad"])?;
         let etcd_ips: Vec<String> = (0..options.etcd_members.max(1)).map(|i| format!("192.168.50.{}", 2 + i)).collect();
         for extra in &etcd_ips[1..] {
             underlay.ip(&["addr", "add", &format!("{extra}/24"), "dev", "br0"])?;
@@ -126,6 +143,8 @@ impl Cluster {
         underlay.ip(&["link", "set", "x", "master", "br0", "up"])?;
         outside.ip(&["addr", "add", &format!("{OUTSIDE_UNDERLAY_IP}/24"), "dev", "eth0"])?;
         outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_UNDERLAY_IP6}/64"), "dev", "eth0", "nodad"])?;
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP6}/128"), "dev", "lo"])?;
         outside.ip(&["link", "set", "eth0", "up"])?;
         let ips: Vec<&str> = etcd_ips.iter().map(String::as_str).collect();
         let mut members = Etcd::start_cluster(&underlay, &ips, dir.join("etcd"))?;
@@ -145,14 +164,18 @@ impl Cluster {
         self.underlay.ip(&["link", "set", &leg, "master", "br0", "up"])?;
         let ip = Ipv4Addr::new(192, 168, 50, 10 + index);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        let ip6 = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x10 + u16::from(index));
+        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &OUTSIDE_UNDERLAY_IP.to_string()])?;
+        ns.ip(&["-6", "route", "add", "default", "via", &OUTSIDE_UNDERLAY_IP6.to_string()])?;
         self.nodes.push(Node {
             daemon: None,
             pods: Vec::new(),
             ns,
             index,
             ip,
+            ip6,
             subnet_file: self.dir.join(format!("n{index}/subnet.env")),
             log: self.dir.join(format!("n{index}.log")),
             name: format!("node-{index}"),
@@ -184,8 +207,7 @@ impl Cluster {
     /// and writes the kubeconfig and net-conf.json the nodes will use. The
     /// node IPAM's cluster CIDR is the net-conf's Network, as it must be.
     pub fn start_kube_api(&mut self, net_conf: &str) -> Result<()> {
-        let cluster_cidr = proto::NetConfig::parse(net_conf)?.network;
-        let api = crate::kube_api::KubeApi::start(&self.underlay, KUBE_API.parse()?, cluster_cidr)?;
+        let api = crate::kube_api::KubeApi::start(&self.underlay, KUBE_API.parse()?, cluster_cidrs(net_conf)?)?;
         api.write_kubeconfig(&self.dir.join("kubeconfig"))?;
         std::fs::write(self.dir.join("net-conf.json"), net_conf)?;
         self.kube = Some(api);
@@ -196,9 +218,8 @@ impl Cluster {
     /// token), writes a pod's service-account files to `dir/serviceaccount`
     /// and the net-conf.json; returns the credentials.
     pub fn start_kube_api_in_cluster(&mut self, net_conf: &str) -> Result<crate::kube_api::Credentials> {
-        let cluster_cidr = proto::NetConfig::parse(net_conf)?.network;
         let (api, credentials) =
-            crate::kube_api::KubeApi::start_secure(&self.underlay, KUBE_API.parse()?, cluster_cidr)?;
+            crate::kube_api::KubeApi::start_secure(&self.underlay, KUBE_API.parse()?, cluster_cidrs(net_conf)?)?;
         credentials.write_service_account(&self.dir.join("serviceaccount"), "kube-overlay")?;
         std::fs::write(self.dir.join("net-conf.json"), net_conf)?;
         self.kube = Some(api);
@@ -237,6 +258,13 @@ impl Cluster {
     pub fn pods(&self) -> Vec<(usize, &Pod)> {
         self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p))).collect()
     }
+}
+
+/// The node IPAM's cluster CIDRs for a net-conf: its networks, IPv4 first,
+/// as they must be (`--cluster-cidr` and the net-conf agree).
+fn cluster_cidrs(net_conf: &str) -> Result<Vec<ipnet::IpNet>> {
+    let config = proto::NetConfig::parse(net_conf)?;
+    Ok(config.families().filter_map(|f| config.pool(f).map(|p| p.network)).collect())
 }
 
 impl Drop for Cluster {
@@ -391,9 +419,14 @@ exec "$POD_BIN""#;
         Ok(SubnetEnv::parse(&text)?)
     }
 
-    /// This node's pod subnet, from its subnet file.
+    /// This node's IPv4 pod subnet, from its subnet file.
     pub fn subnet(&self) -> Result<Ipv4Net> {
-        Ok(self.subnet_env()?.subnet_network())
+        self.subnet_env()?.subnet_network().ok_or_else(|| anyhow!("node {} has no IPv4 subnet", self.index))
+    }
+
+    /// This node's IPv6 pod subnet, from its subnet file.
+    pub fn subnet_v6(&self) -> Result<ipnet::Ipv6Net> {
+        self.subnet_env()?.ipv6_subnet_network().ok_or_else(|| anyhow!("node {} has no IPv6 subnet", self.index))
     }
 
     /// The conflist entry the harness's pods are made with.
@@ -412,9 +445,46 @@ exec "$POD_BIN""#;
         if !reply.ok {
             bail!("overlay-cni ADD failed on node {}: {} {}", self.index, reply.json, reply.stderr);
         }
-        let ip = crate::cni::result_ip(&reply.json).ok_or_else(|| anyhow!("no address in {}", reply.json))?;
-        self.pods.push(Pod { ns, ip });
+        let ips = crate::cni::result_ips(&reply.json);
+        if ips.is_empty() {
+            bail!("no address in {}", reply.json);
+        }
+        let ip = ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let ip6 = ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => Some(*v6),
+            std::net::IpAddr::V4(_) => None,
+        });
+        let ip = ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        self.pods.push(Pod { ns, ip, ip6 });
         Ok(ip)
+    }
+
+    /// `ip -6 neigh`, `bridge fdb` and `ip -6 route` of `overlay-v6.1`, in one text.
+    pub fn v6_entries(&self) -> String {
+        let neigh = self.ns.ip(&["-6", "neigh", "show", "dev", "overlay-v6.1"]).unwrap_or_default();
+        let fdb = crate::netns::run("bridge", &["-n", &self.ns.name, "fdb", "show", "dev", "overlay-v6.1"])
+            .unwrap_or_default();
+        let routes = self.ns.ip(&["-6", "route", "show", "dev", "overlay-v6.1"]).unwrap_or_default();
+        format!("{neigh}{fdb}{routes}")
+    }
+
+    /// Whether this node holds all three IPv6 entries for a peer with `subnet`, `mac` and underlay `dst`.
+    pub fn has_peer_v6(&self, subnet: ipnet::Ipv6Net, mac: &str, dst: Ipv6Addr) -> bool {
+        let gw = subnet.network().to_string();
+        let text = self.v6_entries();
+        text.lines().any(|l| l.starts_with(&format!("{gw} ")) && l.contains(mac) && l.contains("PERMANENT"))
+            && text.lines().any(|l| l.starts_with(mac) && l.contains(&format!("dst {dst} ")))
+            && text.lines().any(|l| l.starts_with(&format!("{subnet} via {gw} ")) && l.contains("onlink"))
+    }
+
+    /// This node's IPv6 VTEP MAC, from its device.
+    pub fn vtep_mac_v6(&self) -> Result<String> {
+        let text = self.ns.ip(&["-j", "link", "show", "overlay-v6.1"])?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        v[0]["address"].as_str().map(String::from).ok_or_else(|| anyhow!("no address on overlay-v6.1"))
     }
 
     /// `ip neigh show dev overlay.1` on this node.

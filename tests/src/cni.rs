@@ -57,3 +57,9 @@ pub fn call(host: &Netns, command: &str, container_id: &str, netns: &str, ifname
 pub fn result_ip(result: &Value) -> Option<std::net::Ipv4Addr> {
     result["ips"][0]["address"].as_str()?.split('/').next()?.parse().ok()
 }
+
+/// Every container address of an ADD result, in its order (IPv4 first on a dual-stack node).
+pub fn result_ips(result: &Value) -> Vec<std::net::IpAddr> {
+    let ips = result["ips"].as_array().map(Vec::as_slice).unwrap_or_default();
+    ips.iter().filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok()).collect()
+}

@@ -98,6 +98,17 @@ impl Etcd {
         self.ctl(&["put", key, value]).map(|_| ())
     }
 
+    /// `get key`: its value, if the key exists.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let out = self.ctl(&["get", "--print-value-only", key])?;
+        Ok(Some(out.trim_end_matches('\n').to_string()).filter(|v| !v.is_empty()))
+    }
+
+    /// `del key`.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.ctl(&["del", key]).map(|_| ())
+    }
+
     /// The keys under `prefix`.
     pub fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::Node;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
@@ -71,8 +71,9 @@ struct State {
     history: VecDeque<(u64, &'static str, Value)>,
     /// A watch may start from this resourceVersion or later; older is 410.
     oldest: u64,
-    cluster_cidr: Ipv4Net,
-    allocated: BTreeSet<Ipv4Net>,
+    /// kube-controller-manager's `--cluster-cidr`: one network per family.
+    cluster_cidrs: Vec<IpNet>,
+    allocated: BTreeSet<IpNet>,
     next_uid: u64,
     stats: Stats,
     /// Every (verb, resource) a client used, for RBAC checks.
@@ -148,20 +149,20 @@ pub struct KubeApi {
 
 impl KubeApi {
     /// Serves on `addr` inside `ns`, handing out podCIDRs from `cluster_cidr`.
-    pub fn start(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<Self> {
+    pub fn start(ns: &Netns, addr: SocketAddr, cluster_cidr: Vec<IpNet>) -> Result<Self> {
         Self::start_in(Some(ns.path()), addr, cluster_cidr, false).map(|(api, _)| api)
     }
 
     /// Like [`start`](Self::start), but as a real cluster serves it: HTTPS
     /// with a certificate from a fresh CA, and only for a bearer token.
-    pub fn start_secure(ns: &Netns, addr: SocketAddr, cluster_cidr: Ipv4Net) -> Result<(Self, Credentials)> {
+    pub fn start_secure(ns: &Netns, addr: SocketAddr, cluster_cidr: Vec<IpNet>) -> Result<(Self, Credentials)> {
         let (api, credentials) = Self::start_in(Some(ns.path()), addr, cluster_cidr, true)?;
         Ok((api, credentials.ok_or_else(|| anyhow!("no credentials"))?))
     }
 
     /// Serves on a free port of 127.0.0.1 in the test's own namespace, for
     /// tests of the double itself (no root needed).
-    pub fn start_on_loopback(cluster_cidr: Ipv4Net) -> Result<Self> {
+    pub fn start_on_loopback(cluster_cidr: Vec<IpNet>) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         Self::start_in(None, SocketAddr::from(([127, 0, 0, 1], port)), cluster_cidr, false).map(|(api, _)| api)
     }
@@ -169,7 +170,7 @@ impl KubeApi {
     fn start_in(
         netns_path: Option<String>,
         addr: SocketAddr,
-        cluster_cidr: Ipv4Net,
+        cluster_cidr: Vec<IpNet>,
         secure: bool,
     ) -> Result<(Self, Option<Credentials>)> {
         let (tls, credentials) = if secure {
@@ -191,7 +192,7 @@ impl KubeApi {
                 nodes: BTreeMap::new(),
                 history: VecDeque::new(),
                 oldest: 1,
-                cluster_cidr,
+                cluster_cidrs: cluster_cidr,
                 allocated: BTreeSet::new(),
                 next_uid: 1,
                 stats: Stats::default(),
@@ -307,7 +308,11 @@ impl KubeApi {
         commit(&self.shared, &mut s, name, "ADDED", node);
         drop(s);
         if allocate {
-            return self.allocate_pod_cidr(name).map(Some);
+            let cidrs = self.allocate_pod_cidrs(name)?;
+            return Ok(cidrs.into_iter().find_map(|c| match c {
+                IpNet::V4(v4) => Some(v4),
+                IpNet::V6(_) => None,
+            }));
         }
         Ok(None)
     }
@@ -319,35 +324,58 @@ impl KubeApi {
         &self,
         name: &str,
         internal_ip: Ipv4Addr,
-        pod_cidr: Ipv4Net,
+        pod_cidrs: &[IpNet],
         annotations: &BTreeMap<String, String>,
         extra: &Value,
     ) -> Result<()> {
         let mut s = self.lock();
-        if s.nodes.contains_key(name) || s.allocated.contains(&pod_cidr) {
-            anyhow::bail!("node {name} or podCIDR {pod_cidr} exists");
+        if s.nodes.contains_key(name) || pod_cidrs.iter().any(|c| s.allocated.contains(c)) {
+            anyhow::bail!("node {name} or podCIDRs {pod_cidrs:?} exist");
         }
         let mut node = registered_node(&mut s, name, internal_ip);
         node["metadata"]["annotations"] = json!(annotations);
-        node["spec"] = json!({"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]});
+        let list: Vec<String> = pod_cidrs.iter().map(|c| c.to_string()).collect();
+        node["spec"] = json!({"podCIDR": list.first(), "podCIDRs": list});
         // What a real node carries besides: status, managedFields (merge patch semantics).
         json_patch::merge(&mut node, extra);
-        s.allocated.insert(pod_cidr);
+        s.allocated.extend(pod_cidrs.iter().copied());
         commit(&self.shared, &mut s, name, "ADDED", node);
         Ok(())
     }
 
-    /// Gives `name` the first free subnet of the cluster CIDR (node IPAM).
+    /// Gives `name` the first free IPv4 subnet of the cluster CIDR (node IPAM).
     pub fn allocate_pod_cidr(&self, name: &str) -> Result<Ipv4Net> {
+        self.allocate_pod_cidrs(name)?
+            .into_iter()
+            .find_map(|c| match c {
+                IpNet::V4(v4) => Some(v4),
+                IpNet::V6(_) => None,
+            })
+            .context("no IPv4 cluster CIDR")
+    }
+
+    /// Gives `name` the first free subnet of each cluster CIDR, as the node
+    /// IPAM does with a dual-stack `--cluster-cidr` (a /24 per IPv4 node,
+    /// a /64 per IPv6 node: the controller-manager's default mask sizes).
+    pub fn allocate_pod_cidrs(&self, name: &str) -> Result<Vec<IpNet>> {
         let mut s = self.lock();
-        let subnets = s.cluster_cidr.subnets(24).context("cluster CIDR smaller than /24")?;
-        let free = subnets.into_iter().find(|n| !s.allocated.contains(n)).context("cluster CIDR exhausted")?;
+        let mut cidrs = Vec::new();
+        for cluster in s.cluster_cidrs.clone() {
+            let len = if cluster.addr().is_ipv4() { 24 } else { 64 };
+            let free = cluster
+                .subnets(len)
+                .context("cluster CIDR smaller than a node's")?
+                .find(|n| !s.allocated.contains(n))
+                .context("cluster CIDR exhausted")?;
+            s.allocated.insert(free);
+            cidrs.push(free);
+        }
         let mut node = s.nodes.get(name).cloned().with_context(|| format!("no node {name}"))?;
-        node["spec"]["podCIDR"] = json!(free.to_string());
-        node["spec"]["podCIDRs"] = json!([free.to_string()]);
-        s.allocated.insert(free);
+        let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+        node["spec"]["podCIDR"] = json!(list.first());
+        node["spec"]["podCIDRs"] = json!(list);
         commit(&self.shared, &mut s, name, "MODIFIED", node);
-        Ok(free)
+        Ok(cidrs)
     }
 
     /// Changes a node as another client (kubectl, the kubelet) would.
@@ -363,8 +391,10 @@ impl KubeApi {
     pub fn delete_node(&self, name: &str) -> Result<()> {
         let mut s = self.lock();
         let node = s.nodes.remove(name).with_context(|| format!("no node {name}"))?;
-        if let Some(cidr) = node["spec"]["podCIDR"].as_str().and_then(|c| c.parse().ok()) {
-            s.allocated.remove(&cidr);
+        for cidr in node["spec"]["podCIDRs"].as_array().into_iter().flatten() {
+            if let Some(cidr) = cidr.as_str().and_then(|c| c.parse::<IpNet>().ok()) {
+                s.allocated.remove(&cidr);
+            }
         }
         s.rv += 1;
         let rv = s.rv;

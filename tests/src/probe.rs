@@ -1,7 +1,7 @@
 //! What a user would check: pings, and the source address a TCP server sees.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -12,13 +12,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::netns::Netns;
 
 /// One ping from `from` to `to`; true when a reply came back.
-pub fn ping(from: &Netns, to: Ipv4Addr) -> bool {
-    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.to_string()]).is_ok()
+pub fn ping(from: &Netns, to: impl Into<IpAddr>) -> bool {
+    from.exec("ping", &["-c", "1", "-W", "1", "-q", &to.into().to_string()]).is_ok()
 }
 
 /// Pings until a reply comes or `timeout` passes.
-pub fn ping_until(from: &Netns, to: Ipv4Addr, timeout: Duration) -> bool {
-    crate::wait_until(timeout, || from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to.to_string()]).is_ok())
+pub fn ping_until(from: &Netns, to: impl Into<IpAddr>, timeout: Duration) -> bool {
+    let to = to.into().to_string();
+    crate::wait_until(timeout, || from.exec("ping", &["-c", "1", "-W", "0.3", "-q", &to]).is_ok())
+}
+
+/// One ping whose packets are exactly `mtu` bytes, with fragmentation
+/// forbidden (DF; IPv6 never fragments in transit): true when it came back
+/// whole. The ICMP payload is the MTU minus the IP and ICMP headers.
+pub fn ping_full_size(from: &Netns, to: impl Into<IpAddr>, mtu: u32) -> Result<()> {
+    let to = to.into();
+    let headers = if to.is_ipv4() { 20 + 8 } else { 40 + 8 };
+    let size = (mtu - headers).to_string();
+    from.exec("ping", &["-c", "2", "-W", "1", "-q", "-M", "do", "-s", &size, &to.to_string()]).map(|_| ())
 }
 
 /// A background `ping -c count -i interval`; finish with [`PingRun::finish`].
@@ -28,7 +39,8 @@ pub struct PingRun {
 
 impl PingRun {
     /// Starts pinging.
-    pub fn start(from: &Netns, to: Ipv4Addr, count: u32, interval: &str) -> Result<Self> {
+    pub fn start(from: &Netns, to: impl Into<IpAddr>, count: u32, interval: &str) -> Result<Self> {
+        let to = to.into();
         let child = from
             .command("ping", &["-q", "-c", &count.to_string(), "-i", interval, "-W", "2", &to.to_string()])
             .stdout(Stdio::piped())
@@ -81,6 +93,14 @@ pub fn in_netns_path<T: Send + 'static>(
 /// Connects from `client` to a TCP server started in `server` on `server_ip`,
 /// and returns the source address the server saw.
 pub fn tcp_source_seen(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> Result<Ipv4Addr> {
+    match tcp_source_seen_ip(server, server_ip.into(), client)? {
+        IpAddr::V4(ip) => Ok(ip),
+        other => bail!("unexpected peer {other}"),
+    }
+}
+
+/// [`tcp_source_seen`] in either family.
+pub fn tcp_source_seen_ip(server: &Netns, server_ip: IpAddr, client: &Netns) -> Result<IpAddr> {
     let (port_tx, port_rx) = mpsc::channel();
     let server_thread = in_netns(server, move || {
         let listener = TcpListener::bind((server_ip, 0))?;
@@ -105,10 +125,7 @@ pub fn tcp_source_seen(server: &Netns, server_ip: Ipv4Addr, client: &Netns) -> R
     });
     client_thread.join().map_err(|_| anyhow!("client thread panicked"))??;
     let peer = server_thread.join().map_err(|_| anyhow!("server thread panicked"))??;
-    match peer.ip() {
-        std::net::IpAddr::V4(ip) => Ok(ip),
-        other => bail!("unexpected peer {other}"),
-    }
+    Ok(peer.ip())
 }
 
 /// A plain HTTP GET from inside `ns`; returns (status code, body).

@@ -10,7 +10,7 @@ use overlay_tests::kube_api::KubeApi;
 use serde_json::{json, Value};
 
 fn api() -> (KubeApi, SocketAddr) {
-    let api = KubeApi::start_on_loopback("10.244.0.0/16".parse().unwrap()).unwrap();
+    let api = KubeApi::start_on_loopback(vec!["10.244.0.0/16".parse().unwrap()]).unwrap();
     let addr: SocketAddr = api.url().trim_start_matches("http://").parse().unwrap();
     (api, addr)
 }

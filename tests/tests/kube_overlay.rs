@@ -328,7 +328,7 @@ fn kube_pod_cidr_outside_the_network_is_refused_and_changes_nothing() {
     let status = c.nodes[j].wait_exit(Duration::from_secs(15)).unwrap();
     assert!(!status.success());
     let log = c.nodes[j].log_text();
-    assert!(log.contains("podCIDR 10.99.0.0/24 is outside the network 10.244.0.0/16"), "{log}");
+    assert!(log.contains("podCIDR 10.99.0.0/24 is outside the IPv4 network 10.244.0.0/16"), "{log}");
     assert!(c.nodes[j].ns.ip(&["link", "show", "overlay.1"]).is_err(), "device created despite the error");
     assert!(!annotations(&c, &name).contains_key(&format!("{PREFIX}/backend-data")));
 }

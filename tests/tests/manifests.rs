@@ -61,7 +61,7 @@ fn config_map_holds_a_valid_net_conf_and_the_conflist() {
     let cm: ConfigMap = decode(one(&docs, "ConfigMap").unwrap()).unwrap();
     let data: BTreeMap<String, String> = cm.data.unwrap();
     let config = proto::NetConfig::parse(&data["net-conf.json"]).unwrap();
-    assert_eq!(config.network.to_string(), "10.244.0.0/16");
+    assert_eq!(config.network_v4().unwrap().to_string(), "10.244.0.0/16");
     // The conflist is the one shipped for hosts, so the two never drift.
     let in_map: Value = serde_json::from_str(&data["cni-conf.json"]).unwrap();
     let shipped: Value =

@@ -184,14 +184,17 @@ impl Netlink {
     }
 
     /// Adds `address` to the link `index`; an address already there is fine.
+    /// IPv6 addresses skip duplicate address detection: ours are handed out
+    /// by a lease or an allocation that is unique already, and DAD would keep
+    /// them unusable (tentative) for a second or more after they are added.
     pub async fn add_address(&self, index: u32, address: IpNet) -> Result<()> {
-        self.handle
-            .address()
-            .add(index, address.addr(), address.prefix_len())
-            .replace()
-            .execute()
-            .await
-            .map_err(Error::rtnl(format!("adding {address} to link {index}")))
+        let mut request = self.handle.address().add(index, address.addr(), address.prefix_len()).replace();
+        if address.addr().is_ipv6() {
+            request.message_mut().attributes.push(netlink_packet_route::address::AddressAttribute::Flags(
+                netlink_packet_route::address::AddressFlags::Nodad,
+            ));
+        }
+        request.execute().await.map_err(Error::rtnl(format!("adding {address} to link {index}")))
     }
 
     /// Removes `address` from the link `index`.

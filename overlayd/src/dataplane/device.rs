@@ -3,17 +3,23 @@
 //! the gap. Settings the kernel cannot change in place (VNI, port, local
 //! address, lower device, learning, GBP) mean the device is recreated.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net};
-use overlay_netlink::{AddressFamily, Link, Netlink, VxlanDevice};
-use proto::MacAddr;
+use ipnet::IpNet;
+use overlay_netlink::{Link, Netlink, VxlanDevice};
+use proto::{Family, MacAddr};
 use tracing::{info, warn};
 
-/// What the VXLAN device must look like.
+use super::{entries::address_family, sysctl};
+
+/// What a VXLAN device must look like: one per family, `overlay.1` over the
+/// IPv4 underlay and `overlay-v6.1` over the IPv6 underlay, as flannel has
+/// `flannel.1` and `flannel-v6.1`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
-    /// Device name, `overlay.1` by default.
+    /// The family it carries (and its underlay's family).
+    pub family: Family,
+    /// Device name, `overlay.1` (IPv4) or `overlay-v6.1` (IPv6) by default.
     pub name: String,
     /// VXLAN network identifier.
     pub vni: u32,
@@ -21,16 +27,16 @@ pub struct DeviceSpec {
     pub port: u16,
     /// Group-based policy extension.
     pub gbp: bool,
-    /// Local VTEP address (the underlay address).
-    pub local: Ipv4Addr,
+    /// Local VTEP address (the underlay address of this family).
+    pub local: IpAddr,
     /// Underlay interface index.
     pub underlay_index: u32,
     /// Device MTU.
     pub mtu: u32,
     /// Stable VTEP MAC.
     pub mac: MacAddr,
-    /// `<own subnet>.0/32`.
-    pub address: Ipv4Net,
+    /// The own subnet's network address as a host route: `10.244.33.0/32`, `fd00:10:244:8::/128`.
+    pub address: IpNet,
 }
 
 /// One step that takes the node's device to the spec.
@@ -47,24 +53,25 @@ pub enum DeviceChange {
     /// Set it up.
     SetUp,
     /// Add the spec's address.
-    AddAddress(Ipv4Net),
+    AddAddress(IpNet),
     /// Remove an address that is not the spec's.
-    RemoveAddress(Ipv4Net),
+    RemoveAddress(IpNet),
 }
 
 /// Whether an existing device's immutable settings match the spec.
 fn compatible(link: &Link, spec: &DeviceSpec) -> bool {
     let Some(v) = &link.vxlan else { return false };
     v.vni == Some(spec.vni)
-        && v.local == Some(IpAddr::V4(spec.local))
+        && v.local == Some(spec.local)
         && v.port == Some(spec.port)
         && v.learning == Some(false)
         && v.gbp == spec.gbp
         && v.lower == Some(spec.underlay_index)
 }
 
-/// The changes that take `link` (with its IPv4 `addresses`) to `spec`. Pure.
-pub fn diff(spec: &DeviceSpec, link: Option<&Link>, addresses: &[Ipv4Net]) -> Vec<DeviceChange> {
+/// The changes that take `link` (with its `addresses` of the spec's family,
+/// link-local ones left out: those are the kernel's) to `spec`. Pure.
+pub fn diff(spec: &DeviceSpec, link: Option<&Link>, addresses: &[IpNet]) -> Vec<DeviceChange> {
     let link = match link {
         None => return vec![DeviceChange::Create],
         Some(link) if !compatible(link, spec) => return vec![DeviceChange::Recreate(link.index)],
@@ -119,12 +126,24 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
     for _pass in 0..2 {
         let link = nl.link(&spec.name).await.map_err(fail)?;
         let addresses = match &link {
-            Some(link) => ipv4(nl.addresses(link.index, AddressFamily::Inet).await.map_err(fail)?),
+            Some(link) => {
+                managed(spec.family, nl.addresses(link.index, address_family(spec.family)).await.map_err(fail)?)
+            }
             None => Vec::new(),
         };
         let todo = diff(spec, link.as_ref(), &addresses);
         if todo.is_empty() {
             let index = link.map(|l| l.index).unwrap_or_default();
+            if spec.family == Family::V6 {
+                // Router advertisements have no business on a VXLAN device (flannel turns them off too).
+                changes += usize::from(sysctl::ensure_accept_ra_off(&spec.name).map_err(|e| DeviceError {
+                    device: spec.name.clone(),
+                    source: overlay_netlink::Error::Protocol {
+                        what: "turning accept_ra off".into(),
+                        detail: e.to_string(),
+                    },
+                })?);
+            }
             return Ok(Device { index, created, changes });
         }
         for change in &todo {
@@ -161,8 +180,8 @@ async fn apply(
         DeviceChange::SetMtu => nl.set_mtu(index, spec.mtu).await,
         DeviceChange::SetMac => nl.set_mac(index, spec.mac).await,
         DeviceChange::SetUp => nl.set_up(index).await,
-        DeviceChange::AddAddress(a) => nl.add_address(index, IpNet::V4(a)).await,
-        DeviceChange::RemoveAddress(a) => nl.delete_address(index, IpNet::V4(a)).await,
+        DeviceChange::AddAddress(a) => nl.add_address(index, a).await,
+        DeviceChange::RemoveAddress(a) => nl.delete_address(index, a).await,
     }
 }
 
@@ -172,7 +191,7 @@ async fn create(nl: &Netlink, spec: &DeviceSpec) -> Result<(), overlay_netlink::
         vni: spec.vni,
         port: spec.port,
         gbp: spec.gbp,
-        local: IpAddr::V4(spec.local),
+        local: spec.local,
         lower: spec.underlay_index,
         mtu: spec.mtu,
         mac: spec.mac,
@@ -182,14 +201,9 @@ async fn create(nl: &Netlink, spec: &DeviceSpec) -> Result<(), overlay_netlink::
     Ok(())
 }
 
-fn ipv4(addresses: Vec<IpNet>) -> Vec<Ipv4Net> {
-    addresses
-        .into_iter()
-        .filter_map(|a| match a {
-            IpNet::V4(v4) => Some(v4),
-            IpNet::V6(_) => None,
-        })
-        .collect()
+/// The addresses of `family` that are ours to manage: not the kernel's link-local ones.
+fn managed(family: Family, addresses: Vec<IpNet>) -> Vec<IpNet> {
+    addresses.into_iter().filter(|a| Family::of_net(a) == family && !proto::family::is_link_local(a.addr())).collect()
 }
 
 /// Removes the device named `name`, if present (for `overlayd cleanup`).
@@ -209,11 +223,12 @@ mod tests {
 
     fn spec() -> DeviceSpec {
         DeviceSpec {
+            family: Family::V4,
             name: "overlay.1".into(),
             vni: 1,
             port: 8472,
             gbp: false,
-            local: Ipv4Addr::new(192, 168, 50, 11),
+            local: "192.168.50.11".parse().unwrap(),
             underlay_index: 2,
             mtu: 1450,
             mac: "b2:5e:e8:32:3a:be".parse().unwrap(),
@@ -232,7 +247,7 @@ mod tests {
             controller: None,
             vxlan: Some(VxlanSettings {
                 vni: Some(spec.vni),
-                local: Some(IpAddr::V4(spec.local)),
+                local: Some(spec.local),
                 port: Some(spec.port),
                 learning: Some(false),
                 gbp: false,
@@ -266,7 +281,7 @@ mod tests {
         drifted.mtu = 1500;
         drifted.mac = Some("02:00:00:00:00:01".parse().unwrap());
         drifted.up = false;
-        let stale: Ipv4Net = "10.244.9.0/32".parse().unwrap();
+        let stale: IpNet = "10.244.9.0/32".parse().unwrap();
         assert_eq!(
             diff(&s, Some(&drifted), &[stale]),
             [
@@ -277,5 +292,14 @@ mod tests {
                 DeviceChange::SetUp
             ]
         );
+    }
+
+    #[test]
+    fn the_kernel_s_link_local_addresses_are_left_alone() {
+        let found: Vec<IpNet> = ["fe80::fce4:caff:fe57:1c83/64", "fd00:10:244:8::/128", "10.0.0.1/32"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(managed(Family::V6, found), ["fd00:10:244:8::/128".parse::<IpNet>().unwrap()]);
     }
 }

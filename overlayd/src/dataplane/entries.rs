@@ -3,11 +3,10 @@
 //! written in batches. Blocking (the bulk socket): the reconcile runs these on
 //! a blocking thread.
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use ipnet::{IpNet, Ipv4Net};
 use overlay_netlink::{AddressFamily, Bulk, Change, Entry, FdbEntry, Neighbour, Route};
-use proto::MacAddr;
+use proto::{Family, MacAddr};
+
+use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use crate::plan::{KernelState, Op, RouteVia};
@@ -18,9 +17,9 @@ pub const ROUTE_PROTOCOL: u8 = 77;
 
 /// The netlink entry an operation writes or removes.
 fn change(vxlan_index: u32, op: &Op) -> Change {
-    let neighbour = |ip: Ipv4Addr, mac| Entry::Neighbour(Neighbour { ifindex: vxlan_index, ip: IpAddr::V4(ip), mac });
-    let fdb = |mac, dst: Ipv4Addr| Entry::Fdb(FdbEntry { ifindex: vxlan_index, mac, dst: IpAddr::V4(dst) });
-    let route = |subnet: Ipv4Net, via| Entry::Route(route(vxlan_index, subnet, via));
+    let neighbour = |ip, mac| Entry::Neighbour(Neighbour { ifindex: vxlan_index, ip, mac });
+    let fdb = |mac, dst| Entry::Fdb(FdbEntry { ifindex: vxlan_index, mac, dst });
+    let route = |subnet, via| Entry::Route(route(vxlan_index, subnet, via));
     match *op {
         Op::SetNeighbour(ip, mac) => Change::Set(neighbour(ip, mac)),
         Op::DelNeighbour(ip, mac) => Change::Delete(neighbour(ip, mac)),
@@ -31,14 +30,14 @@ fn change(vxlan_index: u32, op: &Op) -> Change {
     }
 }
 
-fn route(vxlan_index: u32, subnet: Ipv4Net, via: RouteVia) -> Route {
+fn route(vxlan_index: u32, subnet: IpNet, via: RouteVia) -> Route {
     let (gateway, oif, onlink) = match via {
         // Encapsulated: `via <subnet>.0 dev overlay.1 onlink`.
         RouteVia::Vxlan(gateway) => (gateway, Some(vxlan_index), true),
         // DirectRouting: plain `via <peer's underlay address>`.
         RouteVia::Direct(gateway) => (gateway, None, false),
     };
-    Route { destination: IpNet::V4(subnet), gateway: Some(IpAddr::V4(gateway)), oif, onlink, protocol: ROUTE_PROTOCOL }
+    Route { destination: subnet, gateway: Some(gateway), oif, onlink, protocol: ROUTE_PROTOCOL }
 }
 
 /// How an apply went: how many operations were sent and which the kernel refused.
@@ -67,27 +66,42 @@ pub fn apply(bulk: &mut Bulk, vxlan_index: u32, ops: &[Op]) -> overlay_netlink::
     Ok(report)
 }
 
-/// Reads the overlay entries the kernel holds for the device `vxlan_index`
-/// (all of our routes, with `u32::MAX`).
-pub fn read(bulk: &mut Bulk, vxlan_index: u32) -> overlay_netlink::Result<KernelState> {
-    let mut state = KernelState::default();
-    for (n, permanent) in bulk.neighbours(vxlan_index, AddressFamily::Inet)? {
-        let IpAddr::V4(ip) = n.ip else { continue };
-        // A learned (non-permanent) entry is treated as absent so it gets replaced.
-        let mac = if permanent { n.mac } else { MacAddr([0; 6]) };
-        state.neighbours.insert(ip, mac);
+/// The netlink family of an IP family.
+pub fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
     }
-    for f in bulk.fdb(vxlan_index)? {
-        if let IpAddr::V4(dst) = f.dst {
-            state.fdb.insert(f.mac, dst);
+}
+
+/// Reads the overlay entries of `family` the kernel holds for the device
+/// `vxlan_index`; with `None` (no device), only our routes.
+pub fn read(bulk: &mut Bulk, vxlan_index: Option<u32>, family: Family) -> overlay_netlink::Result<KernelState> {
+    let mut state = KernelState::default();
+    if let Some(index) = vxlan_index {
+        for (n, permanent) in bulk.neighbours(index, address_family(family))? {
+            if Family::of(n.ip) != family {
+                continue;
+            }
+            // A learned (non-permanent) entry is treated as absent so it gets replaced.
+            let mac = if permanent { n.mac } else { MacAddr([0; 6]) };
+            state.neighbours.insert(n.ip, mac);
+        }
+        for f in bulk.fdb(index)? {
+            if Family::of(f.dst) == family {
+                state.fdb.insert(f.mac, f.dst);
+            }
         }
     }
-    for r in bulk.routes(AddressFamily::Inet, ROUTE_PROTOCOL)? {
-        let (IpNet::V4(subnet), Some(IpAddr::V4(gateway))) = (r.destination, r.gateway) else { continue };
-        let via = match (r.oif == Some(vxlan_index), r.onlink) {
+    for r in bulk.routes(address_family(family), ROUTE_PROTOCOL)? {
+        let (subnet, Some(gateway)) = (r.destination, r.gateway) else { continue };
+        if Family::of_net(&subnet) != family {
+            continue;
+        }
+        let via = match (vxlan_index.is_some() && r.oif == vxlan_index, r.onlink) {
             (true, true) => RouteVia::Vxlan(gateway),
             // Ours, but not onlink: report it so the diff replaces it.
-            (true, false) => RouteVia::Vxlan(Ipv4Addr::UNSPECIFIED),
+            (true, false) => RouteVia::Vxlan(family.unspecified()),
             (false, _) => RouteVia::Direct(gateway),
         };
         state.routes.insert(subnet, via);

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     Txn, TxnOp, WatchOptions, WatchResponse,
 };
-use ipnet::Ipv4Net;
-use proto::{LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
+use ipnet::IpNet;
+use proto::{Family, LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
 use tracing::{debug, info, warn};
 
 use super::etcd_events::{self, KeyChange};
@@ -45,17 +45,20 @@ pub enum EtcdError {
         source: std::io::Error,
     },
     /// No subnet is left.
-    #[error("network {network} is full: all {count} subnets between {min} and {max} are leased (raise SubnetMax or use a larger Network)")]
+    #[error("network {network} is full: all {count} subnets between {min} and {max} are leased (raise the subnet maximum or use a larger network)")]
     NetworkFull {
         /// The cluster network.
-        network: Ipv4Net,
+        network: IpNet,
         /// How many subnets it has.
-        count: u32,
-        /// SubnetMin.
-        min: Ipv4Addr,
-        /// SubnetMax.
-        max: Ipv4Addr,
+        count: u128,
+        /// The first subnet that may be handed out.
+        min: IpAddr,
+        /// The last subnet that may be handed out.
+        max: IpAddr,
     },
+    /// etcd cannot hold an IPv6-only lease.
+    #[error("EnableIPv4 is false: an IPv6-only network needs Kubernetes mode (--kube-subnet-mgr); flannel's etcd keys always name an IPv4 subnet")]
+    Ipv6Only,
     /// No endpoint was given.
     #[error("no etcd endpoint given (--etcd-endpoints)")]
     NoEndpoints,
@@ -80,6 +83,8 @@ pub struct Listed {
     pub etcd_lease: i64,
     /// The key's modification revision.
     pub mod_revision: i64,
+    /// The revision that created the key: the older of two claims wins.
+    pub create_revision: i64,
 }
 
 /// A consistent view of all leases at one revision.
@@ -203,32 +208,51 @@ impl EtcdLeases {
                 continue;
             };
             let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string());
-            leases.push(Listed { key, attrs, etcd_lease: kv.lease(), mod_revision: kv.mod_revision() });
+            leases.push(Listed {
+                key,
+                attrs,
+                etcd_lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
+            });
         }
         Ok(Listing { leases })
     }
 
-    /// Takes a subnet for a node at `attrs.public_ip`: its existing lease if it
-    /// has one, else `previous` if free, else any free subnet. Never two nodes
-    /// on one subnet: every claim is a transaction on the key's version.
+    /// Takes the subnets for a node at `attrs.public_ip`: its existing lease
+    /// if it has one, else `previous` if free, else any free subnet, in each
+    /// family the network carries (one key for both, `10.244.1.0-24&fd00::-64`,
+    /// so one transaction). Never two nodes on one subnet: every claim is a
+    /// transaction on the key's version, and a claim that shares a subnet
+    /// with an older key of another name (its other family's part differs)
+    /// is given up.
     pub async fn claim_subnet(
         &mut self,
         config: &NetConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Option<LeaseKey>,
     ) -> Result<Claimed, EtcdError> {
         const ATTEMPTS: u32 = 16;
-        let range = SubnetRange::of(config);
+        let pool4 = config.ipv4.ok_or(EtcdError::Ipv6Only)?;
+        let range4 = SubnetRange::of(&pool4);
+        let pool6 = config.ipv6;
+        let range6 = pool6.as_ref().map(SubnetRange::of);
+        // A key of the shape this config hands out: IPv4 in range, IPv6 in range exactly when IPv6 is on.
+        let fits = |k: &LeaseKey| {
+            k.v4.is_some_and(|n| range4.contains(&n.into()))
+                && match (range6, k.v6) {
+                    (None, None) => true,
+                    (Some(r), Some(n)) => r.contains(&n.into()),
+                    _ => false,
+                }
+        };
         let value = attrs.to_json();
         for attempt in 0..ATTEMPTS {
             let listing = self.list().await?;
+            let ours = |l: &&Listed| l.attrs.as_ref().is_ok_and(|a| a.public_ip == attrs.public_ip);
             // 1. A lease that already names our address: take it back.
-            let mut mine: Vec<&Listed> = listing
-                .leases
-                .iter()
-                .filter(|l| l.attrs.as_ref().is_ok_and(|a| a.public_ip == attrs.public_ip) && range.contains(&l.key.v4))
-                .collect();
-            mine.sort_by_key(|l| Some(l.key.v4) != previous);
+            let mut mine: Vec<&Listed> = listing.leases.iter().filter(ours).filter(|l| fits(&l.key)).collect();
+            mine.sort_by_key(|l| Some(l.key) != previous);
             if let Some(old) = mine.first() {
                 if let Some(own) = self.retake(old, &value, attrs).await? {
                     info!(subnet = %own.key, "took back our existing lease");
@@ -236,34 +260,106 @@ impl EtcdLeases {
                 }
                 continue;
             }
-            let taken: HashSet<Ipv4Net> = listing.leases.iter().map(|l| l.key.v4).collect();
-            // 2. The subnet of our subnet file, if still free; 3. any free one.
-            let candidate = previous
-                .filter(|p| range.contains(p) && !taken.contains(p))
-                .or_else(|| range.pick_free(&taken, seed(attrs.public_ip, attempt)));
-            let Some(subnet) = candidate else {
-                return Err(EtcdError::NetworkFull {
-                    network: config.network,
-                    count: range.len(),
-                    min: config.subnet_min,
-                    max: config.subnet_max,
-                });
+            // Our lease of another shape (IPv6 turned on or off since): its subnets are reused and it is replaced.
+            let reshaped: Option<&Listed> =
+                listing.leases.iter().filter(ours).find(|l| l.key.v4.is_some_and(|n| range4.contains(&n.into())));
+            let taken = |family: Family| -> HashSet<IpNet> {
+                listing
+                    .leases
+                    .iter()
+                    .filter(|l| reshaped.is_none_or(|r| r.key != l.key))
+                    .filter_map(|l| l.key.subnet(family))
+                    .collect()
             };
-            let key = LeaseKey::v4(subnet);
-            if let Some(lease) = self.claim(&key, &value).await? {
-                info!(subnet = %key, "claimed new subnet");
-                return Ok(Claimed { key, lease_id: lease });
+            // 2. The subnets of our subnet file (or of our reshaped lease), if still free; 3. any free one.
+            let pick = |family: Family, range: &SubnetRange| -> Option<IpNet> {
+                let taken = taken(family);
+                let free = |s: &IpNet| range.contains(s) && !taken.contains(s);
+                previous
+                    .and_then(|p| p.subnet(family))
+                    .filter(free)
+                    .or_else(|| reshaped.and_then(|r| r.key.subnet(family)).filter(free))
+                    .or_else(|| range.pick_free(&taken, seed(attrs, family, attempt)))
+            };
+            let full = |pool: &proto::Pool, range: &SubnetRange| EtcdError::NetworkFull {
+                network: pool.network,
+                count: range.len(),
+                min: pool.subnet_min,
+                max: pool.subnet_max,
+            };
+            let v4 = pick(Family::V4, &range4).ok_or_else(|| full(&pool4, &range4))?;
+            let v6 = match (pool6.as_ref(), range6.as_ref()) {
+                (Some(pool), Some(range)) => Some(pick(Family::V6, range).ok_or_else(|| full(pool, range))?),
+                _ => None,
+            };
+            let key = LeaseKey::new(as_v4(v4), v6.and_then(as_v6));
+            if let Some(lease) = self.claim(&key, &value, reshaped).await? {
+                let claimed = Claimed { key, lease_id: lease };
+                if self.lost_to_older_claim(&claimed).await? {
+                    debug!(subnet = %key, attempt, "an older lease holds one of these subnets; choosing again");
+                    continue;
+                }
+                match reshaped {
+                    Some(old) => {
+                        info!(subnet = %key, old = %old.key, "claimed subnets, replacing our lease of another shape")
+                    }
+                    None => info!(subnet = %key, "claimed new subnet"),
+                }
+                return Ok(claimed);
             }
             debug!(subnet = %key, attempt, "lost the race for a subnet; retrying");
         }
         Err(EtcdError::Contended(ATTEMPTS))
     }
 
-    /// Creates `key` if nobody holds it; returns the etcd lease on success.
-    async fn claim(&mut self, key: &LeaseKey, value: &str) -> Result<Option<i64>, EtcdError> {
+    /// Whether another key, created before ours, holds one of our subnets (two
+    /// nodes chose the same IPv6 subnet with different IPv4 ones at once).
+    /// If so, ours is removed: the older claim keeps it.
+    async fn lost_to_older_claim(&mut self, claimed: &Claimed) -> Result<bool, EtcdError> {
+        if claimed.key.v6.is_none() {
+            // An IPv4-only key is its subnet: the transaction alone made it unique.
+            return Ok(false);
+        }
+        let listing = self.list().await?;
+        let Some(ours) = listing.leases.iter().find(|l| l.key == claimed.key) else { return Ok(false) };
+        let shares = |l: &Listed| {
+            Family::ALL.iter().any(|f| l.key.subnet(*f).is_some() && l.key.subnet(*f) == claimed.key.subnet(*f))
+        };
+        let older = listing
+            .leases
+            .iter()
+            .any(|l| l.key != claimed.key && shares(l) && l.create_revision < ours.create_revision);
+        if older {
+            let path = self.key_path(&claimed.key);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(path.as_str(), CompareOp::Equal, ours.mod_revision)])
+                .and_then([TxnOp::delete(path.as_str(), None)]);
+            self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
+            let _ = self.client().lease_revoke(claimed.lease_id).await;
+        }
+        Ok(older)
+    }
+
+    /// Creates `key` if nobody holds it (and removes `replaces`, our lease
+    /// of another shape, in the same transaction, if unchanged since it was
+    /// listed); returns the etcd lease on success.
+    async fn claim(
+        &mut self,
+        key: &LeaseKey,
+        value: &str,
+        replaces: Option<&Listed>,
+    ) -> Result<Option<i64>, EtcdError> {
         let lease = self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id();
         let path = self.key_path(key);
-        let claimed = self.put_if(Compare::version(path.as_str(), CompareOp::Equal, 0), &path, value, lease).await?;
+        let mut guards = vec![Compare::version(path.as_str(), CompareOp::Equal, 0)];
+        let mut ops = vec![TxnOp::put(path.as_str(), value, Some(PutOptions::new().with_lease(lease)))];
+        if let Some(old) = replaces {
+            let old_path = self.key_path(&old.key);
+            guards.push(Compare::mod_revision(old_path.as_str(), CompareOp::Equal, old.mod_revision));
+            ops.push(TxnOp::delete(old_path.as_str(), None));
+        }
+        let txn = Txn::new().when(guards).and_then(ops);
+        let claimed = self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?.succeeded();
         if claimed {
             Ok(Some(lease))
         } else {
@@ -468,8 +564,12 @@ impl LeaseStore for EtcdLeases {
         loop {
             match self.config_text().await {
                 Ok(Some(text)) => {
-                    return NetConfig::parse(&text)
-                        .with_context(|| format!("invalid network config at etcd key {path}"));
+                    let config = NetConfig::parse(&text)
+                        .with_context(|| format!("invalid network config at etcd key {path}"))?;
+                    if config.ipv4.is_none() {
+                        return Err(EtcdError::Ipv6Only).with_context(|| format!("network config at etcd key {path}"));
+                    }
+                    return Ok(config);
                 }
                 Ok(None) if say.ready() => {
                     info!(key = %path, "waiting for the network config: no such key in etcd yet")
@@ -487,7 +587,7 @@ impl LeaseStore for EtcdLeases {
         &mut self,
         config: &NetConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Option<LeaseKey>,
     ) -> anyhow::Result<OwnLease> {
         let mut backoff = Backoff::new();
         let mut say = Throttle::new(Duration::from_secs(30));
@@ -497,7 +597,9 @@ impl LeaseStore for EtcdLeases {
                     self.lease_id = Some(claimed.lease_id);
                     return Ok(OwnLease { key: claimed.key, attrs: attrs.clone() });
                 }
-                Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_))) => return Err(e.into()),
+                Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_) | EtcdError::Ipv6Only)) => {
+                    return Err(e.into())
+                }
                 Err(e) if say.ready() => warn!(error = %e, "cannot lease a subnet yet; retrying"),
                 Err(_) => {}
             }
@@ -535,7 +637,25 @@ fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
     std::fs::read(path).map_err(|source| EtcdError::TlsFile { path: path.display().to_string(), source })
 }
 
-/// Where in the range a node starts looking, so simultaneous joiners spread out.
-fn seed(ip: Ipv4Addr, attempt: u32) -> u64 {
-    u64::from(u32::from(ip)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(attempt).wrapping_mul(7919)
+/// Where in a family's range a node starts looking, so simultaneous joiners spread out.
+fn seed(attrs: &LeaseAttrs, family: Family, attempt: u32) -> u64 {
+    let ip = match (family, attrs.public_ipv6) {
+        (Family::V6, Some(v6)) => proto::hash::fnv1a(&v6.octets()),
+        _ => u64::from(u32::from(attrs.public_ip)),
+    };
+    ip.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(attempt).wrapping_mul(7919)
+}
+
+fn as_v4(net: IpNet) -> Option<ipnet::Ipv4Net> {
+    match net {
+        IpNet::V4(n) => Some(n),
+        IpNet::V6(_) => None,
+    }
+}
+
+fn as_v6(net: IpNet) -> Option<ipnet::Ipv6Net> {
+    match net {
+        IpNet::V6(n) => Some(n),
+        IpNet::V4(_) => None,
+    }
 }

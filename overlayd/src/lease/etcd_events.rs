@@ -25,7 +25,10 @@ pub fn lease_key(key: &[u8], prefix: &str) -> Option<LeaseKey> {
 pub fn listing<'a>(prefix: &str, kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Vec<WatchEvent> {
     let mut events = vec![WatchEvent::Init];
     for (key, value) in kvs {
-        let Some(lease) = lease_key(key, prefix) else { continue };
+        let Some(lease) = lease_key(key, prefix) else {
+            warn!(key = %String::from_utf8_lossy(key), "skipping a key under subnets/ that is not a lease key");
+            continue;
+        };
         match LeaseAttrs::from_json(value) {
             Ok(attrs) => events.push(WatchEvent::InitApply(lease, attrs)),
             Err(e) => warn!(lease = %lease, error = %e, "skipping a peer lease that does not parse"),

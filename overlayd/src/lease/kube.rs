@@ -7,13 +7,11 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
@@ -21,11 +19,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config};
-use proto::node_annotations::parse_pod_cidr;
+use proto::node_annotations::pod_cidrs;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
 
-use super::{EventSender, LeaseStore, OwnLease, Renewal, WatchEvent};
+use super::{EventSender, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
 
@@ -67,6 +65,8 @@ struct PeerNode {
 struct PeerNodeSpec {
     #[serde(rename = "podCIDR", default)]
     pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs", default)]
+    pod_cidrs: Option<Vec<String>>,
 }
 
 /// The metadata fields the watch uses; the rest (managedFields above all) is skipped.
@@ -180,7 +180,8 @@ impl KubeLeases {
         }
     }
 
-    /// Writes our annotations onto our Node (a merge patch: other annotations stay).
+    /// Writes our annotations onto our Node (a merge patch: other annotations
+    /// stay; the keys of a family that is off are removed).
     async fn publish(&self, attrs: &LeaseAttrs) -> anyhow::Result<()> {
         let patch = serde_json::json!({ "metadata": { "annotations": self.annotations.publish(attrs) } });
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
@@ -249,7 +250,7 @@ impl NodeEvents {
 
     /// The lease a Node stands for, if it is a usable peer.
     fn lease(&self, node: &PeerNode) -> Option<(LeaseKey, LeaseAttrs)> {
-        match self.annotations.lease(pod_cidr_of(node), annotations_of(&node.metadata)) {
+        match self.annotations.lease(pod_cidr_of(node), pod_cidrs_of(node), annotations_of(&node.metadata)) {
             Ok(lease) => lease,
             Err(e) => {
                 warn!(node = node.metadata.name.as_deref().unwrap_or("?"), error = %e, "skipping node: its lease does not parse");
@@ -258,9 +259,9 @@ impl NodeEvents {
         }
     }
 
-    /// The key a Node's podCIDR names, usable peer or not.
+    /// The key a Node's podCIDRs name, usable peer or not.
     fn key(node: &PeerNode) -> Option<LeaseKey> {
-        parse_pod_cidr(pod_cidr_of(node)?).ok().map(LeaseKey::v4)
+        pod_cidrs(pod_cidr_of(node), pod_cidrs_of(node)).ok().flatten()
     }
 
     /// The lease events one watcher event stands for (often none).
@@ -287,6 +288,17 @@ fn pod_cidr_of(node: &PeerNode) -> Option<&str> {
     node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).filter(|c| !c.is_empty())
 }
 
+fn pod_cidrs_of(node: &PeerNode) -> &[String] {
+    node.spec.as_ref().and_then(|s| s.pod_cidrs.as_deref()).unwrap_or_default()
+}
+
+/// Our own Node's podCIDRs, as a lease key.
+fn own_pod_cidrs(node: &Node) -> Result<Option<LeaseKey>, proto::NodeLeaseError> {
+    let spec = node.spec.as_ref();
+    let list = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or_default();
+    pod_cidrs(spec.and_then(|s| s.pod_cidr.as_deref()), list)
+}
+
 /// A Node's annotations; none is the same as an empty map.
 fn annotations_of(meta: &ObjectMeta) -> &BTreeMap<String, String> {
     static NONE: BTreeMap<String, String> = BTreeMap::new();
@@ -301,6 +313,31 @@ async fn bounded<T>(what: String, call: impl Future<Output = Result<T, kube::Err
     }
 }
 
+impl KubeLeases {
+    /// Our podCIDRs must give each family that is on a subnet inside its network.
+    fn check_pod_cidrs(&self, config: &NetConfig, key: &LeaseKey) -> anyhow::Result<()> {
+        for family in config.families() {
+            let Some(pool) = config.pool(family) else { continue };
+            let Some(subnet) = key.subnet(family) else {
+                bail!(
+                    "node {} has no {family} podCIDR (it has {key}), but {} turns {family} on: a dual-stack network needs kube-controller-manager's --cluster-cidr with one network per family, e.g. 10.244.0.0/16,fd00:10:244::/56",
+                    self.node_name,
+                    self.net_config_path.display()
+                );
+            };
+            if !pool.network.contains(&subnet) {
+                bail!(
+                    "node {}'s podCIDR {subnet} is outside the {family} network {} of {}: the controller-manager's --cluster-cidr and the net-conf must agree",
+                    self.node_name,
+                    pool.network,
+                    self.net_config_path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LeaseStore for KubeLeases {
     async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
         let path = &self.net_config_path;
@@ -309,28 +346,32 @@ impl LeaseStore for KubeLeases {
         NetConfig::parse(&text).with_context(|| format!("invalid network config in {}", path.display()))
     }
 
-    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+    async fn public_ips(&mut self, detected: PublicIps) -> anyhow::Result<PublicIps> {
         let node = self.wait_for_own_node().await;
-        match self.annotations.public_ip_overwrite(annotations_of(&node.metadata)).context("on our own node")? {
-            Some(ip) => {
-                info!(public_ip = %ip, detected = %detected, "using the address pinned by {}", self.annotations.key("public-ip-overwrite"));
-                Ok(ip)
-            }
-            None => Ok(detected),
+        let annotations = annotations_of(&node.metadata);
+        let mut public = detected;
+        if let Some(ip) = self.annotations.public_ip_overwrite(annotations).context("on our own node")? {
+            info!(public_ip = %ip, detected = ?detected.v4, "using the address pinned by {}", self.annotations.key("public-ip-overwrite"));
+            public.v4 = detected.v4.map(|_| ip);
         }
+        if let Some(ip) = self.annotations.public_ipv6_overwrite(annotations).context("on our own node")? {
+            info!(public_ipv6 = %ip, detected = ?detected.v6, "using the address pinned by {}", self.annotations.key("public-ipv6-overwrite"));
+            public.v6 = detected.v6.map(|_| ip);
+        }
+        Ok(public)
     }
 
     async fn acquire(
         &mut self,
         config: &NetConfig,
         attrs: &LeaseAttrs,
-        _previous: Option<Ipv4Net>,
+        _previous: Option<LeaseKey>,
     ) -> anyhow::Result<OwnLease> {
         let mut backoff = Backoff::new();
         let mut say = Throttle::new(SAY_EVERY);
         loop {
             let node = self.wait_for_own_node().await;
-            match node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).filter(|c| !c.is_empty()) {
+            match own_pod_cidrs(&node).with_context(|| format!("node {}", self.node_name))? {
                 None => {
                     if say.ready() {
                         info!(
@@ -340,23 +381,14 @@ impl LeaseStore for KubeLeases {
                         );
                     }
                 }
-                Some(cidr) => {
-                    let subnet = parse_pod_cidr(cidr).with_context(|| format!("node {}", self.node_name))?;
-                    if !config.network.contains(&subnet) {
-                        bail!(
-                            "node {}'s podCIDR {subnet} is outside the network {} of {}: the controller-manager's --cluster-cidr and the net-conf Network must agree",
-                            self.node_name,
-                            config.network,
-                            self.net_config_path.display()
-                        );
-                    }
-                    let key = LeaseKey::v4(subnet);
+                Some(key) => {
+                    self.check_pod_cidrs(config, &key)?;
                     if self.annotations.published(annotations_of(&node.metadata), attrs) {
                         return Ok(OwnLease { key, attrs: attrs.clone() });
                     }
                     match self.publish(attrs).await {
                         Ok(()) => {
-                            info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, "published our lease on the node");
+                            info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, public_ipv6 = ?attrs.public_ipv6, "published our lease on the node");
                             return Ok(OwnLease { key, attrs: attrs.clone() });
                         }
                         Err(e) => warn!(error = format!("{e:#}"), "cannot annotate our node; retrying"),
@@ -381,9 +413,11 @@ impl LeaseStore for KubeLeases {
             Ok(None) => return Renewal::Seen(None),
             Err(e) => return Renewal::Failed(format!("{e:#}")),
         };
-        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref());
+        let spec = node.spec.as_ref();
+        let pod_cidr = spec.and_then(|s| s.pod_cidr.as_deref());
+        let pod_cidr_list = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or_default();
         // What our Node stands for now; another podCIDR means our key is gone.
-        let seen = match self.annotations.lease(pod_cidr, annotations_of(&node.metadata)) {
+        let seen = match self.annotations.lease(pod_cidr, pod_cidr_list, annotations_of(&node.metadata)) {
             Ok(Some((key, attrs))) if key == own.key => Some(attrs),
             _ => None,
         };
@@ -440,8 +474,9 @@ mod tests {
     fn node(name: &str, cidr: Option<&str>, lease: Option<&LeaseAttrs>) -> PeerNode {
         let mut n = PeerNode::default();
         n.metadata.name = Some(name.into());
-        n.metadata.annotations = lease.map(|a| NodeAnnotations::default().publish(a));
-        n.spec = Some(PeerNodeSpec { pod_cidr: cidr.map(String::from) });
+        n.metadata.annotations = lease
+            .map(|a| NodeAnnotations::default().publish(a).into_iter().filter_map(|(k, v)| Some((k, v?))).collect());
+        n.spec = Some(PeerNodeSpec { pod_cidr: cidr.map(String::from), pod_cidrs: None });
         n
     }
 

@@ -9,10 +9,9 @@ mod etcd_events;
 pub mod kube;
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use proto::{LeaseAttrs, LeaseKey, NetConfig};
 use tokio::sync::mpsc;
 
@@ -56,6 +55,15 @@ pub enum Renewal {
     Failed(String),
 }
 
+/// The addresses peers send this node's VXLAN packets to, per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PublicIps {
+    /// IPv4, when IPv4 is on.
+    pub v4: Option<Ipv4Addr>,
+    /// IPv6, when IPv6 is on.
+    pub v6: Option<Ipv6Addr>,
+}
+
 /// Our lease no longer says what we published.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -87,20 +95,20 @@ pub trait LeaseStore: Send + 'static {
     /// The network config; waits for it where the store may not have it yet.
     async fn network_config(&mut self) -> anyhow::Result<NetConfig>;
 
-    /// The address peers must send to: `detected` unless the store pins another.
-    async fn public_ip(&mut self, detected: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+    /// The addresses peers must send to: `detected` unless the store pins others.
+    async fn public_ips(&mut self, detected: PublicIps) -> anyhow::Result<PublicIps> {
         Ok(detected)
     }
 
-    /// Takes (or finds) this node's subnet and publishes `attrs` in it;
-    /// `previous` is the subnet this node had, where the store lets a node
+    /// Takes (or finds) this node's subnets and publishes `attrs` in them;
+    /// `previous` is the subnets this node had, where the store lets a node
     /// choose. Retries while the store is unreachable; errors only when
     /// retrying cannot help (network full, a podCIDR outside the network).
     async fn acquire(
         &mut self,
         config: &NetConfig,
         attrs: &LeaseAttrs,
-        previous: Option<Ipv4Net>,
+        previous: Option<LeaseKey>,
     ) -> anyhow::Result<OwnLease>;
 
     /// Lists, then watches, forever: a stream of [`WatchEvent`] batches that

@@ -430,8 +430,12 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
     for i in 1..=n {
         let (subnet, value) = synthetic_lease(i);
         let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
-        let annotations = proto::NodeAnnotations::new(prefix).publish(&attrs);
-        c.api().add_peer_node(&format!("peer-{i}"), attrs.public_ip, subnet, &annotations, &extra)?;
+        let annotations: std::collections::BTreeMap<String, String> = proto::NodeAnnotations::new(prefix)
+            .publish(&attrs)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
+        c.api().add_peer_node(&format!("peer-{i}"), attrs.public_ip, &[subnet.into()], &annotations, &extra)?;
     }
     let i = c.add_kube_node(true, &[])?;
     let start = Instant::now();

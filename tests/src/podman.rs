@@ -65,7 +65,7 @@ pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
         .find(|p| Path::new(p).exists())
         .context("busybox-static is not installed (make deps)")?;
     std::fs::copy(busybox, bin.join("busybox"))?;
-    for applet in ["sh", "httpd", "nc", "printf", "sleep", "cat", "echo", "ip", "hostname"] {
+    for applet in ["sh", "httpd", "nc", "printf", "sleep", "cat", "echo", "ip", "hostname", "ping"] {
         let link = bin.join(applet);
         if !link.exists() {
             std::os::unix::fs::symlink("busybox", link)?;

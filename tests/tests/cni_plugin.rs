@@ -46,7 +46,9 @@ impl Host {
 
     fn allocations(&self) -> usize {
         std::fs::read_dir(self.dir.join("ipam/overlay"))
-            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok()).count())
+            .map(|d| {
+                d.flatten().filter(|e| e.file_name().to_string_lossy().parse::<std::net::IpAddr>().is_ok()).count()
+            })
             .unwrap_or(0)
     }
 
@@ -237,6 +239,79 @@ fn version_lists_the_supported_versions() {
     let host = Host::new(true);
     let v = call(&host.ns, "VERSION", "", "", "", &json!({})).unwrap();
     assert!(v.json["supportedVersions"].as_array().unwrap().iter().any(|s| s == "1.1.0"));
+}
+
+/// The dual-stack subnet file of the flannel capture (shared/compat), our MTU.
+const DUAL_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.40.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:8::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n";
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn dual_stack_add_check_del_gc_cover_both_families() {
+    require_root();
+    let host = Host::new(false);
+    std::fs::write(host.dir.join("subnet.env"), DUAL_ENV).unwrap();
+    let conf = host.conf("0.3.1");
+    let pod = host.pod(0);
+    let add = call(&host.ns, "ADD", "d0", &pod.path(), "eth0", &conf).unwrap();
+    assert!(add.ok, "{:?} {}", add.json, add.stderr);
+    // The reference plugins' shape: one IP per family with its gateway, both networks, both defaults.
+    let ips = &add.json["ips"];
+    assert_eq!((ips[0]["version"].as_str(), ips[0]["address"].as_str()), (Some("4"), Some("10.244.40.2/24")));
+    assert_eq!((ips[1]["version"].as_str(), ips[1]["address"].as_str()), (Some("6"), Some("fd00:10:244:8::2/64")));
+    assert_eq!(ips[1]["gateway"], "fd00:10:244:8::1");
+    let dsts: Vec<&str> = add.json["routes"].as_array().unwrap().iter().map(|r| r["dst"].as_str().unwrap()).collect();
+    assert_eq!(dsts, ["10.244.0.0/16", "fd00:10:244::/56", "0.0.0.0/0", "::/0"]);
+    assert!(ping(&pod, "fd00:10:244:8::1".parse::<std::net::Ipv6Addr>().unwrap()), "no IPv6 to the gateway");
+    assert!(ping(&pod, Ipv4Addr::new(10, 244, 40, 1)), "no IPv4 to the gateway");
+    let routes = pod.ip(&["-6", "route"]).unwrap();
+    assert!(
+        routes.contains("default via fd00:10:244:8::1") && routes.contains("fd00:10:244::/56 via fd00:10:244:8::1"),
+        "{routes}"
+    );
+    assert!(pod.ip(&["link", "show", "eth0"]).unwrap().contains("mtu 1430"));
+    let bridge = host.ns.ip(&["-6", "addr", "show", "cni0"]).unwrap();
+    assert!(bridge.contains("fd00:10:244:8::1/64"), "{bridge}");
+    assert_eq!(host.allocations(), 2);
+
+    let mut checked = conf.clone();
+    checked["prevResult"] = add.json.clone();
+    assert!(call(&host.ns, "CHECK", "d0", &pod.path(), "eth0", &checked).unwrap().ok);
+    pod.ip(&["-6", "route", "del", "default"]).unwrap();
+    let bad = call(&host.ns, "CHECK", "d0", &pod.path(), "eth0", &checked).unwrap();
+    assert!(
+        !bad.ok && bad.json["msg"].as_str().unwrap().contains("route ::/0 via fd00:10:244:8::1 is missing"),
+        "{:?}",
+        bad.json
+    );
+
+    // DEL frees both addresses; GC covers both families too.
+    assert!(call(&host.ns, "DEL", "d0", &pod.path(), "eth0", &checked).unwrap().ok);
+    assert_eq!(host.allocations(), 0);
+    let pods: Vec<Netns> = (1..=2).map(|k| host.pod(k)).collect();
+    for (k, p) in pods.iter().enumerate() {
+        assert!(call(&host.ns, "ADD", &format!("g{k}"), &p.path(), "eth0", &conf).unwrap().ok);
+    }
+    assert_eq!(host.allocations(), 4);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
+    assert!(call(&host.ns, "GC", "", "", "", &gc).unwrap().ok);
+    assert_eq!(host.allocations(), 2);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn ipv6_only_add_gives_one_ipv6_address() {
+    require_root();
+    let host = Host::new(false);
+    let env = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:8::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n";
+    std::fs::write(host.dir.join("subnet.env"), env).unwrap();
+    let pod = host.pod(0);
+    let add = call(&host.ns, "ADD", "v6", &pod.path(), "eth0", &host.conf("1.0.0")).unwrap();
+    assert!(add.ok, "{:?} {}", add.json, add.stderr);
+    assert_eq!(add.json["ips"].as_array().unwrap().len(), 1);
+    assert_eq!(add.json["ips"][0]["address"], "fd00:10:244:8::2/64");
+    assert!(pod.ip(&["-4", "addr", "show", "eth0"]).unwrap().trim().is_empty(), "an IPv4 address on an IPv6-only pod");
+    assert!(ping(&pod, "fd00:10:244:8::1".parse::<std::net::Ipv6Addr>().unwrap()));
 }
 
 #[test]

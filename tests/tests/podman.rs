@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use overlay_tests::cluster::DUAL_STACK_CONFIG;
 use overlay_tests::podman::Podman;
 use overlay_tests::{require_root, wait_until, Cluster, ClusterOptions};
 
@@ -59,4 +60,59 @@ fn podman_containers_talk_across_nodes_through_overlay_cni() {
     assert!(ipam.exists(), "no allocation file for {ip}");
     p2.run(&["rm", "--force", "--time", "0", "web"]).unwrap();
     assert!(!ipam.exists(), "podman rm did not release {ip}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn podman_dual_stack_containers_ping_across_nodes_over_ipv4_and_ipv6() {
+    require_root();
+    let options = ClusterOptions { config: Some(DUAL_STACK_CONFIG.into()), ..Default::default() };
+    let mut c = Cluster::new(options).unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    let plugin_dir = overlay_tests::workspace_bin("overlay-cni").parent().unwrap().to_path_buf();
+    let p1 = Podman::for_node(&c.nodes[0], &c.dir, &plugin_dir).unwrap();
+    let p2 = Podman::for_node(&c.nodes[1], &c.dir, &plugin_dir).unwrap();
+    let rootfs = p2.rootfs();
+    p2.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "overlay",
+        "--rootfs",
+        &rootfs,
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ])
+    .unwrap();
+    let ip4 = p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
+    let ip6 =
+        p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.GlobalIPv6Address}}"]).unwrap();
+    assert!(c.nodes[1].subnet().unwrap().contains(&ip4.parse::<std::net::Ipv4Addr>().unwrap()), "web got {ip4}");
+    assert!(c.nodes[1].subnet_v6().unwrap().contains(&ip6.parse::<std::net::Ipv6Addr>().unwrap()), "web got {ip6:?}");
+
+    let rootfs = p1.rootfs();
+    for ip in [&ip4, &ip6] {
+        let mut out = String::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let ping =
+                    format!("ping -c 1 -W 2 {ip} && printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80");
+                out = p1
+                    .run(&["run", "--rm", "--network", "overlay", "--rootfs", &rootfs, "/bin/sh", "-c", &ping])
+                    .unwrap_or_else(|e| e.to_string());
+                out.contains("1 packets received") && out.contains("hello from overlay")
+            }),
+            "a container on node 1 cannot ping and fetch from {ip}: {out:?}"
+        );
+    }
+    p2.run(&["rm", "--force", "--time", "0", "web"]).unwrap();
+    let ipam = c.nodes[1].subnet_file.parent().unwrap().join("ipam/overlay");
+    assert!(!ipam.join(&ip4).exists() && !ipam.join(&ip6).exists(), "podman rm did not release both addresses");
 }

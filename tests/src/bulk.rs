@@ -22,8 +22,33 @@ pub fn synthetic_lease(i: u32) -> (Ipv4Net, String) {
     (subnet, value)
 }
 
+/// The `i`th synthetic dual-stack peer (1-based, below 32768): its key
+/// segment (`10.0.i.0-24&fd00:0:0:i::-64`) and a value with both families'
+/// VTEPs; fake IPv6 underlay fd00:172::/64.
+pub fn synthetic_lease_dual(i: u32) -> (String, String) {
+    let (subnet, _) = synthetic_lease(i);
+    let public = Ipv4Addr::from(0xac10_0000 + i);
+    let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+    let key = format!("{}-{}&fd00:0:0:{i:x}::-64", subnet.network(), subnet.prefix_len());
+    let value = format!(
+        r#"{{"PublicIP":"{public}","PublicIPv6":"fd00:172::{i:x}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:{a:02x}:{b:02x}:{c:02x}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"02:06:00:{a:02x}:{b:02x}:{c:02x}"}}}}"#
+    );
+    (key, value)
+}
+
 fn key(prefix: &str, subnet: Ipv4Net) -> String {
     format!("{prefix}/subnets/{}-{}", subnet.network(), subnet.prefix_len())
+}
+
+/// The lease of peer `i`: its full key and value, in one family or both.
+fn lease(prefix: &str, i: u32, dual: bool) -> (String, String) {
+    if dual {
+        let (segment, value) = synthetic_lease_dual(i);
+        (format!("{prefix}/subnets/{segment}"), value)
+    } else {
+        let (subnet, value) = synthetic_lease(i);
+        (key(prefix, subnet), value)
+    }
 }
 
 /// What to do with the leases 1..=n.
@@ -37,6 +62,11 @@ pub enum Bulk {
 
 /// Puts or deletes leases 1..=n under `prefix`, 64 requests in flight.
 pub fn leases(ns: &Netns, endpoint: &str, prefix: &str, n: u32, op: Bulk) -> Result<()> {
+    leases_of(ns, endpoint, prefix, n, op, false)
+}
+
+/// [`leases`], of dual-stack peers when `dual`.
+pub fn leases_of(ns: &Netns, endpoint: &str, prefix: &str, n: u32, op: Bulk, dual: bool) -> Result<()> {
     let endpoint = endpoint.to_string();
     let prefix = prefix.to_string();
     crate::probe::in_netns(ns, move || {
@@ -47,8 +77,7 @@ pub fn leases(ns: &Netns, endpoint: &str, prefix: &str, n: u32, op: Bulk) -> Res
             let mut in_flight = tokio::task::JoinSet::new();
             while next <= n || !in_flight.is_empty() {
                 while next <= n && in_flight.len() < 64 {
-                    let (subnet, value) = synthetic_lease(next);
-                    let path = key(&prefix, subnet);
+                    let (path, value) = lease(&prefix, next, dual);
                     let mut client = client.clone();
                     in_flight.spawn(async move {
                         match op {

@@ -284,3 +284,58 @@ fn ipv6_only_on_etcd_is_refused_with_a_pointer_to_kubernetes_mode() {
     assert!(log.contains("IPv6-only network needs Kubernetes mode"), "{log}");
     assert!(!c.nodes[i].ns.ip(&["link"]).unwrap().contains("overlay"));
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn turning_ipv6_on_keeps_the_ipv4_subnet_and_turning_it_off_removes_the_ipv6_half() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    c.add_ready_node(&[], 0).unwrap();
+    let v4 = c.nodes[0].subnet().unwrap();
+    let v4_key = format!("{PREFIX}/subnets/{}-{}", v4.network(), v4.prefix_len());
+    assert!(c.etcd.get(&v4_key).unwrap().is_some());
+
+    // IPv6 on: the same IPv4 subnet, now in a dual key that replaced the old one.
+    c.nodes[0].stop().unwrap();
+    c.etcd.put(&format!("{PREFIX}/config"), DUAL_STACK_CONFIG).unwrap();
+    c.nodes[0].start().unwrap();
+    let node = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(20), || node.subnet_v6().is_ok()), "{}", node.log_text());
+    assert_eq!(node.subnet().unwrap(), v4, "turning IPv6 on moved the IPv4 subnet");
+    let v6 = node.subnet_v6().unwrap();
+    let keys = c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap();
+    assert_eq!(keys, [format!("{v4_key}&{}-{}", v6.network(), v6.prefix_len())], "the old key must be replaced");
+    assert!(node.ns.ip(&["link", "show", "overlay-v6.1"]).is_ok());
+
+    // IPv6 off again: its device goes, the IPv4 subnet stays.
+    c.nodes[0].stop().unwrap();
+    c.etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+    c.nodes[0].start().unwrap();
+    let node = &c.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(20), || node.subnet_v6().is_err()
+            && node.ns.ip(&["link", "show", "overlay-v6.1"]).is_err()),
+        "{}",
+        node.log_text()
+    );
+    assert_eq!(node.subnet().unwrap(), v4);
+    assert_eq!(c.etcd.keys(&format!("{PREFIX}/subnets/")).unwrap(), [v4_key]);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn direct_routing_covers_ipv6_peers_on_the_same_link() {
+    require_root();
+    let config = DUAL_STACK_CONFIG.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","DirectRouting":true"#);
+    let mut c = Cluster::new(ClusterOptions { config: Some(config), ..Default::default() }).unwrap();
+    c.add_ready_node(&[], 1).unwrap();
+    c.add_ready_node(&[], 1).unwrap();
+    let (node, peer) = (&c.nodes[0], &c.nodes[1]);
+    let want = format!("{} via {} dev eth0 proto 77", peer.subnet_v6().unwrap(), peer.ip6);
+    assert!(
+        wait_until(Duration::from_secs(5), || node.ns.ip(&["-6", "route"]).unwrap_or_default().contains(&want)),
+        "no direct IPv6 route {want}:\n{}",
+        node.ns.ip(&["-6", "route"]).unwrap_or_default()
+    );
+    assert!(ping_until(&node.pods[0].ns, peer.pods[0].ip6.unwrap(), Duration::from_secs(3)));
+}

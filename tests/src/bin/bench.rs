@@ -365,6 +365,212 @@ fn bench(c: &mut Cluster, n: u32) -> Result<Row> {
     })
 }
 
+/// Our IPv6 routes (protocol 77).
+fn route_count_v6(ns: &Netns) -> usize {
+    ns.ip(&["-6", "route", "show", "proto", "77"]).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// Both families' entries: (IPv4 neighbours, FDB, routes, IPv6 neighbours, FDB, routes).
+fn dual_entry_counts(ns: &Netns) -> usize {
+    let (a, b, c) = entry_counts(ns);
+    let neigh6 = ns
+        .ip(&["-6", "neigh", "show", "dev", "overlay-v6.1", "nud", "permanent"])
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    let fdb6 = overlay_tests::netns::run("bridge", &["-n", &ns.name, "fdb", "show", "dev", "overlay-v6.1"])
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    a + b + c + neigh6 + fdb6 + route_count_v6(ns)
+}
+
+fn wait_dual(ns: &Netns, timeout: Duration, done: impl Fn(usize, usize) -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if done(route_count(ns), route_count_v6(ns)) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn config_for_dual_bench() -> &'static str {
+    // Synthetic peers: 10.0.i.0/24 and fd00:0:0:i::/64; the daemon's own subnets come from the upper halves.
+    r#"{"Network":"10.0.0.0/8","SubnetMin":"10.128.0.0","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:8000::","Backend":{"Type":"vxlan"}}"#
+}
+
+struct DualRow {
+    n: u32,
+    cold: Option<Duration>,
+    floor: Duration,
+    burst: Option<Duration>,
+    burst_missing: usize,
+    removal: Option<Duration>,
+    removal_stale: usize,
+    idle_full: Usage,
+    peak_kib: u64,
+}
+
+/// The floor for dual-stack peers: the same N×6 entries by one `bridge -batch` and one `ip -batch`.
+fn dual_floor(id: &str, n: u32) -> Result<Duration> {
+    let ns = bare_node(&format!("ov{id}floor6"))?;
+    ns.ip(&["addr", "add", "fd00:172::ffff/64", "dev", "d0", "nodad"])?;
+    ns.ip(&[
+        "link",
+        "add",
+        "overlay-v6.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "fd00:172::ffff",
+        "dev",
+        "d0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
+    ns.ip(&["addr", "add", "fd00:0:0:ffff::/128", "dev", "overlay-v6.1", "nodad"])?;
+    ns.ip(&["link", "set", "overlay-v6.1", "up"])?;
+    let dir = std::env::temp_dir().join(format!("overlay-floor6-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let (mut ip_batch, mut fdb_batch) = (String::new(), String::new());
+    for i in 1..=n {
+        let (gw, mac, public, subnet) = synthetic_peer(i);
+        let mac4 = proto::MacAddr(mac);
+        let mac6 = proto::MacAddr([2, 6, 0, mac[3], mac[4], mac[5]]);
+        let gw6 = format!("fd00:0:0:{i:x}::");
+        let _ = writeln!(ip_batch, "neigh replace {gw} lladdr {mac4} dev overlay.1 nud permanent");
+        let _ = writeln!(fdb_batch, "fdb append {mac4} dev overlay.1 dst {public} self permanent");
+        let _ = writeln!(ip_batch, "route replace {subnet} via {gw} dev overlay.1 onlink");
+        let _ = writeln!(ip_batch, "neigh replace {gw6} lladdr {mac6} dev overlay-v6.1 nud permanent");
+        let _ = writeln!(fdb_batch, "fdb append {mac6} dev overlay-v6.1 dst fd00:172::{i:x} self permanent");
+        let _ = writeln!(ip_batch, "route replace {gw6}/64 via {gw6} dev overlay-v6.1 onlink");
+    }
+    std::fs::write(dir.join("ip.batch"), ip_batch)?;
+    std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
+    let start = Instant::now();
+    let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
+    let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
+    let took = start.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    if !(ok_ip && ok_fdb) {
+        bail!("dual-stack ip -batch floor failed");
+    }
+    Ok(took)
+}
+
+/// Dual stack: N dual-stack peers (N×6 entries) at a cold start; a burst of N written, then removed.
+fn dual_bench(c: &mut Cluster, n: u32) -> Result<DualRow> {
+    let timeout = Duration::from_secs(60);
+    let endpoint = c.etcd.endpoint();
+    let n_ = n as usize;
+    let cold_prefix = format!("/bench/dual-cold-{n}");
+    c.etcd.put(&format!("{cold_prefix}/config"), config_for_dual_bench())?;
+    bulk::leases_of(&c.underlay, &endpoint, &cold_prefix, n, Bulk::Put, true)?;
+    let i = c.add_node(&["--etcd-prefix", &cold_prefix])?;
+    let start = Instant::now();
+    c.nodes[i].start()?;
+    let cold = loop {
+        let ns = &c.nodes[i].ns;
+        if route_count(ns) >= n_ && route_count_v6(ns) >= n_ {
+            break Some(start.elapsed());
+        }
+        if start.elapsed() > timeout || !c.nodes[i].running() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let entries = dual_entry_counts(&c.nodes[i].ns);
+    if entries != 6 * n_ {
+        eprintln!("dual cold start n={n}: {entries} entries, want {}", 6 * n_);
+    }
+    let pid = c.nodes[i].pid().context("pid")?;
+    let cold_usage = usage(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_full = usage(pid);
+    c.nodes[i].stop()?;
+
+    let burst_prefix = format!("/bench/dual-burst-{n}");
+    c.etcd.put(&format!("{burst_prefix}/config"), config_for_dual_bench())?;
+    let j = c.add_node(&["--etcd-prefix", &burst_prefix])?;
+    c.nodes[j].start()?;
+    c.nodes[j].wait_ready(Duration::from_secs(20))?;
+    bulk::leases_of(&c.underlay, &endpoint, &burst_prefix, n, Bulk::Put, true)?;
+    let burst = wait_dual(&c.nodes[j].ns, timeout, |a, b| a >= n_ && b >= n_);
+    let burst_missing = 6 * n_ - dual_entry_counts(&c.nodes[j].ns).min(6 * n_);
+    bulk::leases_of(&c.underlay, &endpoint, &burst_prefix, n, Bulk::Delete, true)?;
+    let removal = wait_dual(&c.nodes[j].ns, timeout, |a, b| a == 0 && b == 0);
+    let removal_stale = dual_entry_counts(&c.nodes[j].ns);
+    let burst_usage = usage(c.nodes[j].pid().context("pid")?);
+    c.nodes[j].stop()?;
+    Ok(DualRow {
+        n,
+        cold,
+        floor: dual_floor(&c.id, n)?,
+        burst,
+        burst_missing,
+        removal,
+        removal_stale,
+        idle_full,
+        peak_kib: cold_usage.peak_kib.max(burst_usage.peak_kib),
+    })
+}
+
+/// One single-stream iperf3 run from `client` to `server_ip` in `server`: bits per second.
+fn iperf(server: &Netns, server_ip: std::net::IpAddr, client: &Netns) -> Result<f64> {
+    let mut daemon = server
+        .command("iperf3", &["-s", "-1", "-B", &server_ip.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running iperf3 (make deps installs it)")?;
+    let mut out = Err(anyhow::anyhow!("iperf3 never ran"));
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        out = client.exec("iperf3", &["-c", &server_ip.to_string(), "-t", "3", "-J"]);
+        if out.is_ok() {
+            break;
+        }
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let v: serde_json::Value = serde_json::from_str(&out?)?;
+    v["end"]["sum_received"]["bits_per_second"].as_f64().context("no throughput in iperf3's report")
+}
+
+/// Pod to pod over the overlay vs node to node over the underlay, single stream, per family.
+fn iperf_bench() -> Result<()> {
+    let options = ClusterOptions {
+        config: Some(overlay_tests::cluster::DUAL_STACK_CONFIG.into()),
+        resync: "30s".into(),
+        ..Default::default()
+    };
+    let mut c = Cluster::new(options)?;
+    c.add_ready_node(&[], 1)?;
+    c.add_ready_node(&[], 1)?;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let (p1, p2) = (&n1.pods[0], &n2.pods[0]);
+    println!();
+    println!("| iperf3, one stream, 3 s | node → node (underlay) | pod → pod (overlay) | ratio |");
+    println!("|---|---|---|---|");
+    for (family, node_ip, pod_ip) in [
+        ("IPv4", std::net::IpAddr::V4(n2.ip), std::net::IpAddr::V4(p2.ip)),
+        ("IPv6", std::net::IpAddr::V6(n2.ip6), std::net::IpAddr::V6(p2.ip6.context("no IPv6 pod")?)),
+    ] {
+        let underlay = iperf(&n2.ns, node_ip, &n1.ns)?;
+        let overlay = iperf(&p2.ns, pod_ip, &p1.ns)?;
+        println!(
+            "| {family} | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} |",
+            underlay / 1e9,
+            overlay / 1e9,
+            overlay / underlay
+        );
+    }
+    Ok(())
+}
+
 /// Kubernetes mode: N Node objects present at start → all N programmed.
 struct KubeRow {
     n: u32,
@@ -631,6 +837,11 @@ fn main() -> Result<()> {
         eprintln!("bench: N={n} ...");
         rows.push(bench(&mut c, n)?);
     }
+    let mut dual_rows = Vec::new();
+    for &n in sizes.iter().filter(|_| !kube_only) {
+        eprintln!("bench: dual stack, N={n} ...");
+        dual_rows.push(dual_bench(&mut c, n)?);
+    }
     let mut kube_rows = Vec::new();
     for &n in &sizes {
         eprintln!("bench: Kubernetes mode, N={n} ...");
@@ -672,6 +883,33 @@ fn main() -> Result<()> {
     println!();
     println!("cold start: from spawning overlayd until the kernel holds all N routes (routes are programmed last); floor: the same N×3 entries by one `bridge -batch` and one `ip -batch` process.");
     println!();
+    if !dual_rows.is_empty() {
+        println!("| N dual-stack peers | cold start (all N×6 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove | stale left | RSS idle, N peers (heap) | peak RSS |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for r in &dual_rows {
+            let ratio = r
+                .cold
+                .map(|c| format!("{:.1}×", c.as_secs_f64() / r.floor.as_secs_f64().max(1e-6)))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
+                r.n,
+                ms(r.cold),
+                ms(Some(r.floor)),
+                ratio,
+                ms(r.burst),
+                r.burst_missing,
+                ms(r.removal),
+                r.removal_stale,
+                mib(r.idle_full.rss_kib),
+                mib(r.idle_full.anon_kib),
+                mib(r.peak_kib),
+            );
+        }
+        println!();
+        println!("dual stack: each peer is one etcd key for both families (`10.0.i.0-24&fd00:0:0:i::-64`); cold start until the kernel holds all N routes of each family; missing and stale count entries of both families.");
+        println!();
+    }
     println!("| N Nodes (Kubernetes mode) | cold start (all N×3 entries) | etcd mode, same N | RSS idle (of which heap) | peak RSS | CPU s (cold start) |");
     println!("|---|---|---|---|---|---|");
     for r in &kube_rows {
@@ -702,6 +940,9 @@ fn main() -> Result<()> {
         println!("| {n} | {} | {} | {} |", ms(Some(bulk)), ms(Some(pipelined)), ms(Some(serial)));
     }
     cni_bench(&c.id)?;
+    if std::env::var("OVERLAY_BENCH_SKIP_IPERF").is_err() {
+        iperf_bench()?;
+    }
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use overlay_netlink::Netlink;
-use proto::{Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
+use proto::{Address, Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -51,8 +51,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `overlayd cleanup`.
 pub async fn cleanup(args: &RunArgs) -> Result<()> {
-    let devices = [(Family::V4, args.node.device.as_str()), (Family::V6, args.node.device_v6.as_str())];
-    reconcile::cleanup(&devices, &args.node.subnet_file).await
+    reconcile::cleanup([&args.node.device, &args.node.device_v6], &args.node.subnet_file).await
 }
 
 struct Daemon<S> {
@@ -256,38 +255,43 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 SubnetEnv::new(self.config.pod_mtu(self.underlay.mtu), self.node.ip_masq),
                 |env, (network, subnet)| env.with(network, subnet),
             );
-        let families = Family::ALL.map(|family| {
-            let name = match family {
-                Family::V4 => self.node.device.clone(),
-                Family::V6 => self.node.device_v6.clone(),
-            };
-            let (Some(pool), Some(subnet), Some(underlay)) =
-                (self.config.pool(family), self.own.key.subnet(family), self.underlay.addr(family))
-            else {
-                return FamilyPlan::off(family, name);
-            };
-            let local = Local { subnet, underlay, direct_routing: self.config.backend.direct_routing };
-            FamilyPlan {
+        NodePlan {
+            v4: self.family_plan::<Ipv4Addr>(&self.node.device),
+            v6: self.family_plan::<Ipv6Addr>(&self.node.device_v6),
+            subnet_env,
+        }
+    }
+
+    /// What the family of `A` needs: the same plan for both families.
+    fn family_plan<A: Address>(&self, name: &str) -> FamilyPlan<A> {
+        let family = A::FAMILY;
+        let (Some(pool), Some(subnet), Some(underlay)) =
+            (self.config.pool(family), self.own.key.subnet(family), self.underlay.addr(family))
+        else {
+            return FamilyPlan::off(name.to_string());
+        };
+        let (Some(own), Some(underlay_net)) = (A::net_from(subnet), A::net_from(underlay)) else {
+            return FamilyPlan::off(name.to_string());
+        };
+        let local = Local { subnet: own, underlay: underlay_net, direct_routing: self.config.backend.direct_routing };
+        FamilyPlan {
+            device: Some(DeviceSpec {
                 family,
-                device: Some(DeviceSpec {
-                    family,
-                    name: name.clone(),
-                    vni: self.config.backend.vni,
-                    port: self.config.backend.port,
-                    gbp: self.config.backend.gbp,
-                    local: underlay.addr(),
-                    underlay_index: self.underlay.index,
-                    mtu: self.config.vxlan_mtu(family, self.underlay.mtu),
-                    mac: self.vtep_macs[family as usize],
-                    address: reconcile::device_address(subnet),
-                }),
-                device_name: name,
-                entries: plan::plan(&local, self.peers.peers(family)),
-                masquerade: self.node.ip_masq.then_some(Masquerade { network: pool.network, subnet }),
-                forwarding: Some(self.underlay.name.clone()),
-            }
-        });
-        NodePlan { families, subnet_env }
+                name: name.to_string(),
+                vni: self.config.backend.vni,
+                port: self.config.backend.port,
+                gbp: self.config.backend.gbp,
+                local: underlay.addr(),
+                underlay_index: self.underlay.index,
+                mtu: self.config.vxlan_mtu(family, self.underlay.mtu),
+                mac: self.vtep_macs[family as usize],
+                address: reconcile::device_address(subnet),
+            }),
+            device_name: name.to_string(),
+            entries: plan::plan(&local, self.peers.peers::<A>()),
+            masquerade: self.node.ip_masq.then_some(Masquerade { network: pool.network, subnet }),
+            forwarding: Some(self.underlay.name.clone()),
+        }
     }
 
     /// Tells the store the network is up, once per renewal period, when the node is right.

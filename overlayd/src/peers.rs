@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use proto::{Family, LeaseAttrs, LeaseKey};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use proto::{Address, Family, LeaseAttrs, LeaseKey, MacAddr};
 use tracing::warn;
 
 use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
@@ -33,9 +35,13 @@ pub struct PeerView {
 }
 
 impl PeerView {
-    /// The peers of `family`: the nodes whose lease has a subnet and a VTEP in it.
-    pub fn peers(&self, family: Family) -> impl Iterator<Item = &Peer> {
-        self.peers.values().filter_map(move |p| p[family as usize].as_ref())
+    /// The peers in the family of `A`: the nodes whose lease has a subnet and a VTEP in it.
+    pub fn peers<A: Address>(&self) -> impl Iterator<Item = Peer<A>> + '_ {
+        self.peers.iter().filter_map(|(key, lease)| {
+            let subnet = A::net_from(key.subnet(A::FAMILY)?)?;
+            let (ip, vtep_mac) = lease.vtep(A::FAMILY)?;
+            Some(Peer { subnet, public_ip: A::from_ip(ip)?, vtep_mac })
+        })
     }
 
     /// How many peers.
@@ -98,7 +104,7 @@ impl PeerView {
                         Some(p) => self.peers.insert(key, p),
                         None => self.peers.remove(&key),
                     };
-                    if before != self.peers.get(&key).copied() {
+                    if before.as_ref() != self.peers.get(&key) {
                         note(Update::Changed);
                     }
                 }
@@ -113,19 +119,36 @@ impl PeerView {
     }
 }
 
-/// A peer node in each family (IPv4, IPv6): a lease may stand for one or both.
-type PeerLease = [Option<Peer>; 2];
+/// A peer node's VTEP in each family its lease carries (the subnets are
+/// the lease key's): as compact as each family's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct PeerLease {
+    v4: Option<(Ipv4Addr, MacAddr)>,
+    v6: Option<(Ipv6Addr, MacAddr)>,
+}
+
+impl PeerLease {
+    fn vtep(&self, family: Family) -> Option<(IpAddr, MacAddr)> {
+        match family {
+            Family::V4 => self.v4.map(|(ip, mac)| (ip.into(), mac)),
+            Family::V6 => self.v6.map(|(ip, mac)| (ip.into(), mac)),
+        }
+    }
+}
 
 /// A lease as a peer of the dataplane, one half per family; none (and said)
 /// when its backend data does not parse or it carries no family at all.
 fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<PeerLease> {
-    let mut lease: PeerLease = [None, None];
+    let mut lease = PeerLease::default();
     for family in Family::ALL {
-        let Some(subnet) = key.subnet(family) else { continue };
+        if key.subnet(family).is_none() {
+            continue;
+        }
         match attrs.vxlan_peer(family) {
-            Ok(Some((public_ip, data))) => {
-                lease[family as usize] = Some(Peer { subnet, public_ip, vtep_mac: data.vtep_mac })
-            }
+            Ok(Some((public_ip, data))) => match public_ip {
+                IpAddr::V4(ip) => lease.v4 = Some((ip, data.vtep_mac)),
+                IpAddr::V6(ip) => lease.v6 = Some((ip, data.vtep_mac)),
+            },
             Ok(None) => {}
             Err(e) => {
                 warn!(lease = %key, %family, error = %e, "skipping peer lease");
@@ -133,7 +156,7 @@ fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<PeerLease> {
             }
         }
     }
-    lease.iter().any(Option::is_some).then_some(lease)
+    (lease != PeerLease::default()).then_some(lease)
 }
 
 #[cfg(test)]
@@ -224,9 +247,9 @@ mod tests {
             WatchEvent::Apply(broken_key, broken),
         ];
         assert_eq!(view.apply(&own, events), Update::Changed);
-        let v4: Vec<String> = view.peers(Family::V4).map(|p| p.subnet.to_string()).collect();
+        let v4: Vec<String> = view.peers::<Ipv4Addr>().map(|p| p.subnet.to_string()).collect();
         assert_eq!(v4, ["10.244.2.0/24", "10.244.3.0/24"]);
-        let v6: Vec<String> = view.peers(Family::V6).map(|p| format!("{} {}", p.subnet, p.public_ip)).collect();
+        let v6: Vec<String> = view.peers::<Ipv6Addr>().map(|p| format!("{} {}", p.subnet, p.public_ip)).collect();
         assert_eq!(v6, ["fd00:0:0:2::/64 fd00:50::2"]);
     }
 

@@ -4,104 +4,109 @@
 //! Every trigger (a watch event, start-up, a resync, a vanished device) goes
 //! through `plan` → `diff` → apply, so there is exactly one reconcile path.
 //!
-//! Family-generic: addresses are `IpAddr`/`IpNet`, and a dual-stack node
-//! plans each family on its own (its own device, its own entries) with the
-//! same two functions.
+//! Family-generic: every type and function here is generic over the
+//! family's address type (`Ipv4Addr`, `Ipv6Addr`; `proto::Address`), so a
+//! dual-stack node plans each family with the same two functions, and an
+//! IPv4 entry stays as small as an IPv4 address.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
-use ipnet::IpNet;
-use proto::MacAddr;
+use proto::{Address, MacAddr};
 
 /// A peer node, in one family, as the dataplane needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
+pub struct Peer<A: Address> {
     /// The peer's pod subnet.
-    pub subnet: IpNet,
+    pub subnet: A::Net,
     /// Its underlay address: VXLAN packets for its pods go there.
-    pub public_ip: IpAddr,
+    pub public_ip: A,
     /// The MAC of its VXLAN device of this family.
     pub vtep_mac: MacAddr,
 }
 
 /// How packets for a peer's subnet leave this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum RouteVia {
+pub enum RouteVia<A> {
     /// Encapsulated: `via <subnet network address> dev overlay.1 onlink`.
-    Vxlan(IpAddr),
+    Vxlan(A),
     /// Plain routing to a peer on our L2 segment: `via <public ip>` (DirectRouting).
-    Direct(IpAddr),
+    Direct(A),
 }
 
 /// Kernel entries for the overlay in one family, desired or actual.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KernelState {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelState<A: Address> {
     /// Neighbour (ARP/NDP) entries on the VXLAN device: peer gateway → VTEP MAC.
-    pub neighbours: BTreeMap<IpAddr, MacAddr>,
+    pub neighbours: BTreeMap<A, MacAddr>,
     /// FDB entries on the VXLAN device: VTEP MAC → peer underlay address.
-    pub fdb: BTreeMap<MacAddr, IpAddr>,
+    pub fdb: BTreeMap<MacAddr, A>,
     /// Routes to peer subnets.
-    pub routes: BTreeMap<IpNet, RouteVia>,
+    pub routes: BTreeMap<A::Net, RouteVia<A>>,
 }
 
-impl KernelState {
+impl<A: Address> Default for KernelState<A> {
+    fn default() -> Self {
+        KernelState { neighbours: BTreeMap::new(), fdb: BTreeMap::new(), routes: BTreeMap::new() }
+    }
+}
+
+impl<A: Address> KernelState<A> {
     /// How many entries: neighbours, FDB entries and routes.
     pub fn entry_count(&self) -> usize {
         self.neighbours.len() + self.fdb.len() + self.routes.len()
     }
 }
 
-/// What this node knows about its own place in the overlay.
+/// What this node knows about its own place in the overlay, in one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Local {
+pub struct Local<A: Address> {
     /// Our own pod subnet; never programmed as a peer.
-    pub subnet: IpNet,
+    pub subnet: A::Net,
     /// Our underlay address and prefix, to decide which peers are directly reachable.
-    pub underlay: IpNet,
+    pub underlay: A::Net,
     /// Whether DirectRouting is on.
     pub direct_routing: bool,
 }
 
 /// One change to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum Op<A: Address> {
     /// Add or replace a neighbour entry.
-    SetNeighbour(IpAddr, MacAddr),
+    SetNeighbour(A, MacAddr),
     /// Remove a neighbour entry.
-    DelNeighbour(IpAddr, MacAddr),
+    DelNeighbour(A, MacAddr),
     /// Add or replace an FDB entry.
-    SetFdb(MacAddr, IpAddr),
+    SetFdb(MacAddr, A),
     /// Remove an FDB entry.
-    DelFdb(MacAddr, IpAddr),
+    DelFdb(MacAddr, A),
     /// Add or replace a route.
-    SetRoute(IpNet, RouteVia),
+    SetRoute(A::Net, RouteVia<A>),
     /// Remove a route.
-    DelRoute(IpNet, RouteVia),
+    DelRoute(A::Net, RouteVia<A>),
 }
 
 /// The gateway a peer subnet is reached through on the VXLAN device: its
 /// network address (`10.244.7.0`, `fd00:10:244:7::`), as flannel uses.
-pub fn vxlan_gateway(subnet: IpNet) -> IpAddr {
-    subnet.network()
+pub fn vxlan_gateway<A: Address>(subnet: A::Net) -> A {
+    A::network(&subnet)
 }
 
 /// The entries the kernel must hold for `peers`.
-pub fn plan<'a>(local: &Local, peers: impl IntoIterator<Item = &'a Peer>) -> KernelState {
+pub fn plan<A: Address>(local: &Local<A>, peers: impl IntoIterator<Item = Peer<A>>) -> KernelState<A> {
     let mut state = KernelState::default();
+    let own_network = A::network(&local.subnet);
     for peer in peers {
-        if peer.subnet == local.subnet
-            || peer.subnet.contains(&local.subnet.network())
-            || proto::Family::of_net(&peer.subnet) != proto::Family::of_net(&local.subnet)
-            || proto::Family::of(peer.public_ip) != proto::Family::of_net(&local.underlay)
-        {
+        if peer.subnet == local.subnet || A::contains(&peer.subnet, own_network) {
             continue;
         }
-        if local.direct_routing && local.underlay.contains(&peer.public_ip) && peer.public_ip != local.underlay.addr() {
+        let direct = local.direct_routing
+            && A::contains(&local.underlay, peer.public_ip)
+            && peer.public_ip != A::addr(&local.underlay);
+        if direct {
             state.routes.insert(peer.subnet, RouteVia::Direct(peer.public_ip));
             continue;
         }
-        let gateway = vxlan_gateway(peer.subnet);
+        let gateway = vxlan_gateway::<A>(peer.subnet);
         state.neighbours.insert(gateway, peer.vtep_mac);
         state.fdb.insert(peer.vtep_mac, peer.public_ip);
         state.routes.insert(peer.subnet, RouteVia::Vxlan(gateway));
@@ -113,7 +118,7 @@ pub fn plan<'a>(local: &Local, peers: impl IntoIterator<Item = &'a Peer>) -> Ker
 /// stale routes go first; then neighbours, FDB entries and routes are added
 /// (route last, so the kernel never has to ARP for a gateway); then stale FDB
 /// and neighbour entries go.
-pub fn diff(desired: &KernelState, actual: &KernelState) -> Vec<Op> {
+pub fn diff<A: Address>(desired: &KernelState<A>, actual: &KernelState<A>) -> Vec<Op<A>> {
     let mut ops = Vec::new();
     for (subnet, via) in &actual.routes {
         if !desired.routes.contains_key(subnet) {
@@ -155,7 +160,10 @@ mod tests {
 
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    fn local() -> Local {
+    type Peer4 = Peer<Ipv4Addr>;
+    type Peer6 = Peer<Ipv6Addr>;
+
+    fn local() -> Local<Ipv4Addr> {
         Local {
             subnet: "10.244.33.0/24".parse().unwrap(),
             underlay: "192.168.50.11/24".parse().unwrap(),
@@ -163,15 +171,15 @@ mod tests {
         }
     }
 
-    fn peer(third: u8, host: u8, mac: &str) -> Peer {
+    fn peer(third: u8, host: u8, mac: &str) -> Peer4 {
         Peer {
             subnet: format!("10.244.{third}.0/24").parse().unwrap(),
-            public_ip: IpAddr::V4(Ipv4Addr::new(192, 168, 50, host)),
+            public_ip: Ipv4Addr::new(192, 168, 50, host),
             vtep_mac: mac.parse().unwrap(),
         }
     }
 
-    fn local6() -> Local {
+    fn local6() -> Local<Ipv6Addr> {
         Local {
             subnet: "fd00:10:244:8::/64".parse().unwrap(),
             underlay: "fd00:50::11/64".parse().unwrap(),
@@ -179,10 +187,10 @@ mod tests {
         }
     }
 
-    fn peer6(subnet: u16, host: u16, mac: &str) -> Peer {
+    fn peer6(subnet: u16, host: u16, mac: &str) -> Peer6 {
         Peer {
             subnet: format!("fd00:10:244:{subnet:x}::/64").parse().unwrap(),
-            public_ip: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host)),
+            public_ip: Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host),
             vtep_mac: mac.parse().unwrap(),
         }
     }
@@ -195,7 +203,7 @@ mod tests {
             peer6(0x29, 0x13, "96:83:fb:1c:fc:87"),
             peer6(8, 0x11, "fe:e4:ca:57:1c:83"),
         ];
-        let s = plan(&local6(), &peers);
+        let s = plan(&local6(), peers);
         let neigh: Vec<_> = s.neighbours.iter().map(|(ip, mac)| format!("{ip} lladdr {mac}")).collect();
         assert_eq!(neigh, ["fd00:10:244:18:: lladdr d2:69:e8:6a:1c:03", "fd00:10:244:29:: lladdr 96:83:fb:1c:fc:87"]);
         let fdb: Vec<_> = s.fdb.iter().map(|(mac, dst)| format!("{mac} dst {dst}")).collect();
@@ -205,11 +213,9 @@ mod tests {
             routes,
             ["fd00:10:244:18::/64 Vxlan(fd00:10:244:18::)", "fd00:10:244:29::/64 Vxlan(fd00:10:244:29::)"]
         );
-        // The other family's peers are never planned into this one.
-        assert_eq!(plan(&local(), &peers), KernelState::default());
         let mut d = local6();
         d.direct_routing = true;
-        let s = plan(&d, &peers);
+        let s = plan(&d, peers);
         assert_eq!(s.routes[&"fd00:10:244:18::/64".parse().unwrap()], RouteVia::Direct("fd00:50::12".parse().unwrap()));
         assert!(s.fdb.is_empty());
     }
@@ -219,7 +225,7 @@ mod tests {
     fn golden_flannel_node_state() {
         let peers =
             [peer(92, 12, "52:58:c0:08:52:6d"), peer(55, 13, "de:88:2d:39:68:fa"), peer(33, 11, "b2:5e:e8:32:3a:be")];
-        let s = plan(&local(), &peers);
+        let s = plan(&local(), peers);
         let neigh: Vec<_> = s.neighbours.iter().map(|(ip, mac)| format!("{ip} lladdr {mac}")).collect();
         assert_eq!(neigh, ["10.244.55.0 lladdr de:88:2d:39:68:fa", "10.244.92.0 lladdr 52:58:c0:08:52:6d"]);
         let fdb: Vec<_> = s.fdb.iter().map(|(mac, dst)| format!("{mac} dst {dst}")).collect();
@@ -234,7 +240,7 @@ mod tests {
         l.direct_routing = true;
         let mut far = peer(7, 1, "02:00:00:00:00:07");
         far.public_ip = "172.16.0.1".parse().unwrap();
-        let s = plan(&l, &[peer(92, 12, "52:58:c0:08:52:6d"), far]);
+        let s = plan(&l, [peer(92, 12, "52:58:c0:08:52:6d"), far]);
         assert_eq!(s.routes[&"10.244.92.0/24".parse().unwrap()], RouteVia::Direct("192.168.50.12".parse().unwrap()));
         assert_eq!(s.routes[&"10.244.7.0/24".parse().unwrap()], RouteVia::Vxlan("10.244.7.0".parse().unwrap()));
         assert_eq!(s.fdb.len(), 1);
@@ -242,8 +248,8 @@ mod tests {
 
     #[test]
     fn changed_mac_replaces_and_removes_old_entries() {
-        let before = plan(&local(), &[peer(92, 12, "52:58:c0:08:52:6d")]);
-        let after = plan(&local(), &[peer(92, 14, "02:11:22:33:44:55")]);
+        let before = plan(&local(), [peer(92, 12, "52:58:c0:08:52:6d")]);
+        let after = plan(&local(), [peer(92, 14, "02:11:22:33:44:55")]);
         let ops = diff(&after, &before);
         assert_eq!(
             ops,
@@ -257,7 +263,7 @@ mod tests {
 
     #[test]
     fn removal_order_is_route_first() {
-        let before = plan(&local(), &[peer(92, 12, "52:58:c0:08:52:6d")]);
+        let before = plan(&local(), [peer(92, 12, "52:58:c0:08:52:6d")]);
         let ops = diff(&KernelState::default(), &before);
         assert!(matches!(ops[0], Op::DelRoute(..)));
         assert!(matches!(ops[1], Op::DelFdb(..)));
@@ -268,7 +274,7 @@ mod tests {
         assert!(matches!(adds[2], Op::SetRoute(..)));
     }
 
-    fn apply(state: &mut KernelState, ops: &[Op]) {
+    fn apply(state: &mut KernelState<Ipv4Addr>, ops: &[Op<Ipv4Addr>]) {
         for op in ops {
             match *op {
                 Op::SetNeighbour(ip, mac) => {
@@ -293,12 +299,12 @@ mod tests {
         }
     }
 
-    fn peers_strategy() -> impl Strategy<Value = Vec<Peer>> {
+    fn peers_strategy() -> impl Strategy<Value = Vec<Peer4>> {
         proptest::collection::vec((1u8..255, 1u8..20, any::<[u8; 6]>()), 0..30).prop_map(|v| {
             v.into_iter()
                 .map(|(third, host, mac)| Peer {
                     subnet: format!("10.244.{third}.0/24").parse().unwrap(),
-                    public_ip: IpAddr::V4(Ipv4Addr::new(192, 168, 50, host)),
+                    public_ip: Ipv4Addr::new(192, 168, 50, host),
                     vtep_mac: MacAddr([2, 0, 0, third, mac[4], mac[5]]),
                 })
                 .collect()
@@ -309,8 +315,8 @@ mod tests {
         /// Applying the diff always reaches the plan, and a second diff is empty.
         #[test]
         fn diff_converges(a in peers_strategy(), b in peers_strategy()) {
-            let mut state = plan(&local(), &a);
-            let desired = plan(&local(), &b);
+            let mut state = plan(&local(), a);
+            let desired = plan(&local(), b);
             let ops = diff(&desired, &state);
             apply(&mut state, &ops);
             prop_assert_eq!(&state, &desired);

@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use ipnet::IpNet;
 use overlay_netlink::{Bulk, Netlink};
-use proto::{Family, SubnetEnv};
+use proto::{Address, Family, SubnetEnv};
 use tracing::{debug, error, info};
 
 use crate::backoff::Backoff;
@@ -24,42 +26,35 @@ use crate::subnet_file;
 /// What the node must hold, planned purely from what the daemon knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePlan {
-    /// One part per family, IPv4 first; a family that is off is planned
-    /// too: as nothing (no device, no entries, no table).
-    pub families: [FamilyPlan; 2],
+    /// IPv4's part; a family that is off is planned too: as nothing (no
+    /// device, no entries, no table).
+    pub v4: FamilyPlan<Ipv4Addr>,
+    /// IPv6's part.
+    pub v6: FamilyPlan<Ipv6Addr>,
     /// The subnet file's content.
     pub subnet_env: SubnetEnv,
 }
 
 /// What one family needs on the node. The same resources, planned and
-/// reconciled by the same code, in both families.
+/// reconciled by the same (generic) code, in both families.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FamilyPlan {
-    /// The family.
-    pub family: Family,
+pub struct FamilyPlan<A: Address> {
     /// The VXLAN device's name (`overlay.1`, `overlay-v6.1`).
     pub device_name: String,
     /// The device; none: the family is off, and no device of that name may exist.
     pub device: Option<DeviceSpec>,
     /// Every peer's neighbour, FDB entry and route (none when off).
-    pub entries: KernelState,
+    pub entries: KernelState<A>,
     /// The masquerade table; none: no table.
     pub masquerade: Option<Masquerade>,
     /// The underlay interface, when the family is on: forwarding must be on then.
     pub forwarding: Option<String>,
 }
 
-impl FamilyPlan {
+impl<A: Address> FamilyPlan<A> {
     /// A family that is off: nothing of it may remain on the node.
-    pub fn off(family: Family, device_name: String) -> Self {
-        FamilyPlan {
-            family,
-            device_name,
-            device: None,
-            entries: KernelState::default(),
-            masquerade: None,
-            forwarding: None,
-        }
+    pub fn off(device_name: String) -> Self {
+        FamilyPlan { device_name, device: None, entries: KernelState::default(), masquerade: None, forwarding: None }
     }
 }
 
@@ -94,26 +89,42 @@ pub enum Action {
 }
 
 /// The plan of each resource of one family after its last successful apply.
-#[derive(Default)]
-struct FamilyApplied {
+struct FamilyApplied<A: Address> {
     forwarding: Option<Option<String>>,
     /// The device spec (none: off) and its index.
     device: Option<(Option<DeviceSpec>, Option<u32>)>,
-    entries: Option<(Option<u32>, KernelState)>,
+    entries: Option<(Option<u32>, KernelState<A>)>,
     masquerade: Option<Option<Masquerade>>,
+}
+
+impl<A: Address> Default for FamilyApplied<A> {
+    fn default() -> Self {
+        FamilyApplied { forwarding: None, device: None, entries: None, masquerade: None }
+    }
 }
 
 /// What the node held after the last successful apply of each resource.
 #[derive(Default)]
 struct Applied {
-    families: [FamilyApplied; 2],
+    v4: FamilyApplied<Ipv4Addr>,
+    v6: FamilyApplied<Ipv6Addr>,
     subnet_env: Option<SubnetEnv>,
 }
 
-fn slot(family: Family) -> usize {
-    match family {
-        Family::V4 => 0,
-        Family::V6 => 1,
+/// Where a family's applied state is kept.
+trait Slot: Address {
+    fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self>;
+}
+
+impl Slot for Ipv4Addr {
+    fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self> {
+        &mut applied.v4
+    }
+}
+
+impl Slot for Ipv6Addr {
+    fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self> {
+        &mut applied.v6
     }
 }
 
@@ -167,31 +178,15 @@ impl Reconciler {
             }
         };
 
-        let NodePlan { families, subnet_env } = plan;
-        self.metrics.peers.set(families.iter().map(|f| f.entries.routes.len()).max().unwrap_or(0) as i64);
-        for family in &families {
-            record(Resource::Forwarding(family.family), self.forwarding(family, read));
+        let NodePlan { v4, v6, subnet_env } = plan;
+        self.metrics.peers.set(v4.entries.routes.len().max(v6.entries.routes.len()) as i64);
+        let mut results = Vec::with_capacity(Resource::ALL.len());
+        results.extend(self.family(v4, read).await);
+        results.extend(self.family(v6, read).await);
+        results.push((Resource::SubnetFile, self.subnet_file(&subnet_env, read).await));
+        for (resource, result) in results {
+            record(resource, result);
         }
-        let mut masquerades = Vec::with_capacity(2);
-        for family in families {
-            let FamilyPlan { family, device_name, device, entries, masquerade, .. } = family;
-            match self.device(family, &device_name, device.as_ref(), read).await {
-                Ok(index) => {
-                    let result = self.entries(family, index, entries, read).await;
-                    record(Resource::Device(family), Ok(()));
-                    record(Resource::Entries(family), result);
-                }
-                Err(e) => {
-                    record(Resource::Device(family), Err(e));
-                    record(Resource::Entries(family), Err(anyhow::anyhow!("not programmed: the device is not right")));
-                }
-            }
-            masquerades.push((family, masquerade));
-        }
-        for (family, masquerade) in masquerades {
-            record(Resource::Masquerade(family), self.masquerade(family, masquerade.as_ref(), read).await);
-        }
-        record(Resource::SubnetFile, self.subnet_file(&subnet_env, read).await);
 
         self.metrics.reconciled(started.elapsed(), &outcomes);
         if !failures.is_empty() {
@@ -220,31 +215,49 @@ impl Reconciler {
         Action::Requeue(retry_in)
     }
 
-    /// Forwarding of a family that is on; a family that is off leaves it as it is.
-    fn forwarding(&mut self, plan: &FamilyPlan, read: bool) -> anyhow::Result<()> {
-        let applied = &mut self.applied.families[slot(plan.family)].forwarding;
-        if !read && applied.as_ref() == Some(&plan.forwarding) {
+    /// Every resource of one family, in order: forwarding, the device, the
+    /// entries (only once the device is right), the masquerade table.
+    async fn family<A: Slot>(&mut self, plan: FamilyPlan<A>, read: bool) -> [(Resource, anyhow::Result<()>); 4] {
+        let family = A::FAMILY;
+        let FamilyPlan { device_name, device, entries, masquerade, forwarding } = plan;
+        let forwarded = self.forwarding::<A>(forwarding, read);
+        let (device_result, entries_result) = match self.device::<A>(&device_name, device.as_ref(), read).await {
+            Ok(index) => (Ok(()), self.entries::<A>(index, entries, read).await),
+            Err(e) => (Err(e), Err(anyhow::anyhow!("not programmed: the device is not right"))),
+        };
+        let masqueraded = self.masquerade::<A>(masquerade.as_ref(), read).await;
+        [
+            (Resource::Forwarding(family), forwarded),
+            (Resource::Device(family), device_result),
+            (Resource::Entries(family), entries_result),
+            (Resource::Masquerade(family), masqueraded),
+        ]
+    }
+
+    /// Forwarding of a family that is on (`forwarding`: the underlay); a family that is off leaves it as it is.
+    fn forwarding<A: Slot>(&mut self, forwarding: Option<String>, read: bool) -> anyhow::Result<()> {
+        let applied = &mut A::slot(&mut self.applied).forwarding;
+        if !read && applied.as_ref() == Some(&forwarding) {
             return Ok(());
         }
         *applied = None;
-        if let Some(underlay) = &plan.forwarding {
-            if sysctl::ensure_forwarding(plan.family, Some(underlay))? {
-                info!(family = %plan.family, "turned on forwarding");
+        if let Some(underlay) = &forwarding {
+            if sysctl::ensure_forwarding(A::FAMILY, Some(underlay))? {
+                info!(family = %A::FAMILY, "turned on forwarding");
             }
         }
-        self.applied.families[slot(plan.family)].forwarding = Some(plan.forwarding.clone());
+        A::slot(&mut self.applied).forwarding = Some(forwarding);
         Ok(())
     }
 
     /// The device's index once it is right; none when the family is off and the device gone.
-    async fn device(
+    async fn device<A: Slot>(
         &mut self,
-        family: Family,
         name: &str,
         spec: Option<&DeviceSpec>,
         read: bool,
     ) -> anyhow::Result<Option<u32>> {
-        let applied = &mut self.applied.families[slot(family)];
+        let applied = A::slot(&mut self.applied);
         if let Some((done, index)) = &applied.device {
             if !read && done.as_ref() == spec {
                 return Ok(*index);
@@ -253,14 +266,14 @@ impl Reconciler {
         applied.device = None;
         let Some(spec) = spec else {
             if device::remove(&self.nl, name).await? {
-                info!(device = %name, %family, "removed the device of a family that is off");
+                info!(device = %name, family = %A::FAMILY, "removed the device of a family that is off");
             }
-            self.applied.families[slot(family)].device = Some((None, None));
+            A::slot(&mut self.applied).device = Some((None, None));
             return Ok(None);
         };
         let device = device::reconcile(&self.nl, spec).await?;
         self.metrics.netlink_ops.inc_by(device.changes as u64);
-        let applied = &mut self.applied.families[slot(family)];
+        let applied = A::slot(&mut self.applied);
         if device.created {
             info!(device = %spec.name, "device (re)created; programming every peer");
             applied.entries = None;
@@ -269,14 +282,14 @@ impl Reconciler {
         Ok(Some(device.index))
     }
 
-    async fn entries(
+    async fn entries<A: Slot>(
         &mut self,
-        family: Family,
         index: Option<u32>,
-        desired: KernelState,
+        desired: KernelState<A>,
         read: bool,
     ) -> anyhow::Result<()> {
-        let assumed = match self.applied.families[slot(family)].entries.take() {
+        let family = A::FAMILY;
+        let assumed = match A::slot(&mut self.applied).entries.take() {
             Some((at, state)) if !read && at == index => Some(state),
             _ => None,
         };
@@ -292,7 +305,7 @@ impl Reconciler {
             let result = (|| {
                 let actual = match assumed {
                     Some(state) => state,
-                    None => match entries::read(&mut bulk, index, family) {
+                    None => match entries::read::<A>(&mut bulk, index) {
                         Ok(state) => state,
                         // A family that is off may be off in the kernel too (ipv6.disable=1): nothing of it to remove.
                         Err(e) if index.is_none() && desired.entry_count() == 0 => {
@@ -331,12 +344,13 @@ impl Reconciler {
         if let Some((op, e)) = report.failed.first() {
             anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
         }
-        self.applied.families[slot(family)].entries = Some((index, desired));
+        A::slot(&mut self.applied).entries = Some((index, desired));
         Ok(())
     }
 
-    async fn masquerade(&mut self, family: Family, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {
-        let applied = &mut self.applied.families[slot(family)].masquerade;
+    async fn masquerade<A: Slot>(&mut self, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {
+        let family = A::FAMILY;
+        let applied = &mut A::slot(&mut self.applied).masquerade;
         if !read && applied.as_ref() == Some(&desired.copied()) {
             return Ok(());
         }
@@ -347,7 +361,7 @@ impl Reconciler {
                 None => info!(%family, "masquerade table removed"),
             }
         }
-        self.applied.families[slot(family)].masquerade = Some(desired.copied());
+        A::slot(&mut self.applied).masquerade = Some(desired.copied());
         Ok(())
     }
 
@@ -383,30 +397,12 @@ pub fn release_freed_memory() {
 
 /// `overlayd cleanup`: removes both devices (and with them every peer entry
 /// on them), our direct routes, our nftables tables and the subnet file.
-pub async fn cleanup(device_names: &[(Family, &str)], subnet_file: &std::path::Path) -> anyhow::Result<()> {
+pub async fn cleanup(device_names: [&str; 2], subnet_file: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let nl = Netlink::connect()?;
     let mut bulk = Bulk::open()?;
-    let mut routes_left = 0;
-    for (family, name) in device_names {
-        if device::remove(&nl, name).await? {
-            info!(device = %name, "removed VXLAN device and with it every peer entry");
-        }
-        // Direct routes live on the underlay, not on the device: remove them too.
-        let state = match entries::read(&mut bulk, None, *family) {
-            Ok(state) => state,
-            Err(e) if *family == Family::V6 => {
-                debug!(error = %e, "no IPv6 routes to read");
-                KernelState::default()
-            }
-            Err(e) => return Err(e).context("reading overlay routes"),
-        };
-        let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
-        if !ops.is_empty() {
-            routes_left += entries::apply(&mut bulk, 0, &ops)?.failed.len();
-        }
-        masq::remove(*family).await.with_context(|| format!("removing {family} masquerade rules"))?;
-    }
+    let mut routes_left = cleanup_family::<Ipv4Addr>(&nl, &mut bulk, device_names[0]).await?;
+    routes_left += cleanup_family::<Ipv6Addr>(&nl, &mut bulk, device_names[1]).await?;
     match std::fs::remove_file(subnet_file) {
         Ok(()) => info!(path = %subnet_file.display(), "removed subnet file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -416,6 +412,27 @@ pub async fn cleanup(device_names: &[(Family, &str)], subnet_file: &std::path::P
         anyhow::bail!("{routes_left} overlay routes could not be removed");
     }
     Ok(())
+}
+
+/// One family's part of `overlayd cleanup`; how many routes could not be removed.
+async fn cleanup_family<A: Address>(nl: &Netlink, bulk: &mut Bulk, device_name: &str) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    if device::remove(nl, device_name).await? {
+        info!(device = %device_name, "removed VXLAN device and with it every peer entry");
+    }
+    // Direct routes live on the underlay, not on the device: remove them too.
+    let state = match entries::read::<A>(bulk, None) {
+        Ok(state) => state,
+        Err(e) if A::FAMILY == Family::V6 => {
+            debug!(error = %e, "no IPv6 routes to read");
+            KernelState::default()
+        }
+        Err(e) => return Err(e).context("reading overlay routes"),
+    };
+    let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
+    let left = if ops.is_empty() { 0 } else { entries::apply(bulk, 0, &ops)?.failed.len() };
+    masq::remove(A::FAMILY).await.with_context(|| format!("removing {} masquerade rules", A::FAMILY))?;
+    Ok(left)
 }
 
 /// The subnet's network address as a host address (`10.244.33.0/32`,

@@ -92,6 +92,81 @@ impl fmt::Display for Family {
     }
 }
 
+/// An address type of one family, `Ipv4Addr` or `Ipv6Addr`. The dataplane's
+/// plan is generic over it: both families run the same code, and each
+/// family's state is as compact as its addresses (an IPv4 entry holds 4
+/// bytes, not an `IpAddr`'s 17).
+pub trait Address:
+    Copy + Ord + Eq + std::hash::Hash + fmt::Debug + fmt::Display + Send + Sync + Into<IpAddr> + 'static
+{
+    /// The family's network type, `Ipv4Net` or `Ipv6Net`.
+    type Net: Copy + Ord + Eq + std::hash::Hash + fmt::Debug + fmt::Display + Send + Sync + Into<IpNet> + 'static;
+    /// The family.
+    const FAMILY: Family;
+    /// The network address of `net`.
+    fn network(net: &Self::Net) -> Self;
+    /// The address part of `net` (an interface address with its prefix).
+    fn addr(net: &Self::Net) -> Self;
+    /// Whether `net` contains `addr`.
+    fn contains(net: &Self::Net, addr: Self) -> bool;
+    /// `ip` when it is of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    /// `net` when it is of this family.
+    fn net_from(net: IpNet) -> Option<Self::Net>;
+}
+
+impl Address for Ipv4Addr {
+    type Net = Ipv4Net;
+    const FAMILY: Family = Family::V4;
+    fn network(net: &Ipv4Net) -> Self {
+        net.network()
+    }
+    fn addr(net: &Ipv4Net) -> Self {
+        net.addr()
+    }
+    fn contains(net: &Ipv4Net, addr: Self) -> bool {
+        net.contains(&addr)
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn net_from(net: IpNet) -> Option<Ipv4Net> {
+        match net {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }
+    }
+}
+
+impl Address for Ipv6Addr {
+    type Net = Ipv6Net;
+    const FAMILY: Family = Family::V6;
+    fn network(net: &Ipv6Net) -> Self {
+        net.network()
+    }
+    fn addr(net: &Ipv6Net) -> Self {
+        net.addr()
+    }
+    fn contains(net: &Ipv6Net, addr: Self) -> bool {
+        net.contains(&addr)
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn net_from(net: IpNet) -> Option<Ipv6Net> {
+        match net {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        }
+    }
+}
+
 /// An address as a number.
 pub fn value(addr: IpAddr) -> u128 {
     match addr {

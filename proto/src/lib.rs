@@ -14,7 +14,7 @@ pub mod node_annotations;
 pub mod subnet_env;
 
 pub use alloc::SubnetRange;
-pub use family::Family;
+pub use family::{Address, Family};
 pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
 pub use mac::MacAddr;
 pub use net_config::{Backend, ConfigError, NetConfig, Pool};

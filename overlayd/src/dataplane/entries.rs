@@ -4,9 +4,7 @@
 //! a blocking thread.
 
 use overlay_netlink::{AddressFamily, Bulk, Change, Entry, FdbEntry, Neighbour, Route};
-use proto::{Family, MacAddr};
-
-use ipnet::IpNet;
+use proto::{Address, Family, MacAddr};
 use tracing::{debug, warn};
 
 use crate::plan::{KernelState, Op, RouteVia};
@@ -16,9 +14,9 @@ use crate::plan::{KernelState, Op, RouteVia};
 pub const ROUTE_PROTOCOL: u8 = 77;
 
 /// The netlink entry an operation writes or removes.
-fn change(vxlan_index: u32, op: &Op) -> Change {
-    let neighbour = |ip, mac| Entry::Neighbour(Neighbour { ifindex: vxlan_index, ip, mac });
-    let fdb = |mac, dst| Entry::Fdb(FdbEntry { ifindex: vxlan_index, mac, dst });
+fn change<A: Address>(vxlan_index: u32, op: &Op<A>) -> Change {
+    let neighbour = |ip: A, mac| Entry::Neighbour(Neighbour { ifindex: vxlan_index, ip: ip.into(), mac });
+    let fdb = |mac, dst: A| Entry::Fdb(FdbEntry { ifindex: vxlan_index, mac, dst: dst.into() });
     let route = |subnet, via| Entry::Route(route(vxlan_index, subnet, via));
     match *op {
         Op::SetNeighbour(ip, mac) => Change::Set(neighbour(ip, mac)),
@@ -30,27 +28,27 @@ fn change(vxlan_index: u32, op: &Op) -> Change {
     }
 }
 
-fn route(vxlan_index: u32, subnet: IpNet, via: RouteVia) -> Route {
+fn route<A: Address>(vxlan_index: u32, subnet: A::Net, via: RouteVia<A>) -> Route {
     let (gateway, oif, onlink) = match via {
         // Encapsulated: `via <subnet>.0 dev overlay.1 onlink`.
         RouteVia::Vxlan(gateway) => (gateway, Some(vxlan_index), true),
         // DirectRouting: plain `via <peer's underlay address>`.
         RouteVia::Direct(gateway) => (gateway, None, false),
     };
-    Route { destination: subnet, gateway: Some(gateway), oif, onlink, protocol: ROUTE_PROTOCOL }
+    Route { destination: subnet.into(), gateway: Some(gateway.into()), oif, onlink, protocol: ROUTE_PROTOCOL }
 }
 
 /// How an apply went: how many operations were sent and which the kernel refused.
-#[derive(Debug, Default)]
-pub struct ApplyReport {
+#[derive(Debug)]
+pub struct ApplyReport<A: Address> {
     /// Operations sent.
     pub sent: usize,
     /// Operations the kernel refused, with the reason.
-    pub failed: Vec<(Op, overlay_netlink::Error)>,
+    pub failed: Vec<(Op<A>, overlay_netlink::Error)>,
 }
 
 /// Sends `ops` in batches. A delete of something already gone counts as done.
-pub fn apply(bulk: &mut Bulk, vxlan_index: u32, ops: &[Op]) -> overlay_netlink::Result<ApplyReport> {
+pub fn apply<A: Address>(bulk: &mut Bulk, vxlan_index: u32, ops: &[Op<A>]) -> overlay_netlink::Result<ApplyReport<A>> {
     let changes: Vec<Change> = ops.iter().map(|op| change(vxlan_index, op)).collect();
     let results = bulk.apply(&changes)?;
     let mut report = ApplyReport { sent: ops.len(), failed: Vec::new() };
@@ -74,35 +72,34 @@ pub fn address_family(family: Family) -> AddressFamily {
     }
 }
 
-/// Reads the overlay entries of `family` the kernel holds for the device
-/// `vxlan_index`; with `None` (no device), only our routes.
-pub fn read(bulk: &mut Bulk, vxlan_index: Option<u32>, family: Family) -> overlay_netlink::Result<KernelState> {
+/// Reads the overlay entries of the family of `A` the kernel holds for the
+/// device `vxlan_index`; with `None` (no device), only our routes.
+pub fn read<A: Address>(bulk: &mut Bulk, vxlan_index: Option<u32>) -> overlay_netlink::Result<KernelState<A>> {
     let mut state = KernelState::default();
+    let family = address_family(A::FAMILY);
     if let Some(index) = vxlan_index {
-        for (n, permanent) in bulk.neighbours(index, address_family(family))? {
-            if Family::of(n.ip) != family {
-                continue;
-            }
+        for (n, permanent) in bulk.neighbours(index, family)? {
+            let Some(ip) = A::from_ip(n.ip) else { continue };
             // A learned (non-permanent) entry is treated as absent so it gets replaced.
             let mac = if permanent { n.mac } else { MacAddr([0; 6]) };
-            state.neighbours.insert(n.ip, mac);
+            state.neighbours.insert(ip, mac);
         }
         for f in bulk.fdb(index)? {
-            if Family::of(f.dst) == family {
-                state.fdb.insert(f.mac, f.dst);
+            if let Some(dst) = A::from_ip(f.dst) {
+                state.fdb.insert(f.mac, dst);
             }
         }
     }
-    for r in bulk.routes(address_family(family), ROUTE_PROTOCOL)? {
-        let (subnet, Some(gateway)) = (r.destination, r.gateway) else { continue };
-        if Family::of_net(&subnet) != family {
+    for r in bulk.routes(family, ROUTE_PROTOCOL)? {
+        let (Some(subnet), Some(gateway)) = (A::net_from(r.destination), r.gateway.and_then(A::from_ip)) else {
             continue;
-        }
-        let via = match (vxlan_index.is_some() && r.oif == vxlan_index, r.onlink) {
-            (true, true) => RouteVia::Vxlan(gateway),
-            // Ours, but not onlink: report it so the diff replaces it.
-            (true, false) => RouteVia::Vxlan(family.unspecified()),
-            (false, _) => RouteVia::Direct(gateway),
+        };
+        // Through the device and onlink: encapsulated. Anything else is a plain route, so one of
+        // ours on the device without onlink differs from the plan and is replaced.
+        let via = if vxlan_index.is_some() && r.oif == vxlan_index && r.onlink {
+            RouteVia::Vxlan(gateway)
+        } else {
+            RouteVia::Direct(gateway)
         };
         state.routes.insert(subnet, via);
     }

@@ -58,11 +58,24 @@ pub fn ensure_forwarding(family: Family, underlay: Option<&str>) -> io::Result<b
 }
 
 /// Makes sure `device` ignores router advertisements; true when it had to be changed.
+///
+/// In an unprivileged container `/proc/sys` is read-only. The device then
+/// keeps the kernel's default `accept_ra=1`, which ignores advertisements as
+/// long as the device forwards (forwarding is a precondition of the network
+/// anyway), so that is accepted, not retried for ever.
 pub fn ensure_accept_ra_off(device: &str) -> io::Result<bool> {
-    let path = Path::new("/proc/sys/net/ipv6/conf").join(device).join("accept_ra");
-    if read(&path)? == "0" {
+    let conf = Path::new("/proc/sys/net/ipv6/conf").join(device);
+    let path = conf.join("accept_ra");
+    let value = read(&path)?;
+    if value == "0" {
         return Ok(false);
     }
-    write(&path, "0", &format!("net.ipv6.conf.{device}.accept_ra"))?;
-    Ok(true)
+    match write(&path, "0", &format!("net.ipv6.conf.{device}.accept_ra")) {
+        Ok(()) => Ok(true),
+        Err(e) if value == "1" && read(&conf.join("forwarding")).is_ok_and(|f| f == "1") => {
+            tracing::debug!(device, error = %e, "accept_ra stays 1: the device forwards, so router advertisements are ignored");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -77,12 +77,9 @@ pub struct LeaseLost(pub String);
 pub fn check_own(own: &OwnLease, seen: Option<&LeaseAttrs>) -> Result<(), LeaseLost> {
     match seen {
         None => Err(LeaseLost(format!("our lease {} is gone from the store", own.key))),
-        Some(attrs) if *attrs != own.attrs => Err(LeaseLost(format!(
-            "our lease {} now says public IP {} and {}, not what we published",
-            own.key,
-            attrs.public_ip,
-            attrs.vxlan_data().map(|d| format!("VTEP MAC {}", d.vtep_mac)).unwrap_or_else(|e| e.to_string())
-        ))),
+        Some(attrs) if *attrs != own.attrs => {
+            Err(LeaseLost(format!("our lease {} now says {}, not what we published", own.key, attrs.to_json())))
+        }
         Some(_) => Ok(()),
     }
 }

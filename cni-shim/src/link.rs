@@ -98,7 +98,7 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u3
         // the gateway pointing at a MAC that no longer exists.
         let mac = MacAddr::from_seed(format!("overlay-bridge|{name}|{gateway}").as_bytes());
         match nl.create_bridge(name, mtu, mac).await {
-            Ok(()) => {}
+            Ok(()) => without_dad(name),
             // Another plugin process created it a moment ago.
             Err(e) if e.is_exists() => {}
             Err(e) => return Err(CniError::io(format!("creating bridge {name}"), e)),
@@ -122,6 +122,18 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u3
         nl.set_up(bridge.index).await.map_err(nl_err(format!("setting {name} up")))?;
     }
     Ok(bridge)
+}
+
+/// Turns duplicate address detection off on a bridge we just made, before it
+/// comes up. Its IPv6 link-local address is otherwise tentative for one to
+/// two seconds, and the node cannot resolve a pod's address for forwarded
+/// traffic until it is usable (neighbour solicitations need a link-local
+/// source): a fresh node's first IPv6 packets to its pods would stall or
+/// drop. The bridge's addresses are ours alone, so there is nothing to
+/// detect. Best effort: without IPv6, or with a read-only /proc/sys, DAD
+/// simply runs.
+fn without_dad(bridge: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{bridge}/accept_dad"), "0");
 }
 
 /// Creates the veth pair with `ifname` already inside the container's

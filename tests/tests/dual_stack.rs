@@ -185,7 +185,13 @@ fn a_restart_keeps_both_subnets_and_drops_no_packet_in_either_family() {
     let (sent4, got4) = ping4.finish().unwrap();
     let (sent6, got6) = ping6.finish().unwrap();
     assert_eq!((sent4, got4), (300, 300), "IPv4 packets lost across restarts");
-    assert_eq!((sent6, got6), (300, 300), "IPv6 packets lost across restarts");
+    assert_eq!(
+        (sent6, got6),
+        (300, 300),
+        "IPv6 packets lost across restarts:\n{}\n{}",
+        c.nodes[0].log_text(),
+        c.nodes[1].log_text()
+    );
     assert_eq!(c.nodes[1].subnet().unwrap(), v4_before);
     assert_eq!(c.nodes[1].subnet_v6().unwrap(), v6_before);
 }
@@ -338,4 +344,25 @@ fn direct_routing_covers_ipv6_peers_on_the_same_link() {
         node.ns.ip(&["-6", "route"]).unwrap_or_default()
     );
     assert!(ping_until(&node.pods[0].ns, peer.pods[0].ip6.unwrap(), Duration::from_secs(3)));
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_fresh_node_forwards_ipv6_to_its_pods_at_once_and_resyncs_change_nothing() {
+    require_root();
+    let c = dual(2, 1, &[]);
+    // The bridge's link-local address is usable at once: the node can resolve its pods for forwarded traffic.
+    let cni0 = c.nodes[1].ns.ip(&["-6", "addr", "show", "cni0"]).unwrap();
+    assert!(!cni0.contains("tentative"), "{cni0}");
+    wait_converged_v6(&c);
+    let (from, to) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let run = PingRun::start(&from.ns, to.ip6.unwrap(), 200, "0.01").unwrap();
+    assert_eq!(run.finish().unwrap(), (200, 200), "the first IPv6 packets to a fresh node's pod were lost");
+    // Resyncs (every second here) find the IPv6 half as planned: the kernel's own entries
+    // (multicast and link-local neighbours) are not ours, and are left alone.
+    let updates = |n: &overlay_tests::Node| n.log_text().matches("dataplane updated family=IPv6").count();
+    let before: Vec<usize> = c.nodes.iter().map(updates).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<usize> = c.nodes.iter().map(updates).collect();
+    assert_eq!(before, after, "resyncs changed the IPv6 entries:\n{}", c.nodes[0].log_text());
 }

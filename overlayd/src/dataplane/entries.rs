@@ -79,6 +79,10 @@ pub fn read<A: Address>(bulk: &mut Bulk, vxlan_index: Option<u32>) -> overlay_ne
     let family = address_family(A::FAMILY);
     if let Some(index) = vxlan_index {
         for (n, permanent) in bulk.neighbours(index, family)? {
+            // The kernel's own entries (IPv6 multicast, link-local) are not ours to manage.
+            if n.ip.is_multicast() || proto::family::is_link_local(n.ip) {
+                continue;
+            }
             let Some(ip) = A::from_ip(n.ip) else { continue };
             // A learned (non-permanent) entry is treated as absent so it gets replaced.
             let mac = if permanent { n.mac } else { MacAddr([0; 6]) };

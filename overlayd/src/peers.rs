@@ -239,7 +239,7 @@ mod tests {
         let v4_key = key("10.244.3.0/24");
         let v4_only = attrs("192.168.1.3", "02:00:00:00:00:03");
         let mut broken = dual.clone();
-        broken.backend_v6_data = Some(serde_json::json!({"VNI": 1}));
+        broken.backend_v6_data = proto::lease::BackendData::Other(r#"{"VNI":1}"#.into());
         let broken_key: LeaseKey = "10.244.4.0-24&fd00:0:0:4::-64".parse().unwrap();
         let events = [
             WatchEvent::Apply(dual_key, dual),

@@ -119,10 +119,85 @@ pub struct LeaseAttrs {
     pub backend_type: String,
     /// Backend specific; for vxlan, [`VxlanBackendData`].
     #[serde(rename = "BackendData", default)]
-    pub backend_data: serde_json::Value,
+    pub backend_data: BackendData,
     /// IPv6 backend data, when dual stack; omitted otherwise, as flannel does.
-    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
-    pub backend_v6_data: Option<serde_json::Value>,
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "BackendData::is_null")]
+    pub backend_v6_data: BackendData,
+}
+
+/// A lease's backend data, held compactly. A daemon holds a whole listing
+/// (5,000 leases) at once, and a JSON map per lease and family was most of
+/// its memory: the vxlan backend's data is kept typed (10 bytes), any other
+/// as its JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BackendData {
+    /// `null`, or absent.
+    #[default]
+    Null,
+    /// `{"VNI":…,"VtepMAC":"…"}`, exactly.
+    Vxlan(VxlanBackendData),
+    /// Any other JSON, as text.
+    Other(Box<str>),
+}
+
+impl BackendData {
+    /// Whether there is none.
+    pub fn is_null(&self) -> bool {
+        *self == BackendData::Null
+    }
+
+    /// Parses JSON text.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The JSON text, as flanneld writes it.
+    pub fn to_json(&self) -> String {
+        match self {
+            BackendData::Null => "null".into(),
+            // Serializing plain data with string keys cannot fail.
+            BackendData::Vxlan(data) => serde_json::to_string(data).unwrap_or_default(),
+            BackendData::Other(text) => text.to_string(),
+        }
+    }
+
+    /// The vxlan backend's data, or why this is not it.
+    pub fn vxlan(&self) -> Result<VxlanBackendData, serde_json::Error> {
+        match self {
+            BackendData::Vxlan(data) => Ok(*data),
+            BackendData::Other(text) => serde_json::from_str(text),
+            BackendData::Null => serde_json::from_str("null"),
+        }
+    }
+}
+
+impl Serialize for BackendData {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BackendData::Null => serializer.serialize_unit(),
+            BackendData::Vxlan(data) => data.serialize(serializer),
+            BackendData::Other(text) => {
+                let value: serde_json::Value = serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+                value.serialize(serializer)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendData {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value.is_null() {
+            return Ok(BackendData::Null);
+        }
+        // Typed only when nothing would be lost: exactly the two fields, both valid.
+        if value.as_object().is_some_and(|m| m.len() == 2) {
+            if let Ok(data) = VxlanBackendData::deserialize(&value) {
+                return Ok(BackendData::Vxlan(data));
+            }
+        }
+        Ok(BackendData::Other(value.to_string().into()))
+    }
 }
 
 /// The vxlan backend's data: what a peer needs to program FDB and ARP entries.
@@ -154,8 +229,8 @@ impl LeaseAttrs {
             public_ip,
             public_ipv6: None,
             backend_type: "vxlan".into(),
-            backend_data: serde_json::to_value(data).unwrap_or_default(),
-            backend_v6_data: None,
+            backend_data: BackendData::Vxlan(data),
+            backend_v6_data: BackendData::Null,
         }
     }
 
@@ -167,8 +242,8 @@ impl LeaseAttrs {
             public_ip: v4.map(|(ip, _)| ip).unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: v6.map(|(ip, _)| ip),
             backend_type: "vxlan".into(),
-            backend_data: v4.map(|(_, d)| serde_json::to_value(d).unwrap_or_default()).unwrap_or_default(),
-            backend_v6_data: v6.map(|(_, d)| serde_json::to_value(d).unwrap_or_default()),
+            backend_data: v4.map(|(_, d)| BackendData::Vxlan(d)).unwrap_or_default(),
+            backend_v6_data: v6.map(|(_, d)| BackendData::Vxlan(d)).unwrap_or_default(),
         }
     }
 
@@ -188,7 +263,7 @@ impl LeaseAttrs {
         if self.backend_type != "vxlan" {
             return Err(LeaseValueError::NotVxlan(self.backend_type.clone()));
         }
-        Ok(serde_json::from_value(self.backend_data.clone())?)
+        Ok(self.backend_data.vxlan()?)
     }
 
     /// The peer of one family this lease stands for: its underlay address and
@@ -200,9 +275,9 @@ impl LeaseAttrs {
         match family {
             Family::V4 if self.public_ip.is_unspecified() || self.backend_data.is_null() => Ok(None),
             Family::V4 => Ok(Some((IpAddr::V4(self.public_ip), self.vxlan_data()?))),
-            Family::V6 => match (self.public_ipv6, &self.backend_v6_data) {
-                (Some(ip), Some(data)) if !data.is_null() => {
-                    Ok(Some((IpAddr::V6(ip), serde_json::from_value(data.clone())?)))
+            Family::V6 => match self.public_ipv6 {
+                Some(ip) if !self.backend_v6_data.is_null() => {
+                    Ok(Some((IpAddr::V6(ip), self.backend_v6_data.vxlan()?)))
                 }
                 _ => Ok(None),
             },
@@ -263,6 +338,23 @@ mod tests {
         let attrs = LeaseAttrs::from_json(text.as_bytes()).unwrap();
         assert!(attrs.vxlan_data().unwrap_err().to_string().contains("host-gw"));
         assert!(LeaseAttrs::from_json(b"{\"PublicIP\":\"nope\"}").is_err());
+    }
+
+    #[test]
+    fn backend_data_is_typed_when_nothing_is_lost_and_kept_as_text_otherwise() {
+        let typed = BackendData::parse(r#"{"VNI":1,"VtepMAC":"0a:d8:d2:05:d3:63"}"#).unwrap();
+        assert!(matches!(typed, BackendData::Vxlan(_)));
+        assert_eq!(typed.to_json(), r#"{"VNI":1,"VtepMAC":"0a:d8:d2:05:d3:63"}"#);
+        let extra = BackendData::parse(r#"{"VNI":1,"VtepMAC":"0a:d8:d2:05:d3:63","Future":true}"#).unwrap();
+        assert!(matches!(extra, BackendData::Other(_)), "an unknown field is kept, not dropped");
+        assert_eq!(extra.vxlan().unwrap().vni, 1);
+        let bad_mac = BackendData::parse(r#"{"VNI":1,"VtepMAC":"nope"}"#).unwrap();
+        assert!(bad_mac.vxlan().is_err());
+        assert_eq!(BackendData::parse("null").unwrap(), BackendData::Null);
+        assert!(BackendData::parse("{").is_err());
+        let text =
+            r#"{"PublicIP":"192.168.50.11","PublicIPv6":null,"BackendType":"host-gw","BackendData":{"Any":[1,2]}}"#;
+        assert_eq!(LeaseAttrs::from_json(text.as_bytes()).unwrap().to_json(), text, "other backends round-trip");
     }
 
     /// Keys and values of the dual-stack flannel capture (shared/compat), byte for byte.

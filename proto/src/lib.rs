@@ -15,7 +15,7 @@ pub mod subnet_env;
 
 pub use alloc::SubnetRange;
 pub use family::{Address, Family};
-pub use lease::{LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
+pub use lease::{BackendData, LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
 pub use mac::MacAddr;
 pub use net_config::{Backend, ConfigError, NetConfig, Pool};
 pub use node_annotations::{NodeAnnotations, NodeLeaseError};

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::lease::{LeaseAttrs, LeaseKey};
+use crate::lease::{BackendData, LeaseAttrs, LeaseKey};
 
 /// flannel's annotation prefix, the default of `--kube-annotation-prefix`.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
@@ -88,12 +88,12 @@ impl NodeAnnotations {
     /// not leave it advertised.
     pub fn publish(&self, attrs: &LeaseAttrs) -> BTreeMap<String, Option<String>> {
         let v4 = !attrs.public_ip.is_unspecified() && !attrs.backend_data.is_null();
-        let v6 = attrs.public_ipv6.zip(attrs.backend_v6_data.as_ref()).filter(|(_, d)| !d.is_null());
+        let v6 = attrs.public_ipv6.filter(|_| !attrs.backend_v6_data.is_null()).map(|ip| (ip, &attrs.backend_v6_data));
         BTreeMap::from([
             (self.key("backend-type"), Some(attrs.backend_type.clone())),
-            (self.key("backend-data"), v4.then(|| attrs.backend_data.to_string())),
+            (self.key("backend-data"), v4.then(|| attrs.backend_data.to_json())),
             (self.key("public-ip"), v4.then(|| attrs.public_ip.to_string())),
-            (self.key("backend-v6-data"), v6.map(|(_, d)| d.to_string())),
+            (self.key("backend-v6-data"), v6.map(|(_, d)| d.to_json())),
             (self.key("public-ipv6"), v6.map(|(ip, _)| ip.to_string())),
             (self.key("kube-subnet-manager"), Some("true".to_string())),
         ])
@@ -153,15 +153,13 @@ impl NodeAnnotations {
         };
         let get = |name: &str| annotations.get(&self.key(name));
         let bad = |name: &str, reason: String| NodeLeaseError::Annotation { key: self.key(name), reason };
-        let json = |name: &str, text: &str| {
-            serde_json::from_str::<serde_json::Value>(text).map_err(|e| bad(name, format!("not JSON: {e}")))
-        };
+        let json = |name: &str, text: &str| BackendData::parse(text).map_err(|e| bad(name, format!("not JSON: {e}")));
         let mut attrs = LeaseAttrs {
             public_ip: Ipv4Addr::UNSPECIFIED,
             public_ipv6: None,
             backend_type: backend_type.clone(),
-            backend_data: serde_json::Value::Null,
-            backend_v6_data: None,
+            backend_data: BackendData::Null,
+            backend_v6_data: BackendData::Null,
         };
         let v4 = key.v4.is_some() && get("backend-data").is_some() && get("public-ip").is_some();
         let v6 = key.v6.is_some() && get("backend-v6-data").is_some() && get("public-ipv6").is_some();
@@ -176,7 +174,7 @@ impl NodeAnnotations {
         if let (true, Some(data), Some(ip)) = (v6, get("backend-v6-data"), get("public-ipv6")) {
             attrs.public_ipv6 =
                 Some(ip.trim().parse().map_err(|_| bad("public-ipv6", format!("{ip:?} is not an IPv6 address")))?);
-            attrs.backend_v6_data = Some(json("backend-v6-data", data)?);
+            attrs.backend_v6_data = json("backend-v6-data", data)?;
         }
         if attrs.backend_type == "vxlan" {
             if v4 {

@@ -51,7 +51,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `overlayd cleanup`.
 pub async fn cleanup(args: &RunArgs) -> Result<()> {
-    reconcile::cleanup([&args.node.device, &args.node.device_v6], &args.node.subnet_file).await
+    reconcile::cleanup([args.node.device.as_deref(), args.node.device_v6.as_deref()], &args.node.subnet_file).await
 }
 
 struct Daemon<S> {
@@ -135,6 +135,16 @@ fn vtep_mac(machine: &str, public_ip: Option<IpAddr>, vni: u32, family: Family) 
         Family::V6 => format!("overlay-v6|{}|{ip}|{vni}", machine.trim()),
     };
     MacAddr::from_seed(seed.as_bytes())
+}
+
+/// A family's VXLAN device name: the flag's, else `overlay.<VNI>` or `overlay-v6.<VNI>`,
+/// as flannel names its devices `flannel.<VNI>` and `flannel-v6.<VNI>`.
+fn device_name(flag: Option<&str>, family: Family, vni: u32) -> String {
+    match (flag, family) {
+        (Some(name), _) => name.to_string(),
+        (None, Family::V4) => format!("{}.{vni}", reconcile::DEVICE_PREFIX[0]),
+        (None, Family::V6) => format!("{}.{vni}", reconcile::DEVICE_PREFIX[1]),
+    }
 }
 
 fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
@@ -256,8 +266,16 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 |env, (network, subnet)| env.with(network, subnet),
             );
         NodePlan {
-            v4: self.family_plan::<Ipv4Addr>(&self.node.device),
-            v6: self.family_plan::<Ipv6Addr>(&self.node.device_v6),
+            v4: self.family_plan::<Ipv4Addr>(&device_name(
+                self.node.device.as_deref(),
+                Family::V4,
+                self.config.backend.vni,
+            )),
+            v6: self.family_plan::<Ipv6Addr>(&device_name(
+                self.node.device_v6.as_deref(),
+                Family::V6,
+                self.config.backend.vni,
+            )),
             subnet_env,
         }
     }

@@ -73,11 +73,12 @@ pub struct NodeArgs {
     #[arg(long, env = "OVERLAYD_IP_MASQ")]
     pub ip_masq: bool,
     /// Name of the VXLAN device.
-    #[arg(long, env = "OVERLAYD_DEVICE", default_value = "overlay.1", global = true)]
-    pub device: String,
-    /// Name of the IPv6 VXLAN device (dual stack, IPv6-only).
-    #[arg(long, env = "OVERLAYD_DEVICE_V6", default_value = "overlay-v6.1", global = true)]
-    pub device_v6: String,
+    /// Default: `overlay.<VNI>` (flannel's is `flannel.<VNI>`).
+    #[arg(long, env = "OVERLAYD_DEVICE", global = true)]
+    pub device: Option<String>,
+    /// Name of the IPv6 VXLAN device (dual stack, IPv6-only). Default: `overlay-v6.<VNI>`.
+    #[arg(long, env = "OVERLAYD_DEVICE_V6", global = true)]
+    pub device_v6: Option<String>,
     /// How often to re-read the whole node and repair drift (e.g. 30s, 500ms, 1m30s).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
@@ -171,7 +172,7 @@ mod tests {
         let cli = Cli::try_parse_from(["overlayd", "--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
         assert_eq!(cli.run.etcd.etcd_endpoints.len(), 2);
         assert_eq!(cli.run.etcd.etcd_prefix, "/coreos.com/network");
-        assert_eq!(cli.run.node.device, "overlay.1");
+        assert_eq!(cli.run.node.device, None);
         // SAFETY: this test alone reads these variables.
         unsafe {
             std::env::set_var("OVERLAYD_IP_MASQ", "true");
@@ -190,6 +191,6 @@ mod tests {
         }
         let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
         assert!(matches!(cleanup.command, Some(Command::Cleanup)));
-        assert_eq!(cleanup.run.node.device, "x.1");
+        assert_eq!(cleanup.run.node.device.as_deref(), Some("x.1"));
     }
 }

@@ -395,14 +395,30 @@ pub fn release_freed_memory() {
     }
 }
 
+/// The default device names are these, then `.<VNI>`: IPv4's, IPv6's.
+pub const DEVICE_PREFIX: [&str; 2] = ["overlay", "overlay-v6"];
+
 /// `overlayd cleanup`: removes both devices (and with them every peer entry
-/// on them), our direct routes, our nftables tables and the subnet file.
-pub async fn cleanup(device_names: [&str; 2], subnet_file: &std::path::Path) -> anyhow::Result<()> {
+/// on them), our direct routes, our nftables tables and the subnet file. A
+/// device without a name given is every VXLAN device of the default name
+/// (`overlay.<VNI>`, `overlay-v6.<VNI>`): cleanup needs no network config.
+pub async fn cleanup(device_names: [Option<&str>; 2], subnet_file: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let nl = Netlink::connect()?;
     let mut bulk = Bulk::open()?;
-    let mut routes_left = cleanup_family::<Ipv4Addr>(&nl, &mut bulk, device_names[0]).await?;
-    routes_left += cleanup_family::<Ipv6Addr>(&nl, &mut bulk, device_names[1]).await?;
+    let links = nl.links().await?;
+    let names = |family: usize| -> Vec<String> {
+        match device_names[family] {
+            Some(name) => vec![name.to_string()],
+            None => links
+                .iter()
+                .filter(|l| l.vxlan.is_some() && default_device_name(&l.name, family))
+                .map(|l| l.name.clone())
+                .collect(),
+        }
+    };
+    let mut routes_left = cleanup_family::<Ipv4Addr>(&nl, &mut bulk, &names(0)).await?;
+    routes_left += cleanup_family::<Ipv6Addr>(&nl, &mut bulk, &names(1)).await?;
     match std::fs::remove_file(subnet_file) {
         Ok(()) => info!(path = %subnet_file.display(), "removed subnet file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -414,11 +430,20 @@ pub async fn cleanup(device_names: [&str; 2], subnet_file: &std::path::Path) -> 
     Ok(())
 }
 
+/// Whether `name` is a default device name of family slot `family`: `overlay.<digits>`, `overlay-v6.<digits>`.
+fn default_device_name(name: &str, family: usize) -> bool {
+    name.strip_prefix(DEVICE_PREFIX[family])
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// One family's part of `overlayd cleanup`; how many routes could not be removed.
-async fn cleanup_family<A: Address>(nl: &Netlink, bulk: &mut Bulk, device_name: &str) -> anyhow::Result<usize> {
+async fn cleanup_family<A: Address>(nl: &Netlink, bulk: &mut Bulk, device_names: &[String]) -> anyhow::Result<usize> {
     use anyhow::Context;
-    if device::remove(nl, device_name).await? {
-        info!(device = %device_name, "removed VXLAN device and with it every peer entry");
+    for device_name in device_names {
+        if device::remove(nl, device_name).await? {
+            info!(device = %device_name, "removed VXLAN device and with it every peer entry");
+        }
     }
     // Direct routes live on the underlay, not on the device: remove them too.
     let state = match entries::read::<A>(bulk, None) {
@@ -451,6 +476,15 @@ mod tests {
         for t in [Trigger::Start, Trigger::Requeue, Trigger::Lease] {
             assert!(t.reads_node(), "{t:?}");
         }
+    }
+
+    #[test]
+    fn default_device_names_are_told_apart_by_family() {
+        assert!(default_device_name("overlay.1", 0) && default_device_name("overlay.4096", 0));
+        assert!(default_device_name("overlay-v6.1", 1));
+        assert!(!default_device_name("overlay-v6.1", 0) && !default_device_name("overlay.1", 1));
+        assert!(!default_device_name("overlay.", 0) && !default_device_name("overlay.x", 0));
+        assert!(!default_device_name("overlay", 0) && !default_device_name("flannel.1", 0));
     }
 
     #[test]

@@ -172,6 +172,7 @@ fn a_restart_keeps_both_subnets_and_drops_no_packet_in_either_family() {
     let mut c = dual(2, 1, &[]);
     wait_converged_v6(&c);
     let (v4_before, v6_before) = (c.nodes[1].subnet().unwrap(), c.nodes[1].subnet_v6().unwrap());
+    let macs_before = (c.nodes[1].vtep_mac().unwrap(), c.nodes[1].vtep_mac_v6().unwrap());
     let to = &c.nodes[1].pods[0];
     let from = &c.nodes[0].pods[0];
     let ping4 = PingRun::start(&from.ns, to.ip, 300, "0.01").unwrap();
@@ -194,6 +195,8 @@ fn a_restart_keeps_both_subnets_and_drops_no_packet_in_either_family() {
     );
     assert_eq!(c.nodes[1].subnet().unwrap(), v4_before);
     assert_eq!(c.nodes[1].subnet_v6().unwrap(), v6_before);
+    let macs_after = (c.nodes[1].vtep_mac().unwrap(), c.nodes[1].vtep_mac_v6().unwrap());
+    assert_eq!(macs_after, macs_before, "the VTEP MACs of both families are stable across restarts");
 }
 
 #[test]
@@ -365,4 +368,29 @@ fn a_fresh_node_forwards_ipv6_to_its_pods_at_once_and_resyncs_change_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     let after: Vec<usize> = c.nodes.iter().map(updates).collect();
     assert_eq!(before, after, "resyncs changed the IPv6 entries:\n{}", c.nodes[0].log_text());
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn devices_are_named_after_the_vni_and_cleanup_removes_both_families() {
+    require_root();
+    let config = DUAL_STACK_CONFIG.replace(r#""Type":"vxlan""#, r#""Type":"vxlan","VNI":7"#);
+    let mut c = Cluster::new(ClusterOptions { config: Some(config), ..Default::default() }).unwrap();
+    c.add_ready_node(&["--ip-masq"], 0).unwrap();
+    let node = &mut c.nodes[0];
+    let links = node.ns.ip(&["-d", "link"]).unwrap();
+    assert!(
+        links.contains("overlay.7:") && links.contains("overlay-v6.7:") && links.contains("vxlan id 7 "),
+        "{links}"
+    );
+    node.stop().unwrap();
+    let bin = overlay_tests::workspace_bin("overlayd");
+    let out =
+        node.ns.command(bin.to_str().unwrap(), &["cleanup", "--subnet-file"]).arg(&node.subnet_file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let links = node.ns.ip(&["link"]).unwrap();
+    assert!(!links.contains("overlay"), "devices left after cleanup: {links}");
+    let tables = node.ns.exec("nft", &["list", "tables"]).unwrap();
+    assert!(!tables.contains("overlay"), "tables left after cleanup: {tables}");
+    assert!(!node.subnet_file.exists());
 }

@@ -121,3 +121,25 @@ fn kube_a_node_with_three_pod_cidrs_is_skipped_and_one_without_ipv6_is_refused()
     assert!(node.log_text().contains("has no IPv6 podCIDR"), "{}", node.log_text());
     assert!(!node.ns.ip(&["link"]).unwrap().contains("overlay"));
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_public_ipv6_overwrite_is_what_peers_send_to() {
+    require_root();
+    let mut c = kube_cluster(DUAL_STACK_CONFIG, 1, 0);
+    let i = c.add_kube_node(true, &[]).unwrap();
+    let name = c.nodes[i].name.clone();
+    c.api()
+        .edit_node(&name, |n| {
+            n["metadata"]["annotations"] = json!({format!("{PREFIX}/public-ipv6-overwrite"): "fd00:50::99"});
+        })
+        .unwrap();
+    let node = &mut c.nodes[i];
+    node.start().unwrap();
+    node.wait_ready(Duration::from_secs(20)).unwrap();
+    let (v6, mac) = (node.subnet_v6().unwrap(), node.vtep_mac_v6().unwrap());
+    assert_eq!(annotations(&c, &name)[&format!("{PREFIX}/public-ipv6")], "fd00:50::99");
+    let peer = &c.nodes[0];
+    let dst: std::net::Ipv6Addr = "fd00:50::99".parse().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || peer.has_peer_v6(v6, &mac, dst)), "{}", peer.v6_entries());
+}

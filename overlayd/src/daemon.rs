@@ -20,7 +20,7 @@ use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
-use crate::lease::{check_own, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
+use crate::lease::{check_own, LeaseLost, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::masq::Masquerade;
 use crate::metrics::Metrics;
 use crate::peers::{PeerView, Update};
@@ -252,7 +252,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             Update::Unchanged => Ok(None),
             Update::Changed => Ok(Some(Trigger::Peers)),
             Update::Lost(lost) => {
-                self.reacquire(&lost.0).await?;
+                self.reacquire(&lost).await?;
                 Ok(Some(Trigger::Lease))
             }
         }
@@ -336,7 +336,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                     Ok(None)
                 }
                 Err(lost) => {
-                    self.reacquire(&lost.0).await?;
+                    self.reacquire(&lost).await?;
                     Ok(Some(Trigger::Lease))
                 }
             },
@@ -350,8 +350,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     }
 
     /// Takes a subnet again after losing ours: the same one if still free.
-    async fn reacquire(&mut self, why: &str) -> Result<()> {
-        error!(subnet = %self.own.key, why, "LEASE LOST: re-claiming a subnet");
+    async fn reacquire(&mut self, lost: &LeaseLost) -> Result<()> {
+        self.store.say_lost(lost, &self.own);
         self.metrics.set_lease_held(false);
         let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key)).await?;
         if own.key != self.own.key {

@@ -4,20 +4,25 @@
 //! the test's underlay namespace, bodies as the API's JSON (checked against
 //! `k8s-openapi`'s `Node`), and the semantics a client depends on:
 //!
-//! - list with `limit`/`continue` pages and a `resourceVersion`;
+//! - list with `limit`/`continue` pages and a `resourceVersion`; a list at
+//!   `resourceVersion=0` is served as from the watch cache: whole, `limit`
+//!   ignored;
 //! - watch from a resourceVersion, replaying history, with bookmarks and
 //!   `timeoutSeconds`; a resourceVersion older than the kept history gets
 //!   an `ERROR` event with a 410 `Expired` Status, as the watch cache sends;
 //! - get; merge, strategic-merge (merge keys for conditions, addresses,
 //!   taints) and JSON patch on `nodes` and `nodes/status`, each changing
-//!   only its part (spec and metadata, or status); a no-op patch does not
-//!   bump the resourceVersion;
+//!   only its part (`nodes`: spec and metadata; `nodes/status`: status and
+//!   metadata, never the spec, as the node status strategy does); a no-op
+//!   patch does not bump the resourceVersion;
 //! - strict (`tests/tests/kube_api_double.rs` checks it): an unknown field
 //!   (always, as with `fieldValidation=Strict`), an unsupported patch content type, a changed
 //!   podCIDR, a stale resourceVersion precondition, a selector it does not
 //!   implement: each is refused with the Status a real server would send;
 //! - node IPAM as kube-controller-manager's range allocator does it: the
-//!   first free `/24` of the cluster CIDR, set on `spec.podCIDR(s)`.
+//!   first free `/24` (IPv4) and `/64` (IPv6) of each cluster CIDR, set on
+//!   `spec.podCIDR(s)`;
+//! - it records every User-Agent and every (verb, resource) it served.
 //!
 //! `start_secure` serves it as a cluster does: HTTPS with a certificate from
 //! a fresh CA, and only for a bearer token (401 otherwise), so a client can
@@ -59,6 +64,10 @@ pub struct Stats {
     pub patches: u64,
     /// Watches answered with 410 Gone.
     pub expired: u64,
+    /// Lists served from the cache (`resourceVersion=0`): whole, `limit` ignored.
+    pub cached_lists: u64,
+    /// Bytes of list responses.
+    pub list_bytes: u64,
 }
 
 /// One kind of request, as RBAC sees it: a verb on a resource.
@@ -78,6 +87,8 @@ struct State {
     stats: Stats,
     /// Every (verb, resource) a client used, for RBAC checks.
     used: BTreeSet<Access>,
+    /// Every User-Agent a request carried ("" for none).
+    user_agents: BTreeSet<String>,
     /// When set, only these (verb, resource) pairs are allowed (403 otherwise).
     rbac: Option<BTreeSet<(String, String)>>,
 }
@@ -197,6 +208,7 @@ impl KubeApi {
                 next_uid: 1,
                 stats: Stats::default(),
                 used: BTreeSet::new(),
+                user_agents: BTreeSet::new(),
                 rbac: None,
             }),
             changed: watch::channel(1).0,
@@ -285,6 +297,11 @@ impl KubeApi {
     /// ClusterRole's), answering anything else 403 Forbidden.
     pub fn enforce_rbac(&self, grants: BTreeSet<(String, String)>) {
         self.lock().rbac = Some(grants);
+    }
+
+    /// Every User-Agent header the server saw ("" for a request without one).
+    pub fn user_agents(&self) -> BTreeSet<String> {
+        self.lock().user_agents.clone()
     }
 
     /// Every (verb, resource) clients used so far, as RBAC names them.
@@ -534,6 +551,8 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     }
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query().unwrap_or(""));
+    let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    lock(&shared).user_agents.insert(agent);
     let rest = path.strip_prefix("/api/v1/nodes").ok_or_else(|| {
         err(StatusCode::NOT_FOUND, "NotFound", format!("the test API server serves only /api/v1/nodes, not {path}"))
     })?;
@@ -657,7 +676,14 @@ fn percent_decode(s: &str) -> String {
 fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
     let mut s = lock(shared);
     s.stats.lists += 1;
+    // resourceVersion=0: served from the watch cache, which (like a real API
+    // server's) ignores `limit` and answers with the whole list at once.
+    let cached = query.get("resourceVersion").is_some_and(|rv| rv == "0");
+    if cached {
+        s.stats.cached_lists += 1;
+    }
     let limit: usize = match query.get("limit") {
+        _ if cached => 0,
         Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
         None => 0,
     };
@@ -702,7 +728,9 @@ fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Respo
         let last = items.last().and_then(|i| i["metadata"]["name"].as_str()).unwrap_or_default().to_string();
         metadata["continue"] = json!(format!("{rv}/{last}"));
     }
-    Ok(respond(StatusCode::OK, json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items})))
+    let list = json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items});
+    s.stats.list_bytes += list.to_string().len() as u64;
+    Ok(respond(StatusCode::OK, list))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
@@ -859,10 +887,11 @@ fn patch_node(
             ));
         }
     }
-    // Each endpoint changes only its part of the object.
+    // Each endpoint changes only its part of the object. As with a real
+    // API server's node status strategy, `nodes/status` resets the spec but
+    // takes metadata (flanneld writes its annotations there).
     if status {
         new["spec"] = current["spec"].clone();
-        new["metadata"] = current["metadata"].clone();
     } else {
         new["status"] = current["status"].clone();
     }

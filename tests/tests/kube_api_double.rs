@@ -211,3 +211,40 @@ fn watch_replays_history_bookmarks_and_expires() {
     assert_eq!(next_event(&mut late)["object"]["reason"], "Expired");
     assert!(api.stats().expired >= 2);
 }
+
+#[test]
+fn a_resource_version_0_list_comes_whole_from_the_cache_and_user_agents_are_recorded() {
+    let (api, addr) = api();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        api.add_node(name, std::net::Ipv4Addr::new(192, 168, 0, i as u8 + 1), false).unwrap();
+    }
+    // As a real API server's watch cache: the limit is ignored, no continue token.
+    let (code, list) =
+        call(addr, "GET", "/api/v1/nodes?resourceVersion=0&resourceVersionMatch=NotOlderThan&limit=1", "", "");
+    assert_eq!(code, 200);
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    assert!(list["metadata"].get("continue").is_none(), "{}", list["metadata"]);
+    // A quorum read pages.
+    let (_, page) = call(addr, "GET", "/api/v1/nodes?limit=1", "", "");
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let stats = api.stats();
+    assert_eq!((stats.lists, stats.cached_lists), (2, 1));
+    assert!(stats.list_bytes > 0);
+    // Raw requests here send no User-Agent.
+    assert!(api.user_agents().contains(""), "{:?}", api.user_agents());
+}
+
+#[test]
+fn status_patches_take_annotations_but_never_the_spec() {
+    let (api, addr) = api();
+    api.add_node("a", "192.168.0.1".parse().unwrap(), true).unwrap();
+    let (code, node) = patch(
+        addr,
+        "/api/v1/nodes/a/status",
+        "application/strategic-merge-patch+json",
+        json!({"metadata": {"annotations": {"x": "y"}}, "spec": {"unschedulable": true}}),
+    );
+    assert_eq!(code, 200, "{node}");
+    assert_eq!(node["metadata"]["annotations"]["x"], "y", "flanneld writes its annotations through nodes/status");
+    assert!(node["spec"].get("unschedulable").is_none(), "nodes/status never changes the spec: {node}");
+}

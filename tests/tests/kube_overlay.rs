@@ -208,6 +208,62 @@ fn kube_overwritten_annotations_are_written_back() {
         "node-1 did not restore its annotation:\n{}",
         c.nodes[0].log_text()
     );
+    // Said in Kubernetes words, as a warning: nothing was lost that it cannot repair.
+    let log = c.nodes[0].log_text();
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("annotations were rewritten; restoring them")),
+        "{log}"
+    );
+    assert!(!log.contains("LEASE LOST") && !log.contains("ERROR"), "{log}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_writes_go_through_status_the_own_node_is_read_once_and_every_request_says_who_it_is() {
+    require_root();
+    let mut c = kube_cluster();
+    for _ in 0..3 {
+        ready_node(&mut c, 0, &[]);
+    }
+    for node in &c.nodes {
+        let name = node.name.clone();
+        assert!(wait_until(Duration::from_secs(10), || network_available(&c, &name)), "{}", node.log_text());
+    }
+    let stats = c.api().stats();
+    // One read of its own Node per daemon at start; annotations and condition through nodes/status only.
+    assert_eq!(stats.gets, 3, "{stats:?}");
+    let accesses = c.api().accesses();
+    assert!(!accesses.contains(&("patch", "nodes")), "{accesses:?}");
+    assert!(accesses.contains(&("patch", "nodes/status")), "{accesses:?}");
+    let agents = c.api().user_agents();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert!(agents.iter().all(|a| a.starts_with("overlayd/")), "{agents:?}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_taking_over_from_flanneld_keeps_the_condition_s_transition_time() {
+    require_root();
+    let mut c = kube_cluster();
+    let i = c.add_kube_node(true, &[]).unwrap();
+    let name = c.nodes[i].name.clone();
+    // flanneld ran here: NetworkUnavailable is False since long ago.
+    let since = "2026-01-02T03:04:05Z";
+    c.api()
+        .edit_node(&name, |n| {
+            let conditions = n["status"]["conditions"].as_array_mut().unwrap();
+            conditions.push(json!({"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
+                "message": "Flannel is running on this node", "lastTransitionTime": since, "lastHeartbeatTime": since}));
+        })
+        .unwrap();
+    let node = &mut c.nodes[i];
+    node.start().unwrap();
+    node.wait_ready(Duration::from_secs(20)).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || network_available(&c, &name)), "{}", c.nodes[i].log_text());
+    let conditions = c.api().node(&name).unwrap().status.unwrap().conditions.unwrap();
+    let ours = conditions.iter().find(|k| k.type_ == "NetworkUnavailable").unwrap();
+    let kept = serde_json::to_value(&ours.last_transition_time).unwrap();
+    assert_eq!(kept, json!(since), "the status stayed False: its transition time must stay");
 }
 
 #[test]

@@ -23,7 +23,7 @@ use proto::node_annotations::pod_cidrs;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
 
-use super::{EventSender, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
+use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
 
@@ -32,6 +32,8 @@ const CONDITION: &str = "NetworkUnavailable";
 const CONDITION_REASON: &str = "OverlayIsUp";
 /// Who wrote our fields, in the Node's managedFields.
 const FIELD_MANAGER: &str = "overlayd";
+/// Who we are in the API server's audit log and to priority and fairness.
+const USER_AGENT: &str = concat!("overlayd/", env!("CARGO_PKG_VERSION"));
 /// Bound on one API call; a blackholed API server must not stall the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nodes per list page. A page is held whole as JSON before it is decoded,
@@ -145,6 +147,7 @@ impl KubeLeases {
                 .context("finding the API server: not in a pod and no kubeconfig (use --kubeconfig)")?,
         };
         config.connect_timeout = Some(Duration::from_secs(5));
+        config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
         info!(server = %config.cluster_url, node = %node_name, "Kubernetes mode");
         let client = Client::try_from(config).context("building the Kubernetes client")?;
         Ok(KubeLeases {
@@ -180,15 +183,20 @@ impl KubeLeases {
         }
     }
 
-    /// Writes our annotations onto our Node (a merge patch: other annotations
-    /// stay; the keys of a family that is off are removed).
-    async fn publish(&self, attrs: &LeaseAttrs) -> anyhow::Result<()> {
+    /// Writes our annotations onto our Node, through `nodes/status` as
+    /// flanneld does, so the ClusterRole needs no `patch` on Nodes themselves
+    /// (which could change any Node's spec: taints, unschedulable). A
+    /// strategic merge: other annotations stay; the keys of a family that is
+    /// off are removed. Returns the Node as the API server now holds it.
+    async fn publish(&self, attrs: &LeaseAttrs) -> anyhow::Result<Node> {
         let patch = serde_json::json!({ "metadata": { "annotations": self.annotations.publish(attrs) } });
+        self.patch_status(&patch, format!("annotating node {}", self.node_name)).await
+    }
+
+    /// One strategic-merge patch of our Node through `nodes/status`.
+    async fn patch_status(&self, patch: &serde_json::Value, what: String) -> anyhow::Result<Node> {
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-        let patch = Patch::Merge(&patch);
-        bounded(format!("annotating node {}", self.node_name), self.nodes.patch(&self.node_name, &params, &patch))
-            .await?;
-        Ok(())
+        bounded(what, self.nodes.patch_status(&self.node_name, &params, &Patch::Strategic(patch))).await
     }
 
     /// Streams Node changes as watch events, forever. kube's watcher lists,
@@ -197,8 +205,14 @@ impl KubeLeases {
     /// daemon diffs the whole listing like any other change, so unchanged
     /// peers are not touched.
     async fn watch_nodes(self, tx: EventSender) {
-        let stream = watcher::watcher(self.peers.clone(), watcher::Config::default().page_size(LIST_PAGE_SIZE))
-            .backoff(Backoff::with_max(WATCH_BACKOFF_MAX));
+        // Paged, so a quorum read. A list from the watch cache
+        // (resourceVersion=0) would spare etcd, but the cache answers with the
+        // whole list at once (kube therefore drops resourceVersion=0 when a
+        // page size is set), and 5,000 real Nodes are ~45 MB of JSON, which
+        // kube holds whole before decoding. Issue 14 (open): decode a cached
+        // list item by item instead.
+        let config = watcher::Config::default().page_size(LIST_PAGE_SIZE);
+        let stream = watcher::watcher(self.peers.clone(), config).backoff(Backoff::with_max(WATCH_BACKOFF_MAX));
         let mut stream = std::pin::pin!(stream);
         let mut nodes = NodeEvents::new(self.annotations.clone());
         let mut failing = false;
@@ -347,7 +361,9 @@ impl LeaseStore for KubeLeases {
     }
 
     async fn public_ips(&mut self, detected: PublicIps) -> anyhow::Result<PublicIps> {
+        // The one read of our Node at start: `acquire` and readiness reuse it.
         let node = self.wait_for_own_node().await;
+        let node = self.last_read.insert(node);
         let annotations = annotations_of(&node.metadata);
         let mut public = detected;
         if let Some(ip) = self.annotations.public_ip_overwrite(annotations).context("on our own node")? {
@@ -370,7 +386,10 @@ impl LeaseStore for KubeLeases {
         let mut backoff = Backoff::new();
         let mut say = Throttle::new(SAY_EVERY);
         loop {
-            let node = self.wait_for_own_node().await;
+            let node = match self.last_read.take() {
+                Some(node) => node,
+                None => self.wait_for_own_node().await,
+            };
             match own_pod_cidrs(&node).with_context(|| format!("node {}", self.node_name))? {
                 None => {
                     if say.ready() {
@@ -384,11 +403,14 @@ impl LeaseStore for KubeLeases {
                 Some(key) => {
                     self.check_pod_cidrs(config, &key)?;
                     if self.annotations.published(annotations_of(&node.metadata), attrs) {
+                        self.last_read = Some(node);
                         return Ok(OwnLease { key, attrs: attrs.clone() });
                     }
                     match self.publish(attrs).await {
-                        Ok(()) => {
+                        Ok(updated) => {
                             info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, public_ipv6 = ?attrs.public_ipv6, "published our lease on the node");
+                            // The patch answers with the Node: readiness needs no other read.
+                            self.last_read = Some(updated);
                             return Ok(OwnLease { key, attrs: attrs.clone() });
                         }
                         Err(e) => warn!(error = format!("{e:#}"), "cannot annotate our node; retrying"),
@@ -431,16 +453,22 @@ impl LeaseStore for KubeLeases {
             Some(node) => node,
             None => self.own_node().await?.with_context(|| format!("node {} not found", self.node_name))?,
         };
-        let already = node.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == CONDITION && c.status == "False" && c.reason.as_deref() == Some(CONDITION_REASON))
-        });
-        if already {
+        let current = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|conditions| conditions.iter().find(|c| c.type_ == CONDITION));
+        if current.is_some_and(|c| c.status == "False" && c.reason.as_deref() == Some(CONDITION_REASON)) {
             return Ok(());
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         let now = Time(k8s_openapi::jiff::Timestamp::from_second(now).context("the clock is out of range")?);
+        // The status does not change when we take over from flanneld (False,
+        // FlannelIsUp): the transition time stays the one it had.
+        let transitioned = match current {
+            Some(c) if c.status == "False" => c.last_transition_time.clone().unwrap_or_else(|| now.clone()),
+            _ => now.clone(),
+        };
         // Strategic merge: conditions merge by `type`, so other conditions stay.
         let patch = serde_json::json!({
             "status": { "conditions": [{
@@ -448,16 +476,25 @@ impl LeaseStore for KubeLeases {
                 "status": "False",
                 "reason": CONDITION_REASON,
                 "message": "overlayd is running on this node",
-                "lastTransitionTime": now,
+                "lastTransitionTime": transitioned,
                 "lastHeartbeatTime": now,
             }]}
         });
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-        let patch = Patch::Strategic(&patch);
-        let what = format!("setting {CONDITION}=False on node {}", self.node_name);
-        bounded(what, self.nodes.patch_status(&self.node_name, &params, &patch)).await?;
+        self.patch_status(&patch, format!("setting {CONDITION}=False on node {}", self.node_name)).await?;
         info!(node = %self.node_name, "node condition {CONDITION}=False ({CONDITION_REASON})");
         Ok(())
+    }
+
+    fn say_lost(&self, lost: &LeaseLost, own: &OwnLease) {
+        match lost.kind {
+            LostKind::Rewritten => {
+                warn!(node = %self.node_name, subnet = %own.key, seen = %lost.detail, "our Node's annotations were rewritten; restoring them")
+            }
+            LostKind::Gone => warn!(
+                node = %self.node_name,
+                "our Node was deleted (or lost its podCIDR); waiting for it to be registered again"
+            ),
+        }
     }
 }
 

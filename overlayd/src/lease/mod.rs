@@ -66,8 +66,22 @@ pub struct PublicIps {
 
 /// Our lease no longer says what we published.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct LeaseLost(pub String);
+#[error("{detail}")]
+pub struct LeaseLost {
+    /// Gone, or rewritten by someone else.
+    pub kind: LostKind,
+    /// What was seen, in words.
+    pub detail: String,
+}
+
+/// How a lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostKind {
+    /// The store no longer has it: an etcd key deleted or expired, a Node deleted.
+    Gone,
+    /// It says something else than we published.
+    Rewritten,
+}
 
 /// Judges whether our lease is still ours from what the store holds at our
 /// key: the one place where a lost lease is decided, whether the news came
@@ -76,10 +90,13 @@ pub struct LeaseLost(pub String);
 /// wrong place, so the lease must be claimed again.
 pub fn check_own(own: &OwnLease, seen: Option<&LeaseAttrs>) -> Result<(), LeaseLost> {
     match seen {
-        None => Err(LeaseLost(format!("our lease {} is gone from the store", own.key))),
-        Some(attrs) if *attrs != own.attrs => {
-            Err(LeaseLost(format!("our lease {} now says {}, not what we published", own.key, attrs.to_json())))
+        None => {
+            Err(LeaseLost { kind: LostKind::Gone, detail: format!("our lease {} is gone from the store", own.key) })
         }
+        Some(attrs) if *attrs != own.attrs => Err(LeaseLost {
+            kind: LostKind::Rewritten,
+            detail: format!("our lease {} now says {}, not what we published", own.key, attrs.to_json()),
+        }),
         Some(_) => Ok(()),
     }
 }
@@ -118,6 +135,12 @@ pub trait LeaseStore: Send + 'static {
     /// Keeps our lease alive and reads back what the store holds at our key.
     async fn renew(&mut self, own: &OwnLease) -> Renewal;
 
+    /// Says, in the store's words, that our lease was lost and is being
+    /// claimed again. etcd: an error (a subnet may change under running pods).
+    fn say_lost(&self, lost: &LeaseLost, own: &OwnLease) {
+        tracing::error!(subnet = %own.key, why = %lost.detail, "LEASE LOST: re-claiming a subnet");
+    }
+
     /// Tells the cluster this node's network is up, where the store has a
     /// place for it (Kubernetes: the Node condition `NetworkUnavailable=False`).
     async fn announce_ready(&mut self) -> anyhow::Result<()> {
@@ -142,8 +165,9 @@ mod tests {
         };
         assert_eq!(check_own(&own, Some(&own.attrs)), Ok(()));
         let gone = check_own(&own, None).unwrap_err();
-        assert!(gone.0.contains("10.244.1.0-24 is gone"), "{gone}");
+        assert!(gone.detail.contains("10.244.1.0-24 is gone") && gone.kind == LostKind::Gone, "{gone}");
         let taken = check_own(&own, Some(&attrs("192.168.1.9", "02:00:00:00:00:09"))).unwrap_err();
-        assert!(taken.0.contains("192.168.1.9") && taken.0.contains("02:00:00:00:00:09"), "{taken}");
+        assert!(taken.detail.contains("192.168.1.9") && taken.detail.contains("02:00:00:00:00:09"), "{taken}");
+        assert_eq!(taken.kind, LostKind::Rewritten);
     }
 }

@@ -219,7 +219,7 @@ fn kube_overwritten_annotations_are_written_back() {
 
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
-fn kube_writes_go_through_status_the_own_node_is_read_once_and_every_request_says_who_it_is() {
+fn kube_lists_come_from_the_cache_writes_go_through_status_and_every_request_says_who_it_is() {
     require_root();
     let mut c = kube_cluster();
     for _ in 0..3 {
@@ -230,6 +230,8 @@ fn kube_writes_go_through_status_the_own_node_is_read_once_and_every_request_say
         assert!(wait_until(Duration::from_secs(10), || network_available(&c, &name)), "{}", node.log_text());
     }
     let stats = c.api().stats();
+    // Every list was served from the watch cache, none was a quorum read.
+    assert!(stats.lists >= 3 && stats.cached_lists == stats.lists, "{stats:?}");
     // One read of its own Node per daemon at start; annotations and condition through nodes/status only.
     assert_eq!(stats.gets, 3, "{stats:?}");
     let accesses = c.api().accesses();

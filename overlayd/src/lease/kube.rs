@@ -14,15 +14,16 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{ListParams, WatchParams};
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::Event;
 use kube::{Api, Client, Config};
 use proto::node_annotations::pod_cidrs;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
 
+use super::list_scanner::ListScanner;
 use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
@@ -36,12 +37,10 @@ const FIELD_MANAGER: &str = "overlayd";
 const USER_AGENT: &str = concat!("overlayd/", env!("CARGO_PKG_VERSION"));
 /// Bound on one API call; a blackholed API server must not stall the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Nodes per list page. A page is held whole as JSON before it is decoded,
-/// and real Nodes are ~9 KiB each: at client-go's 500 that is ~4.5 MiB a
-/// page. Measured at 5,000 realistic Nodes (docs/benchmarks.md): 500 →
-/// peak RSS 30 MiB, cold start 1.6 s; 250 → 22 MiB, 1.1 s; 100 → 17 MiB,
-/// 1.0 s. 5,000 Nodes then take 50 requests instead of 10.
-const LIST_PAGE_SIZE: u32 = 100;
+/// How long one watch request lasts before the server ends it and it is
+/// made again from the last resourceVersion seen (below the API server's
+/// own limit, as client-go's reflector does).
+const WATCH_TIMEOUT_S: u32 = 290;
 /// The watch already shows us changes to our own Node; this is a safety net,
 /// kept rare so 5,000 nodes do not load the API server.
 const RENEW_INTERVAL: Duration = Duration::from_secs(300);
@@ -120,6 +119,8 @@ pub struct KubeLeases {
     nodes: Api<Node>,
     /// Every Node, as peers.
     peers: Api<PeerNode>,
+    /// For the list, which is read as a stream (`list_nodes`).
+    client: Client,
     node_name: String,
     annotations: NodeAnnotations,
     net_config_path: PathBuf,
@@ -152,7 +153,8 @@ impl KubeLeases {
         let client = Client::try_from(config).context("building the Kubernetes client")?;
         Ok(KubeLeases {
             nodes: Api::all(client.clone()),
-            peers: Api::all(client),
+            peers: Api::all(client.clone()),
+            client,
             node_name,
             annotations: NodeAnnotations::new(&args.kube_annotation_prefix),
             net_config_path: args.net_config_path.clone(),
@@ -199,49 +201,163 @@ impl KubeLeases {
         bounded(what, self.nodes.patch_status(&self.node_name, &params, &Patch::Strategic(patch))).await
     }
 
-    /// Streams Node changes as watch events, forever. kube's watcher lists,
-    /// watches from the list's resourceVersion with bookmarks, and relists
-    /// after a 410 Gone; a relist ends in one `InitDone`, after which the
-    /// daemon diffs the whole listing like any other change, so unchanged
-    /// peers are not touched.
+    /// Streams Node changes as watch events, forever: kube-runtime's
+    /// watcher, by hand, so that a (re)list can come from the watch cache
+    /// and be decoded one Node at a time. A listing goes to the daemon as
+    /// one batch, `Init` to `InitDone`, which it diffs like any other
+    /// change, so unchanged peers are not touched.
     async fn watch_nodes(self, tx: EventSender) {
-        // Paged, so a quorum read. A list from the watch cache
-        // (resourceVersion=0) would spare etcd, but the cache answers with the
-        // whole list at once (kube therefore drops resourceVersion=0 when a
-        // page size is set), and 5,000 real Nodes are ~45 MB of JSON, which
-        // kube holds whole before decoding. Issue 14 (open): decode a cached
-        // list item by item instead.
-        let config = watcher::Config::default().page_size(LIST_PAGE_SIZE);
-        let stream = watcher::watcher(self.peers.clone(), config).backoff(Backoff::with_max(WATCH_BACKOFF_MAX));
-        let mut stream = std::pin::pin!(stream);
         let mut nodes = NodeEvents::new(self.annotations.clone());
+        let mut state = NodeWatch::Listing;
+        let mut backoff = Backoff::with_max(WATCH_BACKOFF_MAX);
         let mut failing = false;
-        // A listing goes to the daemon as one batch, from Init to InitDone.
-        let mut batch = Vec::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(event) => {
-                    if failing {
-                        info!("watching nodes again");
-                        failing = false;
+        loop {
+            state = match state {
+                NodeWatch::Listing => match self.list_nodes(&mut nodes).await {
+                    Ok((events, resource_version)) => {
+                        if std::mem::take(&mut failing) {
+                            info!("watching nodes again");
+                        }
+                        if tx.send(events).is_err() {
+                            return;
+                        }
+                        backoff.reset();
+                        NodeWatch::Watching { resource_version }
                     }
-                    batch.extend(nodes.on_event(event));
-                }
-                Err(e) => {
-                    // kube's backoff paces the retries; say it once per outage.
-                    if !failing {
-                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
+                    Err(e) => {
+                        // The backoff paces the retries; say it once per outage.
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(
+                                error = format!("{e:#}"),
+                                "listing nodes failed; the dataplane is left as it is while retrying"
+                            );
+                        }
+                        backoff.wait().await;
+                        NodeWatch::Listing
                     }
-                    failing = true;
-                    continue;
+                },
+                NodeWatch::Watching { resource_version } => {
+                    match self.watch_from(resource_version, &mut nodes, &tx, &mut backoff, &mut failing).await {
+                        Some(next) => next,
+                        None => return,
+                    }
                 }
             };
-            let listing = matches!(batch.last(), Some(WatchEvent::Init | WatchEvent::InitApply(..)));
-            if !batch.is_empty() && !listing && tx.send(std::mem::take(&mut batch)).is_err() {
-                return;
-            }
         }
     }
+
+    /// Every Node, from the API server's watch cache (`resourceVersion=0`):
+    /// a cached list may be a little behind, but the watch that follows
+    /// starts at its resourceVersion and brings every later change, so the
+    /// peers converge all the same, and no list is a quorum read of etcd.
+    /// The cache answers with the whole list at once (5,000 real Nodes are
+    /// ~45 MB of JSON): it is taken apart as it arrives, one Node at a time.
+    async fn list_nodes(&self, nodes: &mut NodeEvents) -> anyhow::Result<(Vec<WatchEvent>, String)> {
+        use http_body_util::BodyExt;
+        let request = kube::core::Request::new("/api/v1/nodes")
+            .list(&ListParams::default().match_any())
+            .context("building the list request")?;
+        let response = tokio::time::timeout(CALL_TIMEOUT, self.client.send(request.map(kube::client::Body::from)))
+            .await
+            .map_err(|_| anyhow::anyhow!("listing nodes: no answer in {CALL_TIMEOUT:?}"))?
+            .context("listing nodes")?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            bail!("listing nodes: {status}: {}", String::from_utf8_lossy(&text[..text.len().min(512)]));
+        }
+        let mut scanner = ListScanner::default();
+        let mut events = vec![WatchEvent::Init];
+        loop {
+            let frame = tokio::time::timeout(CALL_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| anyhow::anyhow!("listing nodes: the answer stalled for {CALL_TIMEOUT:?}"))?;
+            let Some(frame) = frame else { break };
+            let Ok(data) = frame.context("reading the node list")?.into_data() else { continue };
+            scanner.feed(&data, |item| match serde_json::from_slice::<PeerNode>(item) {
+                Ok(node) => events.extend(nodes.on_event(Event::InitApply(node))),
+                Err(e) => warn!(error = %e, "skipping a listed node that does not decode"),
+            })?;
+        }
+        let resource_version = scanner.finish()?;
+        events.push(WatchEvent::InitDone);
+        Ok((events, resource_version))
+    }
+
+    /// Watches from `resource_version` until the stream ends; says how to go
+    /// on (none: the daemon is gone).
+    async fn watch_from(
+        &self,
+        mut resource_version: String,
+        nodes: &mut NodeEvents,
+        tx: &EventSender,
+        backoff: &mut Backoff,
+        failing: &mut bool,
+    ) -> Option<NodeWatch> {
+        let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
+        let stream = match self.peers.watch(&params, &resource_version).await {
+            Ok(stream) => stream,
+            Err(kube::Error::Api(status)) if status.code == 410 => return Some(NodeWatch::Listing),
+            Err(e) => {
+                if !std::mem::replace(failing, true) {
+                    warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
+                }
+                backoff.wait().await;
+                return Some(NodeWatch::Watching { resource_version });
+            }
+        };
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let events = match item {
+                Ok(kube::core::WatchEvent::Added(node) | kube::core::WatchEvent::Modified(node)) => {
+                    resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
+                    nodes.on_event(Event::Apply(node))
+                }
+                Ok(kube::core::WatchEvent::Deleted(node)) => {
+                    resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
+                    nodes.on_event(Event::Delete(node))
+                }
+                Ok(kube::core::WatchEvent::Bookmark(bookmark)) => {
+                    resource_version = bookmark.metadata.resource_version;
+                    Vec::new()
+                }
+                Ok(kube::core::WatchEvent::Error(status)) if status.code == 410 => {
+                    info!("the node watch expired (410 Gone); listing again");
+                    return Some(NodeWatch::Listing);
+                }
+                Ok(kube::core::WatchEvent::Error(status)) => {
+                    warn!(code = status.code, reason = %status.reason, message = %status.message, "the node watch failed; resuming");
+                    backoff.wait().await;
+                    return Some(NodeWatch::Watching { resource_version });
+                }
+                Err(e) => {
+                    if !std::mem::replace(failing, true) {
+                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
+                    }
+                    backoff.wait().await;
+                    return Some(NodeWatch::Watching { resource_version });
+                }
+            };
+            if std::mem::take(failing) {
+                info!("watching nodes again");
+            }
+            backoff.reset();
+            if !events.is_empty() && tx.send(events).is_err() {
+                return None;
+            }
+        }
+        // The server ended the watch (its timeout): go on from where it stood.
+        Some(NodeWatch::Watching { resource_version })
+    }
+}
+
+/// Where the Node watcher stands, as in kube-runtime's watcher.
+enum NodeWatch {
+    /// Nothing known, or history lost (410): list.
+    Listing,
+    /// Listed (or seen) up to this resourceVersion: watch from it.
+    Watching { resource_version: String },
 }
 
 /// Turns the watcher's Node events into lease watch events. Pure, so the

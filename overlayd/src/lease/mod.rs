@@ -7,6 +7,7 @@
 pub mod etcd;
 mod etcd_events;
 pub mod kube;
+mod list_scanner;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -577,6 +577,14 @@ struct KubeRow {
     cold: Option<Duration>,
     usage: Usage,
     idle: Usage,
+    /// Requests of the cold start: (lists, gets of one Node, patches), and the list bytes.
+    cold_requests: (u64, u64, u64),
+    cold_bytes: u64,
+    /// A relist after 410 Gone: until the next watch request; list requests, list bytes, peak RSS after it.
+    relist: Option<Duration>,
+    relist_lists: u64,
+    relist_bytes: u64,
+    relist_peak_kib: u64,
 }
 
 /// What a real Node carries besides its podCIDR and our annotations, with
@@ -644,6 +652,7 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
         c.api().add_peer_node(&format!("peer-{i}"), attrs.public_ip, &[subnet.into()], &annotations, &extra)?;
     }
     let i = c.add_kube_node(true, &[])?;
+    let before = c.api().stats();
     let start = Instant::now();
     c.nodes[i].start()?;
     let timeout = Duration::from_secs(60);
@@ -661,6 +670,25 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
     let usage_at_start = usage(pid);
     std::thread::sleep(Duration::from_secs(3));
     let idle = usage(pid);
+    let after = c.api().stats();
+    let cold_requests = (after.lists - before.lists, after.gets - before.gets, after.patches - before.patches);
+    let cold_bytes = after.list_bytes - before.list_bytes;
+    // A relist after 410 Gone (a compacted watch cache): done when the daemon watches again.
+    c.api().expire_watches();
+    let expired = Instant::now();
+    let relist = loop {
+        let now = c.api().stats();
+        if now.watches > after.watches && now.lists > after.lists {
+            break Some(expired.elapsed());
+        }
+        if expired.elapsed() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let relisted = c.api().stats();
+    let relist_peak_kib = usage(pid).peak_kib;
     if std::env::var("OVERLAY_BENCH_SMAPS").is_ok() {
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
         let mut name = String::new();
@@ -676,7 +704,18 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
         }
     }
     c.nodes[i].stop()?;
-    Ok(KubeRow { n, cold, usage: usage_at_start, idle })
+    Ok(KubeRow {
+        n,
+        cold,
+        usage: usage_at_start,
+        idle,
+        cold_requests,
+        cold_bytes,
+        relist,
+        relist_lists: relisted.lists - after.lists,
+        relist_bytes: relisted.list_bytes - after.list_bytes,
+        relist_peak_kib,
+    })
 }
 
 /// Per pod: (ADD, DEL, ADD+DEL) wall times of one plugin, each list sorted.
@@ -927,6 +966,21 @@ fn main() -> Result<()> {
     }
     println!();
     println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The list is paged, 100 Nodes per page.");
+    println!();
+    println!("| N Nodes (Kubernetes mode) | cold start: lists, GETs of own Node, patches | list bytes | relist after 410: time to watch again | lists | list bytes | peak RSS after it |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &kube_rows {
+        let (lists, gets, patches) = r.cold_requests;
+        println!(
+            "| {} | {lists}, {gets}, {patches} | {:.1} MB | {} | {} | {:.1} MB | {} |",
+            r.n,
+            r.cold_bytes as f64 / 1e6,
+            ms(r.relist),
+            r.relist_lists,
+            r.relist_bytes as f64 / 1e6,
+            mib(r.relist_peak_kib)
+        );
+    }
     if std::env::var("OVERLAY_BENCH_SKIP_CNI").is_ok() {
         return Ok(());
     }

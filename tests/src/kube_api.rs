@@ -76,6 +76,9 @@ pub type Access = (&'static str, &'static str);
 struct State {
     rv: u64,
     nodes: BTreeMap<String, Value>,
+    /// Each node as a list item, serialized once when it changes: a real
+    /// API server's watch cache keeps objects encoded the same way.
+    encoded: BTreeMap<String, Bytes>,
     /// Every change after `oldest`, in order: (resourceVersion, type, object).
     history: VecDeque<(u64, &'static str, Value)>,
     /// A watch may start from this resourceVersion or later; older is 410.
@@ -201,6 +204,7 @@ impl KubeApi {
             state: Mutex::new(State {
                 rv: 1,
                 nodes: BTreeMap::new(),
+                encoded: BTreeMap::new(),
                 history: VecDeque::new(),
                 oldest: 1,
                 cluster_cidrs: cluster_cidr,
@@ -408,6 +412,7 @@ impl KubeApi {
     pub fn delete_node(&self, name: &str) -> Result<()> {
         let mut s = self.lock();
         let node = s.nodes.remove(name).with_context(|| format!("no node {name}"))?;
+        s.encoded.remove(name);
         for cidr in node["spec"]["podCIDRs"].as_array().into_iter().flatten() {
             if let Some(cidr) = cidr.as_str().and_then(|c| c.parse::<IpNet>().ok()) {
                 s.allocated.remove(&cidr);
@@ -463,6 +468,13 @@ fn commit(shared: &Shared, s: &mut State, name: &str, kind: &'static str, mut no
     s.rv += 1;
     let rv = s.rv;
     node["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let mut item = node.clone();
+    if let Some(o) = item.as_object_mut() {
+        // List items carry no kind or apiVersion, as from a real server.
+        o.remove("kind");
+        o.remove("apiVersion");
+    }
+    s.encoded.insert(name.to_string(), Bytes::from(item.to_string()));
     s.nodes.insert(name.to_string(), node.clone());
     s.history.push_back((rv, kind, node));
     shared.changed.send_replace(rv);
@@ -593,7 +605,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     }
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, []) if watching => watch_nodes(shared, &query),
-        (Method::GET, []) => list_nodes(&shared, &query),
+        (Method::GET, []) => list_nodes(shared.clone(), &query),
         (Method::GET, [name]) | (Method::GET, [name, "status"]) => {
             let mut s = lock(&shared);
             s.stats.gets += 1;
@@ -673,17 +685,19 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
-    let mut s = lock(shared);
+fn list_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
+    let mut s = lock(&shared);
     s.stats.lists += 1;
     // resourceVersion=0: served from the watch cache, which (like a real API
     // server's) ignores `limit` and answers with the whole list at once.
     let cached = query.get("resourceVersion").is_some_and(|rv| rv == "0");
     if cached {
         s.stats.cached_lists += 1;
+        let (rv, items) = (s.rv, s.encoded.values().cloned().collect());
+        drop(s);
+        return Ok(stream_list(shared, rv, items));
     }
     let limit: usize = match query.get("limit") {
-        _ if cached => 0,
         Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
         None => 0,
     };
@@ -728,9 +742,44 @@ fn list_nodes(shared: &Shared, query: &BTreeMap<String, String>) -> Result<Respo
         let last = items.last().and_then(|i| i["metadata"]["name"].as_str()).unwrap_or_default().to_string();
         metadata["continue"] = json!(format!("{rv}/{last}"));
     }
-    let list = json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items});
-    s.stats.list_bytes += list.to_string().len() as u64;
-    Ok(respond(StatusCode::OK, list))
+    let list = json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items}).to_string();
+    s.stats.list_bytes += list.len() as u64;
+    let mut r = Response::new(Full::new(Bytes::from(list)).boxed());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    Ok(r)
+}
+
+/// A list as a real API server's watch cache sends it (with streaming
+/// collection encoding, Kubernetes 1.33): the envelope, then one item at a
+/// time, so the client can decode while the server still encodes.
+fn stream_list(shared: Arc<Shared>, rv: u64, items: Vec<Bytes>) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let head =
+            format!(r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{"resourceVersion":"{rv}"}},"items":["#);
+        let mut sent = head.len() as u64;
+        if tx.send(Bytes::from(head)).await.is_err() {
+            return;
+        }
+        for (i, item) in items.into_iter().enumerate() {
+            sent += item.len() as u64 + u64::from(i > 0);
+            if i > 0 && tx.send(Bytes::from_static(b",")).await.is_err() {
+                return;
+            }
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+        sent += 2;
+        let _ = tx.send(Bytes::from_static(b"]}")).await;
+        lock(&shared).stats.list_bytes += sent;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

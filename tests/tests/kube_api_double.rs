@@ -29,8 +29,23 @@ fn call(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &s
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // Plain Content-Length bodies only (not watches).
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    // A whole body (Content-Length), or a chunked one (a list from the cache), read to its end.
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
 }
 
 fn patch(addr: SocketAddr, path: &str, content_type: &str, body: Value) -> (u16, Value) {

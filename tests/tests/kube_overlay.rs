@@ -189,6 +189,35 @@ fn kube_deleted_node_entries_are_removed_from_every_peer() {
 
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_our_node_deleted_and_registered_again_is_said_in_kubernetes_words() {
+    require_root();
+    let mut c = kube_cluster();
+    ready_node(&mut c, 0, &[]);
+    let ip = c.nodes[0].ip;
+    c.api().delete_node("node-1").unwrap();
+    let node = &c.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(10), || node
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("our Node was deleted"))),
+        "{}",
+        node.log_text()
+    );
+    // The kubelet registers it again, the controller-manager gives it a podCIDR: the daemon takes it.
+    let cidr = c.api().add_node("node-1", ip, true).unwrap().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || node.subnet().is_ok_and(|s| s == cidr)
+            && annotations(&c, "node-1").contains_key(&format!("{PREFIX}/backend-data"))),
+        "{}",
+        node.log_text()
+    );
+    let log = node.log_text();
+    assert!(!log.contains("LEASE LOST"), "{log}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn kube_overwritten_annotations_are_written_back() {
     require_root();
     let mut c = kube_cluster();

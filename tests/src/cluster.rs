@@ -254,6 +254,19 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Adds a node in Kubernetes mode (a podCIDR allocated), starts its
+    /// daemon, waits until it is ready, adds `pods` pods.
+    pub fn add_ready_kube_node(&mut self, extra: &[&str], pods: usize) -> Result<usize> {
+        let i = self.add_kube_node(true, extra)?;
+        let node = &mut self.nodes[i];
+        node.start()?;
+        node.wait_ready(Duration::from_secs(20))?;
+        for _ in 0..pods {
+            node.add_pod()?;
+        }
+        Ok(i)
+    }
+
     /// Every pod of every node, with its node index.
     pub fn pods(&self) -> Vec<(usize, &Pod)> {
         self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p))).collect()

@@ -19,13 +19,7 @@ fn kube_cluster(net_conf: &str, nodes: usize, pods: usize) -> Cluster {
     let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
     c.start_kube_api(net_conf).expect("API test double");
     for _ in 0..nodes {
-        let i = c.add_kube_node(true, &[]).expect("node");
-        let node = &mut c.nodes[i];
-        node.start().expect("start");
-        node.wait_ready(Duration::from_secs(20)).expect("ready");
-        for _ in 0..pods {
-            node.add_pod().expect("pod");
-        }
+        c.add_ready_kube_node(&[], pods).expect("node");
     }
     c
 }

@@ -22,14 +22,7 @@ fn kube_cluster() -> Cluster {
 
 /// Adds a node in Kubernetes mode, starts it and waits until it is ready.
 fn ready_node(c: &mut Cluster, pods: usize, extra: &[&str]) -> usize {
-    let i = c.add_kube_node(true, extra).expect("node");
-    let node = &mut c.nodes[i];
-    node.start().expect("start");
-    node.wait_ready(Duration::from_secs(20)).expect("ready");
-    for _ in 0..pods {
-        node.add_pod().expect("pod");
-    }
-    i
+    c.add_ready_kube_node(extra, pods).expect("node")
 }
 
 fn annotations(c: &Cluster, name: &str) -> std::collections::BTreeMap<String, String> {

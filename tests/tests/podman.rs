@@ -8,17 +8,14 @@ use overlay_tests::cluster::DUAL_STACK_CONFIG;
 use overlay_tests::podman::Podman;
 use overlay_tests::{require_root, wait_until, Cluster, ClusterOptions};
 
-#[test]
-#[ignore = "needs root (network namespaces): run by `make test`"]
-fn podman_containers_talk_across_nodes_through_overlay_cni() {
-    require_root();
-    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+/// Two ready nodes with podman each, and an HTTP server container "web" on node 2.
+fn two_nodes_with_a_web_server(options: ClusterOptions) -> (Cluster, Podman, Podman) {
+    let mut c = Cluster::new(options).unwrap();
     c.add_ready_node(&[], 0).unwrap();
     c.add_ready_node(&[], 0).unwrap();
     let plugin_dir = overlay_tests::workspace_bin("overlay-cni").parent().unwrap().to_path_buf();
     let p1 = Podman::for_node(&c.nodes[0], &c.dir, &plugin_dir).unwrap();
     let p2 = Podman::for_node(&c.nodes[1], &c.dir, &plugin_dir).unwrap();
-
     let rootfs = p2.rootfs();
     p2.run(&[
         "run",
@@ -37,6 +34,14 @@ fn podman_containers_talk_across_nodes_through_overlay_cni() {
         "/www",
     ])
     .unwrap();
+    (c, p1, p2)
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn podman_containers_talk_across_nodes_through_overlay_cni() {
+    require_root();
+    let (c, p1, p2) = two_nodes_with_a_web_server(ClusterOptions::default());
     let ip = p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
     assert!(c.nodes[1].subnet().unwrap().contains(&ip.parse::<std::net::Ipv4Addr>().unwrap()), "web got {ip}");
 
@@ -67,30 +72,7 @@ fn podman_containers_talk_across_nodes_through_overlay_cni() {
 fn podman_dual_stack_containers_ping_across_nodes_over_ipv4_and_ipv6() {
     require_root();
     let options = ClusterOptions { config: Some(DUAL_STACK_CONFIG.into()), ..Default::default() };
-    let mut c = Cluster::new(options).unwrap();
-    c.add_ready_node(&[], 0).unwrap();
-    c.add_ready_node(&[], 0).unwrap();
-    let plugin_dir = overlay_tests::workspace_bin("overlay-cni").parent().unwrap().to_path_buf();
-    let p1 = Podman::for_node(&c.nodes[0], &c.dir, &plugin_dir).unwrap();
-    let p2 = Podman::for_node(&c.nodes[1], &c.dir, &plugin_dir).unwrap();
-    let rootfs = p2.rootfs();
-    p2.run(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "overlay",
-        "--rootfs",
-        &rootfs,
-        "/bin/httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ])
-    .unwrap();
+    let (c, p1, p2) = two_nodes_with_a_web_server(options);
     let ip4 = p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
     let ip6 =
         p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.GlobalIPv6Address}}"]).unwrap();

@@ -283,15 +283,20 @@ fn floor(id: &str, n: u32) -> Result<Duration> {
         let _ = writeln!(fdb_batch, "fdb append {mac} dev overlay.1 dst {public} self permanent");
         let _ = writeln!(ip_batch, "route replace {subnet} via {gw} dev overlay.1 onlink");
     }
+    run_batches(&ns, &dir, &ip_batch, &fdb_batch)
+}
+
+/// Runs one `bridge -batch` and one `ip -batch` into `ns`: the time they took.
+fn run_batches(ns: &Netns, dir: &std::path::Path, ip_batch: &str, fdb_batch: &str) -> Result<Duration> {
     std::fs::write(dir.join("ip.batch"), ip_batch)?;
     std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
     let start = Instant::now();
     let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
     let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
     let took = start.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     if !(ok_ip && ok_fdb) {
-        bail!("ip -batch floor failed");
+        bail!("ip -batch floor failed in {}", ns.name);
     }
     Ok(took)
 }
@@ -448,17 +453,7 @@ fn dual_floor(id: &str, n: u32) -> Result<Duration> {
         let _ = writeln!(fdb_batch, "fdb append {mac6} dev overlay-v6.1 dst fd00:172::{i:x} self permanent");
         let _ = writeln!(ip_batch, "route replace {gw6}/64 via {gw6} dev overlay-v6.1 onlink");
     }
-    std::fs::write(dir.join("ip.batch"), ip_batch)?;
-    std::fs::write(dir.join("fdb.batch"), fdb_batch)?;
-    let start = Instant::now();
-    let ok_fdb = Command::new("bridge").args(["-n", &ns.name, "-batch"]).arg(dir.join("fdb.batch")).status()?.success();
-    let ok_ip = Command::new("ip").args(["-n", &ns.name, "-batch"]).arg(dir.join("ip.batch")).status()?.success();
-    let took = start.elapsed();
-    let _ = std::fs::remove_dir_all(&dir);
-    if !(ok_ip && ok_fdb) {
-        bail!("dual-stack ip -batch floor failed");
-    }
-    Ok(took)
+    run_batches(&ns, &dir, &ip_batch, &fdb_batch)
 }
 
 /// Dual stack: N dual-stack peers (N×6 entries) at a cold start; a burst of N written, then removed.

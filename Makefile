@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
-                podman runc conmon busybox-static containernetworking-plugins iperf3
+                podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).
@@ -11,7 +11,11 @@ KUBERNETES_VALIDATE := 1.37.0
 K8S_VERSION := 1.33.0
 PYTOOLS := $(CURDIR)/target/pytools
 
-.PHONY: help deps build release test bench demo demo-down fmt clippy clean validate-manifests
+# `make image`: the base. "debian" builds it from Debian's packages (no
+# registry); any Debian-based image name (debian:bookworm-slim) is pulled.
+IMAGE_BASE ?= debian
+
+.PHONY: help deps build release image test bench demo demo-down fmt clippy clean validate-manifests
 .DEFAULT_GOAL := help
 
 ## help: list the targets (what plain `make` does)
@@ -46,6 +50,10 @@ build:
 ## release: release build (what bench and demo run)
 release:
 	$(CARGO) build --release --workspace --bins
+
+## image: the container image deploy/overlay.yaml runs, from the release binaries, with podman or docker (IMAGE_BASE=debian:bookworm-slim: pull a base instead of building one from Debian's packages)
+image: deps release
+	deploy/build-image --base $(IMAGE_BASE) --report
 
 ## fmt: format the code
 fmt:

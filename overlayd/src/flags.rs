@@ -35,6 +35,30 @@ pub enum Command {
     /// every peer entry), the nftables table and the subnet file. The etcd
     /// lease is left to expire.
     Cleanup,
+    /// Install the CNI plugin and the network config list onto the host,
+    /// each through a rename, so a container runtime never reads half a
+    /// file. The DaemonSet's init container runs this.
+    InstallCni(InstallCniArgs),
+}
+
+/// Where `install-cni` takes the plugin and the conflist from, and where it puts them.
+#[derive(Debug, Clone, Args)]
+pub struct InstallCniArgs {
+    /// The plugin binary to install. Default: `overlay-cni` beside this overlayd.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// The host's CNI binary directory (the runtime's `bin_dir`).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The network config list to install, e.g. the ConfigMap's `cni-conf.json`.
+    #[arg(long)]
+    pub conflist: PathBuf,
+    /// The host's CNI config directory (the runtime's `conf_dir`).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// File name of the installed conflist; runtimes take the first in lexical order.
+    #[arg(long, default_value = "10-overlay.conflist")]
+    pub conflist_name: String,
 }
 
 /// Settings of the daemon.
@@ -192,5 +216,10 @@ mod tests {
         let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
         assert!(matches!(cleanup.command, Some(Command::Cleanup)));
         assert_eq!(cleanup.run.node.device.as_deref(), Some("x.1"));
+        let install =
+            Cli::try_parse_from(["overlayd", "install-cni", "--conflist", "/etc/overlay/cni-conf.json"]).unwrap();
+        let Some(Command::InstallCni(args)) = install.command else { panic!("{install:?}") };
+        assert_eq!((args.bin_dir.to_str(), args.conf_dir.to_str()), (Some("/opt/cni/bin"), Some("/etc/cni/net.d")));
+        assert!(Cli::try_parse_from(["overlayd", "install-cni"]).is_err(), "--conflist is required");
     }
 }

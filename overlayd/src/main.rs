@@ -7,6 +7,7 @@ mod daemon;
 mod dataplane;
 mod flags;
 mod health;
+mod install_cni;
 mod lease;
 mod masq;
 mod metrics;
@@ -35,13 +36,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let result =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
-            |rt| match cli.command {
-                Some(flags::Command::Cleanup) => rt.block_on(daemon::cleanup(&cli.run)),
-                None => rt.block_on(daemon::run(cli.run)),
-            },
-        );
+    // install-cni runs once and needs no runtime.
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
+    let result = match cli.command {
+        Some(flags::Command::InstallCni(args)) => install_cni::run(&args),
+        Some(flags::Command::Cleanup) => runtime().and_then(|rt| rt.block_on(daemon::cleanup(&cli.run))),
+        None => runtime().and_then(|rt| rt.block_on(daemon::run(cli.run))),
+    };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

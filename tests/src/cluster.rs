@@ -309,54 +309,6 @@ impl Node {
         Ok(())
     }
 
-    /// Starts `overlayd` as the DaemonSet's container would run: only the
-    /// environment `env` (no flags), in a private mount namespace where
-    /// `/run` is a fresh tmpfs holding the pod's service-account files
-    /// (from `service_account`) and the node's `/run/overlay` (this node's
-    /// scratch directory). Nothing is mounted outside that namespace.
-    pub fn start_as_pod(&mut self, env: &[(String, String)], service_account: &std::path::Path) -> Result<()> {
-        if self.daemon.is_some() {
-            bail!("node {} already runs a daemon", self.index);
-        }
-        let node_dir = self.subnet_file.parent().unwrap_or(&self.subnet_file).to_path_buf();
-        std::fs::create_dir_all(&node_dir)?;
-        let home = node_dir.join("home");
-        std::fs::create_dir_all(&home)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        const SCRIPT: &str = r#"set -e
-mount -n -t tmpfs -o mode=0755 pod-run /run
-mkdir -p /run/secrets/kubernetes.io/serviceaccount /run/overlay
-cp "$POD_SA_DIR"/token "$POD_SA_DIR"/ca.crt "$POD_SA_DIR"/namespace /run/secrets/kubernetes.io/serviceaccount/
-mount -n --bind "$POD_NODE_DIR" /run/overlay
-exec "$POD_BIN""#;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns.name,
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                SCRIPT,
-            ])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", &home)
-            .env("POD_SA_DIR", service_account)
-            .env("POD_NODE_DIR", &node_dir)
-            .env("POD_BIN", crate::workspace_bin("overlayd"))
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting overlayd as a pod")?;
-        self.daemon = Some(child);
-        Ok(())
-    }
-
     /// The daemon's command line.
     pub fn command(&self, bin: &std::path::Path) -> Command {
         let mut c = self.ns.command(bin.to_str().unwrap_or("overlayd"), &[]);

@@ -85,7 +85,7 @@ fn daemon_set_runs_on_every_node_with_the_least_it_needs() {
     let daemon = &pod.containers[0];
     let security = daemon.security_context.clone().unwrap();
     assert_ne!(security.privileged, Some(true), "privileged without a written reason");
-    let mut added = security.capabilities.unwrap().add.unwrap();
+    let mut added = security.capabilities.clone().unwrap().add.unwrap();
     added.sort();
     assert_eq!(added, ["NET_ADMIN", "NET_RAW"]);
     let env = daemon.env.clone().unwrap();
@@ -111,7 +111,18 @@ fn daemon_set_runs_on_every_node_with_the_least_it_needs() {
     for path in ["/run/overlay", "/etc/cni/net.d", "/opt/cni/bin"] {
         assert!(host_paths.iter().any(|p| p == path), "no host mount of {path}: {host_paths:?}");
     }
+    // The init container installs through overlayd (no shell in the image), with no capability at all.
+    // tests/tests/image.rs runs both containers from the manifest.
     let init = &pod.init_containers.unwrap()[0];
-    let script = init.command.clone().unwrap().join(" ");
-    assert!(script.contains("/host/opt/cni/bin/overlay-cni") && script.contains("10-overlay.conflist"), "{script}");
+    let command = init.command.clone().unwrap();
+    assert_eq!(command[..2], ["/usr/local/bin/overlayd", "install-cni"]);
+    assert!(command.contains(&"--bin-dir=/host/opt/cni/bin".to_string()), "{command:?}");
+    let init_security = init.security_context.clone().unwrap();
+    assert_eq!(init_security.capabilities.clone().unwrap().drop.unwrap(), ["ALL"]);
+    for security in [&init_security, &security] {
+        assert_eq!(
+            (security.read_only_root_filesystem, security.allow_privilege_escalation),
+            (Some(true), Some(false))
+        );
+    }
 }

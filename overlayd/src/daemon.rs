@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use overlay_netlink::Netlink;
+use overlay_netlink::{KernelEvent, KernelEvents, Netlink};
 use proto::{Address, Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::dataplane::{underlay, DeviceSpec, Underlay};
+use crate::dataplane::{offload, underlay, DeviceSpec, Underlay};
 use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
 use crate::lease::etcd::EtcdLeases;
@@ -30,6 +30,9 @@ use crate::subnet_file;
 
 /// Retry delay after a failed lease renewal (the regular period is hours).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
+/// How long a drift waits for the rest of its burst (a deleted device takes
+/// its routes, neighbours and FDB entries with it): one repair, not many.
+const DRIFT_DEBOUNCE: Duration = Duration::from_millis(20);
 /// Bound on a call that announces readiness: it must not stall the loop.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -47,6 +50,40 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let store = EtcdLeases::connect(&args.etcd).await?;
         run_with(store, args.node, nl, metrics).await
     }
+}
+
+/// Kernel events (rtnetlink and nftables), for drift repair without a timer.
+/// Without them, the periodic resync still repairs drift, only later.
+fn watch_kernel() -> mpsc::UnboundedReceiver<KernelEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (what, events) in [("rtnetlink", KernelEvents::route()), ("nftables", KernelEvents::nftables())] {
+        let mut events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, "cannot follow {what} events: drift is repaired at the next resync only");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.next().await {
+                    Ok(batch) => {
+                        for event in batch {
+                            if tx.send(event).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading {what} events failed: drift is repaired at the next resync only");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    rx
 }
 
 /// `overlayd cleanup`.
@@ -67,6 +104,8 @@ struct Daemon<S> {
     metrics: Arc<Metrics>,
     /// Whether the store has been told, since the last renewal, that this node's network is up.
     announced: bool,
+    /// TX checksum offload of the devices, decided once from the setting and the kernel.
+    tx_checksum_offload: bool,
 }
 
 async fn run_with<S: LeaseStore + Clone>(
@@ -110,6 +149,10 @@ async fn run_with<S: LeaseStore + Clone>(
         warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
     let reconciler = Reconciler::new(nl, node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
+    let release = offload::kernel_release();
+    let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
+    info!(kernel = %release, setting = ?node.vxlan_tx_checksum_offload, on = tx_checksum_offload, "VXLAN TX checksum offload");
+    metrics.tx_checksum_offload.set(i64::from(tx_checksum_offload));
     let mut daemon = Daemon {
         node,
         store,
@@ -121,6 +164,7 @@ async fn run_with<S: LeaseStore + Clone>(
         reconciler,
         metrics,
         announced: false,
+        tx_checksum_offload,
     };
     daemon.main_loop().await
 }
@@ -188,12 +232,15 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut shutdown = Shutdown::install()?;
         tokio::spawn(self.store.clone().watch(tx));
+        let mut kernel = watch_kernel();
 
         // The first reconcile waits for the store's first listing: planning
         // from an empty peer set would delete every peer's entries.
         while !self.peers.listed() {
             tokio::select! {
                 Some(batch) = rx.recv() => { self.on_events(batch, &mut rx).await?; }
+                // Nothing is applied yet, so nothing can have drifted.
+                Some(_) = kernel.recv() => {}
                 _ = shutdown.requested() => {
                     self.exit();
                     return Ok(());
@@ -212,11 +259,23 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 requeue_at = Instant::now() + after;
             }
             self.announce().await;
+            // Events that arrived during the reconcile are held against what it applied: its own writes match.
+            let mut repair_at: Option<Instant> = None;
             trigger = loop {
                 tokio::select! {
                     Some(batch) = rx.recv() => {
                         if let Some(t) = self.on_events(batch, &mut rx).await? { break t }
                     }
+                    Some(event) = kernel.recv() => {
+                        if let Some(resource) = self.reconciler.drift(&event) {
+                            if repair_at.is_none() {
+                                info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
+                                self.metrics.drifted(resource);
+                                repair_at = Some(Instant::now() + DRIFT_DEBOUNCE);
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => break Trigger::Kernel,
                     _ = tokio::time::sleep_until(requeue_at) => break Trigger::Requeue,
                     _ = renew.tick() => {
                         if let Some(t) = self.renew(&mut renew).await? { break t }
@@ -303,6 +362,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 underlay_index: self.underlay.index,
                 mtu: self.config.vxlan_mtu(family, self.underlay.mtu),
                 mac: self.vtep_macs[family as usize],
+                tx_checksum_offload: self.tx_checksum_offload,
                 address: reconcile::device_address(subnet),
             }),
             device_name: name.to_string(),

@@ -106,6 +106,11 @@ pub struct NodeArgs {
     /// How often to re-read the whole node and repair drift (e.g. 30s, 500ms, 1m30s).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// TX checksum offload of the VXLAN devices. `auto`: off on kernels up to
+    /// 5.7, whose VXLAN checksums break when the outer port is SNATed
+    /// (flannel's `ethtool -K flannel.1 tx-checksum-ip-generic off`), on after.
+    #[arg(long, env = "OVERLAYD_VXLAN_TX_CHECKSUM_OFFLOAD", value_enum, default_value = "auto")]
+    pub vxlan_tx_checksum_offload: crate::dataplane::offload::OffloadSetting,
     /// Address for /healthz, /readyz and /metrics, e.g. 127.0.0.1:8471. Off when unset.
     #[arg(long, env = "OVERLAYD_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,

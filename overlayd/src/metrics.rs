@@ -94,6 +94,9 @@ pub struct Metrics {
     pub watch_events: Counter,
     resource_ready: Labelled<ResourceLabel, Gauge>,
     resource_errors: Labelled<ResourceLabel, Counter>,
+    drift: Labelled<ResourceLabel, Counter>,
+    /// 1 when the VXLAN devices' TX checksum offload is on.
+    pub tx_checksum_offload: Gauge,
     ready: Gauge,
     lease_held: AtomicBool,
     /// Which resources were right after the last reconcile, one bit each.
@@ -116,6 +119,8 @@ impl Default for Metrics {
             watch_events: Counter::default(),
             resource_ready: Labelled::default(),
             resource_errors: Labelled::default(),
+            drift: Labelled::default(),
+            tx_checksum_offload: Gauge::default(),
             ready: Gauge::default(),
             lease_held: AtomicBool::new(false),
             resources_ok: AtomicI64::new(0),
@@ -144,6 +149,16 @@ impl Default for Metrics {
             "overlay_reconcile_errors",
             "Reconciles in which this resource could not be made right",
             m.resource_errors.clone(),
+        );
+        r.register(
+            "overlay_drift_repairs",
+            "Reconciles started by a kernel or nftables event that showed this resource drifted from what was applied",
+            m.drift.clone(),
+        );
+        r.register(
+            "overlay_vxlan_tx_checksum_offload",
+            "1 when TX checksum offload is on for the VXLAN devices (--vxlan-tx-checksum-offload)",
+            m.tx_checksum_offload.clone(),
         );
         r.register("overlay_ready", "1 when the lease is held and every resource is right", m.ready.clone());
         m
@@ -181,6 +196,11 @@ impl Metrics {
         self.resources_ok.store(bits, Relaxed);
         self.reconciled.store(true, Relaxed);
         self.update_ready();
+    }
+
+    /// Records a repair started because `resource` drifted.
+    pub fn drifted(&self, resource: Resource) {
+        self.drift.get_or_create(&ResourceLabel { resource }).inc();
     }
 
     fn resource_ok(&self, resource: Resource) -> bool {

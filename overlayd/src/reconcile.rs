@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use overlay_netlink::{Bulk, Netlink};
+use overlay_netlink::{Bulk, KernelEvent, Netlink, NFPROTO_IPV4, NFPROTO_IPV6};
 use proto::{Address, Family, SubnetEnv};
 use tracing::{debug, error, info};
 
@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
 use crate::masq::{self, Masquerade};
 use crate::metrics::{Metrics, Resource};
-use crate::plan::{self, KernelState};
+use crate::plan::{self, KernelState, RouteVia};
 use crate::subnet_file;
 
 /// What the node must hold, planned purely from what the daemon knows.
@@ -69,6 +69,8 @@ pub enum Trigger {
     Requeue,
     /// Our own lease was claimed again.
     Lease,
+    /// The kernel reported a change that is not what we applied (drift).
+    Kernel,
 }
 
 impl Trigger {
@@ -95,6 +97,74 @@ struct FamilyApplied<A: Address> {
     device: Option<(Option<DeviceSpec>, Option<u32>)>,
     entries: Option<(Option<u32>, KernelState<A>)>,
     masquerade: Option<Option<Masquerade>>,
+}
+
+impl<A: Address> FamilyApplied<A> {
+    /// Which resource `event` shows to differ from what was applied, if any.
+    /// Our own writes match what was applied, so they are no drift; nor is
+    /// anything about entries that are not ours (another device, another
+    /// route protocol, a subnet that is not a peer's). Resources whose last
+    /// apply failed have nothing recorded here: their retry is already due.
+    fn drift(&self, event: &KernelEvent) -> Option<Resource> {
+        let family = A::FAMILY;
+        let device = match &self.device {
+            Some((Some(spec), Some(index))) => Some((spec, *index)),
+            _ => None,
+        };
+        let entries = self.entries.as_ref().map(|(_, desired)| desired);
+        let on_device = |ifindex: u32| device.is_some_and(|(_, ours)| ours == ifindex);
+        let wrong = match event {
+            KernelEvent::Overflow => return device.map(|_| Resource::Device(family)),
+            KernelEvent::Link { index, name, up, mtu, mac, gone } => {
+                let (spec, ours) = device?;
+                if *index != ours && *name != spec.name {
+                    return None;
+                }
+                *gone
+                    || *index != ours
+                    || !up
+                    || mtu.is_some_and(|m| m != spec.mtu)
+                    || mac.is_some_and(|m| m != spec.mac)
+            }
+            KernelEvent::Address { index, gone } => *gone && on_device(*index),
+            KernelEvent::Neighbour { entry, permanent, gone } => {
+                let desired = entries?.neighbours.get(&A::from_ip(entry.ip)?)?;
+                on_device(entry.ifindex) && (*gone || !permanent || entry.mac != *desired)
+            }
+            KernelEvent::Fdb { entry, gone } => {
+                let desired = entries?.fdb.get(&entry.mac)?;
+                on_device(entry.ifindex) && (*gone || A::from_ip(entry.dst) != Some(*desired))
+            }
+            KernelEvent::Route { route, gone } => {
+                let desired = entries?.routes.get(&A::net_from(route.destination)?)?;
+                let ours = route.protocol == entries::ROUTE_PROTOCOL;
+                if *gone {
+                    ours
+                } else {
+                    let gateway = route.gateway.and_then(A::from_ip);
+                    let via = match gateway {
+                        Some(g) if route.onlink && route.oif.is_some_and(on_device) => Some(RouteVia::Vxlan(g)),
+                        Some(g) => Some(RouteVia::Direct(g)),
+                        None => None,
+                    };
+                    !ours || via != Some(*desired)
+                }
+            }
+            KernelEvent::NftDeleted { family: nf, table } => {
+                let ours = match family {
+                    Family::V4 => NFPROTO_IPV4,
+                    Family::V6 => NFPROTO_IPV6,
+                };
+                *nf == ours && table == masq::TABLE && matches!(self.masquerade, Some(Some(_)))
+            }
+        };
+        let resource = match event {
+            KernelEvent::Link { .. } | KernelEvent::Address { .. } | KernelEvent::Overflow => Resource::Device(family),
+            KernelEvent::NftDeleted { .. } => Resource::Masquerade(family),
+            _ => Resource::Entries(family),
+        };
+        wrong.then_some(resource)
+    }
 }
 
 impl<A: Address> Default for FamilyApplied<A> {
@@ -162,6 +232,12 @@ impl Reconciler {
             backoff: Backoff::with_max(Duration::from_secs(30).min(resync)),
             metrics,
         })
+    }
+
+    /// The resource a kernel event shows to have drifted from what was last
+    /// applied, if any: a reconcile is due then, not at the next resync.
+    pub fn drift(&self, event: &KernelEvent) -> Option<Resource> {
+        self.applied.v4.drift(event).or_else(|| self.applied.v6.drift(event))
     }
 
     /// Makes the node hold `plan`. It takes the plan whole: what was applied
@@ -469,6 +545,7 @@ pub fn device_address(subnet: IpNet) -> IpNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::MacAddr;
 
     #[test]
     fn only_watch_events_trust_the_last_apply() {
@@ -476,6 +553,127 @@ mod tests {
         for t in [Trigger::Start, Trigger::Requeue, Trigger::Lease] {
             assert!(t.reads_node(), "{t:?}");
         }
+    }
+
+    /// What a node applied for one peer (10.244.2.0/24 behind 192.168.50.12) on device 7.
+    fn applied_v4() -> FamilyApplied<Ipv4Addr> {
+        let mac = MacAddr([0x0e, 0, 0, 0, 0, 2]);
+        let spec = DeviceSpec {
+            family: Family::V4,
+            name: "overlay.1".into(),
+            vni: 1,
+            port: 8472,
+            gbp: false,
+            local: "192.168.50.11".parse().unwrap(),
+            underlay_index: 2,
+            mtu: 1450,
+            mac: MacAddr([0x0e, 0, 0, 0, 0, 1]),
+            address: "10.244.1.0/32".parse().unwrap(),
+            tx_checksum_offload: true,
+        };
+        let mut state = KernelState::default();
+        state.neighbours.insert(Ipv4Addr::new(10, 244, 2, 0), mac);
+        state.fdb.insert(mac, Ipv4Addr::new(192, 168, 50, 12));
+        state.routes.insert("10.244.2.0/24".parse().unwrap(), RouteVia::Vxlan(Ipv4Addr::new(10, 244, 2, 0)));
+        let masquerade =
+            Masquerade { network: "10.244.0.0/16".parse().unwrap(), subnet: "10.244.1.0/24".parse().unwrap() };
+        FamilyApplied {
+            forwarding: Some(Some("eth0".into())),
+            device: Some((Some(spec), Some(7))),
+            entries: Some((Some(7), state)),
+            masquerade: Some(Some(masquerade)),
+        }
+    }
+
+    #[test]
+    fn kernel_events_are_drift_only_where_they_differ_from_what_was_applied() {
+        use overlay_netlink::{FdbEntry, Neighbour, Route};
+        let applied = applied_v4();
+        let mac = MacAddr([0x0e, 0, 0, 0, 0, 2]);
+        let neighbour = Neighbour { ifindex: 7, ip: "10.244.2.0".parse().unwrap(), mac };
+        let fdb = FdbEntry { ifindex: 7, mac, dst: "192.168.50.12".parse().unwrap() };
+        let route = Route {
+            destination: "10.244.2.0/24".parse().unwrap(),
+            gateway: Some("10.244.2.0".parse().unwrap()),
+            oif: Some(7),
+            onlink: true,
+            protocol: entries::ROUTE_PROTOCOL,
+        };
+        let link = |index, name: &str, up, mtu, gone| KernelEvent::Link {
+            index,
+            name: name.into(),
+            up,
+            mtu: Some(mtu),
+            mac: Some(MacAddr([0x0e, 0, 0, 0, 0, 1])),
+            gone,
+        };
+        let device = Some(Resource::Device(Family::V4));
+        let entries = Some(Resource::Entries(Family::V4));
+        for (event, expected) in [
+            // Our own writes, as the kernel reports them: no drift, so no loop.
+            (KernelEvent::Neighbour { entry: neighbour, permanent: true, gone: false }, None),
+            (KernelEvent::Fdb { entry: fdb, gone: false }, None),
+            (KernelEvent::Route { route, gone: false }, None),
+            (link(7, "overlay.1", true, 1450, false), None),
+            // Removing what is not a peer's any more: ours too.
+            (
+                KernelEvent::Route {
+                    route: Route { destination: "10.244.9.0/24".parse().unwrap(), ..route },
+                    gone: true,
+                },
+                None,
+            ),
+            // Damage.
+            (KernelEvent::Neighbour { entry: neighbour, permanent: true, gone: true }, entries),
+            (KernelEvent::Neighbour { entry: neighbour, permanent: false, gone: false }, entries),
+            (
+                KernelEvent::Neighbour {
+                    entry: Neighbour { mac: MacAddr([2; 6]), ..neighbour },
+                    permanent: true,
+                    gone: false,
+                },
+                entries,
+            ),
+            (KernelEvent::Fdb { entry: fdb, gone: true }, entries),
+            (
+                KernelEvent::Fdb { entry: FdbEntry { dst: "192.168.50.99".parse().unwrap(), ..fdb }, gone: false },
+                entries,
+            ),
+            (KernelEvent::Route { route, gone: true }, entries),
+            (KernelEvent::Route { route: Route { onlink: false, ..route }, gone: false }, entries),
+            (KernelEvent::Route { route: Route { protocol: 3, ..route }, gone: false }, entries),
+            (link(7, "overlay.1", true, 1450, true), device),
+            (link(7, "overlay.1", false, 1450, false), device),
+            (link(7, "overlay.1", true, 1400, false), device),
+            (KernelEvent::Address { index: 7, gone: true }, device),
+            (KernelEvent::Overflow, device),
+            (
+                KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "overlay".into() },
+                Some(Resource::Masquerade(Family::V4)),
+            ),
+            // Not ours: another device, another table, another family, another protocol's route elsewhere.
+            (link(9, "eth1", false, 1500, true), None),
+            (KernelEvent::Address { index: 9, gone: true }, None),
+            (
+                KernelEvent::Neighbour { entry: Neighbour { ifindex: 9, ..neighbour }, permanent: true, gone: true },
+                None,
+            ),
+            (KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "filter".into() }, None),
+            (KernelEvent::NftDeleted { family: NFPROTO_IPV6, table: "overlay".into() }, None),
+            (
+                KernelEvent::Route {
+                    route: Route { destination: "192.168.7.0/24".parse().unwrap(), protocol: 3, ..route },
+                    gone: false,
+                },
+                None,
+            ),
+            (KernelEvent::Route { route: Route { protocol: 3, ..route }, gone: true }, None),
+        ] {
+            assert_eq!(applied.drift(&event), expected, "{event:?}");
+        }
+        // While a resource's apply is not recorded (failed, or under way), its retry is due anyway.
+        let failed = FamilyApplied::<Ipv4Addr> { entries: None, ..applied_v4() };
+        assert_eq!(failed.drift(&KernelEvent::Route { route, gone: true }), None);
     }
 
     #[test]

@@ -160,3 +160,13 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
     .join()
     .map_err(|_| anyhow!("http thread panicked"))?
 }
+
+/// The value of metric `name` (its full sample name, without labels or with
+/// them, e.g. `overlay_resyncs_total`) on the `/metrics` endpoint at `addr` inside `ns`.
+pub fn metric(ns: &Netns, addr: SocketAddr, name: &str) -> Result<u64> {
+    let (_, text) = http_get(ns, addr, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {name} in\n{text}"))
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use overlay_tests::cluster::ClusterOptions;
-use overlay_tests::probe::{http_get, ping_until, PingRun};
+use overlay_tests::probe::{ping_until, PingRun};
 use overlay_tests::{require_root, wait_until, Cluster};
 use serde_json::json;
 
@@ -64,11 +64,7 @@ fn network_available(c: &Cluster, name: &str) -> bool {
 }
 
 fn metric(c: &Cluster, node: usize, name: &str) -> u64 {
-    let (_, text) = http_get(&c.nodes[node].ns, "127.0.0.1:8471".parse().unwrap(), "/metrics").unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    overlay_tests::probe::metric(&c.nodes[node].ns, "127.0.0.1:8471".parse().unwrap(), name).unwrap()
 }
 
 #[test]

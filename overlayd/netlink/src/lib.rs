@@ -12,12 +12,16 @@
 mod bulk;
 mod entry;
 mod error;
+mod ethtool;
+mod events;
 mod handle;
 mod link;
 
 pub use bulk::Bulk;
 pub use entry::{Change, Entry, FdbEntry, Neighbour, Route, PROTOCOL_BOOT};
 pub use error::{Error, Result};
+pub use ethtool::{set_tx_checksum, tx_checksum};
+pub use events::{KernelEvent, KernelEvents, NFPROTO_IPV4, NFPROTO_IPV6};
 pub use handle::{Netlink, VxlanDevice};
 pub use link::{Link, VxlanSettings};
 pub use netlink_packet_route::AddressFamily;

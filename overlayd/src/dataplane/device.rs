@@ -37,6 +37,8 @@ pub struct DeviceSpec {
     pub mac: MacAddr,
     /// The own subnet's network address as a host route: `10.244.33.0/32`, `fd00:10:244:8::/128`.
     pub address: IpNet,
+    /// TX checksum offload on (see `offload`).
+    pub tx_checksum_offload: bool,
 }
 
 /// One step that takes the node's device to the spec.
@@ -134,6 +136,16 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
         let todo = diff(spec, link.as_ref(), &addresses);
         if todo.is_empty() {
             let index = link.map(|l| l.index).unwrap_or_default();
+            changes +=
+                usize::from(super::offload::ensure_tx_checksum(&spec.name, spec.tx_checksum_offload).map_err(|e| {
+                    DeviceError {
+                        device: spec.name.clone(),
+                        source: overlay_netlink::Error::Protocol {
+                            what: "setting TX checksum offload (ethtool)".into(),
+                            detail: e.to_string(),
+                        },
+                    }
+                })?);
             if spec.family == Family::V6 {
                 // Router advertisements have no business on a VXLAN device (flannel turns them off too).
                 changes += usize::from(sysctl::ensure_accept_ra_off(&spec.name).map_err(|e| DeviceError {
@@ -233,6 +245,7 @@ mod tests {
             mtu: 1450,
             mac: "b2:5e:e8:32:3a:be".parse().unwrap(),
             address: "10.244.33.0/32".parse().unwrap(),
+            tx_checksum_offload: true,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod device;
 pub mod entries;
+pub mod offload;
 pub mod sysctl;
 pub mod underlay;
 

@@ -1,0 +1,175 @@
+//! Drift repaired by kernel events, not by the resync timer: every cluster
+//! here resyncs once an hour, so whatever comes back within the deadline
+//! was repaired because the kernel (rtnetlink or nftables) said it changed.
+//! How fast is measured in `make bench`, not here.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use overlay_tests::cluster::OUTSIDE_IP;
+use overlay_tests::probe::{metric, ping_until, tcp_source_seen};
+use overlay_tests::{require_root, wait_until, Cluster, ClusterOptions};
+
+const HEALTH: &str = "127.0.0.1:8471";
+
+/// Two ready nodes with a pod each, masquerading, resyncing only hourly; pods reach each other.
+fn cluster() -> Cluster {
+    let mut c = Cluster::new(ClusterOptions { resync: "1h".into(), ..ClusterOptions::default() }).unwrap();
+    for _ in 0..2 {
+        c.add_ready_node(&["--ip-masq", "--health-addr", HEALTH], 1).unwrap();
+    }
+    assert!(
+        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
+        "{}",
+        c.nodes[0].log_text()
+    );
+    c
+}
+
+fn metric_of(c: &Cluster, node: usize, name: &str) -> u64 {
+    let health: SocketAddr = HEALTH.parse().unwrap();
+    metric(&c.nodes[node].ns, health, name).unwrap_or(0)
+}
+
+/// Node 1's pod reaches node 2's again within the deadline, with node 1 holding every entry for node 2.
+fn assert_repaired(c: &Cluster, what: &str) {
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let (subnet, mac) = (b.subnet().unwrap(), b.vtep_mac().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(5), || a.has_peer(subnet, &mac)),
+        "{what}: not repaired:\n{}\n{}\n{}\n{}",
+        a.neighbours(),
+        a.fdb(),
+        a.routes(),
+        a.log_text()
+    );
+    assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{what}: pods apart:\n{}", a.log_text());
+    assert!(a.log_text().contains("drifted from what was applied"), "{}", a.log_text());
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_peer_s_entries_deleted_by_hand_come_back_at_once() {
+    require_root();
+    let c = cluster();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let subnet = b.subnet().unwrap();
+    let (gateway, mac) = (subnet.network().to_string(), b.vtep_mac().unwrap());
+    a.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
+    a.ns.ip(&["neigh", "del", &gateway, "dev", "overlay.1"]).unwrap();
+    a.ns.exec("bridge", &["fdb", "del", &mac, "dev", "overlay.1"]).unwrap();
+    assert_repaired(&c, "route, neighbour and FDB entry deleted");
+    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="entries"}"#) >= 1);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_deleted_device_comes_back_with_every_peer() {
+    require_root();
+    let c = cluster();
+    c.nodes[0].ns.ip(&["link", "del", "overlay.1"]).unwrap();
+    assert_repaired(&c, "device deleted");
+    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="device"}"#) >= 1);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_device_set_down_is_set_up_again() {
+    require_root();
+    let c = cluster();
+    c.nodes[0].ns.ip(&["link", "set", "overlay.1", "down"]).unwrap();
+    assert_repaired(&c, "device set down");
+    assert!(c.nodes[0].ns.ip(&["link", "show", "overlay.1"]).unwrap().contains(",UP"));
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_changed_mtu_is_set_back() {
+    require_root();
+    let c = cluster();
+    let a = &c.nodes[0];
+    a.ns.ip(&["link", "set", "overlay.1", "mtu", "1300"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || a.ns.ip(&["link", "show", "overlay.1"]).unwrap().contains("mtu 1450 ")),
+        "{}",
+        a.log_text()
+    );
+    assert_repaired(&c, "MTU changed");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_flushed_ruleset_gets_the_masquerade_table_back() {
+    require_root();
+    let c = cluster();
+    let a = &c.nodes[0];
+    a.ns.exec("nft", &["flush", "ruleset"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .ns
+            .exec("nft", &["list", "table", "ip", "overlay"])
+            .is_ok_and(|t| t.contains("masquerade"))),
+        "{}",
+        a.log_text()
+    );
+    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="masquerade"}"#) >= 1);
+    // A pod's traffic to the outside is masqueraded again: the outside sees the node's address.
+    let seen = tcp_source_seen(&c.outside, OUTSIDE_IP, &a.pods[0].ns).unwrap();
+    assert_eq!(seen, a.ip);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_flood_of_unrelated_route_changes_causes_no_reconcile_storm() {
+    require_root();
+    let c = cluster();
+    let a = &c.nodes[0];
+    let before = metric_of(&c, 0, "overlay_resyncs_total");
+    // 10,000 routes that are not ours, added and removed.
+    let batch = c.dir.join("routes.batch");
+    let lines: String = (0..10_000u32)
+        .map(|i| format!("route add 172.16.{}.{}/32 via 192.168.50.254\n", i / 250, i % 250 + 1))
+        .chain((0..10_000u32).map(|i| format!("route del 172.16.{}.{}/32\n", i / 250, i % 250 + 1)))
+        .collect();
+    std::fs::write(&batch, lines).unwrap();
+    a.ns.ip(&["-batch", batch.to_str().unwrap()]).unwrap();
+    // The daemon has seen them all once it answers after the last one; give its queue a moment to drain.
+    assert!(ping_until(&a.pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)));
+    let after = metric_of(&c, 0, "overlay_resyncs_total");
+    // None is ours, so none is drift. One reconcile is allowed: if the kernel had to drop events
+    // (a full socket buffer), the daemon cannot know what changed and checks everything once.
+    assert!(after - before <= 1, "{} reconciles for 20,000 unrelated route changes:\n{}", after - before, a.log_text());
+}
+
+/// TX checksum offload of `device` in `node`'s namespace, read with the ethtool ioctl.
+fn tx_checksum(node: &overlay_tests::Node, device: &str) -> bool {
+    let device = device.to_string();
+    overlay_tests::probe::in_netns(&node.ns, move || Ok(overlay_netlink::tx_checksum(&device)?))
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn tx_checksum_offload_is_set_as_asked_and_again_on_a_recreated_device() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { resync: "1h".into(), ..ClusterOptions::default() }).unwrap();
+    let off = c.add_ready_node(&["--vxlan-tx-checksum-offload", "off", "--health-addr", HEALTH], 0).unwrap();
+    let on = c.add_ready_node(&["--vxlan-tx-checksum-offload", "on"], 0).unwrap();
+    assert!(!tx_checksum(&c.nodes[off], "overlay.1"));
+    assert!(tx_checksum(&c.nodes[on], "overlay.1"));
+    assert_eq!(metric_of(&c, off, "overlay_vxlan_tx_checksum_offload"), 0);
+    // The device deleted by hand comes back with the setting, not the kernel's default (on).
+    let node = &c.nodes[off];
+    node.ns.ip(&["link", "del", "overlay.1"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .ns
+            .ip(&["link", "show", "overlay.1"])
+            .is_ok_and(|l| l.contains(",UP"))),
+        "{}",
+        node.log_text()
+    );
+    assert!(wait_until(Duration::from_secs(5), || !tx_checksum(node, "overlay.1")), "{}", node.log_text());
+}

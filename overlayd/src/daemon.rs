@@ -261,6 +261,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.announce().await;
             // Events that arrived during the reconcile are held against what it applied: its own writes match.
             let mut repair_at: Option<Instant> = None;
+            let mut events_checked = 0usize;
             trigger = loop {
                 tokio::select! {
                     Some(batch) = rx.recv() => {
@@ -273,6 +274,13 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                                 self.metrics.drifted(resource);
                                 repair_at = Some(Instant::now() + DRIFT_DEBOUNCE);
                             }
+                        }
+                        // A big apply queues as many events as it wrote entries, all its own:
+                        // once they are checked, their buffers go back to the kernel.
+                        events_checked += 1;
+                        if events_checked >= reconcile::TRIM_AFTER && kernel.is_empty() {
+                            reconcile::release_freed_memory();
+                            events_checked = 0;
                         }
                     }
                     _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => break Trigger::Kernel,

@@ -205,7 +205,7 @@ struct Failure {
 }
 
 /// A reconcile this large (operations, or entries read back) leaves megabytes of freed buffers behind.
-const TRIM_AFTER: usize = 256;
+pub const TRIM_AFTER: usize = 256;
 
 /// Owns the node's state: reads, diffs and applies it.
 pub struct Reconciler {

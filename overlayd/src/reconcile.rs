@@ -558,19 +558,7 @@ mod tests {
     /// What a node applied for one peer (10.244.2.0/24 behind 192.168.50.12) on device 7.
     fn applied_v4() -> FamilyApplied<Ipv4Addr> {
         let mac = MacAddr([0x0e, 0, 0, 0, 0, 2]);
-        let spec = DeviceSpec {
-            family: Family::V4,
-            name: "overlay.1".into(),
-            vni: 1,
-            port: 8472,
-            gbp: false,
-            local: "192.168.50.11".parse().unwrap(),
-            underlay_index: 2,
-            mtu: 1450,
-            mac: MacAddr([0x0e, 0, 0, 0, 0, 1]),
-            address: "10.244.1.0/32".parse().unwrap(),
-            tx_checksum_offload: true,
-        };
+        let spec = DeviceSpec { address: "10.244.1.0/32".parse().unwrap(), ..crate::dataplane::device::tests::spec() };
         let mut state = KernelState::default();
         state.neighbours.insert(Ipv4Addr::new(10, 244, 2, 0), mac);
         state.fdb.insert(mac, Ipv4Addr::new(192, 168, 50, 12));
@@ -604,7 +592,7 @@ mod tests {
             name: name.into(),
             up,
             mtu: Some(mtu),
-            mac: Some(MacAddr([0x0e, 0, 0, 0, 0, 1])),
+            mac: Some("b2:5e:e8:32:3a:be".parse().unwrap()),
             gone,
         };
         let device = Some(Resource::Device(Family::V4));

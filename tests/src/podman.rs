@@ -255,6 +255,25 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
         Ok(())
     }
 
+    /// Starts container `name` on the overlay network serving the rootfs's
+    /// `/www` over HTTP on port 80; returns its IPv4 address.
+    pub fn serve_web(&self, name: &str) -> Result<String> {
+        let rootfs = self.rootfs();
+        let args = ["run", "-d", "--name", name, "--network", "overlay", "--rootfs", &rootfs];
+        self.run(&[&args[..], &["/bin/httpd", "-f", "-p", "80", "-h", "/www"]].concat())?;
+        self.run(&["inspect", name, "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"])
+    }
+
+    /// From a fresh container on the overlay network, an HTTP GET of
+    /// `/index.html` at `ip`: the response, or the error.
+    pub fn fetch_page(&self, ip: &str) -> String {
+        let rootfs = self.rootfs();
+        // busybox-static's wget crashes in static glibc's resolver; nc speaks HTTP fine.
+        let fetch = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80");
+        self.run(&["run", "--rm", "--network", "overlay", "--rootfs", &rootfs, "/bin/sh", "-c", &fetch])
+            .unwrap_or_else(|e| e.to_string())
+    }
+
     /// The busybox rootfs path, for `--rootfs`.
     pub fn rootfs(&self) -> String {
         self.rootfs.display().to_string()

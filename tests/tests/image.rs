@@ -182,37 +182,13 @@ fn the_daemonset_runs_from_the_image_and_its_pods_reach_across_nodes() {
 
     // Pods made through the installed plugin, on different nodes, reach each other.
     let (n1, n2) = (&nodes[0], &nodes[1]);
-    let rootfs = n2.podman.rootfs();
-    n2.podman
-        .run(&[
-            "run",
-            "-d",
-            "--name",
-            "web",
-            "--network",
-            "overlay",
-            "--rootfs",
-            &rootfs,
-            "/bin/httpd",
-            "-f",
-            "-p",
-            "80",
-            "-h",
-            "/www",
-        ])
-        .unwrap();
-    let ip = n2.podman.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
+    let ip = n2.podman.serve_web("web").unwrap();
     let subnet = c.nodes[n2.index].subnet().unwrap();
     assert!(subnet.contains(&ip.parse::<std::net::Ipv4Addr>().unwrap()), "web got {ip}, not in {subnet}");
-    let rootfs = n1.podman.rootfs();
-    let fetch = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80");
     let mut page = String::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            page = n1
-                .podman
-                .run(&["run", "--rm", "--network", "overlay", "--rootfs", &rootfs, "/bin/sh", "-c", &fetch])
-                .unwrap_or_else(|e| e.to_string());
+            page = n1.podman.fetch_page(&ip);
             page.contains("hello from overlay")
         }),
         "a pod on node 1 cannot fetch from {ip} on node 2: {page:?}\n{}",

@@ -16,24 +16,7 @@ fn two_nodes_with_a_web_server(options: ClusterOptions) -> (Cluster, Podman, Pod
     let plugin_dir = overlay_tests::workspace_bin("overlay-cni").parent().unwrap().to_path_buf();
     let p1 = Podman::for_node(&c.nodes[0], &c.dir, &plugin_dir).unwrap();
     let p2 = Podman::for_node(&c.nodes[1], &c.dir, &plugin_dir).unwrap();
-    let rootfs = p2.rootfs();
-    p2.run(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "overlay",
-        "--rootfs",
-        &rootfs,
-        "/bin/httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ])
-    .unwrap();
+    p2.serve_web("web").unwrap();
     (c, p1, p2)
 }
 
@@ -45,16 +28,11 @@ fn podman_containers_talk_across_nodes_through_overlay_cni() {
     let ip = p2.run(&["inspect", "web", "--format", "{{.NetworkSettings.Networks.overlay.IPAddress}}"]).unwrap();
     assert!(c.nodes[1].subnet().unwrap().contains(&ip.parse::<std::net::Ipv4Addr>().unwrap()), "web got {ip}");
 
-    let rootfs = p1.rootfs();
     let url = format!("http://{ip}/index.html");
     let mut page = String::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            // busybox-static's wget crashes in static glibc's resolver; nc speaks HTTP fine.
-            let fetch = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80");
-            page = p1
-                .run(&["run", "--rm", "--network", "overlay", "--rootfs", &rootfs, "/bin/sh", "-c", &fetch])
-                .unwrap_or_else(|e| e.to_string());
+            page = p1.fetch_page(&ip);
             page.contains("hello from overlay")
         }),
         "container on node 1 could not fetch {url}: {page:?}"

@@ -229,11 +229,12 @@ pub async fn remove(nl: &Netlink, name: &str) -> Result<bool, DeviceError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use overlay_netlink::VxlanSettings;
 
-    fn spec() -> DeviceSpec {
+    /// A device spec for tests: `overlay.1` on 192.168.50.11 (lower device 2), subnet 10.244.33.0/24.
+    pub(crate) fn spec() -> DeviceSpec {
         DeviceSpec {
             family: Family::V4,
             name: "overlay.1".into(),

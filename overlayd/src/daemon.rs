@@ -22,7 +22,7 @@ use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
 use crate::lease::{check_own, LeaseLost, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::masq::Masquerade;
-use crate::metrics::Metrics;
+use crate::metrics::{Cause, Metrics, Resource};
 use crate::peers::{PeerView, Update};
 use crate::plan::{self, Local};
 use crate::reconcile::{self, Action, FamilyPlan, NodePlan, Reconciler, Trigger};
@@ -271,7 +271,11 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                         if let Some(resource) = self.reconciler.drift(&event) {
                             if repair_at.is_none() {
                                 info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
-                                self.metrics.drifted(resource);
+                                let cause = match resource {
+                                    Resource::Masquerade(_) => Cause::Nftables,
+                                    _ => Cause::Kernel,
+                                };
+                                self.metrics.repaired(cause, resource);
                                 repair_at = Some(Instant::now() + DRIFT_DEBOUNCE);
                             }
                         }
@@ -313,6 +317,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             events.extend(more);
         }
         self.metrics.watch_events.inc_by(events.len() as u64);
+        self.metrics.lease_watch_event_now();
         let update = self.peers.apply(&self.own, events);
         self.metrics.leases.set(self.peers.count() as i64 + 1);
         match update {

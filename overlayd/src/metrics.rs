@@ -8,6 +8,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family as Labelled;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use proto::Family;
 
@@ -73,6 +74,50 @@ struct ResourceLabel {
     resource: Resource,
 }
 
+/// What found a drift that a reconcile then repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// An rtnetlink event (a link, address, route, neighbour or FDB entry).
+    Kernel,
+    /// An nftables event (a table, chain or rule deleted).
+    Nftables,
+    /// The periodic resync, reading the node back.
+    Resync,
+}
+
+impl EncodeLabelValue for Cause {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let name = match self {
+            Cause::Kernel => "kernel",
+            Cause::Nftables => "nftables",
+            Cause::Resync => "resync",
+        };
+        std::fmt::Write::write_str(encoder, name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RepairLabel {
+    cause: Cause,
+    resource: Resource,
+}
+
+/// An IP family, as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FamilyValue(Family);
+
+impl EncodeLabelValue for FamilyValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, if self.0 == Family::V4 { "ipv4" } else { "ipv6" })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EntriesLabel {
+    family: FamilyValue,
+    kind: &'static str,
+}
+
 /// Counters, gauges and readiness.
 pub struct Metrics {
     registry: Registry,
@@ -94,7 +139,12 @@ pub struct Metrics {
     pub watch_events: Counter,
     resource_ready: Labelled<ResourceLabel, Gauge>,
     resource_errors: Labelled<ResourceLabel, Counter>,
-    drift: Labelled<ResourceLabel, Counter>,
+    repairs: Labelled<RepairLabel, Counter>,
+    apply_seconds: Histogram,
+    /// Reconciles scheduled again after a failure.
+    pub retries: Counter,
+    entries: Labelled<EntriesLabel, Gauge>,
+    lease_watch_last_event: Gauge,
     /// 1 when the VXLAN devices' TX checksum offload is on.
     pub tx_checksum_offload: Gauge,
     ready: Gauge,
@@ -119,7 +169,12 @@ impl Default for Metrics {
             watch_events: Counter::default(),
             resource_ready: Labelled::default(),
             resource_errors: Labelled::default(),
-            drift: Labelled::default(),
+            repairs: Labelled::default(),
+            // 1 ms to 16 s.
+            apply_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 8)),
+            retries: Counter::default(),
+            entries: Labelled::default(),
+            lease_watch_last_event: Gauge::default(),
             tx_checksum_offload: Gauge::default(),
             ready: Gauge::default(),
             lease_held: AtomicBool::new(false),
@@ -151,9 +206,21 @@ impl Default for Metrics {
             m.resource_errors.clone(),
         );
         r.register(
-            "overlay_drift_repairs",
-            "Reconciles started by a kernel or nftables event that showed this resource drifted from what was applied",
-            m.drift.clone(),
+            "overlay_repairs",
+            "Reconciles that repaired drift in this resource, by what found it: a kernel or nftables event, or the resync",
+            m.repairs.clone(),
+        );
+        r.register("overlay_apply_duration_seconds", "Duration of each reconcile of the node", m.apply_seconds.clone());
+        r.register("overlay_reconcile_retries", "Reconciles scheduled again after a failure", m.retries.clone());
+        r.register(
+            "overlay_kernel_entries",
+            "Peer entries held after the last successful apply, by family and kind (neighbours, fdb, routes)",
+            m.entries.clone(),
+        );
+        r.register(
+            "overlay_lease_watch_last_event_timestamp_seconds",
+            "Unix time of the last event from the lease store's watch (its age: time() minus this)",
+            m.lease_watch_last_event.clone(),
         );
         r.register(
             "overlay_vxlan_tx_checksum_offload",
@@ -182,6 +249,7 @@ impl Metrics {
     pub fn reconciled(&self, elapsed: Duration, outcomes: &[(Resource, bool)]) {
         self.reconciles.inc();
         self.reconcile_seconds.set(elapsed.as_secs_f64());
+        self.apply_seconds.observe(elapsed.as_secs_f64());
         let mut bits = self.resources_ok.load(Relaxed);
         for (resource, ok) in outcomes {
             let label = ResourceLabel { resource: *resource };
@@ -198,9 +266,22 @@ impl Metrics {
         self.update_ready();
     }
 
-    /// Records a repair started because `resource` drifted.
-    pub fn drifted(&self, resource: Resource) {
-        self.drift.get_or_create(&ResourceLabel { resource }).inc();
+    /// Records a repair of `resource`, found by `cause`.
+    pub fn repaired(&self, cause: Cause, resource: Resource) {
+        self.repairs.get_or_create(&RepairLabel { cause, resource }).inc();
+    }
+
+    /// Records the peer entries of `family` held after a successful apply.
+    pub fn entries_held(&self, family: Family, neighbours: usize, fdb: usize, routes: usize) {
+        for (kind, n) in [("neighbours", neighbours), ("fdb", fdb), ("routes", routes)] {
+            self.entries.get_or_create(&EntriesLabel { family: FamilyValue(family), kind }).set(n as i64);
+        }
+    }
+
+    /// Records that the lease store's watch delivered events now.
+    pub fn lease_watch_event_now(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.lease_watch_last_event.set(now as i64);
     }
 
     fn resource_ok(&self, resource: Resource) -> bool {
@@ -263,5 +344,11 @@ mod tests {
             &[(Resource::Masquerade(Family::V4), true), (Resource::Entries(Family::V6), false)],
         );
         assert!(m.readiness_detail().contains("entries_v6=false"), "{}", m.readiness_detail());
+        m.repaired(Cause::Nftables, Resource::Masquerade(Family::V6));
+        m.entries_held(Family::V6, 1, 2, 3);
+        let text = m.render();
+        assert!(text.contains(r#"overlay_repairs_total{cause="nftables",resource="masquerade_v6"} 1"#), "{text}");
+        assert!(text.contains(r#"overlay_kernel_entries{family="ipv6",kind="routes"} 3"#), "{text}");
+        assert!(text.contains("overlay_apply_duration_seconds_count 3"), "{text}");
     }
 }

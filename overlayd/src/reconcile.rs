@@ -19,7 +19,7 @@ use tracing::{debug, error, info};
 use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
 use crate::masq::{self, Masquerade};
-use crate::metrics::{Metrics, Resource};
+use crate::metrics::{Cause, Metrics, Resource};
 use crate::plan::{self, KernelState, RouteVia};
 use crate::subnet_file;
 
@@ -217,6 +217,8 @@ pub struct Reconciler {
     applied: Applied,
     backoff: Backoff,
     metrics: Arc<Metrics>,
+    /// The resources this reconcile had to change: on a resync, each was a repair.
+    changed: Vec<Resource>,
 }
 
 impl Reconciler {
@@ -231,6 +233,7 @@ impl Reconciler {
             applied: Applied::default(),
             backoff: Backoff::with_max(Duration::from_secs(30).min(resync)),
             metrics,
+            changed: Vec::new(),
         })
     }
 
@@ -265,6 +268,12 @@ impl Reconciler {
         }
 
         self.metrics.reconciled(started.elapsed(), &outcomes);
+        // The resync reads the node back: whatever it had to change had drifted unnoticed.
+        for resource in std::mem::take(&mut self.changed) {
+            if trigger == Trigger::Requeue && failures.is_empty() {
+                self.metrics.repaired(Cause::Resync, resource);
+            }
+        }
         if !failures.is_empty() {
             return self.error_policy(trigger, failures);
         }
@@ -279,6 +288,7 @@ impl Reconciler {
     /// The one place failures are handled: said, counted, and retried with backoff.
     fn error_policy(&mut self, trigger: Trigger, failures: Vec<Failure>) -> Action {
         let retry_in = self.backoff.next_delay();
+        self.metrics.retries.inc();
         for f in &failures {
             error!(
                 resource = f.resource.name(),
@@ -319,6 +329,7 @@ impl Reconciler {
         *applied = None;
         if let Some(underlay) = &forwarding {
             if sysctl::ensure_forwarding(A::FAMILY, Some(underlay))? {
+                self.changed.push(Resource::Forwarding(A::FAMILY));
                 info!(family = %A::FAMILY, "turned on forwarding");
             }
         }
@@ -349,6 +360,9 @@ impl Reconciler {
         };
         let device = device::reconcile(&self.nl, spec).await?;
         self.metrics.netlink_ops.inc_by(device.changes as u64);
+        if device.changes > 0 {
+            self.changed.push(Resource::Device(A::FAMILY));
+        }
         let applied = A::slot(&mut self.applied);
         if device.created {
             info!(device = %spec.name, "device (re)created; programming every peer");
@@ -404,6 +418,7 @@ impl Reconciler {
         self.metrics.netlink_ops.inc_by(report.sent as u64);
         self.metrics.netlink_errors.inc_by(report.failed.len() as u64);
         if report.sent > 0 {
+            self.changed.push(Resource::Entries(family));
             info!(
                 %family,
                 ops = report.sent,
@@ -420,6 +435,7 @@ impl Reconciler {
         if let Some((op, e)) = report.failed.first() {
             anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
         }
+        self.metrics.entries_held(family, desired.neighbours.len(), desired.fdb.len(), desired.routes.len());
         A::slot(&mut self.applied).entries = Some((index, desired));
         Ok(())
     }
@@ -432,6 +448,7 @@ impl Reconciler {
         }
         *applied = None;
         if masq::reconcile(family, desired, read).await? {
+            self.changed.push(Resource::Masquerade(family));
             match desired {
                 Some(m) => info!(network = %m.network, subnet = %m.subnet, "masquerade rules (re)written"),
                 None => info!(%family, "masquerade table removed"),
@@ -454,6 +471,7 @@ impl Reconciler {
             .map_err(|e| anyhow::anyhow!("the subnet file worker failed: {e}"))?
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", self.subnet_file.display()))?;
         if written {
+            self.changed.push(Resource::SubnetFile);
             let subnets: Vec<String> = env.families().iter().map(|f| f.subnet().to_string()).collect();
             info!(path = %self.subnet_file.display(), subnets = %subnets.join(","), mtu = env.mtu, "wrote subnet file");
         }

@@ -59,7 +59,7 @@ fn a_peer_s_entries_deleted_by_hand_come_back_at_once() {
     a.ns.ip(&["neigh", "del", &gateway, "dev", "overlay.1"]).unwrap();
     a.ns.exec("bridge", &["fdb", "del", &mac, "dev", "overlay.1"]).unwrap();
     assert_repaired(&c, "route, neighbour and FDB entry deleted");
-    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="entries"}"#) >= 1);
+    assert!(metric_of(&c, 0, r#"overlay_repairs_total{cause="kernel",resource="entries"}"#) >= 1);
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn a_deleted_device_comes_back_with_every_peer() {
     let c = cluster();
     c.nodes[0].ns.ip(&["link", "del", "overlay.1"]).unwrap();
     assert_repaired(&c, "device deleted");
-    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="device"}"#) >= 1);
+    assert!(metric_of(&c, 0, r#"overlay_repairs_total{cause="kernel",resource="device"}"#) >= 1);
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn a_flushed_ruleset_gets_the_masquerade_table_back() {
         "{}",
         a.log_text()
     );
-    assert!(metric_of(&c, 0, r#"overlay_drift_repairs_total{resource="masquerade"}"#) >= 1);
+    assert!(metric_of(&c, 0, r#"overlay_repairs_total{cause="nftables",resource="masquerade"}"#) >= 1);
     // A pod's traffic to the outside is masqueraded again: the outside sees the node's address.
     let seen = tcp_source_seen(&c.outside, OUTSIDE_IP, &a.pods[0].ns).unwrap();
     assert_eq!(seen, a.ip);

@@ -37,7 +37,7 @@ impl Env {
         }
     }
 
-    fn check_container_id(&self) -> Result<(), CniError> {
+    pub(crate) fn check_container_id(&self) -> Result<(), CniError> {
         let ok = !self.container_id.is_empty()
             && self.container_id.len() <= 256
             && self.container_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -55,7 +55,7 @@ impl Env {
         }
     }
 
-    fn check_ifname(&self) -> Result<(), CniError> {
+    pub(crate) fn check_ifname(&self) -> Result<(), CniError> {
         let n = &self.ifname;
         if n.is_empty() || n.len() > 15 || n.contains('/') || n.contains(char::is_whitespace) || n == "." || n == ".." {
             return Err(CniError::new(

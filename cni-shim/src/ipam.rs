@@ -100,9 +100,12 @@ impl Store {
             .map(|ip| family::value(ip).saturating_sub(first) + 1)
             .unwrap_or(0);
         // Stops at the first free address: a /64 is never scanned whole.
+        // The offset wraps without an overflow: a range can span all of u128.
+        let start = start % size;
         let mut step = 0u128;
         while step < size {
-            let ip = fam.addr(first + (start + step) % size);
+            let offset = if step < size - start { start + step } else { step - (size - start) };
+            let ip = fam.addr(first + offset);
             step += 1;
             if ip == gateway {
                 continue;
@@ -160,6 +163,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("overlay-ipam-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn a_last_reserved_address_at_the_top_of_a_huge_range_does_not_overflow() {
+        // Found by the IPAM property test's shape: start + step wrapped past u128::MAX.
+        let dir = temp("top");
+        let store = Store::open(&dir, "net").unwrap();
+        let subnet: IpNet = "::1/0".parse().unwrap();
+        fs::write(dir.join("net/last_reserved_ip.0"), "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe").unwrap();
+        fs::write(dir.join("net/::2"), "other\r\neth0").unwrap();
+        assert_eq!(store.allocate(subnet, 0, "c", "eth0").unwrap(), "::3".parse::<IpAddr>().unwrap());
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -5,6 +5,8 @@
 mod commands;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod ipam;
 mod link;
 mod result;

@@ -20,7 +20,7 @@ use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
-use crate::lease::{check_own, LeaseLost, LeaseStore, OwnLease, PublicIps, Renewal, WatchEvent};
+use crate::lease::{check_own, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::masq::Masquerade;
 use crate::metrics::{Cause, Metrics, Resource};
 use crate::peers::{PeerView, Update};
@@ -425,6 +425,17 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     /// Takes a subnet again after losing ours: the same one if still free.
     async fn reacquire(&mut self, lost: &LeaseLost) -> Result<()> {
         self.store.say_lost(lost, &self.own);
+        if lost.kind == LostKind::Rewritten {
+            match self.store.restore(&self.own).await {
+                Ok(true) => {
+                    info!(subnet = %self.own.key, "wrote our lease back");
+                    self.metrics.renewed_now();
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = format!("{e:#}"), "cannot write our lease back; claiming it again"),
+            }
+        }
         self.metrics.set_lease_held(false);
         let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key)).await?;
         if own.key != self.own.key {

@@ -173,3 +173,36 @@ fn tx_checksum_offload_is_set_as_asked_and_again_on_a_recreated_device() {
     );
     assert!(wait_until(Duration::from_secs(5), || !tx_checksum(node, "overlay.1")), "{}", node.log_text());
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn our_lease_rewritten_in_etcd_is_written_back_and_kept() {
+    require_root();
+    let c = cluster();
+    let a = &c.nodes[0];
+    let subnet = a.subnet().unwrap();
+    let key = format!("{}/subnets/{}-{}", overlay_tests::cluster::PREFIX, subnet.network(), subnet.prefix_len());
+    let truth = c.etcd.get(&key).unwrap().unwrap();
+    let attrs = proto::LeaseAttrs::from_json(truth.as_bytes()).unwrap();
+    let mut wrong_mac = attrs.clone();
+    wrong_mac.backend_data = proto::BackendData::parse(r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}"#).unwrap();
+    let mut wrong_ip = attrs.clone();
+    wrong_ip.public_ip = "192.168.50.99".parse().unwrap();
+    for (what, wrong) in [("another MAC", wrong_mac), ("another public IP", wrong_ip)] {
+        c.etcd.put(&key, &wrong.to_json()).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || c.etcd.get(&key).unwrap().as_deref() == Some(truth.as_str())),
+            "{what}: not written back: {:?}\n{}",
+            c.etcd.get(&key),
+            a.log_text()
+        );
+        assert_eq!(a.subnet().unwrap(), subnet, "{what}: the node moved to another subnet");
+        // The truth is bound to an etcd lease again: it expires if the node goes away.
+        let lease = c.etcd.ctl(&["get", &key, "-w", "json"]).unwrap();
+        assert!(lease.contains("\"lease\":"), "{what}: written back without a lease: {lease}");
+    }
+    // The peer sees the truth: its entries for this node carry our MAC.
+    let b = &c.nodes[1];
+    let mac = a.vtep_mac().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || b.has_peer(subnet, &mac)), "{}", b.log_text());
+}

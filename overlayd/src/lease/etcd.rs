@@ -16,10 +16,10 @@ use etcd_client::{
 };
 use ipnet::IpNet;
 use proto::{Family, LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::etcd_events::{self, KeyChange};
-use super::{EventSender, LeaseStore, OwnLease, Renewal, WatchEvent};
+use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::EtcdArgs;
 
@@ -609,6 +609,38 @@ impl LeaseStore for EtcdLeases {
 
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
         self.list_and_watch(tx)
+    }
+
+    fn say_lost(&self, lost: &LeaseLost, own: &OwnLease) {
+        match lost.kind {
+            LostKind::Rewritten => {
+                warn!(subnet = %own.key, why = %lost.detail, "our lease was rewritten; writing it back")
+            }
+            LostKind::Gone => error!(subnet = %own.key, why = %lost.detail, "LEASE LOST: re-claiming a subnet"),
+        }
+    }
+
+    async fn restore(&mut self, own: &OwnLease) -> anyhow::Result<bool> {
+        let path = self.key_path(&own.key);
+        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
+        let Some(kv) = resp.kvs().first() else { return Ok(false) };
+        // The key was ours until rewritten in place: a claim never overwrites a key, so
+        // this is not another node's subnet. A rewrite without a lease detached it from
+        // ours; the truth goes back on ours (a new one if ours expired meanwhile).
+        let alive = match self.lease_id {
+            Some(id) => self.ttl_left(id).await? > 0,
+            None => false,
+        };
+        let lease = match self.lease_id {
+            Some(id) if alive => id,
+            _ => self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id(),
+        };
+        let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
+        if !self.put_if(unchanged, &path, &own.attrs.to_json(), lease).await? {
+            return Ok(false);
+        }
+        self.lease_id = Some(lease);
+        Ok(true)
     }
 
     fn renew_interval(&self) -> Duration {

@@ -142,6 +142,14 @@ pub trait LeaseStore: Send + 'static {
         tracing::error!(subnet = %own.key, why = %lost.detail, "LEASE LOST: re-claiming a subnet");
     }
 
+    /// Writes our lease back where someone rewrote it in place
+    /// ([`LostKind::Rewritten`]); true when it did. False where the store
+    /// has no such write, or the key went or changed again meanwhile: then
+    /// the lease is claimed again with [`acquire`](LeaseStore::acquire).
+    async fn restore(&mut self, _own: &OwnLease) -> anyhow::Result<bool> {
+        Ok(false)
+    }
+
     /// Tells the cluster this node's network is up, where the store has a
     /// place for it (Kubernetes: the Node condition `NetworkUnavailable=False`).
     async fn announce_ready(&mut self) -> anyhow::Result<()> {

@@ -106,6 +106,8 @@ struct Daemon<S> {
     announced: bool,
     /// TX checksum offload of the devices, decided once from the setting and the kernel.
     tx_checksum_offload: bool,
+    /// A claim of our lease under way, after it was lost.
+    reacquiring: Option<Reacquiring<S>>,
 }
 
 async fn run_with<S: LeaseStore + Clone>(
@@ -165,6 +167,7 @@ async fn run_with<S: LeaseStore + Clone>(
         metrics,
         announced: false,
         tx_checksum_offload,
+        reacquiring: None,
     };
     daemon.main_loop().await
 }
@@ -241,6 +244,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 Some(batch) = rx.recv() => { self.on_events(batch, &mut rx).await?; }
                 // Nothing is applied yet, so nothing can have drifted.
                 Some(_) = kernel.recv() => {}
+                (store, result) = reacquiring(&mut self.reacquiring) => { self.reacquired(store, result)?; }
                 _ = shutdown.requested() => {
                     self.exit();
                     return Ok(());
@@ -288,6 +292,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                         }
                     }
                     _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => break Trigger::Kernel,
+                    (store, result) = reacquiring(&mut self.reacquiring) => break self.reacquired(store, result)?,
                     _ = tokio::time::sleep_until(requeue_at) => break Trigger::Requeue,
                     _ = renew.tick() => {
                         if let Some(t) = self.renew(&mut renew).await? { break t }
@@ -324,8 +329,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             Update::Unchanged => Ok(None),
             Update::Changed => Ok(Some(Trigger::Peers)),
             Update::Lost(lost) => {
-                self.reacquire(&lost).await?;
-                Ok(Some(Trigger::Lease))
+                self.reacquire(&lost).await;
+                Ok(None)
             }
         }
     }
@@ -399,6 +404,9 @@ impl<S: LeaseStore + Clone> Daemon<S> {
 
     /// Renews our lease; a reconcile trigger when it had to be claimed again.
     async fn renew(&mut self, timer: &mut tokio::time::Interval) -> Result<Option<Trigger>> {
+        if self.reacquiring.is_some() {
+            return Ok(None);
+        }
         match self.store.renew(&self.own).await {
             Renewal::Seen(seen) => match check_own(&self.own, seen.as_ref()) {
                 Ok(()) => {
@@ -409,8 +417,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                     Ok(None)
                 }
                 Err(lost) => {
-                    self.reacquire(&lost).await?;
-                    Ok(Some(Trigger::Lease))
+                    self.reacquire(&lost).await;
+                    Ok(None)
                 }
             },
             Renewal::Failed(e) => {
@@ -422,22 +430,40 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
     }
 
-    /// Takes a subnet again after losing ours: the same one if still free.
-    async fn reacquire(&mut self, lost: &LeaseLost) -> Result<()> {
+    /// Takes our lease again after losing it. A rewrite is written back at
+    /// once where the store can; otherwise the claim runs beside the loop, so
+    /// resyncs, drift repairs and peer changes go on, on the old plan, until
+    /// it is done ([`reacquired`](Self::reacquired)).
+    async fn reacquire(&mut self, lost: &LeaseLost) {
+        if self.reacquiring.is_some() {
+            return;
+        }
         self.store.say_lost(lost, &self.own);
         if lost.kind == LostKind::Rewritten {
             match self.store.restore(&self.own).await {
                 Ok(true) => {
                     info!(subnet = %self.own.key, "wrote our lease back");
                     self.metrics.renewed_now();
-                    return Ok(());
+                    return;
                 }
                 Ok(false) => {}
                 Err(e) => warn!(error = format!("{e:#}"), "cannot write our lease back; claiming it again"),
             }
         }
         self.metrics.set_lease_held(false);
-        let own = self.store.acquire(&self.config, &self.own.attrs, Some(self.own.key)).await?;
+        let (mut store, config, attrs, previous) =
+            (self.store.clone(), self.config.clone(), self.own.attrs.clone(), self.own.key);
+        self.reacquiring = Some(Box::pin(async move {
+            let result = store.acquire(&config, &attrs, Some(previous)).await;
+            (store, result)
+        }));
+    }
+
+    /// Installs the lease a reacquire claimed (and the store that claimed it).
+    fn reacquired(&mut self, store: S, result: Result<OwnLease>) -> Result<Trigger> {
+        self.reacquiring = None;
+        self.store = store;
+        let own = result?;
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {
@@ -448,6 +474,17 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.announced = false;
         self.metrics.set_lease_held(true);
         self.metrics.renewed_now();
-        Ok(())
+        Ok(Trigger::Lease)
     }
 }
+
+/// The outcome of a reacquire under way; never, when none is.
+async fn reacquiring<S>(pending: &mut Option<Reacquiring<S>>) -> (S, Result<OwnLease>) {
+    match pending {
+        Some(claim) => claim.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A claim of our lease, running beside the daemon's loop; it gives the store back.
+type Reacquiring<S> = std::pin::Pin<Box<dyn std::future::Future<Output = (S, Result<OwnLease>)>>>;

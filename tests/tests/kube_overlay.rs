@@ -207,6 +207,42 @@ fn kube_our_node_deleted_and_registered_again_is_said_in_kubernetes_words() {
 
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
+fn kube_our_node_deleted_leaves_the_dataplane_to_the_daemon_until_it_is_back() {
+    require_root();
+    let mut c = kube_cluster();
+    ready_node(&mut c, 0, &["--health-addr", "127.0.0.1:8471"]);
+    ready_node(&mut c, 0, &[]);
+    let (subnet, mac) = (c.nodes[1].subnet().unwrap(), c.nodes[1].vtep_mac().unwrap());
+    c.api().delete_node("node-1").unwrap();
+    let node = &c.nodes[0];
+    assert!(
+        wait_until(Duration::from_secs(10), || node.log_text().contains("our Node was deleted")),
+        "{}",
+        node.log_text()
+    );
+    // While it waits for its Node, the daemon keeps the node as it was: resyncs go on...
+    let resyncs = metric(&c, 0, "overlay_resyncs_total");
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(&c, 0, "overlay_resyncs_total") >= resyncs + 2),
+        "{}",
+        node.log_text()
+    );
+    // ...its peer's entries stay, and damage to them is repaired.
+    assert!(node.has_peer(subnet, &mac));
+    node.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || node.has_peer(subnet, &mac)), "{}", node.log_text());
+    let ip = node.ip;
+    c.api().add_node("node-1", ip, true).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || annotations(&c, "node-1")
+            .contains_key(&format!("{PREFIX}/backend-data"))),
+        "{}",
+        c.nodes[0].log_text()
+    );
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
 fn kube_overwritten_annotations_are_written_back() {
     require_root();
     let mut c = kube_cluster();

@@ -206,3 +206,37 @@ fn our_lease_rewritten_in_etcd_is_written_back_and_kept() {
     let mac = a.vtep_mac().unwrap();
     assert!(wait_until(Duration::from_secs(5), || b.has_peer(subnet, &mac)), "{}", b.log_text());
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn one_repair_writes_only_what_drifted_whatever_the_number_of_peers() {
+    require_root();
+    let c = cluster();
+    let taken: Vec<_> = c.nodes.iter().map(|n| n.subnet().unwrap()).collect();
+    // 50 more peers (leases as flanneld writes them, at made-up addresses).
+    let mut added = 0;
+    for i in 1..=60u32 {
+        let subnet: ipnet::Ipv4Net = format!("10.244.{}.0/24", 190 + i).parse().unwrap();
+        if added == 50 || taken.contains(&subnet) {
+            continue;
+        }
+        let value = format!(
+            r#"{{"PublicIP":"172.16.0.{i}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:01:{i:02x}"}}}}"#
+        );
+        c.etcd.put(&format!("{}/subnets/10.244.{}.0-24", overlay_tests::cluster::PREFIX, 190 + i), &value).unwrap();
+        added += 1;
+    }
+    let a = &c.nodes[0];
+    let peers = |n: &overlay_tests::Node| n.routes().lines().filter(|l| l.contains("dev overlay.1")).count();
+    assert!(wait_until(Duration::from_secs(10), || peers(a) == 51), "{} peers:\n{}", peers(a), a.routes());
+    let ops = metric_of(&c, 0, "overlay_netlink_ops_total");
+    let b = &c.nodes[1];
+    let subnet = b.subnet().unwrap();
+    let (gateway, mac) = (subnet.network().to_string(), b.vtep_mac().unwrap());
+    a.ns.ip(&["route", "del", &subnet.to_string()]).unwrap();
+    a.ns.ip(&["neigh", "del", &gateway, "dev", "overlay.1"]).unwrap();
+    a.ns.exec("bridge", &["fdb", "del", &mac, "dev", "overlay.1"]).unwrap();
+    assert_repaired(&c, "one peer's entries deleted among 51");
+    // The repair read the node back and wrote the three missing entries: not 153.
+    assert_eq!(metric_of(&c, 0, "overlay_netlink_ops_total") - ops, 3);
+}

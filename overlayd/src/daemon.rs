@@ -108,6 +108,10 @@ struct Daemon<S> {
     tx_checksum_offload: bool,
     /// A claim of our lease under way, after it was lost.
     reacquiring: Option<Reacquiring<S>>,
+    /// The addresses we publish (the underlay's, or pinned by a flag or the store).
+    public: PublicIps,
+    /// For finding the underlay again when it changes.
+    nl: Netlink,
 }
 
 async fn run_with<S: LeaseStore + Clone>(
@@ -125,24 +129,9 @@ async fn run_with<S: LeaseStore + Clone>(
     let families: Vec<Family> = config.families().collect();
     let underlay =
         underlay::find(&nl, node.iface.as_deref(), &families).await.context("choosing the underlay interface")?;
-    let detected = PublicIps {
-        v4: node.public_ip.or(underlay.v4.and_then(|a| v4(a.addr()))),
-        v6: node.public_ipv6.or(underlay.v6.and_then(|a| v6(a.addr()))),
-    };
-    let public = store.public_ips(detected).await?;
+    let public = store.public_ips(detected(&node, &underlay)).await?;
     info!(iface = %underlay.name, v4 = ?underlay.v4, v6 = ?underlay.v6, public_ip = ?public.v4, public_ipv6 = ?public.v6, mtu = underlay.mtu, "underlay");
-
-    let vni = config.backend.vni;
-    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    let vtep_macs = [
-        vtep_mac(&machine, public.v4.map(IpAddr::V4), vni, Family::V4),
-        vtep_mac(&machine, public.v6.map(IpAddr::V6), vni, Family::V6),
-    ];
-    let data = |family| VxlanBackendData { vni, vtep_mac: vtep_macs[family as usize] };
-    let attrs = LeaseAttrs::vxlan_families(
-        public.v4.filter(|_| config.ipv4.is_some()).map(|ip| (ip, data(Family::V4))),
-        public.v6.filter(|_| config.ipv6.is_some()).map(|ip| (ip, data(Family::V6))),
-    );
+    let (vtep_macs, attrs) = lease_attrs(&config, public);
     let previous = subnet_file::previous_subnets(&node.subnet_file);
     let own = store.acquire(&config, &attrs, previous).await?;
     metrics.set_lease_held(true);
@@ -150,7 +139,7 @@ async fn run_with<S: LeaseStore + Clone>(
     if let Some(previous) = previous.filter(|p| *p != own.key) {
         warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
-    let reconciler = Reconciler::new(nl, node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
+    let reconciler = Reconciler::new(nl.clone(), node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
     let release = offload::kernel_release();
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
     info!(kernel = %release, setting = ?node.vxlan_tx_checksum_offload, on = tx_checksum_offload, "VXLAN TX checksum offload");
@@ -168,8 +157,44 @@ async fn run_with<S: LeaseStore + Clone>(
         announced: false,
         tx_checksum_offload,
         reacquiring: None,
+        public,
+        nl,
     };
     daemon.main_loop().await
+}
+
+/// An address that followed the underlay (`published == was`) follows it to
+/// `is`; one pinned by the store (public-ip-overwrite) stays.
+fn follow<T: PartialEq>(published: Option<T>, was: Option<T>, is: Option<T>) -> Option<T> {
+    if published == was {
+        is
+    } else {
+        published
+    }
+}
+
+/// The addresses peers should send to, as this node sees them: the flags, else the underlay's.
+fn detected(node: &NodeArgs, underlay: &Underlay) -> PublicIps {
+    PublicIps {
+        v4: node.public_ip.or(underlay.v4.and_then(|a| v4(a.addr()))),
+        v6: node.public_ipv6.or(underlay.v6.and_then(|a| v6(a.addr()))),
+    }
+}
+
+/// What this node publishes for `public`: each family's VTEP MAC and the lease attributes.
+fn lease_attrs(config: &NetConfig, public: PublicIps) -> ([MacAddr; 2], LeaseAttrs) {
+    let vni = config.backend.vni;
+    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let vtep_macs = [
+        vtep_mac(&machine, public.v4.map(IpAddr::V4), vni, Family::V4),
+        vtep_mac(&machine, public.v6.map(IpAddr::V6), vni, Family::V6),
+    ];
+    let data = |family| VxlanBackendData { vni, vtep_mac: vtep_macs[family as usize] };
+    let attrs = LeaseAttrs::vxlan_families(
+        public.v4.filter(|_| config.ipv4.is_some()).map(|ip| (ip, data(Family::V4))),
+        public.v6.filter(|_| config.ipv6.is_some()).map(|ip| (ip, data(Family::V6))),
+    );
+    (vtep_macs, attrs)
 }
 
 /// A stable VTEP MAC per family: derived from the machine and its public
@@ -265,6 +290,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.announce().await;
             // Events that arrived during the reconcile are held against what it applied: its own writes match.
             let mut repair_at: Option<Instant> = None;
+            let mut underlay_changed = false;
             let mut events_checked = 0usize;
             trigger = loop {
                 tokio::select! {
@@ -272,6 +298,10 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                         if let Some(t) = self.on_events(batch, &mut rx).await? { break t }
                     }
                     Some(event) = kernel.recv() => {
+                        if self.touches_underlay(&event) {
+                            underlay_changed = true;
+                            repair_at.get_or_insert(Instant::now() + DRIFT_DEBOUNCE);
+                        }
                         if let Some(resource) = self.reconciler.drift(&event) {
                             if repair_at.is_none() {
                                 info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
@@ -291,7 +321,12 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                             events_checked = 0;
                         }
                     }
-                    _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => break Trigger::Kernel,
+                    _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => {
+                        if underlay_changed {
+                            self.check_underlay().await;
+                        }
+                        break Trigger::Kernel;
+                    }
                     (store, result) = reacquiring(&mut self.reacquiring) => break self.reacquired(store, result)?,
                     _ = tokio::time::sleep_until(requeue_at) => break Trigger::Requeue,
                     _ = renew.tick() => {
@@ -430,31 +465,92 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
     }
 
-    /// Takes our lease again after losing it. A rewrite is written back at
-    /// once where the store can; otherwise the claim runs beside the loop, so
-    /// resyncs, drift repairs and peer changes go on, on the old plan, until
-    /// it is done ([`reacquired`](Self::reacquired)).
+    /// Whether `event` is about the underlay: the interface's addresses, MTU
+    /// or existence, or a default route (which picks the interface without `--iface`).
+    fn touches_underlay(&self, event: &KernelEvent) -> bool {
+        match event {
+            KernelEvent::Address { index, .. } => *index == self.underlay.index,
+            KernelEvent::Route { route, .. } => route.destination.prefix_len() == 0,
+            KernelEvent::Link { index, mtu, gone, .. } => {
+                *index == self.underlay.index && (*gone || mtu.is_some_and(|m| m != self.underlay.mtu))
+            }
+            _ => false,
+        }
+    }
+
+    /// Finds the underlay again after a change of its addresses or MTU. A
+    /// new address means new public addresses (unless pinned by a flag or
+    /// the store) and VTEP MACs: the lease is published again, and the next
+    /// reconcile rebuilds the devices on the new addresses.
+    async fn check_underlay(&mut self) {
+        let families: Vec<Family> = self.config.families().collect();
+        let found = match underlay::find(&self.nl, self.node.iface.as_deref(), &families).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "the underlay changed and cannot be used as it is; keeping the last one until it can");
+                return;
+            }
+        };
+        if found == self.underlay {
+            return;
+        }
+        let (before, now) = (detected(&self.node, &self.underlay), detected(&self.node, &found));
+        let public =
+            PublicIps { v4: follow(self.public.v4, before.v4, now.v4), v6: follow(self.public.v6, before.v6, now.v6) };
+        info!(iface = %found.name, v4 = ?found.v4, v6 = ?found.v6, mtu = found.mtu, public_ip = ?public.v4, public_ipv6 = ?public.v6, "the underlay changed");
+        self.underlay = found;
+        if public == self.public {
+            return;
+        }
+        let (vtep_macs, attrs) = lease_attrs(&self.config, public);
+        self.public = public;
+        self.vtep_macs = vtep_macs;
+        self.own.attrs = attrs;
+        self.announced = false;
+        // Written over our key, retried while the store cannot be reached: a new
+        // address is no reason to give up the subnet.
+        self.claim_in_background(true);
+    }
+
+    /// Takes our lease again after losing it: a rewrite is written back where
+    /// the store can, else the lease is claimed again. Either runs beside the
+    /// loop, so resyncs, drift repairs and peer changes go on, on the old
+    /// plan, until it is done ([`reacquired`](Self::reacquired)).
     async fn reacquire(&mut self, lost: &LeaseLost) {
         if self.reacquiring.is_some() {
             return;
         }
         self.store.say_lost(lost, &self.own);
-        if lost.kind == LostKind::Rewritten {
-            match self.store.restore(&self.own).await {
-                Ok(true) => {
-                    info!(subnet = %self.own.key, "wrote our lease back");
-                    self.metrics.renewed_now();
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => warn!(error = format!("{e:#}"), "cannot write our lease back; claiming it again"),
-            }
+        self.claim_in_background(lost.kind == LostKind::Rewritten);
+    }
+
+    /// Publishes `own` again beside the loop: first by writing it over our key
+    /// (`restore_first`; retried while the store is unreachable), and where
+    /// the store cannot do that, or the key went, by claiming the lease.
+    fn claim_in_background(&mut self, restore_first: bool) {
+        if self.reacquiring.is_some() {
+            return;
         }
-        self.metrics.set_lease_held(false);
-        let (mut store, config, attrs, previous) =
-            (self.store.clone(), self.config.clone(), self.own.attrs.clone(), self.own.key);
+        if !restore_first {
+            self.metrics.set_lease_held(false);
+        }
+        let (mut store, config, own) = (self.store.clone(), self.config.clone(), self.own.clone());
         self.reacquiring = Some(Box::pin(async move {
-            let result = store.acquire(&config, &attrs, Some(previous)).await;
+            if restore_first {
+                let mut backoff = crate::backoff::Backoff::new();
+                loop {
+                    match store.restore(&own).await {
+                        Ok(true) => {
+                            info!(subnet = %own.key, "wrote our lease back");
+                            return (store, Ok(own));
+                        }
+                        Ok(false) => break,
+                        Err(e) => warn!(error = format!("{e:#}"), "cannot write our lease yet; retrying"),
+                    }
+                    backoff.wait().await;
+                }
+            }
+            let result = store.acquire(&config, &own.attrs, Some(own.key)).await;
             (store, result)
         }));
     }
@@ -467,7 +563,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {
-            info!(subnet = %own.key, "re-claimed the same subnet");
+            info!(subnet = %own.key, "our lease is ours again");
         }
         self.peers.forget(&own.key);
         self.own = own;

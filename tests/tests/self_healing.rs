@@ -240,3 +240,58 @@ fn one_repair_writes_only_what_drifted_whatever_the_number_of_peers() {
     // The repair read the node back and wrote the three missing entries: not 153.
     assert_eq!(metric_of(&c, 0, "overlay_netlink_ops_total") - ops, 3);
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_new_underlay_address_is_published_and_used_without_a_restart() {
+    require_root();
+    let c = cluster();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let subnet = a.subnet().unwrap();
+    let key = format!("{}/subnets/{}-{}", overlay_tests::cluster::PREFIX, subnet.network(), subnet.prefix_len());
+    // The node's address changes (a new DHCP lease, say): old one out, new one in, the default route back.
+    let batch = c.dir.join("renumber.batch");
+    std::fs::write(
+        &batch,
+        "addr del 192.168.50.11/24 dev eth0\naddr add 192.168.50.111/24 dev eth0\nroute add default via 192.168.50.254\n",
+    )
+    .unwrap();
+    a.ns.ip(&["-batch", batch.to_str().unwrap()]).unwrap();
+    // The etcd connection made from the old address is dead: the first request after the
+    // change waits for its timeout (10 s), then the client connects again, from the new one.
+    let published = || {
+        c.etcd
+            .get(&key)
+            .ok()
+            .flatten()
+            .and_then(|v| proto::LeaseAttrs::from_json(v.as_bytes()).ok())
+            .map(|l| l.public_ip)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || published() == Some("192.168.50.111".parse().unwrap())),
+        "published {:?}:\n{}",
+        published(),
+        a.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .ns
+            .ip(&["-d", "link", "show", "overlay.1"])
+            .is_ok_and(|l| l.contains("local 192.168.50.111"))),
+        "{}",
+        a.log_text()
+    );
+    // The peer follows: its entries for this node point at the new address, and pods reach each other again.
+    let mac = a.vtep_mac().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || b
+            .fdb()
+            .lines()
+            .any(|l| l.starts_with(&mac) && l.contains("dst 192.168.50.111"))),
+        "{}\n{}",
+        b.fdb(),
+        b.log_text()
+    );
+    assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
+    assert_eq!(a.subnet().unwrap(), subnet, "the node kept its subnet");
+}

@@ -219,6 +219,8 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     /// The resources this reconcile had to change: on a resync, each was a repair.
     changed: Vec<Resource>,
+    /// Whether the last reconcile failed: then the next requeue is its retry, not a resync.
+    retrying: bool,
 }
 
 impl Reconciler {
@@ -234,6 +236,7 @@ impl Reconciler {
             backoff: Backoff::with_max(Duration::from_secs(30).min(resync)),
             metrics,
             changed: Vec::new(),
+            retrying: false,
         })
     }
 
@@ -268,12 +271,16 @@ impl Reconciler {
         }
 
         self.metrics.reconciled(started.elapsed(), &outcomes);
-        // The resync reads the node back: whatever it had to change had drifted unnoticed.
+        // The resync reads the node back: whatever it had to change had drifted
+        // unnoticed. (A retry after a failure is a requeue too, but it finishes
+        // its own work.)
+        let resync = trigger == Trigger::Requeue && !self.retrying;
         for resource in std::mem::take(&mut self.changed) {
-            if trigger == Trigger::Requeue && failures.is_empty() {
+            if resync && failures.is_empty() {
                 self.metrics.repaired(Cause::Resync, resource);
             }
         }
+        self.retrying = !failures.is_empty();
         if !failures.is_empty() {
             return self.error_policy(trigger, failures);
         }

@@ -295,3 +295,34 @@ fn a_new_underlay_address_is_published_and_used_without_a_restart() {
     assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
     assert_eq!(a.subnet().unwrap(), subnet, "the node kept its subnet");
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn drift_no_event_reports_is_repaired_by_the_resync_and_counted_so() {
+    require_root();
+    // Forwarding turned off makes no netlink event: the resync (1 s here) is what finds it.
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    c.add_ready_node(&["--health-addr", HEALTH], 0).unwrap();
+    let a = &c.nodes[0];
+    // Settled first: the reconciles of the start (and of its own device's late events) are done.
+    let settled = metric_of(&c, 0, "overlay_resyncs_total") + 2;
+    assert!(wait_until(Duration::from_secs(5), || metric_of(&c, 0, "overlay_resyncs_total") >= settled));
+    a.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .ns
+            .exec("sysctl", &["-n", "net.ipv4.ip_forward"])
+            .is_ok_and(|v| v.trim() == "1")),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || metric_of(
+            &c,
+            0,
+            r#"overlay_repairs_total{cause="resync",resource="ip_forward"}"#
+        ) == 1),
+        "{}",
+        a.log_text()
+    );
+}

@@ -560,6 +560,9 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.reacquiring = None;
         self.store = store;
         let own = result?;
+        // What we publish may have changed while the claim ran (the underlay
+        // moved): the claim published the old attributes, so publish the new ones.
+        let republish = (own.attrs != self.own.attrs).then(|| self.own.attrs.clone());
         if own.key != self.own.key {
             error!(old = %self.own.key, new = %own.key, "SUBNET CHANGED: pods on this node must be restarted to get addresses in the new subnet");
         } else {
@@ -570,6 +573,10 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.announced = false;
         self.metrics.set_lease_held(true);
         self.metrics.renewed_now();
+        if let Some(attrs) = republish {
+            self.own.attrs = attrs;
+            self.claim_in_background(true);
+        }
         Ok(Trigger::Lease)
     }
 }

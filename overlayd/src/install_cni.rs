@@ -35,7 +35,7 @@ pub fn run(args: &InstallCniArgs) -> Result<()> {
     let conflist = std::fs::read(&args.conflist).with_context(|| format!("reading {}", args.conflist.display()))?;
     check_conflist(&conflist)
         .with_context(|| format!("{} is not a network config list for overlay", args.conflist.display()))?;
-    if args.conflist_name.contains('/') || !(args.conflist_name.ends_with(".conflist")) {
+    if args.conflist_name.contains('/') || !args.conflist_name.ends_with(".conflist") {
         bail!(
             "--conflist-name {:?}: must be a file name ending in .conflist (runtimes ignore others)",
             args.conflist_name

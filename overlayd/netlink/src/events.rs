@@ -195,10 +195,10 @@ mod fast {
     const IFLA_IFNAME: u16 = 3;
     const IFLA_MTU: u16 = 4;
     const IFF_UP: u32 = 1;
-    /// The netlink header; the fixed parts of `ifinfomsg`, `ifaddrmsg`, `ndmsg` and `rtmsg`.
+    /// The netlink header; the fixed parts of `ifinfomsg`, and of `ndmsg` and `rtmsg`.
+    /// (Of `ifaddrmsg`, only the index is read: no attributes.)
     const HEADER: usize = 16;
     const LINK: usize = 16;
-    const ADDRESS: usize = 8;
     const FIXED: usize = 12;
 
     /// `Some(event or none)` for the message types read here; `None`: another type, for the general decoder.
@@ -264,7 +264,6 @@ mod fast {
 
     fn address(body: &[u8], gone: bool) -> Option<KernelEvent> {
         let index = u32::from_ne_bytes(body.get(4..8)?.try_into().ok()?);
-        let _ = ADDRESS;
         Some(KernelEvent::Address { index, gone })
     }
 

@@ -627,16 +627,21 @@ impl LeaseStore for EtcdLeases {
         // The key was ours until rewritten in place: a claim never overwrites a key, so
         // this is not another node's subnet. A rewrite without a lease detached it from
         // ours; the truth goes back on ours (a new one if ours expired meanwhile).
-        let alive = match self.lease_id {
-            Some(id) => self.ttl_left(id).await? > 0,
-            None => false,
+        let current = self.lease_id;
+        let alive = match current {
+            Some(id) if self.ttl_left(id).await? > 0 => Some(id),
+            _ => None,
         };
-        let lease = match self.lease_id {
-            Some(id) if alive => id,
-            _ => self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id(),
+        let lease = match alive {
+            Some(id) => id,
+            None => self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id(),
         };
         let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
         if !self.put_if(unchanged, &path, &own.attrs.to_json(), lease).await? {
+            if alive.is_none() {
+                // The lease we just granted holds nothing: do not leave it for a day.
+                let _ = self.client().lease_revoke(lease).await;
+            }
             return Ok(false);
         }
         self.lease_id = Some(lease);

@@ -142,10 +142,11 @@ pub trait LeaseStore: Send + 'static {
         tracing::error!(subnet = %own.key, why = %lost.detail, "LEASE LOST: re-claiming a subnet");
     }
 
-    /// Writes our lease back where someone rewrote it in place
-    /// ([`LostKind::Rewritten`]); true when it did. False where the store
-    /// has no such write, or the key went or changed again meanwhile: then
-    /// the lease is claimed again with [`acquire`](LeaseStore::acquire).
+    /// Writes `own` over our existing key, keeping the subnet: after someone
+    /// rewrote it in place ([`LostKind::Rewritten`]), or to publish new
+    /// addresses. True when it did. False where the store has no such write,
+    /// or the key went or changed again meanwhile: then the lease is claimed
+    /// again with [`acquire`](LeaseStore::acquire).
     async fn restore(&mut self, _own: &OwnLease) -> anyhow::Result<bool> {
         Ok(false)
     }

@@ -286,7 +286,7 @@ impl Drop for Cluster {
         self.kube = None;
         self.etcd.stop();
         self.etcd_others.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        crate::remove_tree(&self.dir);
     }
 }
 

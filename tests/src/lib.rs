@@ -78,3 +78,24 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Removes a test's scratch tree, and says so on stderr when it cannot.
+///
+/// A process that has just been told to go (conmon's `podman container
+/// cleanup`, a daemon's last write) may add an entry while the tree is being
+/// removed, and `remove_dir_all` then fails with "directory not empty" and
+/// leaves the rest behind. So it tries again for a few seconds.
+pub fn remove_tree(dir: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                eprintln!("cannot remove the test directory {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}

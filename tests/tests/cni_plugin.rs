@@ -59,7 +59,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        overlay_tests::remove_tree(&self.dir);
     }
 }
 

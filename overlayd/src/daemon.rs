@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use overlay_netlink::{KernelEvent, KernelEvents, Netlink};
-use proto::{Address, Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
+use proto::{Family, LeaseAttrs, MacAddr, NetConfig, SubnetEnv, VxlanBackendData};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -23,9 +23,9 @@ use crate::lease::kube::KubeLeases;
 use crate::lease::{check_own, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::masq::Masquerade;
 use crate::metrics::{Cause, Metrics, Resource};
-use crate::peers::{PeerView, Update};
+use crate::peers::{PeerLease, PeerView, Pending, Update};
 use crate::plan::{self, Local};
-use crate::reconcile::{self, Action, FamilyPlan, NodePlan, Reconciler, Trigger};
+use crate::reconcile::{self, Action, EntriesPlan, FamilyPlan, NodePlan, Reconciler, Slot, Trigger};
 use crate::subnet_file;
 
 /// Retry delay after a failed lease renewal (the regular period is hours).
@@ -284,7 +284,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let mut trigger = Trigger::Start;
         let mut requeue_at = Instant::now();
         loop {
-            if let Action::Requeue(after) = self.reconciler.reconcile(self.plan(), trigger).await {
+            let plan = self.plan(trigger);
+            if let Action::Requeue(after) = self.reconciler.reconcile(plan, trigger).await {
                 requeue_at = Instant::now() + after;
             }
             self.announce().await;
@@ -371,29 +372,38 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     }
 
     /// What the node must hold now: each family planned by the same code.
-    fn plan(&self) -> NodePlan {
+    /// A watch event's trigger plans the peer entries from the peers that
+    /// changed since the last plan; every other trigger plans them whole.
+    fn plan(&mut self, trigger: Trigger) -> NodePlan {
+        let pending = self.peers.take_changes();
+        let changed = match (&pending, trigger) {
+            (Pending::Peers(changed), Trigger::Peers) => Some(changed),
+            _ => None,
+        };
         let subnet_env =
             Family::ALL.iter().filter_map(|f| Some((self.config.pool(*f)?.network, self.own.key.subnet(*f)?))).fold(
                 SubnetEnv::new(self.config.pod_mtu(self.underlay.mtu), self.node.ip_masq),
                 |env, (network, subnet)| env.with(network, subnet),
             );
         NodePlan {
-            v4: self.family_plan::<Ipv4Addr>(&device_name(
-                self.node.device.as_deref(),
-                Family::V4,
-                self.config.backend.vni,
-            )),
-            v6: self.family_plan::<Ipv6Addr>(&device_name(
-                self.node.device_v6.as_deref(),
-                Family::V6,
-                self.config.backend.vni,
-            )),
+            v4: self.family_plan::<Ipv4Addr>(
+                &device_name(self.node.device.as_deref(), Family::V4, self.config.backend.vni),
+                changed,
+            ),
+            v6: self.family_plan::<Ipv6Addr>(
+                &device_name(self.node.device_v6.as_deref(), Family::V6, self.config.backend.vni),
+                changed,
+            ),
             subnet_env,
         }
     }
 
     /// What the family of `A` needs: the same plan for both families.
-    fn family_plan<A: Address>(&self, name: &str) -> FamilyPlan<A> {
+    fn family_plan<A: Slot>(
+        &self,
+        name: &str,
+        changed: Option<&std::collections::BTreeMap<proto::LeaseKey, Option<PeerLease>>>,
+    ) -> FamilyPlan<A> {
         let family = A::FAMILY;
         let (Some(pool), Some(subnet), Some(underlay)) =
             (self.config.pool(family), self.own.key.subnet(family), self.underlay.addr(family))
@@ -419,9 +429,25 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 address: reconcile::device_address(subnet),
             }),
             device_name: name.to_string(),
-            entries: plan::plan(&local, self.peers.peers::<A>()),
+            entries: self.entries_plan(&local, changed),
             masquerade: self.node.ip_masq.then_some(Masquerade { network: pool.network, subnet }),
             forwarding: Some(self.underlay.name.clone()),
+        }
+    }
+
+    /// The peer entries: the delta of the peers that `changed`, when the
+    /// node holds the plan it is made against; else every peer's.
+    fn entries_plan<A: Slot>(
+        &self,
+        local: &Local<A>,
+        changed: Option<&std::collections::BTreeMap<proto::LeaseKey, Option<PeerLease>>>,
+    ) -> EntriesPlan<A> {
+        let delta = changed
+            .zip(self.reconciler.planned::<A>())
+            .and_then(|(changed, planned)| plan::delta(local, planned, self.peers.changes::<A>(changed)));
+        match delta {
+            Some(delta) => EntriesPlan::Delta(delta),
+            None => EntriesPlan::Whole(plan::plan(local, self.peers.peers::<A>())),
         }
     }
 

@@ -11,7 +11,7 @@ use proto::{Address, Family, LeaseAttrs, LeaseKey, MacAddr};
 use tracing::warn;
 
 use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
-use crate::plan::Peer;
+use crate::plan::{Peer, PeerChange};
 
 /// What a batch of watch events did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +32,57 @@ pub struct PeerView {
     listing: Option<(BTreeMap<LeaseKey, PeerLease>, Option<LeaseAttrs>)>,
     /// Whether a listing has completed: until then the view is not to be planned from.
     listed: bool,
+    /// What changed since the changes were last taken.
+    pending: Pending,
+}
+
+/// The peers that changed since the last plan, each as it was then.
+#[derive(Debug)]
+pub enum Pending {
+    /// Changes, peer by peer.
+    Peers(BTreeMap<LeaseKey, Option<PeerLease>>),
+    /// The view was replaced (a listing): only a whole plan will do.
+    Whole,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending::Peers(BTreeMap::new())
+    }
+}
+
+impl Pending {
+    /// Notes that `key` was `before`; a peer that changes twice keeps its first state.
+    fn note(&mut self, key: LeaseKey, before: Option<PeerLease>) {
+        if let Pending::Peers(changed) = self {
+            changed.entry(key).or_insert(before);
+        }
+    }
 }
 
 impl PeerView {
     /// The peers in the family of `A`: the nodes whose lease has a subnet and a VTEP in it.
     pub fn peers<A: Address>(&self) -> impl Iterator<Item = Peer<A>> + '_ {
-        self.peers.iter().filter_map(|(key, lease)| {
-            let subnet = A::net_from(key.subnet(A::FAMILY)?)?;
-            let (ip, vtep_mac) = lease.vtep(A::FAMILY)?;
-            Some(Peer { subnet, public_ip: A::from_ip(ip)?, vtep_mac })
+        self.peers.iter().filter_map(|(key, lease)| family_peer(key, lease))
+    }
+
+    /// What changed since this was last called: every plan takes them, the
+    /// ones made whole too, so the next delta starts from the last plan.
+    pub fn take_changes(&mut self) -> Pending {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The changes of `pending` in the family of `A`: each peer as it was, and as it is now.
+    pub fn changes<'a, A: Address>(
+        &'a self,
+        pending: &'a BTreeMap<LeaseKey, Option<PeerLease>>,
+    ) -> impl Iterator<Item = PeerChange<A>> + 'a {
+        pending.iter().filter_map(|(key, before)| {
+            let change = PeerChange {
+                before: before.as_ref().and_then(|lease| family_peer(key, lease)),
+                after: self.peers.get(key).and_then(|lease| family_peer(key, lease)),
+            };
+            (change.before != change.after).then_some(change)
         })
     }
 
@@ -56,7 +98,9 @@ impl PeerView {
 
     /// Forgets a key that became ours (a new lease may be an old peer's).
     pub fn forget(&mut self, key: &LeaseKey) {
-        self.peers.remove(key);
+        if let Some(before) = self.peers.remove(key) {
+            self.pending.note(*key, Some(before));
+        }
     }
 
     /// Folds `events` into the view.
@@ -85,6 +129,7 @@ impl PeerView {
                     }
                     if !self.listed || listing != self.peers {
                         note(Update::Changed);
+                        self.pending = Pending::Whole;
                     }
                     self.peers = listing;
                     self.listed = true;
@@ -106,11 +151,13 @@ impl PeerView {
                     };
                     if before.as_ref() != self.peers.get(&key) {
                         note(Update::Changed);
+                        self.pending.note(key, before);
                     }
                 }
                 WatchEvent::Delete(key) => {
-                    if self.peers.remove(&key).is_some() {
+                    if let Some(before) = self.peers.remove(&key) {
                         note(Update::Changed);
+                        self.pending.note(key, Some(before));
                     }
                 }
             }
@@ -119,10 +166,17 @@ impl PeerView {
     }
 }
 
+/// A lease as a peer in the family of `A`, when it has a subnet and a VTEP in it.
+fn family_peer<A: Address>(key: &LeaseKey, lease: &PeerLease) -> Option<Peer<A>> {
+    let subnet = A::net_from(key.subnet(A::FAMILY)?)?;
+    let (ip, vtep_mac) = lease.vtep(A::FAMILY)?;
+    Some(Peer { subnet, public_ip: A::from_ip(ip)?, vtep_mac })
+}
+
 /// A peer node's VTEP in each family its lease carries (the subnets are
 /// the lease key's): as compact as each family's addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct PeerLease {
+pub struct PeerLease {
     v4: Option<(Ipv4Addr, MacAddr)>,
     v6: Option<(Ipv6Addr, MacAddr)>,
 }
@@ -251,6 +305,30 @@ mod tests {
         assert_eq!(v4, ["10.244.2.0/24", "10.244.3.0/24"]);
         let v6: Vec<String> = view.peers::<Ipv6Addr>().map(|p| format!("{} {}", p.subnet, p.public_ip)).collect();
         assert_eq!(v6, ["fd00:0:0:2::/64 fd00:50::2"]);
+    }
+
+    #[test]
+    fn the_changes_since_the_last_plan_are_each_peer_as_it_was_then() {
+        let own = own();
+        let mut view = PeerView::default();
+        let (k2, k3) = (key("10.244.2.0/24"), key("10.244.3.0/24"));
+        let a = attrs("192.168.1.2", "02:00:00:00:00:02");
+        view.apply(&own, listing(&[(own.key, own.attrs.clone()), (k3, attrs("192.168.1.3", "02:00:00:00:00:03"))]));
+        assert!(matches!(view.take_changes(), Pending::Whole), "a listing is planned whole");
+        view.apply(&own, [WatchEvent::Apply(k2, a.clone()), WatchEvent::Delete(k3)]);
+        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"))]);
+        let Pending::Peers(pending) = view.take_changes() else { panic!("changes are peer by peer") };
+        let changes: Vec<PeerChange<Ipv4Addr>> = view.changes(&pending).collect();
+        let mac = |m: &str| m.parse::<MacAddr>().unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!((changes[0].before, changes[0].after.map(|p| p.vtep_mac)), (None, Some(mac("02:00:00:00:00:22"))));
+        assert_eq!((changes[1].before.map(|p| p.vtep_mac), changes[1].after), (Some(mac("02:00:00:00:00:03")), None));
+        assert_eq!(view.changes::<Ipv6Addr>(&pending).count(), 0, "no IPv6 in these leases");
+        // Taken: the next plan starts from here. A change undone is no change.
+        view.apply(&own, [WatchEvent::Apply(k2, a.clone())]);
+        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"))]);
+        let Pending::Peers(pending) = view.take_changes() else { panic!() };
+        assert_eq!(view.changes::<Ipv4Addr>(&pending).count(), 0);
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //!
 //! Every trigger (a watch event, start-up, a resync, a vanished device) goes
 //! through `plan` → `diff` → apply, so there is exactly one reconcile path.
+//! A watch event plans only the peers it changed (`delta`), against the
+//! whole plan the node last applied; what it gives is exactly the whole
+//! plan's change (a property test holds it to that), at a cost in
+//! proportion to the change rather than to every peer.
 //!
 //! Family-generic: every type and function here is generic over the
 //! family's address type (`Ipv4Addr`, `Ipv6Addr`; `proto::Address`), so a
@@ -91,27 +95,169 @@ pub fn vxlan_gateway<A: Address>(subnet: A::Net) -> A {
     A::network(&subnet)
 }
 
-/// The entries the kernel must hold for `peers`.
-pub fn plan<A: Address>(local: &Local<A>, peers: impl IntoIterator<Item = Peer<A>>) -> KernelState<A> {
-    let mut state = KernelState::default();
-    let own_network = A::network(&local.subnet);
-    for peer in peers {
-        if peer.subnet == local.subnet || A::contains(&peer.subnet, own_network) {
-            continue;
+/// The entries of one peer: its route, and for a peer reached through the
+/// VXLAN device, its neighbour and FDB entry. None for a peer that is us.
+struct PeerEntries<A: Address> {
+    route: (A::Net, RouteVia<A>),
+    vxlan: Option<((A, MacAddr), (MacAddr, A))>,
+}
+
+impl<A: Address> Local<A> {
+    fn entries_of(&self, peer: &Peer<A>) -> Option<PeerEntries<A>> {
+        if peer.subnet == self.subnet || A::contains(&peer.subnet, A::network(&self.subnet)) {
+            return None;
         }
-        let direct = local.direct_routing
-            && A::contains(&local.underlay, peer.public_ip)
-            && peer.public_ip != A::addr(&local.underlay);
+        let direct = self.direct_routing
+            && A::contains(&self.underlay, peer.public_ip)
+            && peer.public_ip != A::addr(&self.underlay);
         if direct {
-            state.routes.insert(peer.subnet, RouteVia::Direct(peer.public_ip));
-            continue;
+            return Some(PeerEntries { route: (peer.subnet, RouteVia::Direct(peer.public_ip)), vxlan: None });
         }
         let gateway = vxlan_gateway::<A>(peer.subnet);
-        state.neighbours.insert(gateway, peer.vtep_mac);
-        state.fdb.insert(peer.vtep_mac, peer.public_ip);
-        state.routes.insert(peer.subnet, RouteVia::Vxlan(gateway));
+        Some(PeerEntries {
+            route: (peer.subnet, RouteVia::Vxlan(gateway)),
+            vxlan: Some(((gateway, peer.vtep_mac), (peer.vtep_mac, peer.public_ip))),
+        })
     }
-    state
+}
+
+/// A plan of every peer's entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned<A: Address> {
+    /// The node's place it was planned for (none: a family that is off).
+    pub local: Option<Local<A>>,
+    /// The entries.
+    pub state: KernelState<A>,
+    /// Whether two peers claim one entry (the same subnet, gateway or VTEP
+    /// MAC: only a damaged store has that). The later peer's entry wins then,
+    /// and a change of either can only be planned whole.
+    pub contested: bool,
+}
+
+/// The entries the kernel must hold for `peers`, and whether two peers claim one.
+pub fn plan<A: Address>(local: &Local<A>, peers: impl IntoIterator<Item = Peer<A>>) -> Planned<A> {
+    let mut state = KernelState::default();
+    let mut contested = false;
+    for entries in peers.into_iter().filter_map(|peer| local.entries_of(&peer)) {
+        contested |= state.routes.insert(entries.route.0, entries.route.1).is_some();
+        if let Some(((ip, mac), (fdb_mac, dst))) = entries.vxlan {
+            contested |= state.neighbours.insert(ip, mac).is_some();
+            contested |= state.fdb.insert(fdb_mac, dst).is_some();
+        }
+    }
+    Planned { local: Some(*local), state, contested }
+}
+
+/// One peer's change, in one family: as the last plan had it, and as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerChange<A: Address> {
+    /// The peer before (none: it is new).
+    pub before: Option<Peer<A>>,
+    /// The peer now (none: it is gone).
+    pub after: Option<Peer<A>>,
+}
+
+/// A change of a plan that touches only some of its entries: what those
+/// entries were, and what they become. Everything else stays as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta<A: Address> {
+    /// The changed entries as they were.
+    pub before: KernelState<A>,
+    /// The changed entries as they become.
+    pub after: KernelState<A>,
+}
+
+impl<A: Address> Planned<A> {
+    /// The plan of a family that is off: nothing.
+    pub fn nothing() -> Self {
+        Planned { local: None, state: KernelState::default(), contested: false }
+    }
+}
+
+impl<A: Address> Default for Delta<A> {
+    fn default() -> Self {
+        Delta { before: KernelState::default(), after: KernelState::default() }
+    }
+}
+
+impl<A: Address> Delta<A> {
+    /// The operations that take a node holding the old plan to the new one, in `diff`'s safe order.
+    pub fn ops(&self) -> Vec<Op<A>> {
+        diff(&self.after, &self.before)
+    }
+
+    /// Makes `state` (the old plan) the new one.
+    pub fn apply_to(self, state: &mut KernelState<A>) {
+        for ip in self.before.neighbours.keys() {
+            state.neighbours.remove(ip);
+        }
+        for mac in self.before.fdb.keys() {
+            state.fdb.remove(mac);
+        }
+        for subnet in self.before.routes.keys() {
+            state.routes.remove(subnet);
+        }
+        state.neighbours.extend(self.after.neighbours);
+        state.fdb.extend(self.after.fdb);
+        state.routes.extend(self.after.routes);
+    }
+}
+
+/// The part of the plan that `changes` change, at a cost in proportion to
+/// them rather than to every peer: `planned` is the whole plan of the peers
+/// as they were. None when the peers cannot be planned one at a time: the
+/// plan was contested, or a change would make it so (a new peer claims an
+/// entry another peer holds). A whole plan decides then.
+pub fn delta<A: Address>(
+    local: &Local<A>,
+    planned: &Planned<A>,
+    changes: impl IntoIterator<Item = PeerChange<A>>,
+) -> Option<Delta<A>> {
+    if planned.contested || planned.local != Some(*local) {
+        return None;
+    }
+    let state = &planned.state;
+    let mut delta = Delta::default();
+    let mut added = Vec::new();
+    // Every entry a changed peer held goes; with no contest, each is that peer's alone.
+    for change in changes {
+        if let Some(entries) = change.before.and_then(|p| local.entries_of(&p)) {
+            let (subnet, via) = entries.route;
+            if state.routes.get(&subnet) != Some(&via) || delta.before.routes.insert(subnet, via).is_some() {
+                return None;
+            }
+            if let Some(((ip, mac), (fdb_mac, dst))) = entries.vxlan {
+                if state.neighbours.get(&ip) != Some(&mac)
+                    || state.fdb.get(&fdb_mac) != Some(&dst)
+                    || delta.before.neighbours.insert(ip, mac).is_some()
+                    || delta.before.fdb.insert(fdb_mac, dst).is_some()
+                {
+                    return None;
+                }
+            }
+        }
+        added.extend(change.after.and_then(|p| local.entries_of(&p)));
+    }
+    // Then every entry a changed peer holds now comes, where no other peer holds one.
+    let free = |held: bool, going: bool| !held || going;
+    for entries in added {
+        let (subnet, via) = entries.route;
+        if !free(state.routes.contains_key(&subnet), delta.before.routes.contains_key(&subnet))
+            || delta.after.routes.insert(subnet, via).is_some()
+        {
+            return None;
+        }
+        if let Some(((ip, mac), (fdb_mac, dst))) = entries.vxlan {
+            if !free(state.neighbours.contains_key(&ip), delta.before.neighbours.contains_key(&ip))
+                || !free(state.fdb.contains_key(&fdb_mac), delta.before.fdb.contains_key(&fdb_mac))
+                || delta.after.neighbours.insert(ip, mac).is_some()
+                || delta.after.fdb.insert(fdb_mac, dst).is_some()
+            {
+                return None;
+            }
+        }
+    }
+    Some(delta)
 }
 
 /// The operations that turn `actual` into `desired`, in a safe order:
@@ -161,6 +307,11 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     type Peer4 = Peer<Ipv4Addr>;
+
+    /// The entries of a whole plan.
+    fn plan<A: Address>(local: &Local<A>, peers: impl IntoIterator<Item = Peer<A>>) -> KernelState<A> {
+        super::plan(local, peers).state
+    }
     type Peer6 = Peer<Ipv6Addr>;
 
     fn local() -> Local<Ipv4Addr> {
@@ -274,6 +425,25 @@ mod tests {
         assert!(matches!(adds[2], Op::SetRoute(..)));
     }
 
+    #[test]
+    fn a_delta_touches_only_the_changed_peers_and_a_clash_is_planned_whole() {
+        let a = peer(92, 12, "52:58:c0:08:52:6d");
+        let b = peer(55, 13, "de:88:2d:39:68:fa");
+        let planned = super::plan(&local(), [a]);
+        let d = delta(&local(), &planned, [PeerChange { before: None, after: Some(b) }]).unwrap();
+        assert_eq!(d.before.entry_count(), 0);
+        assert_eq!(d.ops(), diff(&plan(&local(), [a, b]), &planned.state));
+        let gone = delta(&local(), &planned, [PeerChange { before: Some(a), after: None }]).unwrap();
+        assert_eq!(gone.ops().len(), 3);
+        // A new peer with a's VTEP MAC: whichever wins, only a whole plan can say.
+        let clash = Peer { vtep_mac: a.vtep_mac, ..b };
+        assert_eq!(delta(&local(), &planned, [PeerChange { before: None, after: Some(clash) }]), None);
+        assert!(super::plan(&local(), [a, clash]).contested);
+        // Unless a gives the MAC up in the same change.
+        let moved = [PeerChange { before: Some(a), after: None }, PeerChange { before: None, after: Some(clash) }];
+        assert!(delta(&local(), &planned, moved).is_some());
+    }
+
     fn apply(state: &mut KernelState<Ipv4Addr>, ops: &[Op<Ipv4Addr>]) {
         for op in ops {
             match *op {
@@ -311,7 +481,68 @@ mod tests {
         })
     }
 
+    /// Peers keyed by subnet, as the peer view holds them, from a few
+    /// subnets, hosts and MACs, so that changes collide and contests happen.
+    fn peer_sets() -> impl Strategy<Value = Vec<BTreeMap<u8, Peer4>>> {
+        let peer = (1u8..12, 1u8..8, 1u8..10).prop_map(|(third, host, mac)| Peer {
+            subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+            public_ip: Ipv4Addr::new(192, 168, 50, host),
+            vtep_mac: MacAddr([2, 0, 0, 0, 0, mac]),
+        });
+        let set = proptest::collection::vec((0u8..12, proptest::option::of(peer)), 0..12);
+        proptest::collection::vec(set, 1..6).prop_map(|steps| {
+            let mut view = BTreeMap::new();
+            steps
+                .into_iter()
+                .map(|changes| {
+                    for (key, peer) in changes {
+                        match peer {
+                            Some(p) => view.insert(key, p),
+                            None => view.remove(&key),
+                        };
+                    }
+                    view.clone()
+                })
+                .collect()
+        })
+    }
+
     proptest! {
+        /// Planning the changes alone gives the whole plan, step after step,
+        /// and its operations take the old plan's kernel to the new plan's.
+        #[test]
+        fn a_delta_is_the_whole_plan_s_change(steps in peer_sets(), direct in any::<bool>()) {
+            let local = Local { direct_routing: direct, ..local() };
+            let mut view: BTreeMap<u8, Peer4> = BTreeMap::new();
+            let mut planned = super::plan(&local, []);
+            for next in steps {
+                let changes: Vec<_> = view
+                    .keys()
+                    .chain(next.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .map(|k| PeerChange { before: view.get(k).copied(), after: next.get(k).copied() })
+                    .filter(|c| c.before != c.after)
+                    .collect();
+                let whole = super::plan(&local, next.values().copied());
+                match delta(&local, &planned, changes) {
+                    Some(d) => {
+                        prop_assert!(!whole.contested, "a contest must be planned whole");
+                        let mut kernel = planned.state.clone();
+                        apply(&mut kernel, &d.ops());
+                        prop_assert_eq!(&kernel, &whole.state);
+                        d.apply_to(&mut planned.state);
+                        prop_assert_eq!(&planned, &whole);
+                    }
+                    None => {
+                        prop_assert!(planned.contested || whole.contested, "planned whole without a contest");
+                        planned = whole;
+                    }
+                }
+                view = next;
+            }
+        }
+
         /// Applying the diff always reaches the plan, and a second diff is empty.
         #[test]
         fn diff_converges(a in peers_strategy(), b in peers_strategy()) {

@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
 use crate::masq::{self, Masquerade};
 use crate::metrics::{Cause, Metrics, Resource};
-use crate::plan::{self, KernelState, RouteVia};
+use crate::plan::{self, Delta, KernelState, Planned, RouteVia};
 use crate::subnet_file;
 
 /// What the node must hold, planned purely from what the daemon knows.
@@ -44,7 +44,7 @@ pub struct FamilyPlan<A: Address> {
     /// The device; none: the family is off, and no device of that name may exist.
     pub device: Option<DeviceSpec>,
     /// Every peer's neighbour, FDB entry and route (none when off).
-    pub entries: KernelState<A>,
+    pub entries: EntriesPlan<A>,
     /// The masquerade table; none: no table.
     pub masquerade: Option<Masquerade>,
     /// The underlay interface, when the family is on: forwarding must be on then.
@@ -54,8 +54,24 @@ pub struct FamilyPlan<A: Address> {
 impl<A: Address> FamilyPlan<A> {
     /// A family that is off: nothing of it may remain on the node.
     pub fn off(device_name: String) -> Self {
-        FamilyPlan { device_name, device: None, entries: KernelState::default(), masquerade: None, forwarding: None }
+        FamilyPlan {
+            device_name,
+            device: None,
+            entries: EntriesPlan::Whole(Planned::nothing()),
+            masquerade: None,
+            forwarding: None,
+        }
     }
+}
+
+/// A family's peer entries, as planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntriesPlan<A: Address> {
+    /// Every peer's entries: for every trigger but a watch event.
+    Whole(Planned<A>),
+    /// A change to the entries last applied, planned from the peers a watch
+    /// event changed: its cost is in proportion to them, not to every peer.
+    Delta(Delta<A>),
 }
 
 /// Why a reconcile runs.
@@ -91,11 +107,11 @@ pub enum Action {
 }
 
 /// The plan of each resource of one family after its last successful apply.
-struct FamilyApplied<A: Address> {
+pub struct FamilyApplied<A: Address> {
     forwarding: Option<Option<String>>,
     /// The device spec (none: off) and its index.
     device: Option<(Option<DeviceSpec>, Option<u32>)>,
-    entries: Option<(Option<u32>, KernelState<A>)>,
+    entries: Option<(Option<u32>, Planned<A>)>,
     masquerade: Option<Option<Masquerade>>,
 }
 
@@ -111,7 +127,7 @@ impl<A: Address> FamilyApplied<A> {
             Some((Some(spec), Some(index))) => Some((spec, *index)),
             _ => None,
         };
-        let entries = self.entries.as_ref().map(|(_, desired)| desired);
+        let entries = self.entries.as_ref().map(|(_, planned)| &planned.state);
         let on_device = |ifindex: u32| device.is_some_and(|(_, ours)| ours == ifindex);
         let wrong = match event {
             KernelEvent::Overflow => return device.map(|_| Resource::Device(family)),
@@ -175,26 +191,35 @@ impl<A: Address> Default for FamilyApplied<A> {
 
 /// What the node held after the last successful apply of each resource.
 #[derive(Default)]
-struct Applied {
+pub struct Applied {
     v4: FamilyApplied<Ipv4Addr>,
     v6: FamilyApplied<Ipv6Addr>,
     subnet_env: Option<SubnetEnv>,
 }
 
 /// Where a family's applied state is kept.
-trait Slot: Address {
+pub trait Slot: Address {
+    #[doc(hidden)]
     fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self>;
+    #[doc(hidden)]
+    fn slot_ref(applied: &Applied) -> &FamilyApplied<Self>;
 }
 
 impl Slot for Ipv4Addr {
     fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self> {
         &mut applied.v4
     }
+    fn slot_ref(applied: &Applied) -> &FamilyApplied<Self> {
+        &applied.v4
+    }
 }
 
 impl Slot for Ipv6Addr {
     fn slot(applied: &mut Applied) -> &mut FamilyApplied<Self> {
         &mut applied.v6
+    }
+    fn slot_ref(applied: &Applied) -> &FamilyApplied<Self> {
+        &applied.v6
     }
 }
 
@@ -246,6 +271,12 @@ impl Reconciler {
         self.applied.v4.drift(event).or_else(|| self.applied.v6.drift(event))
     }
 
+    /// The plan of the family's entries the node held after the last
+    /// successful apply: what a watch event's changes are planned against.
+    pub fn planned<A: Slot>(&self) -> Option<&Planned<A>> {
+        A::slot_ref(&self.applied).entries.as_ref().map(|(_, planned)| planned)
+    }
+
     /// Makes the node hold `plan`. It takes the plan whole: what was applied
     /// is kept as the next event's starting point, not copied.
     pub async fn reconcile(&mut self, plan: NodePlan, trigger: Trigger) -> Action {
@@ -261,13 +292,15 @@ impl Reconciler {
         };
 
         let NodePlan { v4, v6, subnet_env } = plan;
-        self.metrics.peers.set(v4.entries.routes.len().max(v6.entries.routes.len()) as i64);
         let mut results = Vec::with_capacity(Resource::ALL.len());
         results.extend(self.family(v4, read).await);
         results.extend(self.family(v6, read).await);
         results.push((Resource::SubnetFile, self.subnet_file(&subnet_env, read).await));
         for (resource, result) in results {
             record(resource, result);
+        }
+        if let (Some(v4), Some(v6)) = (self.planned::<Ipv4Addr>(), self.planned::<Ipv6Addr>()) {
+            self.metrics.peers.set(v4.state.routes.len().max(v6.state.routes.len()) as i64);
         }
 
         self.metrics.reconciled(started.elapsed(), &outcomes);
@@ -316,7 +349,12 @@ impl Reconciler {
         let forwarded = self.forwarding::<A>(forwarding, read);
         let (device_result, entries_result) = match self.device::<A>(&device_name, device.as_ref(), read).await {
             Ok(index) => (Ok(()), self.entries::<A>(index, entries, read).await),
-            Err(e) => (Err(e), Err(anyhow::anyhow!("not programmed: the device is not right"))),
+            Err(e) => {
+                // The entries are not applied: the next plan of them must be whole, not a delta
+                // against a plan the node never got.
+                A::slot(&mut self.applied).entries = None;
+                (Err(e), Err(anyhow::anyhow!("not programmed: the device is not right")))
+            }
         };
         let masqueraded = self.masquerade::<A>(masquerade.as_ref(), read).await;
         [
@@ -379,18 +417,26 @@ impl Reconciler {
         Ok(Some(device.index))
     }
 
-    async fn entries<A: Slot>(
-        &mut self,
-        index: Option<u32>,
-        desired: KernelState<A>,
-        read: bool,
-    ) -> anyhow::Result<()> {
+    async fn entries<A: Slot>(&mut self, index: Option<u32>, plan: EntriesPlan<A>, read: bool) -> anyhow::Result<()> {
         let family = A::FAMILY;
-        let assumed = match A::slot(&mut self.applied).entries.take() {
-            Some((at, state)) if !read && at == index => Some(state),
+        let applied = match A::slot(&mut self.applied).entries.take() {
+            Some((at, planned)) if !read && at == index => Some(planned),
             _ => None,
         };
-        let read_entries = assumed.is_none();
+        // A whole plan is diffed with what the node holds: read back, or as
+        // last applied. A delta's operations are the diff of its own entries.
+        let (planned, assumed, delta_ops) = match (plan, applied) {
+            (EntriesPlan::Whole(planned), assumed) => (planned, assumed.map(|p| p.state), None),
+            (EntriesPlan::Delta(delta), Some(mut planned)) => {
+                let ops = delta.ops();
+                delta.apply_to(&mut planned.state);
+                (planned, None, Some(ops))
+            }
+            (EntriesPlan::Delta(_), None) => {
+                anyhow::bail!("changes of peers were planned against entries that are not applied; planning them whole")
+            }
+        };
+        let read_entries = assumed.is_none() && delta_ops.is_none();
         // A socket lost with a failed worker is opened anew.
         let mut bulk = match self.bulk.take() {
             Some(bulk) => bulk,
@@ -400,26 +446,31 @@ impl Reconciler {
         // The bulk socket blocks: it runs on a blocking thread and comes back, with the plan.
         let joined = tokio::task::spawn_blocking(move || {
             let result = (|| {
-                let actual = match assumed {
-                    Some(state) => state,
-                    None => match entries::read::<A>(&mut bulk, index) {
-                        Ok(state) => state,
-                        // A family that is off may be off in the kernel too (ipv6.disable=1): nothing of it to remove.
-                        Err(e) if index.is_none() && desired.entry_count() == 0 => {
-                            debug!(%family, error = %e, "cannot read the routes of a family that is off");
-                            KernelState::default()
-                        }
-                        Err(e) => return Err(e),
-                    },
+                let (ops, read_back) = match delta_ops {
+                    Some(ops) => (ops, 0),
+                    None => {
+                        let actual = match assumed {
+                            Some(state) => state,
+                            None => match entries::read::<A>(&mut bulk, index) {
+                                Ok(state) => state,
+                                // A family that is off may be off in the kernel too (ipv6.disable=1): nothing of it to remove.
+                                Err(e) if index.is_none() && planned.state.entry_count() == 0 => {
+                                    debug!(%family, error = %e, "cannot read the routes of a family that is off");
+                                    KernelState::default()
+                                }
+                                Err(e) => return Err(e),
+                            },
+                        };
+                        (plan::diff(&planned.state, &actual), actual.entry_count())
+                    }
                 };
-                let ops = plan::diff(&desired, &actual);
                 let report = entries::apply(&mut bulk, index.unwrap_or(0), &ops)?;
-                Ok::<_, overlay_netlink::Error>((actual.entry_count(), report))
+                Ok::<_, overlay_netlink::Error>((read_back, report))
             })();
-            (bulk, desired, result)
+            (bulk, planned, result)
         })
         .await;
-        let (bulk, desired, result) = joined.map_err(|e| anyhow::anyhow!("the entries worker failed: {e}"))?;
+        let (bulk, planned, result) = joined.map_err(|e| anyhow::anyhow!("the entries worker failed: {e}"))?;
         self.bulk = Some(bulk);
         let (read_back, report) = result?;
         self.metrics.netlink_ops.inc_by(report.sent as u64);
@@ -430,7 +481,7 @@ impl Reconciler {
                 %family,
                 ops = report.sent,
                 failed = report.failed.len(),
-                entries = desired.entry_count(),
+                entries = planned.state.entry_count(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "dataplane updated"
             );
@@ -442,8 +493,9 @@ impl Reconciler {
         if let Some((op, e)) = report.failed.first() {
             anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
         }
-        self.metrics.entries_held(family, desired.neighbours.len(), desired.fdb.len(), desired.routes.len());
-        A::slot(&mut self.applied).entries = Some((index, desired));
+        let state = &planned.state;
+        self.metrics.entries_held(family, state.neighbours.len(), state.fdb.len(), state.routes.len());
+        A::slot(&mut self.applied).entries = Some((index, planned));
         Ok(())
     }
 
@@ -593,7 +645,7 @@ mod tests {
         FamilyApplied {
             forwarding: Some(Some("eth0".into())),
             device: Some((Some(spec), Some(7))),
-            entries: Some((Some(7), state)),
+            entries: Some((Some(7), Planned { state, ..Planned::nothing() })),
             masquerade: Some(Some(masquerade)),
         }
     }

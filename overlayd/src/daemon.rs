@@ -28,6 +28,23 @@ use crate::plan::{self, Local};
 use crate::reconcile::{self, Action, EntriesPlan, FamilyPlan, NodePlan, Reconciler, Slot, Trigger};
 use crate::subnet_file;
 
+/// Whether an event is judged by the latest state of its subject, once a
+/// burst is over, rather than at once: a link's, a table's.
+fn settles(event: &KernelEvent) -> bool {
+    matches!(event, KernelEvent::Link { .. } | KernelEvent::Nft { .. })
+}
+
+/// Whether two events are news of the same link, or the same table.
+fn same_subject(a: &KernelEvent, b: &KernelEvent) -> bool {
+    match (a, b) {
+        (KernelEvent::Link { index: x, .. }, KernelEvent::Link { index: y, .. }) => x == y,
+        (KernelEvent::Nft { family: f, table: t, .. }, KernelEvent::Nft { family: g, table: u, .. }) => {
+            f == g && t == u
+        }
+        _ => false,
+    }
+}
+
 /// Retry delay after a failed lease renewal (the regular period is hours).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// How long a drift waits for the rest of its burst (a deleted device takes
@@ -291,7 +308,14 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.announce().await;
             // Events that arrived during the reconcile are held against what it applied: its own writes match.
             let mut repair_at: Option<Instant> = None;
+            // The first event that showed drift.
+            let mut drift: Option<(Resource, KernelEvent)> = None;
             let mut underlay_changed = false;
+            // A device's events, and a table's, are judged by the latest
+            // state once the burst is over: a device we just made reports
+            // itself down, then up; our rewrite of a table reports its
+            // deletion, then its additions.
+            let mut settling: Vec<KernelEvent> = Vec::new();
             let mut events_checked = 0usize;
             trigger = loop {
                 tokio::select! {
@@ -303,15 +327,20 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                             underlay_changed = true;
                             repair_at.get_or_insert(Instant::now() + DRIFT_DEBOUNCE);
                         }
-                        if let Some(resource) = self.reconciler.drift(&event) {
-                            if repair_at.is_none() {
-                                info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
-                                let cause = match resource {
-                                    Resource::Masquerade(_) => Cause::Nftables,
-                                    _ => Cause::Kernel,
-                                };
-                                self.metrics.repaired(cause, resource);
-                                repair_at = Some(Instant::now() + DRIFT_DEBOUNCE);
+                        let resource = self.reconciler.drift(&event);
+                        if settles(&event) {
+                            match (settling.iter().position(|e| same_subject(e, &event)), resource) {
+                                (Some(at), _) => settling[at] = event,
+                                (None, Some(_)) => {
+                                    settling.push(event);
+                                    repair_at.get_or_insert(Instant::now() + DRIFT_DEBOUNCE);
+                                }
+                                (None, None) => {}
+                            }
+                        } else if let Some(resource) = resource {
+                            if drift.is_none() {
+                                drift = Some((resource, event));
+                                repair_at.get_or_insert(Instant::now() + DRIFT_DEBOUNCE);
                             }
                         }
                         // A big apply queues as many events as it wrote entries, all its own:
@@ -323,10 +352,20 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                         }
                     }
                     _ = tokio::time::sleep_until(repair_at.unwrap_or(requeue_at)), if repair_at.is_some() => {
+                        // A device or table that drifted is the cause of the
+                        // entries' drift that came with it (a deleted device takes its entries).
+                        let settled = settling.drain(..).find_map(|e| Some((self.reconciler.drift(&e)?, e)));
+                        let drifted = settled.or(drift.take());
+                        if let Some((resource, event)) = &drifted {
+                            self.drifted(*resource, event);
+                        }
                         if underlay_changed {
                             self.check_underlay().await;
                         }
-                        break Trigger::Kernel;
+                        if drifted.is_some() || underlay_changed {
+                            break Trigger::Kernel;
+                        }
+                        repair_at = None;
                     }
                     (store, result) = reacquiring(&mut self.reacquiring) => break self.reacquired(store, result)?,
                     _ = tokio::time::sleep_until(requeue_at) => break Trigger::Requeue,
@@ -340,6 +379,16 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 }
             };
         }
+    }
+
+    /// Says that the node drifted, and counts the repair by its cause.
+    fn drifted(&self, resource: Resource, event: &KernelEvent) {
+        info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
+        let cause = match resource {
+            Resource::Masquerade(_) => Cause::Nftables,
+            _ => Cause::Kernel,
+        };
+        self.metrics.repaired(cause, resource);
     }
 
     fn exit(&self) {

@@ -166,17 +166,17 @@ impl<A: Address> FamilyApplied<A> {
                     !ours || via != Some(*desired)
                 }
             }
-            KernelEvent::NftDeleted { family: nf, table } => {
+            KernelEvent::Nft { family: nf, table, gone } => {
                 let ours = match family {
                     Family::V4 => NFPROTO_IPV4,
                     Family::V6 => NFPROTO_IPV6,
                 };
-                *nf == ours && table == masq::TABLE && matches!(self.masquerade, Some(Some(_)))
+                *gone && *nf == ours && table == masq::TABLE && matches!(self.masquerade, Some(Some(_)))
             }
         };
         let resource = match event {
             KernelEvent::Link { .. } | KernelEvent::Address { .. } | KernelEvent::Overflow => Resource::Device(family),
-            KernelEvent::NftDeleted { .. } => Resource::Masquerade(family),
+            KernelEvent::Nft { .. } => Resource::Masquerade(family),
             _ => Resource::Entries(family),
         };
         wrong.then_some(resource)
@@ -713,7 +713,7 @@ mod tests {
             (KernelEvent::Address { index: 7, gone: true }, device),
             (KernelEvent::Overflow, device),
             (
-                KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "overlay".into() },
+                KernelEvent::Nft { family: NFPROTO_IPV4, table: "overlay".into(), gone: true },
                 Some(Resource::Masquerade(Family::V4)),
             ),
             // Not ours: another device, another table, another family, another protocol's route elsewhere.
@@ -723,8 +723,10 @@ mod tests {
                 KernelEvent::Neighbour { entry: Neighbour { ifindex: 9, ..neighbour }, permanent: true, gone: true },
                 None,
             ),
-            (KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "filter".into() }, None),
-            (KernelEvent::NftDeleted { family: NFPROTO_IPV6, table: "overlay".into() }, None),
+            // Our own rewrite's additions.
+            (KernelEvent::Nft { family: NFPROTO_IPV4, table: "overlay".into(), gone: false }, None),
+            (KernelEvent::Nft { family: NFPROTO_IPV4, table: "filter".into(), gone: true }, None),
+            (KernelEvent::Nft { family: NFPROTO_IPV6, table: "overlay".into(), gone: true }, None),
             (
                 KernelEvent::Route {
                     route: Route { destination: "192.168.7.0/24".parse().unwrap(), protocol: 3, ..route },

@@ -1,7 +1,7 @@
 //! The kernel's news, as typed events: rtnetlink's multicast groups (links,
 //! addresses, IPv4 and IPv6 routes, neighbours, and with them the bridge
 //! FDB, which arrives as neighbour messages of family AF_BRIDGE), and
-//! nftables' (a table, chain or rule deleted). The daemon holds each event
+//! nftables' (a table, chain or rule added or deleted). The daemon holds each event
 //! against what it last applied and repairs only what differs, so its own
 //! writes, which the kernel reports too, cause no reconcile.
 
@@ -20,10 +20,13 @@ const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
-/// nfnetlink: the protocol, nftables' group, subsystem and the messages that delete.
+/// nfnetlink: the protocol, nftables' group, subsystem and the messages that add and delete.
 const NETLINK_NETFILTER: isize = 12;
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_DELRULE: u16 = 8;
@@ -47,9 +50,11 @@ pub enum KernelEvent {
     Fdb { entry: FdbEntry, gone: bool },
     /// A route of the main table was set or removed.
     Route { route: Route, gone: bool },
-    /// A table, or a chain or rule of it, was deleted (`nft flush ruleset`
-    /// deletes them all). `family` is `NFPROTO_IPV4` or `NFPROTO_IPV6` for ours.
-    NftDeleted { family: u8, table: String },
+    /// A table, or a chain or rule of it, was added, or deleted (`gone`;
+    /// `nft flush ruleset` deletes them all). `family` is `NFPROTO_IPV4` or
+    /// `NFPROTO_IPV6` for ours. A transaction that rewrites a table reports
+    /// its deletions first, then its additions: the last event tells.
+    Nft { family: u8, table: String, gone: bool },
     /// The socket's buffer overflowed: some events were lost, so anything may have changed.
     Overflow,
 }
@@ -88,7 +93,7 @@ impl KernelEvents {
         Ok(KernelEvents { socket, kind: Kind::Route, buf: Vec::with_capacity(DATAGRAM) })
     }
 
-    /// Deletions of nftables tables, chains and rules in this network namespace (needs CAP_NET_ADMIN).
+    /// Additions and deletions of nftables tables, chains and rules in this network namespace (needs CAP_NET_ADMIN).
     pub fn nftables() -> Result<Self> {
         let socket = subscribe(NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])?;
         Ok(KernelEvents { socket, kind: Kind::Nftables, buf: Vec::with_capacity(DATAGRAM) })
@@ -326,18 +331,21 @@ mod fast {
 }
 
 /// nfnetlink messages: a 4-byte `nfgenmsg` (family, version, resource id)
-/// after the netlink header, then attributes. Only deletions are events.
+/// after the netlink header, then attributes. Tables, chains and rules are events.
 fn nftables_events(datagram: &[u8]) -> Vec<KernelEvent> {
     messages(datagram).filter_map(nftables_event).collect()
 }
 
 fn nftables_event(message: &[u8]) -> Option<KernelEvent> {
     let kind = u16::from_ne_bytes([*message.get(4)?, *message.get(5)?]);
-    if kind >> 8 != NFNL_SUBSYS_NFTABLES
-        || ![NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_DELRULE].contains(&(kind & 0xff))
-    {
+    if kind >> 8 != NFNL_SUBSYS_NFTABLES {
         return None;
     }
+    let gone = match kind & 0xff {
+        NFT_MSG_NEWTABLE | NFT_MSG_NEWCHAIN | NFT_MSG_NEWRULE => false,
+        NFT_MSG_DELTABLE | NFT_MSG_DELCHAIN | NFT_MSG_DELRULE => true,
+        _ => return None,
+    };
     let family = *message.get(16)?;
     let mut attributes = message.get(20..)?;
     while attributes.len() >= 4 {
@@ -349,7 +357,7 @@ fn nftables_event(message: &[u8]) -> Option<KernelEvent> {
         if kind == NFTA_TABLE_NAME {
             let name = &attributes[4..len];
             let name = name.split(|b| *b == 0).next().unwrap_or_default();
-            return Some(KernelEvent::NftDeleted { family, table: String::from_utf8_lossy(name).into_owned() });
+            return Some(KernelEvent::Nft { family, table: String::from_utf8_lossy(name).into_owned(), gone });
         }
         attributes = attributes.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
@@ -521,17 +529,20 @@ mod tests {
     }
 
     #[test]
-    fn nftables_deletions_are_read_and_everything_else_ignored() {
+    fn nftables_additions_and_deletions_are_read_and_everything_else_ignored() {
         let mut datagram = nft_message(NFT_MSG_DELTABLE, NFPROTO_IPV4, "overlay");
         datagram.extend(nft_message(NFT_MSG_DELRULE, NFPROTO_IPV6, "overlay"));
-        datagram.extend(nft_message(0 /* NEWTABLE */, NFPROTO_IPV4, "overlay"));
+        datagram.extend(nft_message(16 /* NEWGEN */, NFPROTO_IPV4, "overlay"));
+        datagram.extend(nft_message(NFT_MSG_NEWRULE, NFPROTO_IPV4, "overlay"));
         datagram.extend(nft_message(NFT_MSG_DELCHAIN, NFPROTO_IPV4, "filter"));
+        let nft = |family, table: &str, gone| KernelEvent::Nft { family, table: table.into(), gone };
         assert_eq!(
             nftables_events(&datagram),
             [
-                KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "overlay".into() },
-                KernelEvent::NftDeleted { family: NFPROTO_IPV6, table: "overlay".into() },
-                KernelEvent::NftDeleted { family: NFPROTO_IPV4, table: "filter".into() },
+                nft(NFPROTO_IPV4, "overlay", true),
+                nft(NFPROTO_IPV6, "overlay", true),
+                nft(NFPROTO_IPV4, "overlay", false),
+                nft(NFPROTO_IPV4, "filter", true),
             ]
         );
         // Truncated or garbled input is no event, and no panic.

@@ -136,26 +136,7 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
         let todo = diff(spec, link.as_ref(), &addresses);
         if todo.is_empty() {
             let index = link.map(|l| l.index).unwrap_or_default();
-            changes +=
-                usize::from(super::offload::ensure_tx_checksum(&spec.name, spec.tx_checksum_offload).map_err(|e| {
-                    DeviceError {
-                        device: spec.name.clone(),
-                        source: overlay_netlink::Error::Protocol {
-                            what: "setting TX checksum offload (ethtool)".into(),
-                            detail: e.to_string(),
-                        },
-                    }
-                })?);
-            if spec.family == Family::V6 {
-                // Router advertisements have no business on a VXLAN device (flannel turns them off too).
-                changes += usize::from(sysctl::ensure_accept_ra_off(&spec.name).map_err(|e| DeviceError {
-                    device: spec.name.clone(),
-                    source: overlay_netlink::Error::Protocol {
-                        what: "turning accept_ra off".into(),
-                        detail: e.to_string(),
-                    },
-                })?);
-            }
+            changes += settings(spec)?;
             return Ok(Device { index, created, changes });
         }
         for change in &todo {
@@ -167,12 +148,33 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
     // Two passes always suffice (create, then settle); a third means someone fights us.
     let link = nl.link(&spec.name).await.map_err(fail)?;
     match link {
-        Some(link) => Ok(Device { index: link.index, created, changes }),
+        Some(link) => {
+            changes += settings(spec)?;
+            Ok(Device { index: link.index, created, changes })
+        }
         None => Err(fail(overlay_netlink::Error::Protocol {
             what: "creating the device".into(),
             detail: "it vanished right after it was made".into(),
         })),
     }
+}
+
+/// The device's settings outside rtnetlink, once it exists: TX checksum
+/// offload, and for IPv6 no router advertisements. How many had to change.
+fn settings(spec: &DeviceSpec) -> Result<usize, DeviceError> {
+    let fail = |what: &str, e: std::io::Error| DeviceError {
+        device: spec.name.clone(),
+        source: overlay_netlink::Error::Protocol { what: what.into(), detail: e.to_string() },
+    };
+    let mut changes = usize::from(
+        super::offload::ensure_tx_checksum(&spec.name, spec.tx_checksum_offload)
+            .map_err(|e| fail("setting TX checksum offload (ethtool)", e))?,
+    );
+    if spec.family == Family::V6 {
+        // Router advertisements have no business on a VXLAN device (flannel turns them off too).
+        changes += usize::from(sysctl::ensure_accept_ra_off(&spec.name).map_err(|e| fail("turning accept_ra off", e))?);
+    }
+    Ok(changes)
 }
 
 async fn apply(

@@ -129,6 +129,8 @@ struct Daemon<S> {
     public: PublicIps,
     /// For finding the underlay again when it changes.
     nl: Netlink,
+    /// How the underlay is chosen.
+    selector: underlay::Selector,
 }
 
 async fn run_with<S: LeaseStore + Clone>(
@@ -144,8 +146,8 @@ async fn run_with<S: LeaseStore + Clone>(
         }
     }
     let families: Vec<Family> = config.families().collect();
-    let underlay =
-        underlay::find(&nl, node.iface.as_deref(), &families).await.context("choosing the underlay interface")?;
+    let selector = node.underlay_selector().map_err(anyhow::Error::msg)?;
+    let underlay = underlay::find(&nl, &selector, &families).await.context("choosing the underlay interface")?;
     let public = store.public_ips(detected(&node, &underlay)).await?;
     info!(iface = %underlay.name, v4 = ?underlay.v4, v6 = ?underlay.v6, public_ip = ?public.v4, public_ipv6 = ?public.v6, mtu = underlay.mtu, "underlay");
     let (vtep_macs, attrs) = lease_attrs(&config, public);
@@ -176,6 +178,7 @@ async fn run_with<S: LeaseStore + Clone>(
         reacquiring: None,
         public,
         nl,
+        selector,
     };
     daemon.main_loop().await
 }
@@ -559,7 +562,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     /// reconcile rebuilds the devices on the new addresses.
     async fn check_underlay(&mut self) {
         let families: Vec<Family> = self.config.families().collect();
-        let found = match underlay::find(&self.nl, self.node.iface.as_deref(), &families).await {
+        let found = match underlay::find(&self.nl, &self.selector, &families).await {
             Ok(found) => found,
             Err(e) => {
                 warn!(error = %e, "the underlay changed and cannot be used as it is; keeping the last one until it can");

@@ -1,12 +1,17 @@
 //! Command-line flags, grouped by what they configure: the node, the etcd
 //! store, the Kubernetes store. Every flag can also be set through an
 //! environment variable.
+//!
+//! overlayd is a drop-in for flanneld: every flag of flanneld's vxlan, etcd
+//! and Kubernetes feature set works under its flannel name (an alias where
+//! the name differs), in Go's forms too (`-iface=eth0`, `--ip-masq=false`),
+//! and so does flanneld's environment (`FLANNELD_IFACE`). See [`flannel`].
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 /// overlayd: a VXLAN pod network node daemon, wire-compatible with flannel.
 #[derive(Debug, Parser)]
@@ -17,7 +22,10 @@ use clap::{Args, Parser, Subcommand};
     long_about = None,
     // A flag given twice takes its last value, as flanneld's (Go's flag package) do.
     args_override_self = true,
-    after_help = "Logging: set OVERLAYD_LOG to a filter such as info, or info,overlayd=debug."
+    after_help = "Logging: set OVERLAYD_LOG to a filter such as info, or info,overlayd=debug.\n\
+                  flanneld's command line works as it is: its flags (one dash or two, --flag=false for booleans), \
+                  and its FLANNELD_<FLAG> variables; a flag it has that overlayd does not follow is accepted \
+                  with a warning that says what overlayd does instead."
 )]
 pub struct Cli {
     /// What to do; without a command, run the daemon.
@@ -73,15 +81,36 @@ pub struct RunArgs {
     /// The Kubernetes lease store (`--kube-subnet-mgr`).
     #[command(flatten)]
     pub kube: KubeArgs,
+    /// flanneld's flags that have no overlayd name of their own.
+    #[command(flatten)]
+    pub flannel: FlannelArgs,
+}
+
+/// A boolean flag as Go's flag package takes it: `--ip-masq`, `--ip-masq=true`, `--ip-masq=false`.
+macro_rules! go_bool {
+    () => {
+        clap::builder::BoolishValueParser::new()
+    };
 }
 
 /// What this node builds and where.
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
-    /// Underlay interface, by name or by one of its addresses. Default: the
-    /// interface of the IPv4 default route (IPv6-only: of the IPv6 default route).
-    #[arg(long, env = "OVERLAYD_IFACE")]
-    pub iface: Option<String>,
+    /// Underlay interface, by name or by one of its addresses; repeat it to
+    /// give several in order of preference (the first that exists is used).
+    /// Default: the interface of the IPv4 default route (IPv6-only: of the
+    /// IPv6 default route).
+    #[arg(long, env = "OVERLAYD_IFACE", value_name = "NAME|ADDRESS", action = ArgAction::Append)]
+    pub iface: Vec<String>,
+    /// Regular expression for the underlay: the first address, else
+    /// interface name, it matches; repeat it for several in order of
+    /// preference. Used when no --iface is given.
+    #[arg(long, env = "OVERLAYD_IFACE_REGEX", value_name = "REGEX", action = ArgAction::Append)]
+    pub iface_regex: Vec<String>,
+    /// Use the interface of the route to this address as the underlay. Used
+    /// when neither --iface nor --iface-regex is given.
+    #[arg(long, env = "OVERLAYD_IFACE_CAN_REACH", value_name = "ADDRESS")]
+    pub iface_can_reach: Option<IpAddr>,
     /// Address peers send VXLAN packets to, when it differs from the
     /// interface's (behind 1:1 NAT). Default: the interface's address.
     #[arg(long, env = "OVERLAYD_PUBLIC_IP")]
@@ -94,7 +123,8 @@ pub struct NodeArgs {
     #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = "/run/overlay/subnet.env", global = true)]
     pub subnet_file: PathBuf,
     /// Masquerade pod traffic leaving the cluster network (NAT outgoing).
-    #[arg(long, env = "OVERLAYD_IP_MASQ")]
+    #[arg(long, env = "OVERLAYD_IP_MASQ", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
     pub ip_masq: bool,
     /// Name of the VXLAN device.
     /// Default: `overlay.<VNI>` (flannel's is `flannel.<VNI>`).
@@ -116,6 +146,44 @@ pub struct NodeArgs {
     pub health_addr: Option<SocketAddr>,
 }
 
+impl NodeArgs {
+    /// How the underlay is chosen: --iface, else --iface-regex, else
+    /// --iface-can-reach, else the default route (flanneld's order).
+    pub fn underlay_selector(&self) -> Result<crate::dataplane::underlay::Selector, String> {
+        use crate::dataplane::underlay::Selector;
+        if !self.iface.is_empty() {
+            return Ok(Selector::Named(self.iface.clone()));
+        }
+        if !self.iface_regex.is_empty() {
+            let patterns = self.iface_regex.iter().map(|p| {
+                regex::Regex::new(p).map_err(|e| format!("--iface-regex {p:?} is not a regular expression: {e}"))
+            });
+            return patterns.collect::<Result<Vec<_>, _>>().map(Selector::Matching);
+        }
+        Ok(match self.iface_can_reach {
+            Some(ip) => Selector::Reaching(ip),
+            None => Selector::DefaultRoute,
+        })
+    }
+}
+
+/// A password: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(secret)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// Where leases come from on bare hosts.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "etcd")]
@@ -135,9 +203,19 @@ pub struct EtcdArgs {
     /// Client key for etcd.
     #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
     pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's authentication); needs --etcd-password.
+    #[arg(long, env = "OVERLAYD_ETCD_USERNAME", requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+    /// Password of --etcd-username. Prefer the environment to the command line, which `ps` shows.
+    #[arg(long, env = "OVERLAYD_ETCD_PASSWORD", hide_env_values = true, requires = "etcd_username")]
+    pub etcd_password: Option<Secret>,
     /// Lifetime of the etcd lease on our subnet; renewed at a third of it.
     #[arg(long, env = "OVERLAYD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
+    /// Renew the lease this many minutes before it expires (flanneld's
+    /// setting), instead of at a third of its lifetime.
+    #[arg(long, env = "OVERLAYD_SUBNET_LEASE_RENEW_MARGIN", value_name = "MINUTES")]
+    pub subnet_lease_renew_margin: Option<u64>,
 }
 
 /// Where leases come from in a Kubernetes cluster.
@@ -146,21 +224,183 @@ pub struct EtcdArgs {
 pub struct KubeArgs {
     /// Kubernetes mode: the subnet is this Node's spec.podCIDR and peers are
     /// the Nodes carrying our annotations; etcd is not used.
-    #[arg(long, env = "OVERLAYD_KUBE_SUBNET_MGR")]
+    #[arg(long, env = "OVERLAYD_KUBE_SUBNET_MGR", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
     pub kube_subnet_mgr: bool,
     /// This node's name in Kubernetes (the DaemonSet sets it from the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// kubeconfig to reach the API server. Default: the in-cluster service
     /// account, else $KUBECONFIG or ~/.kube/config.
-    #[arg(long, env = "OVERLAYD_KUBECONFIG")]
+    #[arg(long, env = "OVERLAYD_KUBECONFIG", visible_alias = "kubeconfig-file")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL, over the kubeconfig's or the in-cluster one.
+    #[arg(long, env = "OVERLAYD_KUBE_API_URL", value_name = "URL")]
+    pub kube_api_url: Option<String>,
     /// The network config (net-conf.json) in Kubernetes mode, usually mounted from a ConfigMap.
     #[arg(long, env = "OVERLAYD_NET_CONFIG_PATH", default_value = "/etc/overlay/net-conf.json")]
     pub net_config_path: PathBuf,
     /// Prefix of the Node annotations we publish and read (flannel's by default).
     #[arg(long, env = "OVERLAYD_KUBE_ANNOTATION_PREFIX", default_value = proto::node_annotations::DEFAULT_PREFIX)]
     pub kube_annotation_prefix: String,
+    /// Set the Node's NetworkUnavailable condition to False once the network is up.
+    #[arg(long, env = "OVERLAYD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
+    pub set_node_network_unavailable: bool,
+}
+
+/// flanneld's flags that overlayd has no name of its own for: each is
+/// mapped onto overlayd's way, or accepted with a warning that says what
+/// overlayd does instead. See [`FlannelArgs::resolve`].
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "flanneld's flags (accepted as a drop-in)")]
+pub struct FlannelArgs {
+    /// flanneld's health address; with --healthz-port, sets --health-addr.
+    #[arg(long, env = "OVERLAYD_HEALTHZ_IP", value_name = "ADDRESS")]
+    pub healthz_ip: Option<IpAddr>,
+    /// flanneld's health port (0: off); with --healthz-ip (default 0.0.0.0), sets --health-addr.
+    #[arg(long, env = "OVERLAYD_HEALTHZ_PORT", value_name = "PORT")]
+    pub healthz_port: Option<u16>,
+    /// flanneld's iptables resync period: overlayd uses nftables and repairs
+    /// drift on kernel events and every --resync-interval. Accepted, warned.
+    #[arg(long, value_name = "SECONDS")]
+    pub iptables_resync: Option<String>,
+    /// flanneld's FORWARD accept rules: overlayd adds none (README,
+    /// "Forwarding"). Accepted, warned.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool!(),
+          action = ArgAction::Set)]
+    pub iptables_forward_rules: Option<bool>,
+    /// flanneld's log verbosity (glog's -v): 0-3 is info, 4 and more is debug, unless OVERLAYD_LOG is set.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    pub verbosity: Option<u32>,
+}
+
+/// What the flannel flags come to: settings over overlayd's, and warnings.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// A health address from --healthz-ip and --healthz-port.
+    pub health_addr: Option<SocketAddr>,
+    /// The log filter -v asks for, when OVERLAYD_LOG does not say.
+    pub log_filter: Option<&'static str>,
+    /// One line for each flag accepted but not followed, saying what overlayd does instead.
+    pub warnings: Vec<String>,
+}
+
+impl FlannelArgs {
+    /// Maps flanneld's flags onto overlayd's settings.
+    pub fn resolve(&self) -> Resolved {
+        let mut resolved = Resolved::default();
+        if let Some(port) = self.healthz_port.filter(|p| *p != 0) {
+            let ip = self.healthz_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            resolved.health_addr = Some(SocketAddr::new(ip, port));
+        }
+        resolved.log_filter = self.verbosity.map(|v| if v >= 4 { "debug" } else { "info" });
+        if self.iptables_resync.is_some() {
+            resolved.warnings.push(
+                "--iptables-resync is flanneld's: overlayd keeps its rules in nftables and repairs them on kernel \
+                 events within a second, and at every --resync-interval; the flag is ignored"
+                    .into(),
+            );
+        }
+        if let Some(forward) = self.iptables_forward_rules {
+            resolved.warnings.push(format!(
+                "--iptables-forward-rules={forward} is flanneld's: overlayd adds no FORWARD rules (an nftables \
+                 accept cannot override another table's drop policy); on a host whose FORWARD policy drops, accept \
+                 the cluster network there (README, \"Forwarding\"); the flag is ignored"
+            ));
+        }
+        resolved
+    }
+}
+
+/// flanneld's command line and environment, as overlayd's.
+pub mod flannel {
+    use std::collections::HashSet;
+    use std::ffi::OsString;
+
+    use clap::CommandFactory;
+
+    /// The command line clap is to read, and a warning for each flanneld
+    /// variable that overlayd does not know. Go's single-dash long flags
+    /// (`-iface=eth0`) get their second dash, and each `FLANNELD_<FLAG>`
+    /// variable becomes `--<flag>=<value>` ahead of the command line, so that
+    /// a flag given there wins (flanneld's order; a flag given twice takes
+    /// its last value).
+    pub fn command_line(
+        args: impl IntoIterator<Item = OsString>,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> (Vec<OsString>, Vec<String>) {
+        let known = long_names();
+        let mut args = args.into_iter();
+        let mut line: Vec<OsString> = args.next().into_iter().collect();
+        let args: Vec<OsString> = args.collect();
+        // A flag on the command line wins over its variable, as in flanneld.
+        let given: HashSet<String> = args
+            .iter()
+            .filter_map(|a| a.to_str()?.strip_prefix('-'))
+            .map(|a| a.trim_start_matches('-').split('=').next().unwrap_or_default().to_string())
+            .collect();
+        let mut warnings = Vec::new();
+        let mut from_env: Vec<(String, OsString)> = Vec::new();
+        for (name, value) in env {
+            let Some(flag) = name.to_str().and_then(|n| n.strip_prefix("FLANNELD_")) else { continue };
+            let flag = flag.to_ascii_lowercase().replace('_', "-");
+            if given.contains(&flag) {
+                continue;
+            }
+            if known.contains(flag.as_str()) {
+                from_env.push((flag, value));
+            } else {
+                warnings.push(format!(
+                    "{}: overlayd has no flag --{flag}; the variable is ignored",
+                    name.to_string_lossy()
+                ));
+            }
+        }
+        // The environment's order is no order: by name, so a run is repeatable.
+        from_env.sort();
+        for (flag, value) in from_env {
+            let mut arg = OsString::from(format!("--{flag}="));
+            arg.push(value);
+            line.push(arg);
+        }
+        let mut rest = false;
+        for arg in args {
+            let go_style = match arg.to_str() {
+                Some(text) if !rest && text.starts_with('-') && !text.starts_with("--") => {
+                    let name = text[1..].split('=').next().unwrap_or_default();
+                    name.len() > 1 && known.contains(name)
+                }
+                _ => false,
+            };
+            rest |= arg == "--";
+            if go_style {
+                let mut long = OsString::from("-");
+                long.push(&arg);
+                line.push(long);
+            } else {
+                line.push(arg);
+            }
+        }
+        (line, warnings)
+    }
+
+    /// Every long flag name and alias overlayd takes.
+    fn long_names() -> HashSet<String> {
+        let command = super::Cli::command();
+        let mut names = HashSet::new();
+        let mut add = |c: &clap::Command| {
+            for arg in c.get_arguments() {
+                names.extend(arg.get_long().map(str::to_string));
+                names.extend(arg.get_all_aliases().unwrap_or_default().into_iter().map(str::to_string));
+            }
+        };
+        add(&command);
+        for sub in command.get_subcommands() {
+            add(sub);
+        }
+        names
+    }
 }
 
 /// Parses a duration such as `30s`, `500ms`, `1m30s` or `24h`; plain numbers are seconds.
@@ -195,8 +435,158 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
     }
 
+    /// The tests that parse read the process environment (clap's `env`): one at a time.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Parses as `main` does: `args` after the binary's name, `env` as flanneld's variables.
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> (Cli, Vec<String>) {
+        let args = std::iter::once("overlayd").chain(args.iter().copied()).map(std::ffi::OsString::from);
+        let env = env.iter().map(|(k, v)| (k.into(), v.into()));
+        let (line, warnings) = flannel::command_line(args, env);
+        let cli = Cli::try_parse_from(line).unwrap_or_else(|e| panic!("{e}"));
+        let resolved = cli.run.flannel.resolve();
+        (cli, warnings.into_iter().chain(resolved.warnings).collect())
+    }
+
+    /// What a parse comes to, flanneld's own settings resolved: two command
+    /// lines that give the same are the same to the daemon.
+    fn effect(cli: &Cli) -> String {
+        let mut run = cli.run.clone();
+        let resolved = run.flannel.resolve();
+        run.node.health_addr = run.node.health_addr.or(resolved.health_addr);
+        let password = run.etcd.etcd_password.clone().map(|p| p.0);
+        run.flannel = FlannelArgs::default();
+        format!("{run:?} password={password:?} log={:?}", resolved.log_filter)
+    }
+
+    #[test]
+    fn every_flanneld_flag_does_what_overlayd_s_own_does() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        // flanneld's form (Go's flag package: one dash or two, `=` or a space,
+        // `--bool` or `--bool=false`), and overlayd's.
+        let table: &[(&[&str], &[&str])] = &[
+            (&["-etcd-endpoints=http://a:2379,http://b:2379"], &["--etcd-endpoints", "http://a:2379,http://b:2379"]),
+            (&["-etcd-prefix", "/kube-centos/network"], &["--etcd-prefix", "/kube-centos/network"]),
+            (
+                &["--etcd-keyfile=/k.pem", "--etcd-certfile=/c.pem"],
+                &["--etcd-keyfile", "/k.pem", "--etcd-certfile", "/c.pem"],
+            ),
+            (&["--etcd-cafile=/ca.pem"], &["--etcd-cafile", "/ca.pem"]),
+            (
+                &["--etcd-username=flannel", "--etcd-password=s3cret"],
+                &["--etcd-username", "flannel", "--etcd-password", "s3cret"],
+            ),
+            (&["--iface=eth1", "--iface=10.0.0.5"], &["--iface", "eth1", "--iface", "10.0.0.5"]),
+            (&["-iface-regex=^ens", "-iface-regex=^eth"], &["--iface-regex", "^ens", "--iface-regex", "^eth"]),
+            (&["--iface-can-reach=10.1.2.3"], &["--iface-can-reach", "10.1.2.3"]),
+            (&["--public-ip=203.0.113.7"], &["--public-ip", "203.0.113.7"]),
+            (&["--public-ipv6=2001:db8::7"], &["--public-ipv6", "2001:db8::7"]),
+            (&["--subnet-file=/run/flannel/subnet.env"], &["--subnet-file", "/run/flannel/subnet.env"]),
+            (&["--ip-masq"], &["--ip-masq=true"]),
+            (&["--ip-masq=false"], &[]),
+            (&["-ip-masq=1"], &["--ip-masq"]),
+            (&["--subnet-lease-renew-margin=30"], &["--subnet-lease-renew-margin", "30"]),
+            (&["--kube-subnet-mgr"], &["--kube-subnet-mgr=true"]),
+            (&["--kube-api-url=https://10.96.0.1:443"], &["--kube-api-url", "https://10.96.0.1:443"]),
+            (&["--kubeconfig-file=/etc/kube/flannel.conf"], &["--kubeconfig", "/etc/kube/flannel.conf"]),
+            (&["--kube-annotation-prefix=example.io"], &["--kube-annotation-prefix", "example.io"]),
+            (
+                &["--net-config-path=/etc/kube-flannel/net-conf.json"],
+                &["--net-config-path", "/etc/kube-flannel/net-conf.json"],
+            ),
+            (&["--healthz-ip=127.0.0.1", "--healthz-port=8471"], &["--health-addr", "127.0.0.1:8471"]),
+            (&["--healthz-port=8471"], &["--health-addr", "0.0.0.0:8471"]),
+            (&["--healthz-ip=127.0.0.1", "--healthz-port=0"], &[]),
+            (&["--set-node-network-unavailable=false"], &["--set-node-network-unavailable=0"]),
+            (&["--set-node-network-unavailable"], &[]),
+            // Accepted, warned, and nothing else.
+            (&["--iptables-resync=5"], &[]),
+            (&["--iptables-forward-rules=false"], &[]),
+            (&["--iptables-forward-rules"], &[]),
+        ];
+        for (flannel, ours) in table {
+            let (a, warnings) = parse(flannel, &[]);
+            let (b, _) = parse(ours, &[]);
+            assert_eq!(effect(&a), effect(&b), "{flannel:?} against {ours:?}");
+            let warned = flannel.iter().any(|f| f.starts_with("--iptables"));
+            assert_eq!(!warnings.is_empty(), warned, "{flannel:?}: {warnings:?}");
+        }
+        // flanneld's glog verbosity: debug from 4 on.
+        assert_eq!(parse(&["-v=10"], &[]).0.run.flannel.resolve().log_filter, Some("debug"));
+        assert_eq!(parse(&["-v", "2"], &[]).0.run.flannel.resolve().log_filter, Some("info"));
+        // A Go bool flag never takes the next word as its value.
+        let (cli, _) = parse(&["--ip-masq", "cleanup"], &[]);
+        assert!(cli.run.node.ip_masq && matches!(cli.command, Some(Command::Cleanup)));
+        // The password is never printed.
+        let (cli, _) = parse(&["--etcd-username=u", "--etcd-password=s3cret"], &[]);
+        assert!(!format!("{cli:?}").contains("s3cret"));
+        // Something flanneld would also refuse is refused.
+        for bad in
+            [&["--iface-can-reach=eth0"][..], &["--healthz-port=http"], &["--ip-masq=maybe"], &["--no-such-flag"]]
+        {
+            let line = flannel::command_line(
+                std::iter::once("overlayd").chain(bad.iter().copied()).map(Into::into),
+                std::iter::empty(),
+            );
+            assert!(Cli::try_parse_from(line.0).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flanneld_s_environment_works_and_a_flag_wins_over_it() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let env = [
+            ("FLANNELD_IFACE", "eth1"),
+            ("FLANNELD_IP_MASQ", "true"),
+            ("FLANNELD_ETCD_ENDPOINTS", "https://e1:2379,https://e2:2379"),
+            ("FLANNELD_KUBE_SUBNET_MGR", "true"),
+            ("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "30"),
+            ("FLANNELD_HEALTHZ_PORT", "8471"),
+            ("FLANNELD_V", "5"),
+            ("PATH", "/usr/bin"),
+        ];
+        let (from_env, warnings) = parse(&[], &env);
+        let (from_flags, _) = parse(
+            &[
+                "--iface=eth1",
+                "--ip-masq",
+                "--etcd-endpoints=https://e1:2379,https://e2:2379",
+                "--kube-subnet-mgr",
+                "--subnet-lease-renew-margin=30",
+                "--healthz-port=8471",
+                "-v=5",
+            ],
+            &[],
+        );
+        assert_eq!(effect(&from_env), effect(&from_flags));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // The command line wins, whole: not eth1 and eth2.
+        let (both, _) = parse(&["--iface", "eth2"], &env);
+        assert_eq!(both.run.node.iface, ["eth2"]);
+        // A variable no flag of ours answers to is said, and changes nothing.
+        let (cli, warnings) = parse(&[], &[("FLANNELD_SUBNET_DIR", "/run/flannel/networks")]);
+        assert_eq!(effect(&cli), effect(&parse(&[], &[]).0));
+        assert!(warnings.iter().any(|w| w.contains("FLANNELD_SUBNET_DIR")), "{warnings:?}");
+    }
+
+    #[test]
+    fn the_underlay_is_chosen_by_iface_then_regex_then_route() {
+        use crate::dataplane::underlay::Selector;
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let selector = |args: &[&str]| parse(args, &[]).0.run.node.underlay_selector();
+        assert!(matches!(selector(&[]), Ok(Selector::DefaultRoute)));
+        assert!(matches!(selector(&["--iface-can-reach=10.0.0.1"]), Ok(Selector::Reaching(_))));
+        assert!(
+            matches!(selector(&["--iface-regex=^e", "--iface-can-reach=10.0.0.1"]), Ok(Selector::Matching(p)) if p.len() == 1)
+        );
+        assert!(matches!(selector(&["--iface=eth0", "--iface-regex=^e"]), Ok(Selector::Named(n)) if n == ["eth0"]));
+        let bad = selector(&["--iface-regex=eth[0"]).unwrap_err();
+        assert!(bad.contains("--iface-regex") && bad.contains("eth[0"), "{bad}");
+    }
+
     #[test]
     fn cli_is_consistent_and_defaults_match_flannel() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["overlayd", "--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
         assert_eq!(cli.run.etcd.etcd_endpoints.len(), 2);

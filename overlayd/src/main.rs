@@ -29,13 +29,21 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let cli = flags::Cli::parse();
+    // flanneld's command line and environment work as they are (flags::flannel).
+    let (args, env_warnings) = flags::flannel::command_line(std::env::args_os(), std::env::vars_os());
+    let mut cli = flags::Cli::parse_from(args);
+    let flannel = cli.run.flannel.resolve();
+    cli.run.node.health_addr = cli.run.node.health_addr.or(flannel.health_addr);
+    let default_filter = flannel.log_filter.unwrap_or("info");
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    for warning in env_warnings.iter().chain(&flannel.warnings) {
+        tracing::warn!("{warning}");
+    }
     // install-cni runs once and needs no runtime.
     let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
     let result = match cli.command {

@@ -250,6 +250,40 @@ impl Netlink {
         }))
     }
 
+    /// The output device and source address the kernel would use to reach
+    /// `destination` (`ip route get`); none when it has no route there.
+    pub async fn route_to(&self, destination: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>> {
+        use netlink_packet_route::route::RouteAddress;
+        let mut msg = RouteMessage::default();
+        let (family, length, address) = match destination {
+            IpAddr::V4(ip) => (AddressFamily::Inet, 32, RouteAddress::Inet(ip)),
+            IpAddr::V6(ip) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(ip)),
+        };
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = length;
+        msg.attributes.push(RouteAttribute::Destination(address));
+        let answer: Vec<RouteMessage> = match self.handle.route().get(msg).execute().try_collect().await {
+            Ok(answer) => answer,
+            Err(rtnetlink::Error::NetlinkError(e))
+                if [libc::ENETUNREACH, libc::EHOSTUNREACH].contains(&-e.raw_code()) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(Error::rtnl(format!("looking up the route to {destination}"))(e)),
+        };
+        Ok(answer.iter().find_map(|r| {
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(oif) => Some(*oif),
+                _ => None,
+            })?;
+            let source = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(s) => ip_of(s),
+                _ => None,
+            });
+            Some((oif, source))
+        }))
+    }
+
     /// Adds `route`, or replaces the one with the same destination.
     pub async fn replace_route(&self, route: &Route) -> Result<()> {
         let what = match route.gateway {

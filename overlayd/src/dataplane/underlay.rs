@@ -41,9 +41,25 @@ pub enum UnderlayError {
     /// Netlink failed.
     #[error(transparent)]
     Netlink(#[from] overlay_netlink::Error),
-    /// The named interface or address does not exist.
-    #[error("--iface {0}: no such interface or address in this network namespace")]
-    NotFound(String),
+    /// None of the named interfaces or addresses exists.
+    #[error("--iface {}: no such interface or address in this network namespace (interfaces here: {})", .tried.join(", "), .present)]
+    NotFound {
+        /// What was asked for, in order.
+        tried: Vec<String>,
+        /// The interfaces there are, with their addresses.
+        present: String,
+    },
+    /// No address or interface name matches any of the patterns.
+    #[error("--iface-regex {}: no address or interface name matches (interfaces here: {})", .patterns.join(", "), .present)]
+    NoMatch {
+        /// The patterns, in order.
+        patterns: Vec<String>,
+        /// The interfaces there are, with their addresses.
+        present: String,
+    },
+    /// There is no route to the address.
+    #[error("--iface-can-reach {0}: this host has no route there to pick an interface by")]
+    Unreachable(IpAddr),
     /// The interface has no address of a family the network carries.
     #[error("interface {iface} has no {family} address to use as VTEP address{hint}")]
     NoAddress {
@@ -59,10 +75,23 @@ pub enum UnderlayError {
     NoDefaultRoute(Family),
 }
 
-/// Picks the underlay for `families` (IPv4 first when on): `iface` names an
-/// interface or one of its addresses; without it, the interface of the
-/// default route of the first family.
-pub async fn find(nl: &Netlink, iface: Option<&str>, families: &[Family]) -> Result<Underlay, UnderlayError> {
+/// How the underlay interface is chosen, as flanneld chooses it.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// The interface of the default route of the first family.
+    DefaultRoute,
+    /// Interfaces by name or by one of their addresses, in order of
+    /// preference: the first that exists (`--iface`, repeated).
+    Named(Vec<String>),
+    /// Patterns, in order: the first that matches one of the host's
+    /// addresses, else an interface's name (`--iface-regex`, repeated).
+    Matching(Vec<regex::Regex>),
+    /// The interface of the route to this address (`--iface-can-reach`).
+    Reaching(IpAddr),
+}
+
+/// Picks the underlay for `families` (IPv4 first when on), as `selector` says.
+pub async fn find(nl: &Netlink, selector: &Selector, families: &[Family]) -> Result<Underlay, UnderlayError> {
     let mut addrs: Vec<(u32, IpNet)> = Vec::new();
     for family in families {
         addrs.extend(
@@ -73,22 +102,55 @@ pub async fn find(nl: &Netlink, iface: Option<&str>, families: &[Family]) -> Res
         );
     }
     let first = families.first().copied().unwrap_or(Family::V4);
-    let (link, preferred): (Option<Link>, Option<IpAddr>) = match iface {
-        Some(text) => match text.parse::<IpAddr>() {
-            Ok(ip) => {
-                let (index, _) =
-                    addrs.iter().find(|(_, a)| a.addr() == ip).ok_or_else(|| UnderlayError::NotFound(text.into()))?;
-                (nl.link_by_index(*index).await?, Some(ip))
-            }
-            Err(_) => (nl.link(text).await?, None),
-        },
-        None => {
+    let (link, preferred): (Option<Link>, Option<IpAddr>) = match selector {
+        Selector::DefaultRoute => {
             let (oif, source) =
                 nl.default_route(address_family(first)).await?.ok_or(UnderlayError::NoDefaultRoute(first))?;
             (nl.link_by_index(oif).await?, source)
         }
+        Selector::Named(names) => {
+            let mut found = None;
+            for text in names {
+                found = match text.parse::<IpAddr>() {
+                    Ok(ip) => match addrs.iter().find(|(_, a)| a.addr() == ip) {
+                        Some((index, _)) => nl.link_by_index(*index).await?.map(|l| (l, Some(ip))),
+                        None => None,
+                    },
+                    Err(_) => nl.link(text).await?.map(|l| (l, None)),
+                };
+                if found.is_some() {
+                    break;
+                }
+            }
+            let Some((link, ip)) = found else {
+                return Err(UnderlayError::NotFound { tried: names.clone(), present: present(nl, &addrs).await });
+            };
+            (Some(link), ip)
+        }
+        Selector::Matching(patterns) => {
+            let links = nl.links().await?;
+            let matched = patterns.iter().find_map(|pattern| {
+                let by_address = addrs.iter().find(|(_, a)| pattern.is_match(&a.addr().to_string()));
+                match by_address {
+                    Some((index, a)) => links.iter().find(|l| l.index == *index).map(|l| (l.clone(), Some(a.addr()))),
+                    None => links.iter().find(|l| pattern.is_match(&l.name)).map(|l| (l.clone(), None)),
+                }
+            });
+            let Some((link, ip)) = matched else {
+                return Err(UnderlayError::NoMatch {
+                    patterns: patterns.iter().map(|p| p.as_str().to_string()).collect(),
+                    present: present(nl, &addrs).await,
+                });
+            };
+            (Some(link), ip)
+        }
+        Selector::Reaching(destination) => {
+            let (oif, source) = nl.route_to(*destination).await?.ok_or(UnderlayError::Unreachable(*destination))?;
+            (nl.link_by_index(oif).await?, source)
+        }
     };
-    let link = link.ok_or_else(|| UnderlayError::NotFound(iface.unwrap_or("(default route)").into()))?;
+    let link =
+        link.ok_or_else(|| UnderlayError::NotFound { tried: vec!["(its interface)".into()], present: String::new() })?;
     let on_link: Vec<IpNet> = addrs.iter().filter(|(i, _)| *i == link.index).map(|(_, a)| *a).collect();
     let mut underlay = Underlay { index: link.index, name: link.name.clone(), v4: None, v6: None, mtu: link.mtu };
     for family in families {
@@ -106,6 +168,24 @@ pub async fn find(nl: &Netlink, iface: Option<&str>, families: &[Family]) -> Res
         }
     }
     Ok(underlay)
+}
+
+/// The interfaces there are, each with its addresses, for an error that says what could have matched.
+async fn present(nl: &Netlink, addrs: &[(u32, IpNet)]) -> String {
+    let Ok(links) = nl.links().await else { return "(cannot list them)".into() };
+    let described: Vec<String> = links
+        .iter()
+        .map(|l| {
+            let of_link: Vec<String> =
+                addrs.iter().filter(|(i, _)| *i == l.index).map(|(_, a)| a.addr().to_string()).collect();
+            if of_link.is_empty() {
+                l.name.clone()
+            } else {
+                format!("{} ({})", l.name, of_link.join(" "))
+            }
+        })
+        .collect();
+    described.join(", ")
 }
 
 /// The first address of `family`, or `preferred` when the link has it.

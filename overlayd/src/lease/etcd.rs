@@ -26,8 +26,9 @@ use crate::flags::EtcdArgs;
 /// Why the etcd store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    /// etcd could not be reached or refused a call.
-    #[error("etcd {what}: {source}")]
+    /// etcd could not be reached or refused a call. Shown with every cause
+    /// in the chain and, when it can be told, what to check.
+    #[error("etcd {what}: {}", explain(.source))]
     Etcd {
         /// Which call.
         what: String,
@@ -59,6 +60,14 @@ pub enum EtcdError {
     /// etcd cannot hold an IPv6-only lease.
     #[error("EnableIPv4 is false: an IPv6-only network needs Kubernetes mode (--kube-subnet-mgr); flannel's etcd keys always name an IPv4 subnet")]
     Ipv6Only,
+    /// The renew margin leaves no time between renewals.
+    #[error("--subnet-lease-renew-margin {minutes} (minutes) is not shorter than the lease's lifetime, --subnet-lease-ttl {}", humantime::format_duration(*.ttl))]
+    RenewMargin {
+        /// The margin, in minutes.
+        minutes: u64,
+        /// The lease's lifetime.
+        ttl: Duration,
+    },
     /// No endpoint was given.
     #[error("no etcd endpoint given (--etcd-endpoints)")]
     NoEndpoints,
@@ -110,10 +119,17 @@ pub struct EtcdLeases {
     /// (The library's own balancing waits, up to the request timeout, for a
     /// dead endpoint to come back instead of trying another.)
     clients: Arc<Vec<Client>>,
+    /// With etcd authentication: the user and password, and whether each
+    /// endpoint's client has its token (it gets one on first use, so that an
+    /// endpoint that is down at start does not stop the others).
+    user: Option<(String, String)>,
+    authenticated: Arc<Vec<std::sync::atomic::AtomicBool>>,
     current: Arc<AtomicUsize>,
     endpoints: Arc<Vec<String>>,
     prefix: String,
     ttl: i64,
+    /// Renew this many seconds before the lease expires (flanneld's margin), instead of at a third of it.
+    renew_margin: Option<u64>,
     /// The etcd lease our key is attached to, once we hold one.
     lease_id: Option<i64>,
 }
@@ -122,10 +138,19 @@ impl EtcdLeases {
     /// Connects to the endpoints of `args` (a connection is made lazily; calls fail while etcd is down).
     pub async fn connect(args: &EtcdArgs) -> Result<Self, EtcdError> {
         let ttl = args.subnet_lease_ttl.as_secs().max(5) as i64;
+        let renew_margin = match args.subnet_lease_renew_margin {
+            Some(minutes) if minutes.saturating_mul(60) >= ttl as u64 => {
+                return Err(EtcdError::RenewMargin { minutes, ttl: args.subnet_lease_ttl })
+            }
+            Some(minutes) => Some(minutes * 60),
+            None => None,
+        };
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A token expires (etcd's --auth-token-ttl): get a new one and retry the call.
+            .with_auto_token_refresh(true);
         if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
             let mut t = TlsOptions::new();
             if let Some(ca) = &args.etcd_cafile {
@@ -148,7 +173,14 @@ impl EtcdLeases {
         if clients.is_empty() {
             return Err(EtcdError::NoEndpoints);
         }
+        let user = match (&args.etcd_username, &args.etcd_password) {
+            (Some(name), Some(password)) => Some((name.clone(), password.0.clone())),
+            _ => None,
+        };
         Ok(EtcdLeases {
+            authenticated: Arc::new(clients.iter().map(|_| Default::default()).collect()),
+            user,
+            renew_margin,
             clients: Arc::new(clients),
             current: Arc::new(AtomicUsize::new(0)),
             endpoints: Arc::new(endpoints),
@@ -158,9 +190,28 @@ impl EtcdLeases {
         })
     }
 
-    /// The client of the endpoint in use.
-    fn client(&self) -> Client {
-        self.clients[self.current.load(Relaxed) % self.clients.len()].clone()
+    /// The client of the endpoint in use; with etcd authentication, once it has its token.
+    async fn client(&self) -> Result<Client, EtcdError> {
+        let at = self.current.load(Relaxed) % self.clients.len();
+        let mut client = self.clients[at].clone();
+        let Some((name, password)) = &self.user else { return Ok(client) };
+        if !self.authenticated[at].load(Relaxed) {
+            // The credentials are shared by the client's clones: its later calls
+            // refresh an expired token themselves.
+            client.update_user(Some((name.clone(), password.clone()))).await.map_err(self.fail(format!(
+                "authenticate as user {name:?} at {} (--etcd-username, --etcd-password)",
+                self.endpoints[at]
+            )))?;
+            self.authenticated[at].store(true, Relaxed);
+        }
+        Ok(client)
+    }
+
+    /// Revokes an etcd lease that holds nothing; a failure only leaves it to expire.
+    async fn revoke(&self, lease: i64) {
+        if let Ok(client) = self.client().await {
+            let _ = client.clone().lease_revoke(lease).await;
+        }
     }
 
     /// Maps a failed call to our error, moving to the next endpoint first.
@@ -190,7 +241,7 @@ impl EtcdLeases {
     /// The net-conf text at `<prefix>/config`, if it exists.
     pub async fn config_text(&mut self) -> Result<Option<String>, EtcdError> {
         let path = format!("{}/config", self.prefix);
-        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
+        let resp = self.client().await?.get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
         Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
@@ -199,6 +250,7 @@ impl EtcdLeases {
         let prefix = self.subnets_prefix();
         let resp = self
             .client()
+            .await?
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(self.fail(format!("list {prefix}")))?;
@@ -334,8 +386,8 @@ impl EtcdLeases {
             let txn = Txn::new()
                 .when([Compare::mod_revision(path.as_str(), CompareOp::Equal, ours.mod_revision)])
                 .and_then([TxnOp::delete(path.as_str(), None)]);
-            self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
-            let _ = self.client().lease_revoke(claimed.lease_id).await;
+            self.client().await?.txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
+            self.revoke(claimed.lease_id).await;
         }
         Ok(older)
     }
@@ -349,7 +401,7 @@ impl EtcdLeases {
         value: &str,
         replaces: Option<&Listed>,
     ) -> Result<Option<i64>, EtcdError> {
-        let lease = self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id();
+        let lease = self.client().await?.lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id();
         let path = self.key_path(key);
         let mut guards = vec![Compare::version(path.as_str(), CompareOp::Equal, 0)];
         let mut ops = vec![TxnOp::put(path.as_str(), value, Some(PutOptions::new().with_lease(lease)))];
@@ -359,11 +411,12 @@ impl EtcdLeases {
             ops.push(TxnOp::delete(old_path.as_str(), None));
         }
         let txn = Txn::new().when(guards).and_then(ops);
-        let claimed = self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?.succeeded();
+        let claimed =
+            self.client().await?.txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?.succeeded();
         if claimed {
             Ok(Some(lease))
         } else {
-            let _ = self.client().lease_revoke(lease).await;
+            self.revoke(lease).await;
             Ok(None)
         }
     }
@@ -380,14 +433,14 @@ impl EtcdLeases {
         let lease = if lease_alive {
             old.etcd_lease
         } else {
-            self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id()
+            self.client().await?.lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id()
         };
         let path = self.key_path(&old.key);
         let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, old.mod_revision);
         let updated = self.put_if(unchanged, &path, value, lease).await?;
         if !updated && !lease_alive {
             // The lease we just granted holds nothing: do not leave it for a day.
-            let _ = self.client().lease_revoke(lease).await;
+            self.revoke(lease).await;
         }
         Ok(updated.then_some(Claimed { key: old.key, lease_id: lease }))
     }
@@ -396,19 +449,21 @@ impl EtcdLeases {
     async fn put_if(&mut self, guard: Compare, path: &str, value: &str, lease: i64) -> Result<bool, EtcdError> {
         let txn =
             Txn::new().when([guard]).and_then([TxnOp::put(path, value, Some(PutOptions::new().with_lease(lease)))]);
-        let resp = self.client().txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
+        let resp = self.client().await?.txn(txn).await.map_err(self.fail(format!("transaction on {path}")))?;
         Ok(resp.succeeded())
     }
 
     /// Seconds left on an etcd lease (0 or less: gone).
     async fn ttl_left(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let resp = self.client().lease_time_to_live(lease, None).await.map_err(self.fail("lease time-to-live"))?;
+        let resp =
+            self.client().await?.lease_time_to_live(lease, None).await.map_err(self.fail("lease time-to-live"))?;
         Ok(resp.ttl())
     }
 
     /// Renews our etcd lease; returns the TTL the server granted (0: the lease is gone).
     pub async fn keep_alive(&mut self, lease: i64) -> Result<i64, EtcdError> {
-        let (mut keeper, mut stream) = self.client().lease_keep_alive(lease).await.map_err(self.fail("keep-alive"))?;
+        let (mut keeper, mut stream) =
+            self.client().await?.lease_keep_alive(lease).await.map_err(self.fail("keep-alive"))?;
         keeper.keep_alive().await.map_err(self.fail("keep-alive"))?;
         match stream.message().await.map_err(self.fail("keep-alive"))? {
             Some(resp) => Ok(resp.ttl()),
@@ -419,7 +474,7 @@ impl EtcdLeases {
     /// What our key holds now (none: gone, or not a lease that parses).
     async fn read_own(&mut self, key: &LeaseKey) -> Result<Option<LeaseAttrs>, EtcdError> {
         let path = self.key_path(key);
-        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
+        let resp = self.client().await?.get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
         Ok(resp.kvs().first().and_then(|kv| LeaseAttrs::from_json(kv.value()).ok()))
     }
 }
@@ -478,6 +533,7 @@ impl EtcdLeases {
     async fn list_events(&mut self, prefix: &str) -> Result<(Vec<WatchEvent>, i64), EtcdError> {
         let resp = self
             .client()
+            .await?
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
             .map_err(self.fail(format!("list {prefix}")))?;
@@ -489,7 +545,11 @@ impl EtcdLeases {
     /// Watches from the revision after `revision` until the stream ends; says how to go on.
     async fn watch_from(&mut self, prefix: &str, mut revision: i64, tx: &EventSender, backoff: &mut Backoff) -> Resume {
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
-        let mut stream = match self.client().watch(prefix, Some(options)).await {
+        let watched = match self.client().await {
+            Ok(mut client) => client.watch(prefix, Some(options)).await.map_err(etcd("watch")),
+            Err(e) => Err(e),
+        };
+        let mut stream = match watched {
             Ok(stream) => stream,
             Err(e) => {
                 warn!(error = %e, "cannot watch etcd; retrying");
@@ -622,7 +682,7 @@ impl LeaseStore for EtcdLeases {
 
     async fn restore(&mut self, own: &OwnLease) -> anyhow::Result<bool> {
         let path = self.key_path(&own.key);
-        let resp = self.client().get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
+        let resp = self.client().await?.get(path.as_str(), None).await.map_err(self.fail(format!("get {path}")))?;
         let Some(kv) = resp.kvs().first() else { return Ok(false) };
         // The key was ours until rewritten in place: a claim never overwrites a key, so
         // this is not another node's subnet. A rewrite without a lease detached it from
@@ -634,13 +694,13 @@ impl LeaseStore for EtcdLeases {
         };
         let lease = match alive {
             Some(id) => id,
-            None => self.client().lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id(),
+            None => self.client().await?.lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id(),
         };
         let unchanged = Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
         if !self.put_if(unchanged, &path, &own.attrs.to_json(), lease).await? {
             if alive.is_none() {
                 // The lease we just granted holds nothing: do not leave it for a day.
-                let _ = self.client().lease_revoke(lease).await;
+                self.revoke(lease).await;
             }
             return Ok(false);
         }
@@ -649,7 +709,10 @@ impl LeaseStore for EtcdLeases {
     }
 
     fn renew_interval(&self) -> Duration {
-        Duration::from_secs((self.ttl / 3).clamp(1, 3600) as u64)
+        match self.renew_margin {
+            Some(margin) => Duration::from_secs((self.ttl as u64).saturating_sub(margin).max(1)),
+            None => Duration::from_secs((self.ttl / 3).clamp(1, 3600) as u64),
+        }
     }
 
     async fn renew(&mut self, own: &OwnLease) -> Renewal {
@@ -668,6 +731,73 @@ impl LeaseStore for EtcdLeases {
             Err(e) => Renewal::Failed(e.to_string()),
         }
     }
+}
+
+/// An etcd client's error with every cause in its chain (tonic's "transport
+/// error" alone says nothing), and what to check when the cause is a
+/// certificate, a handshake or the credentials.
+fn explain(error: &etcd_client::Error) -> String {
+    let mut chain = vec![error.to_string()];
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !chain.iter().any(|c| c.contains(&text)) {
+            chain.push(text);
+        }
+        cause = e.source();
+    }
+    let text = chain.join(": ");
+    match hint(&text.to_ascii_lowercase()) {
+        Some(hint) => format!("{text} ({hint})"),
+        None => text,
+    }
+}
+
+/// What to check for an etcd error, from its text (rustls', tonic's and etcd's wording).
+fn hint(text: &str) -> Option<&'static str> {
+    let hints: [(&[&str], &str); 8] = [
+        (
+            &["unknownissuer", "unknown issuer", "unknownca", "unknown_ca"],
+            "TLS: etcd's certificate is not signed by a CA we trust: check --etcd-cafile",
+        ),
+        (
+            &["notvalidforname", "not valid for name", "certificate is not valid for"],
+            "TLS: etcd's certificate does not name the host of the endpoint: check --etcd-endpoints against the certificate's names",
+        ),
+        (
+            &["certificaterequired", "certificate required", "certificate_required"],
+            "TLS: etcd asks for a client certificate and got none: set --etcd-certfile and --etcd-keyfile",
+        ),
+        (
+            &["badcertificate", "bad certificate", "bad_certificate", "unsupportedcertificate", "certificateunknown"],
+            "TLS: etcd refused our client certificate: check --etcd-certfile and --etcd-keyfile, and that etcd's --trusted-ca-file signed it",
+        ),
+        (
+            &["expired"],
+            "TLS: a certificate has expired (ours or etcd's): renew it, and check this host's clock",
+        ),
+        (
+            &["authentication failed", "invalid auth management"],
+            "etcd refused the user name or password: check --etcd-username and --etcd-password",
+        ),
+        (
+            &["permission denied"],
+            "etcd's user has no role that grants this on the prefix: grant it read and write on --etcd-prefix",
+        ),
+        (
+            &["user name is empty", "user name not found"],
+            "etcd has authentication on: set --etcd-username and --etcd-password",
+        ),
+    ];
+    if let Some((_, hint)) = hints.iter().find(|(needles, _)| needles.iter().any(|n| text.contains(n))) {
+        return Some(hint);
+    }
+    // A server that requires client certificates closes a TLS 1.3 connection
+    // without one right after the handshake: all the client sees is the close.
+    if text.contains("broken pipe") || text.contains("connection reset") || text.contains("unexpected eof") {
+        return Some("the connection was closed by etcd: when etcd serves TLS with client certificates, check the endpoint's https:// and --etcd-cafile, --etcd-certfile and --etcd-keyfile");
+    }
+    None
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {

@@ -127,6 +127,8 @@ pub struct KubeLeases {
     /// Our Node as `renew` just read it, for `announce_ready` to use once
     /// instead of reading it again (at 5,000 nodes every read counts).
     last_read: Option<Node>,
+    /// Whether to set `NetworkUnavailable=False` (`--set-node-network-unavailable`).
+    set_condition: bool,
 }
 
 impl KubeLeases {
@@ -135,18 +137,36 @@ impl KubeLeases {
         let node_name = args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
             "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
         )?;
-        let mut config = match &args.kubeconfig {
-            Some(path) => {
-                let kubeconfig =
-                    Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .with_context(|| format!("using kubeconfig {}", path.display()))?
-            }
-            None => Config::infer()
-                .await
-                .context("finding the API server: not in a pod and no kubeconfig (use --kubeconfig)")?,
+        let api_url = match &args.kube_api_url {
+            Some(url) => Some(
+                url.parse::<hyper::Uri>()
+                    .ok()
+                    .filter(|u| u.scheme().is_some() && u.host().is_some())
+                    .with_context(|| format!("--kube-api-url {url:?} is not a URL such as https://10.96.0.1:443"))?,
+            ),
+            None => None,
         };
+        let mut config =
+            match &args.kubeconfig {
+                Some(path) => {
+                    let kubeconfig = Kubeconfig::read_from(path)
+                        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                        .await
+                        .with_context(|| format!("using kubeconfig {}", path.display()))?
+                }
+                None => match Config::infer().await {
+                    Ok(config) => config,
+                    // flanneld's --kube-api-url alone: that server, with no credentials.
+                    Err(_) if api_url.is_some() => Config::new(api_url.clone().unwrap_or_default()),
+                    Err(e) => return Err(e).context(
+                        "finding the API server: not in a pod and no kubeconfig (use --kubeconfig or --kube-api-url)",
+                    ),
+                },
+            };
+        if let Some(url) = api_url {
+            config.cluster_url = url;
+        }
         config.connect_timeout = Some(Duration::from_secs(5));
         config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
         info!(server = %config.cluster_url, node = %node_name, "Kubernetes mode");
@@ -158,6 +178,7 @@ impl KubeLeases {
             node_name,
             annotations: NodeAnnotations::new(&args.kube_annotation_prefix),
             net_config_path: args.net_config_path.clone(),
+            set_condition: args.set_node_network_unavailable,
             last_read: None,
         })
     }
@@ -565,6 +586,9 @@ impl LeaseStore for KubeLeases {
     }
 
     async fn announce_ready(&mut self) -> anyhow::Result<()> {
+        if !self.set_condition {
+            return Ok(());
+        }
         let node = match self.last_read.take() {
             Some(node) => node,
             None => self.own_node().await?.with_context(|| format!("node {} not found", self.node_name))?,

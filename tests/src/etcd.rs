@@ -16,6 +16,19 @@ pub struct Etcd {
     initial_cluster: String,
     data_dir: std::path::PathBuf,
     child: Option<Child>,
+    security: Security,
+    /// The root user's password, once authentication is on (for etcdctl).
+    root_password: Option<String>,
+}
+
+/// How a member serves its clients beyond plain HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// HTTPS with this PKI's server certificate, and client certificates
+    /// signed by its CA required (`--client-cert-auth`).
+    pub tls: Option<crate::pki::Pki>,
+    /// More addresses to serve clients on, e.g. one the certificate does not name.
+    pub also_on: Vec<String>,
 }
 
 impl Etcd {
@@ -39,6 +52,8 @@ impl Etcd {
                 initial_cluster: initial_cluster.clone(),
                 data_dir: data_dir.join(format!("m{i}")),
                 child: None,
+                security: Security::default(),
+                root_password: None,
             })
             .collect();
         // All members first: a member of a larger cluster is healthy only with a quorum.
@@ -51,8 +66,51 @@ impl Etcd {
         Ok(members)
     }
 
+    /// Starts a single-member etcd in `ns` on `addr` that serves as `security` says.
+    pub fn start_secure(ns: &Netns, addr: &str, data_dir: std::path::PathBuf, security: Security) -> Result<Self> {
+        let mut member = Etcd {
+            ns_name: ns.name.clone(),
+            name: "m0".into(),
+            addr: addr.to_string(),
+            initial_cluster: format!("m0=http://{addr}:2380"),
+            data_dir: data_dir.join("m0"),
+            child: None,
+            security,
+            root_password: None,
+        };
+        member.spawn()?;
+        member.wait_healthy()?;
+        Ok(member)
+    }
+
+    /// Turns etcd's authentication on, with a root user of this password.
+    pub fn enable_auth(&mut self, root_password: &str) -> Result<()> {
+        self.ctl(&["user", "add", &format!("root:{root_password}"), "--interactive=false"])?;
+        self.ctl(&["auth", "enable"])?;
+        self.root_password = Some(root_password.to_string());
+        Ok(())
+    }
+
+    /// A user with `password`, and, when given, a role of its own that may read and write under `prefix`.
+    pub fn add_user(&self, user: &str, password: &str, prefix: Option<&str>) -> Result<()> {
+        self.ctl(&["user", "add", &format!("{user}:{password}"), "--interactive=false"])?;
+        if let Some(prefix) = prefix {
+            let role = format!("{user}-role");
+            self.ctl(&["role", "add", &role])?;
+            self.ctl(&["role", "grant-permission", &role, "--prefix=true", "readwrite", prefix])?;
+            self.ctl(&["user", "grant-role", user, &role])?;
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let url = self.endpoint();
+        let scheme = if self.security.tls.is_some() { "https" } else { "http" };
+        let listen = std::iter::once(&self.addr)
+            .chain(&self.security.also_on)
+            .map(|a| format!("{scheme}://{a}:2379"))
+            .collect::<Vec<_>>()
+            .join(",");
         let peer = format!("http://{}:2380", self.addr);
         std::fs::create_dir_all(self.data_dir.parent().unwrap_or(&self.data_dir))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log"))?;
@@ -60,7 +118,15 @@ impl Etcd {
             .args(["netns", "exec", &self.ns_name, "etcd"])
             .args(["--name", &self.name, "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &url])
+            .args(self.security.tls.iter().flat_map(|pki| {
+                [
+                    "--client-cert-auth".into(),
+                    format!("--trusted-ca-file={}", pki.ca.display()),
+                    format!("--cert-file={}", pki.server_cert.display()),
+                    format!("--key-file={}", pki.server_key.display()),
+                ]
+            }))
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster, "--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
@@ -81,15 +147,25 @@ impl Etcd {
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.addr)
+        let scheme = if self.security.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.addr)
     }
 
-    /// Runs etcdctl against this member.
+    /// Runs etcdctl against this member (as root once authentication is on).
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let endpoint = format!("--endpoints={}", self.endpoint());
-        let mut full =
-            vec!["netns", "exec", self.ns_name.as_str(), "etcdctl", endpoint.as_str(), "--command-timeout=5s"];
-        full.extend_from_slice(args);
+        let mut full: Vec<String> = ["netns", "exec", &self.ns_name, "etcdctl"].map(String::from).to_vec();
+        full.push(format!("--endpoints={}", self.endpoint()));
+        full.push("--command-timeout=5s".into());
+        if let Some(pki) = &self.security.tls {
+            full.push(format!("--cacert={}", pki.ca.display()));
+            full.push(format!("--cert={}", pki.client_cert.display()));
+            full.push(format!("--key={}", pki.client_key.display()));
+        }
+        if let Some(password) = &self.root_password {
+            full.push(format!("--user=root:{password}"));
+        }
+        full.extend(args.iter().map(|a| a.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
         crate::netns::run("ip", &full)
     }
 

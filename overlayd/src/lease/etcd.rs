@@ -28,13 +28,15 @@ use crate::flags::EtcdArgs;
 pub enum EtcdError {
     /// etcd could not be reached or refused a call. Shown with every cause
     /// in the chain and, when it can be told, what to check.
-    #[error("etcd {what}: {}", explain(.source))]
+    #[error("etcd {what}: {}", explain(.source, *.tls))]
     Etcd {
         /// Which call.
         what: String,
         /// The client's error.
         #[source]
         source: etcd_client::Error,
+        /// Whether the endpoint speaks TLS (https://).
+        tls: bool,
     },
     /// A TLS file could not be read.
     #[error("reading {path}: {source}")]
@@ -78,7 +80,17 @@ pub enum EtcdError {
 
 fn etcd(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> EtcdError {
     let what = what.into();
-    move |source| EtcdError::Etcd { what, source }
+    move |source| EtcdError::Etcd { what, source, tls: false }
+}
+
+impl EtcdError {
+    /// Whether etcd answered and said no (credentials, permission, a bad
+    /// request): a configuration error, not a connection that failed.
+    pub fn is_refusal(&self) -> bool {
+        use tonic::Code;
+        matches!(self, EtcdError::Etcd { source: etcd_client::Error::GRpcStatus(status), .. }
+            if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition))
+    }
 }
 
 /// One lease as listed.
@@ -217,9 +229,10 @@ impl EtcdLeases {
     /// Maps a failed call to our error, moving to the next endpoint first.
     fn fail(&self, what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> EtcdError + '_ {
         let what = what.into();
+        let tls = self.endpoints[self.current.load(Relaxed) % self.endpoints.len()].starts_with("https://");
         move |source| {
             self.next_endpoint();
-            EtcdError::Etcd { what, source }
+            EtcdError::Etcd { what, source, tls }
         }
     }
 
@@ -635,7 +648,15 @@ impl LeaseStore for EtcdLeases {
                     info!(key = %path, "waiting for the network config: no such key in etcd yet")
                 }
                 Err(e) if say.ready() => {
-                    warn!(endpoints = %self.endpoints.join(","), error = %e, "etcd unreachable; retrying")
+                    let endpoints = self.endpoints.join(",");
+                    // etcd answered, and said no (credentials, permission): a
+                    // configuration error, retried all the same (etcd may be
+                    // in the middle of a change), and said as such.
+                    if e.is_refusal() {
+                        warn!(%endpoints, key = %path, error = %e, "etcd refuses to give the network config; retrying")
+                    } else {
+                        warn!(%endpoints, error = %e, "etcd unreachable; retrying")
+                    }
                 }
                 _ => {}
             }
@@ -736,7 +757,7 @@ impl LeaseStore for EtcdLeases {
 /// An etcd client's error with every cause in its chain (tonic's "transport
 /// error" alone says nothing), and what to check when the cause is a
 /// certificate, a handshake or the credentials.
-fn explain(error: &etcd_client::Error) -> String {
+fn explain(error: &etcd_client::Error, tls: bool) -> String {
     let mut chain = vec![error.to_string()];
     let mut cause = std::error::Error::source(error);
     while let Some(e) = cause {
@@ -747,14 +768,14 @@ fn explain(error: &etcd_client::Error) -> String {
         cause = e.source();
     }
     let text = chain.join(": ");
-    match hint(&text.to_ascii_lowercase()) {
+    match hint(&text.to_ascii_lowercase(), tls) {
         Some(hint) => format!("{text} ({hint})"),
         None => text,
     }
 }
 
 /// What to check for an etcd error, from its text (rustls', tonic's and etcd's wording).
-fn hint(text: &str) -> Option<&'static str> {
+fn hint(text: &str, tls: bool) -> Option<&'static str> {
     let hints: [(&[&str], &str); 8] = [
         (
             &["unknownissuer", "unknown issuer", "unknownca", "unknown_ca"],
@@ -794,8 +815,9 @@ fn hint(text: &str) -> Option<&'static str> {
     }
     // A server that requires client certificates closes a TLS 1.3 connection
     // without one right after the handshake: all the client sees is the close.
-    if text.contains("broken pipe") || text.contains("connection reset") || text.contains("unexpected eof") {
-        return Some("the connection was closed by etcd: when etcd serves TLS with client certificates, check the endpoint's https:// and --etcd-cafile, --etcd-certfile and --etcd-keyfile");
+    let closed = ["broken pipe", "connection reset", "connection closed", "unexpected eof", "operation was canceled"];
+    if tls && closed.iter().any(|c| text.contains(c)) {
+        return Some("TLS: etcd closed the connection after the handshake, as it does when it requires a client certificate and got none or one it does not trust: check --etcd-certfile and --etcd-keyfile");
     }
     None
 }

@@ -135,7 +135,7 @@ struct Daemon<S> {
 
 async fn run_with<S: LeaseStore + Clone>(
     mut store: S,
-    node: NodeArgs,
+    mut node: NodeArgs,
     nl: Netlink,
     metrics: Arc<Metrics>,
 ) -> Result<()> {
@@ -150,7 +150,8 @@ async fn run_with<S: LeaseStore + Clone>(
     let underlay = underlay::find(&nl, &selector, &families).await.context("choosing the underlay interface")?;
     let public = store.public_ips(detected(&node, &underlay)).await?;
     info!(iface = %underlay.name, v4 = ?underlay.v4, v6 = ?underlay.v6, public_ip = ?public.v4, public_ipv6 = ?public.v6, mtu = underlay.mtu, "underlay");
-    let (vtep_macs, attrs) = lease_attrs(&config, public);
+    let kept = existing_devices(&nl, &mut node, config.backend.vni).await?;
+    let (vtep_macs, attrs) = lease_attrs(&config, public, kept);
     let previous = subnet_file::previous_subnets(&node.subnet_file);
     let own = store.acquire(&config, &attrs, previous).await?;
     metrics.set_lease_held(true);
@@ -201,13 +202,49 @@ fn detected(node: &NodeArgs, underlay: &Underlay) -> PublicIps {
     }
 }
 
-/// What this node publishes for `public`: each family's VTEP MAC and the lease attributes.
-fn lease_attrs(config: &NetConfig, public: PublicIps) -> ([MacAddr; 2], LeaseAttrs) {
+/// The MAC of each family's device, where it exists already: ours from
+/// before a restart, or flanneld's. Without `--device`, when our default
+/// device does not exist but flanneld's `flannel.<VNI>` (`flannel-v6.<VNI>`)
+/// does, with our VNI, that one is adopted as it is, name and MAC: peers'
+/// entries for this node stay right, so flanneld is replaced without a
+/// packet lost (README, "Migrating from flannel").
+async fn existing_devices(nl: &Netlink, node: &mut NodeArgs, vni: u32) -> Result<[Option<MacAddr>; 2]> {
+    let mut kept = [None, None];
+    for family in Family::ALL {
+        let flag = match family {
+            Family::V4 => &mut node.device,
+            Family::V6 => &mut node.device_v6,
+        };
+        let ours = nl.link(&device_name(flag.as_deref(), family, vni)).await?;
+        let link = match (ours, flag.is_none()) {
+            (Some(link), _) => Some(link),
+            (None, true) => {
+                let flannels = format!("{}.{vni}", FLANNEL_DEVICE_PREFIX[family as usize]);
+                let theirs = nl.link(&flannels).await?.filter(|l| l.vxlan.as_ref().is_some_and(|v| v.vni == Some(vni)));
+                if let Some(link) = &theirs {
+                    info!(device = %link.name, mac = ?link.mac, %family, "adopting flanneld's device as it is");
+                    *flag = Some(link.name.clone());
+                }
+                theirs
+            }
+            (None, false) => None,
+        };
+        kept[family as usize] = link.filter(|l| l.vxlan.is_some()).and_then(|l| l.mac);
+    }
+    Ok(kept)
+}
+
+/// flanneld's device names, before `.<VNI>`: IPv4's, IPv6's.
+pub const FLANNEL_DEVICE_PREFIX: [&str; 2] = ["flannel", "flannel-v6"];
+
+/// What this node publishes for `public`: each family's VTEP MAC (the one
+/// `kept` by its device, else one derived from the machine) and the lease attributes.
+fn lease_attrs(config: &NetConfig, public: PublicIps, kept: [Option<MacAddr>; 2]) -> ([MacAddr; 2], LeaseAttrs) {
     let vni = config.backend.vni;
     let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
     let vtep_macs = [
-        vtep_mac(&machine, public.v4.map(IpAddr::V4), vni, Family::V4),
-        vtep_mac(&machine, public.v6.map(IpAddr::V6), vni, Family::V6),
+        kept[0].unwrap_or_else(|| vtep_mac(&machine, public.v4.map(IpAddr::V4), vni, Family::V4)),
+        kept[1].unwrap_or_else(|| vtep_mac(&machine, public.v6.map(IpAddr::V6), vni, Family::V6)),
     ];
     let data = |family| VxlanBackendData { vni, vtep_mac: vtep_macs[family as usize] };
     let attrs = LeaseAttrs::vxlan_families(
@@ -580,7 +617,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         if public == self.public {
             return;
         }
-        let (vtep_macs, attrs) = lease_attrs(&self.config, public);
+        let (vtep_macs, attrs) = lease_attrs(&self.config, public, self.vtep_macs.map(Some));
         self.public = public;
         self.vtep_macs = vtep_macs;
         self.own.attrs = attrs;

@@ -554,7 +554,8 @@ pub const DEVICE_PREFIX: [&str; 2] = ["overlay", "overlay-v6"];
 /// `overlayd cleanup`: removes both devices (and with them every peer entry
 /// on them), our direct routes, our nftables tables and the subnet file. A
 /// device without a name given is every VXLAN device of the default name
-/// (`overlay.<VNI>`, `overlay-v6.<VNI>`): cleanup needs no network config.
+/// (`overlay.<VNI>`, `overlay-v6.<VNI>`, and flanneld's, which a daemon
+/// that replaced flanneld uses): cleanup needs no network config.
 pub async fn cleanup(device_names: [Option<&str>; 2], subnet_file: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let nl = Netlink::connect()?;
@@ -583,11 +584,15 @@ pub async fn cleanup(device_names: [Option<&str>; 2], subnet_file: &std::path::P
     Ok(())
 }
 
-/// Whether `name` is a default device name of family slot `family`: `overlay.<digits>`, `overlay-v6.<digits>`.
+/// Whether `name` is a default device name of family slot `family`:
+/// `overlay.<digits>`, `overlay-v6.<digits>`, or flanneld's, which a daemon
+/// that replaced flanneld adopted (`flannel.<digits>`, `flannel-v6.<digits>`).
 fn default_device_name(name: &str, family: usize) -> bool {
-    name.strip_prefix(DEVICE_PREFIX[family])
-        .and_then(|rest| rest.strip_prefix('.'))
-        .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+    [DEVICE_PREFIX[family], crate::daemon::FLANNEL_DEVICE_PREFIX[family]].iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// One family's part of `overlayd cleanup`; how many routes could not be removed.
@@ -749,7 +754,10 @@ mod tests {
         assert!(default_device_name("overlay-v6.1", 1));
         assert!(!default_device_name("overlay-v6.1", 0) && !default_device_name("overlay.1", 1));
         assert!(!default_device_name("overlay.", 0) && !default_device_name("overlay.x", 0));
-        assert!(!default_device_name("overlay", 0) && !default_device_name("flannel.1", 0));
+        assert!(!default_device_name("overlay", 0) && !default_device_name("flannel.x", 0));
+        // flanneld's, adopted by a daemon that replaced it.
+        assert!(default_device_name("flannel.1", 0) && default_device_name("flannel-v6.1", 1));
+        assert!(!default_device_name("flannel-v6.1", 0) && !default_device_name("flannel.1", 1));
     }
 
     #[test]

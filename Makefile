@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
-                podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap
+                podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).

@@ -1,0 +1,205 @@
+//! Replacing a running flanneld with overlayd, one node at a time, while
+//! pods on every node ping each other every 10 ms: no packet may be lost.
+//!
+//! flanneld itself cannot run here (the project ships no Go build), so each
+//! node starts in the state flanneld v0.20.2 leaves it in, as captured in
+//! shared/compat/flannel/node-state-v0.20.2.txt: `flannel.1` with its MAC,
+//! VNI, port and address; permanent neighbour and FDB entries and `proto
+//! boot` routes for every peer; flanneld's iptables rules (FLANNEL-POSTRTG,
+//! FLANNEL-FWD); its lease in etcd (same key, same JSON, a 24 h etcd lease);
+//! its subnet file. Then overlayd starts on that node with flanneld's own
+//! command line (README, "Migrating from flannel").
+
+use std::time::{Duration, Instant};
+
+use overlay_tests::cluster::{ClusterOptions, OUTSIDE_IP, PREFIX};
+use overlay_tests::probe::{http_get, ping_until, tcp_source_seen, PingRun};
+use overlay_tests::{require_root, wait_until, workspace_bin, Cluster};
+
+/// Node 1, 2, 3 of the capture: subnet (third octet) and VTEP MAC; public IPs 192.168.50.11-13.
+const FLANNEL_NODES: [(u8, &str); 3] =
+    [(33, "b2:5e:e8:32:3a:be"), (92, "52:58:c0:08:52:6d"), (55, "de:88:2d:39:68:fa")];
+const HEALTH: &str = "127.0.0.1:8471";
+
+/// flanneld's lease value for node `i`.
+fn lease_value(i: usize) -> String {
+    format!(
+        r#"{{"PublicIP":"192.168.50.{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        11 + i,
+        FLANNEL_NODES[i].1
+    )
+}
+
+/// Puts node `i` in the state flanneld leaves it in.
+fn as_flanneld_left_it(c: &Cluster, i: usize) {
+    let node = &c.nodes[i];
+    let (third, mac) = FLANNEL_NODES[i];
+    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+    let local = node.ip.to_string();
+    ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450", "up"]);
+    ip(&["addr", "add", &format!("10.244.{third}.0/32"), "dev", "flannel.1"]);
+    for (j, (peer_third, peer_mac)) in FLANNEL_NODES.iter().enumerate().filter(|(j, _)| *j != i) {
+        let gateway = format!("10.244.{peer_third}.0");
+        ip(&["neigh", "replace", &gateway, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent"]);
+        let dst = format!("192.168.50.{}", 11 + j);
+        node.ns
+            .exec("bridge", &["fdb", "append", peer_mac, "dev", "flannel.1", "dst", &dst, "self", "permanent"])
+            .unwrap();
+        let subnet = format!("{gateway}/24");
+        ip(&["route", "replace", &subnet, "via", &gateway, "dev", "flannel.1", "onlink", "proto", "boot"]);
+    }
+    node.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let iptables = |args: &str| {
+        let args: Vec<&str> = std::iter::once("-w").chain(args.split(' ')).collect();
+        node.ns.exec("iptables", &args).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let masq = "-m comment --comment flanneld-masq";
+    iptables("-t nat -N FLANNEL-POSTRTG");
+    iptables(&format!("-t nat -A POSTROUTING {masq} -j FLANNEL-POSTRTG"));
+    iptables(&format!("-t nat -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"));
+    iptables(&format!("-t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j RETURN"));
+    iptables(&format!(
+        "-t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"
+    ));
+    iptables(&format!("-t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.{third}.0/24 {masq} -j RETURN"));
+    iptables(&format!(
+        "-t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j MASQUERADE --random-fully"
+    ));
+    let fwd = "-m comment --comment flanneld-forward";
+    iptables("-N FLANNEL-FWD");
+    iptables(&format!("-A FORWARD {fwd} -j FLANNEL-FWD"));
+    iptables(&format!("-A FLANNEL-FWD -s 10.244.0.0/16 {fwd} -j ACCEPT"));
+    iptables(&format!("-A FLANNEL-FWD -d 10.244.0.0/16 {fwd} -j ACCEPT"));
+    let env = format!(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    );
+    std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
+    std::fs::write(&node.subnet_file, env).unwrap();
+    let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
+    let id = lease.split_whitespace().nth(1).unwrap().to_string();
+    let key = format!("{PREFIX}/subnets/10.244.{third}.0-24");
+    c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &lease_value(i)]).unwrap();
+}
+
+/// The etcd keys and values under the subnets prefix, as text.
+fn leases(c: &Cluster) -> String {
+    c.etcd.ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]).unwrap()
+}
+
+/// Whether overlayd on node `i` is ready and holds every peer with its own routes.
+fn took_over(c: &Cluster, i: usize) -> bool {
+    let node = &c.nodes[i];
+    http_get(&node.ns, HEALTH.parse().unwrap(), "/readyz").is_ok_and(|(code, _)| code == 200)
+        && node.ns.ip(&["route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, iptables): run by `make test`"]
+fn overlayd_replaces_a_running_flanneld_node_by_node_without_losing_a_packet() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions::default()).unwrap();
+    // flanneld's own command line (DaemonSet args or a systemd unit), Go's one-dash forms included.
+    let flanneld_args = ["-iface=eth0", "--ip-masq", "--healthz-ip=127.0.0.1", "--healthz-port=8471"];
+    for i in 0..3 {
+        c.add_node(&flanneld_args).unwrap();
+        as_flanneld_left_it(&c, i);
+    }
+    for i in 0..3 {
+        c.nodes[i].add_pod().unwrap();
+    }
+    let before = leases(&c);
+    // flanneld's dataplane works: pods reach each other, and the outside sees the node.
+    for (i, j) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(ping_until(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, Duration::from_secs(5)), "{i} -> {j}");
+    }
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[0].pods[0].ns).unwrap(), c.nodes[0].ip);
+
+    // Every pod pings every other, every 10 ms, while the nodes move one by one.
+    let count = 2000;
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            runs.push(((i, j), PingRun::start(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, count, "0.01").unwrap()));
+        }
+    }
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        c.nodes[i].start().unwrap();
+        assert!(wait_until(Duration::from_secs(10), || took_over(&c, i)), "node {}:\n{}", i + 1, c.nodes[i].log_text());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(u64::from(count) * 10),
+        "the pings ended before the last node moved"
+    );
+    for ((i, j), run) in runs {
+        let (sent, received) = run.finish().unwrap();
+        assert_eq!((sent, received), (count, count), "pod {} -> pod {}: packets lost in the migration", i + 1, j + 1);
+    }
+
+    // overlayd took flanneld's place as it was: the same leases, the same
+    // device and MAC, its own routes, its own masquerade table.
+    assert_eq!(leases(&c), before, "the leases changed");
+    for (i, node) in c.nodes.iter().enumerate() {
+        let log = node.log_text();
+        assert!(log.contains("adopting flanneld's device") && log.contains("took back our existing lease"), "{log}");
+        let link = node.ns.ip(&["link", "show", "flannel.1"]).unwrap();
+        assert!(link.contains(FLANNEL_NODES[i].1), "{link}");
+        assert!(node.ns.ip(&["link", "show", "overlay.1"]).is_err(), "a second device");
+        assert!(node.ns.exec("nft", &["list", "table", "ip", "overlay"]).unwrap().contains("masquerade"));
+        // flanneld's chains stay until removed by hand (README gives the line); they do what ours do.
+        assert!(node.ns.exec("iptables", &["-w", "-t", "nat", "-S", "FLANNEL-POSTRTG"]).is_ok());
+    }
+    for (i, j) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(ping_until(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, Duration::from_secs(2)), "{i} -> {j}");
+    }
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[1].pods[0].ns).unwrap(), c.nodes[1].ip);
+    // The README's cleanup of flanneld's rules, then masquerade is ours alone.
+    for node in &c.nodes {
+        for line in [
+            "-t nat -D POSTROUTING -m comment --comment flanneld-masq -j FLANNEL-POSTRTG",
+            "-t nat -F FLANNEL-POSTRTG",
+            "-t nat -X FLANNEL-POSTRTG",
+            "-D FORWARD -m comment --comment flanneld-forward -j FLANNEL-FWD",
+            "-F FLANNEL-FWD",
+            "-X FLANNEL-FWD",
+        ] {
+            let args: Vec<&str> = std::iter::once("-w").chain(line.split(' ')).collect();
+            node.ns.exec("iptables", &args).unwrap();
+        }
+    }
+    assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[2].pods[0].ns).unwrap(), c.nodes[2].ip);
+
+    // `overlayd cleanup` on node 1 removes flanneld's device with the rest; a fresh start builds overlay.1.
+    c.nodes[0].stop().unwrap();
+    let bin = workspace_bin("overlayd");
+    let node = &c.nodes[0];
+    node.ns.command(bin.to_str().unwrap(), &["cleanup", "--subnet-file"]).arg(&node.subnet_file).output().unwrap();
+    assert!(node.ns.ip(&["link", "show", "flannel.1"]).is_err(), "cleanup left flannel.1");
+    c.nodes[0].start().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || c.nodes[0].ns.ip(&["link", "show", "overlay.1"]).is_ok()));
+    for (i, j) in [(0, 1), (1, 0), (2, 0)] {
+        assert!(
+            ping_until(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, Duration::from_secs(10)),
+            "{i} -> {j} after a fresh start:\n{}",
+            c.nodes[0].log_text()
+        );
+    }
+}

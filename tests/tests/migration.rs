@@ -8,18 +8,32 @@
 //! boot` routes for every peer; flanneld's iptables rules (FLANNEL-POSTRTG,
 //! FLANNEL-FWD); its lease in etcd (same key, same JSON, a 24 h etcd lease);
 //! its subnet file. Then overlayd starts on that node with flanneld's own
-//! command line (README, "Migrating from flannel").
+//! command line (README, "Migrating from flannel"). The same in Kubernetes
+//! mode, against the API double: flanneld's annotations and condition on
+//! each Node, and the Node's podCIDR.
 
 use std::time::{Duration, Instant};
 
 use overlay_tests::cluster::{ClusterOptions, OUTSIDE_IP, PREFIX};
 use overlay_tests::probe::{http_get, ping_until, tcp_source_seen, PingRun};
 use overlay_tests::{require_root, wait_until, workspace_bin, Cluster};
+use serde_json::json;
 
-/// Node 1, 2, 3 of the capture: subnet (third octet) and VTEP MAC; public IPs 192.168.50.11-13.
+/// Node 1, 2, 3 of the capture: subnet (third octet; in Kubernetes mode the
+/// Node's podCIDR instead) and VTEP MAC; public IPs 192.168.50.11-13.
 const FLANNEL_NODES: [(u8, &str); 3] =
     [(33, "b2:5e:e8:32:3a:be"), (92, "52:58:c0:08:52:6d"), (55, "de:88:2d:39:68:fa")];
 const HEALTH: &str = "127.0.0.1:8471";
+/// kube-flannel-cfg's net-conf.json.
+const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const ANNOTATION: &str = "flannel.alpha.coreos.com";
+
+/// Where flanneld kept its leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Etcd,
+    Kube,
+}
 
 /// flanneld's lease value for node `i`.
 fn lease_value(i: usize) -> String {
@@ -31,9 +45,9 @@ fn lease_value(i: usize) -> String {
 }
 
 /// Puts node `i` in the state flanneld leaves it in.
-fn as_flanneld_left_it(c: &Cluster, i: usize) {
+fn as_flanneld_left_it(c: &Cluster, store: Store, i: usize, thirds: &[u8]) {
     let node = &c.nodes[i];
-    let (third, mac) = FLANNEL_NODES[i];
+    let (third, mac) = (thirds[i], FLANNEL_NODES[i].1);
     let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
     let local = node.ip.to_string();
     ip(&[
@@ -54,7 +68,7 @@ fn as_flanneld_left_it(c: &Cluster, i: usize) {
     ]);
     ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450", "up"]);
     ip(&["addr", "add", &format!("10.244.{third}.0/32"), "dev", "flannel.1"]);
-    for (j, (peer_third, peer_mac)) in FLANNEL_NODES.iter().enumerate().filter(|(j, _)| *j != i) {
+    for (j, (peer_third, (_, peer_mac))) in thirds.iter().zip(FLANNEL_NODES).enumerate().filter(|(j, _)| *j != i) {
         let gateway = format!("10.244.{peer_third}.0");
         ip(&["neigh", "replace", &gateway, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent"]);
         let dst = format!("192.168.50.{}", 11 + j);
@@ -91,15 +105,53 @@ fn as_flanneld_left_it(c: &Cluster, i: usize) {
     );
     std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
     std::fs::write(&node.subnet_file, env).unwrap();
-    let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
-    let id = lease.split_whitespace().nth(1).unwrap().to_string();
-    let key = format!("{PREFIX}/subnets/10.244.{third}.0-24");
-    c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &lease_value(i)]).unwrap();
+    match store {
+        Store::Etcd => {
+            let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
+            let id = lease.split_whitespace().nth(1).unwrap().to_string();
+            let key = format!("{PREFIX}/subnets/10.244.{third}.0-24");
+            c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &lease_value(i)]).unwrap();
+        }
+        Store::Kube => c
+            .api()
+            .edit_node(&node.name, |n| {
+                n["metadata"]["annotations"] = json!({
+                    format!("{ANNOTATION}/backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+                    format!("{ANNOTATION}/backend-type"): "vxlan",
+                    format!("{ANNOTATION}/kube-subnet-manager"): "true",
+                    format!("{ANNOTATION}/public-ip"): node.ip.to_string(),
+                });
+                n["status"]["conditions"] = json!([{
+                    "type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
+                    "message": "Flannel is running on this node",
+                    "lastTransitionTime": "2026-11-01T00:00:00Z", "lastHeartbeatTime": "2026-11-01T00:00:00Z",
+                }]);
+            })
+            .unwrap(),
+    }
 }
 
-/// The etcd keys and values under the subnets prefix, as text.
-fn leases(c: &Cluster) -> String {
-    c.etcd.ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]).unwrap()
+/// What peers know of every node, as text: the etcd keys and values under
+/// the subnets prefix, or each Node's podCIDR and flannel annotations.
+fn leases(c: &Cluster, store: Store) -> String {
+    match store {
+        Store::Etcd => c.etcd.ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]).unwrap(),
+        Store::Kube => c
+            .nodes
+            .iter()
+            .map(|n| {
+                let node = c.api().node(&n.name).unwrap();
+                let ours: Vec<_> = node
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(k, _)| k.starts_with(ANNOTATION))
+                    .collect();
+                format!("{} {:?} {ours:?}\n", n.name, node.spec.and_then(|s| s.pod_cidr))
+            })
+            .collect(),
+    }
 }
 
 /// Whether overlayd on node `i` is ready and holds every peer with its own routes.
@@ -113,17 +165,44 @@ fn took_over(c: &Cluster, i: usize) -> bool {
 #[ignore = "needs root (network namespaces, iptables): run by `make test`"]
 fn overlayd_replaces_a_running_flanneld_node_by_node_without_losing_a_packet() {
     require_root();
+    migrate(Store::Etcd);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, iptables): run by `make test`"]
+fn in_kubernetes_mode_overlayd_replaces_a_running_flanneld_without_losing_a_packet() {
+    require_root();
+    migrate(Store::Kube);
+}
+
+fn migrate(store: Store) {
     let mut c = Cluster::new(ClusterOptions::default()).unwrap();
     // flanneld's own command line (DaemonSet args or a systemd unit), Go's one-dash forms included.
     let flanneld_args = ["-iface=eth0", "--ip-masq", "--healthz-ip=127.0.0.1", "--healthz-port=8471"];
+    let mut thirds = Vec::new();
+    for (i, (third, _)) in FLANNEL_NODES.iter().enumerate() {
+        match store {
+            Store::Etcd => {
+                c.add_node(&flanneld_args).unwrap();
+                thirds.push(*third);
+            }
+            Store::Kube => {
+                if i == 0 {
+                    c.start_kube_api(NET_CONF).unwrap();
+                }
+                let k = c.add_kube_node(true, &flanneld_args).unwrap();
+                let cidr = c.api().node(&c.nodes[k].name).unwrap().spec.unwrap().pod_cidr.unwrap();
+                thirds.push(cidr.split('.').nth(2).unwrap().parse().unwrap());
+            }
+        }
+    }
     for i in 0..3 {
-        c.add_node(&flanneld_args).unwrap();
-        as_flanneld_left_it(&c, i);
+        as_flanneld_left_it(&c, store, i, &thirds);
     }
     for i in 0..3 {
         c.nodes[i].add_pod().unwrap();
     }
-    let before = leases(&c);
+    let before = leases(&c, store);
     // flanneld's dataplane works: pods reach each other, and the outside sees the node.
     for (i, j) in [(0, 1), (1, 2), (2, 0)] {
         assert!(ping_until(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, Duration::from_secs(5)), "{i} -> {j}");
@@ -156,10 +235,13 @@ fn overlayd_replaces_a_running_flanneld_node_by_node_without_losing_a_packet() {
 
     // overlayd took flanneld's place as it was: the same leases, the same
     // device and MAC, its own routes, its own masquerade table.
-    assert_eq!(leases(&c), before, "the leases changed");
+    assert_eq!(leases(&c, store), before, "the leases changed");
     for (i, node) in c.nodes.iter().enumerate() {
         let log = node.log_text();
-        assert!(log.contains("adopting flanneld's device") && log.contains("took back our existing lease"), "{log}");
+        assert!(log.contains("adopting flanneld's device"), "{log}");
+        if store == Store::Etcd {
+            assert!(log.contains("took back our existing lease"), "{log}");
+        }
         let link = node.ns.ip(&["link", "show", "flannel.1"]).unwrap();
         assert!(link.contains(FLANNEL_NODES[i].1), "{link}");
         assert!(node.ns.ip(&["link", "show", "overlay.1"]).is_err(), "a second device");

@@ -79,27 +79,23 @@ fn as_flanneld_left_it(c: &Cluster, store: Store, i: usize, thirds: &[u8]) {
         ip(&["route", "replace", &subnet, "via", &gateway, "dev", "flannel.1", "onlink", "proto", "boot"]);
     }
     node.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
-    let iptables = |args: &str| {
-        let args: Vec<&str> = std::iter::once("-w").chain(args.split(' ')).collect();
-        node.ns.exec("iptables", &args).unwrap_or_else(|e| panic!("{e}"))
-    };
-    let masq = "-m comment --comment flanneld-masq";
-    iptables("-t nat -N FLANNEL-POSTRTG");
-    iptables(&format!("-t nat -A POSTROUTING {masq} -j FLANNEL-POSTRTG"));
-    iptables(&format!("-t nat -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"));
-    iptables(&format!("-t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j RETURN"));
-    iptables(&format!(
-        "-t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"
-    ));
-    iptables(&format!("-t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.{third}.0/24 {masq} -j RETURN"));
-    iptables(&format!(
-        "-t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j MASQUERADE --random-fully"
-    ));
-    let fwd = "-m comment --comment flanneld-forward";
-    iptables("-N FLANNEL-FWD");
-    iptables(&format!("-A FORWARD {fwd} -j FLANNEL-FWD"));
-    iptables(&format!("-A FLANNEL-FWD -s 10.244.0.0/16 {fwd} -j ACCEPT"));
-    iptables(&format!("-A FLANNEL-FWD -d 10.244.0.0/16 {fwd} -j ACCEPT"));
+    // flanneld's rules, as `iptables -S` shows them in the capture.
+    let rules = format!(
+        r#"set -e
+iptables -w -t nat -N FLANNEL-POSTRTG
+iptables -w -t nat -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+iptables -w -t nat -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+iptables -w -t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+iptables -w -t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+iptables -w -t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.{third}.0/24 -m comment --comment "flanneld masq" -j RETURN
+iptables -w -t nat -A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+iptables -w -N FLANNEL-FWD
+iptables -w -A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD
+iptables -w -A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+iptables -w -A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+"#
+    );
+    node.ns.exec("sh", &["-c", &rules]).unwrap_or_else(|e| panic!("{e}"));
     let env = format!(
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
     );
@@ -129,6 +125,14 @@ fn as_flanneld_left_it(c: &Cluster, store: Store, i: usize, thirds: &[u8]) {
             })
             .unwrap(),
     }
+}
+
+/// The one-line removal of flanneld's iptables chains in README.md's migration section.
+fn readme_iptables_cleanup() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("## Migrating from flannel").expect("README: no migration section")..];
+    let block = &section[section.find("```sh\n").expect("README: no cleanup line") + 6..];
+    block[..block.find("```").unwrap()].trim().to_string()
 }
 
 /// What peers know of every node, as text: the etcd keys and values under
@@ -253,19 +257,12 @@ fn migrate(store: Store) {
         assert!(ping_until(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, Duration::from_secs(2)), "{i} -> {j}");
     }
     assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[1].pods[0].ns).unwrap(), c.nodes[1].ip);
-    // The README's cleanup of flanneld's rules, then masquerade is ours alone.
+    // The README's cleanup of flanneld's rules, as written there; then masquerade is ours alone.
+    let cleanup = readme_iptables_cleanup();
     for node in &c.nodes {
-        for line in [
-            "-t nat -D POSTROUTING -m comment --comment flanneld-masq -j FLANNEL-POSTRTG",
-            "-t nat -F FLANNEL-POSTRTG",
-            "-t nat -X FLANNEL-POSTRTG",
-            "-D FORWARD -m comment --comment flanneld-forward -j FLANNEL-FWD",
-            "-F FLANNEL-FWD",
-            "-X FLANNEL-FWD",
-        ] {
-            let args: Vec<&str> = std::iter::once("-w").chain(line.split(' ')).collect();
-            node.ns.exec("iptables", &args).unwrap();
-        }
+        node.ns.exec("sh", &["-ec", &cleanup]).unwrap_or_else(|e| panic!("{cleanup}: {e}"));
+        let left = node.ns.exec("iptables-save", &[]).unwrap();
+        assert!(!left.contains("FLANNEL"), "{left}");
     }
     assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[2].pods[0].ns).unwrap(), c.nodes[2].ip);
 

@@ -273,6 +273,31 @@ pub struct FlannelArgs {
     /// flanneld's log verbosity (glog's -v): 0-3 is info, 4 and more is debug, unless OVERLAYD_LOG is set.
     #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub verbosity: Option<u32>,
+    /// flanneld's directory of per-network subnet files (its multi-network
+    /// mode, which overlay does not have). Accepted, warned.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub subnet_dir: Option<String>,
+    /// glog's output flags, which flanneld's units still carry: overlayd
+    /// logs to stderr (journald, `kubectl logs`). Accepted, warned.
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub logtostderr: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub alsologtostderr: Option<String>,
+    #[arg(long = "log_dir", hide = true)]
+    pub log_dir: Option<String>,
+    #[arg(long = "log_file", hide = true)]
+    pub log_file: Option<String>,
+    #[arg(long, hide = true)]
+    pub stderrthreshold: Option<String>,
+    #[arg(long, hide = true)]
+    pub vmodule: Option<String>,
+    #[arg(long = "log_backtrace_at", hide = true)]
+    pub log_backtrace_at: Option<String>,
+    /// flanneld's IPsec backend's strongSwan settings: overlay has the vxlan backend only. Accepted, warned.
+    #[arg(long, hide = true)]
+    pub charon_executable_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub charon_viciuri: Option<String>,
 }
 
 /// What the flannel flags come to: settings over overlayd's, and warnings.
@@ -307,6 +332,35 @@ impl FlannelArgs {
                 "--iptables-forward-rules={forward} is flanneld's: overlayd adds no FORWARD rules (an nftables \
                  accept cannot override another table's drop policy); on a host whose FORWARD policy drops, accept \
                  the cluster network there (README, \"Forwarding\"); the flag is ignored"
+            ));
+        }
+        if self.subnet_dir.is_some() {
+            resolved.warnings.push(
+                "--subnet-dir is flanneld's multi-network mode, which overlay does not have: the one subnet file is \
+                 --subnet-file; the flag is ignored"
+                    .into(),
+            );
+        }
+        let glog = [
+            ("logtostderr", self.logtostderr.is_some()),
+            ("alsologtostderr", self.alsologtostderr.is_some()),
+            ("log_dir", self.log_dir.is_some()),
+            ("log_file", self.log_file.is_some()),
+            ("stderrthreshold", self.stderrthreshold.is_some()),
+            ("vmodule", self.vmodule.is_some()),
+            ("log_backtrace_at", self.log_backtrace_at.is_some()),
+        ];
+        if self.charon_executable_path.is_some() || self.charon_viciuri.is_some() {
+            resolved.warnings.push(
+                "--charon-executable-path and --charon-viciuri are for flanneld's IPsec backend: overlay has the \
+                 vxlan backend only; the flags are ignored"
+                    .into(),
+            );
+        }
+        for (flag, _) in glog.iter().filter(|(_, given)| *given) {
+            resolved.warnings.push(format!(
+                "--{flag} is glog's, as flanneld used it: overlayd logs to stderr, filtered by OVERLAYD_LOG (or -v); \
+                 the flag is ignored"
             ));
         }
         resolved
@@ -503,12 +557,17 @@ mod tests {
             (&["--iptables-resync=5"], &[]),
             (&["--iptables-forward-rules=false"], &[]),
             (&["--iptables-forward-rules"], &[]),
+            (&["--subnet-dir=/run/flannel/networks"], &[]),
+            (&["--logtostderr", "--log_dir=/var/log", "-vmodule=main=2"], &[]),
+            (&["--charon-viciuri=unix:///var/run/charon.vici"], &[]),
         ];
         for (flannel, ours) in table {
             let (a, warnings) = parse(flannel, &[]);
             let (b, _) = parse(ours, &[]);
             assert_eq!(effect(&a), effect(&b), "{flannel:?} against {ours:?}");
-            let warned = flannel.iter().any(|f| f.starts_with("--iptables"));
+            let warned = flannel
+                .iter()
+                .any(|f| ["--iptables", "--subnet-dir", "--log", "--charon"].iter().any(|w| f.starts_with(w)));
             assert_eq!(!warnings.is_empty(), warned, "{flannel:?}: {warnings:?}");
         }
         // flanneld's glog verbosity: debug from 4 on.
@@ -564,9 +623,12 @@ mod tests {
         let (both, _) = parse(&["--iface", "eth2"], &env);
         assert_eq!(both.run.node.iface, ["eth2"]);
         // A variable no flag of ours answers to is said, and changes nothing.
-        let (cli, warnings) = parse(&[], &[("FLANNELD_SUBNET_DIR", "/run/flannel/networks")]);
+        let (cli, warnings) = parse(&[], &[("FLANNELD_NO_SUCH_FLAG", "1")]);
         assert_eq!(effect(&cli), effect(&parse(&[], &[]).0));
-        assert!(warnings.iter().any(|w| w.contains("FLANNELD_SUBNET_DIR")), "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("FLANNELD_NO_SUCH_FLAG")), "{warnings:?}");
+        // One overlayd does not follow is warned about as a flag is.
+        let (_, warnings) = parse(&[], &[("FLANNELD_SUBNET_DIR", "/run/flannel/networks")]);
+        assert!(warnings.iter().any(|w| w.contains("--subnet-dir")), "{warnings:?}");
     }
 
     #[test]

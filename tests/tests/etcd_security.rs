@@ -144,3 +144,31 @@ fn etcd_with_authentication_a_role_on_the_prefix_and_each_mistake_said() {
     let keys = etcd.ctl(&["get", "", "--prefix", "--keys-only"]).unwrap();
     assert!(keys.lines().filter(|l| !l.is_empty()).all(|k| k.starts_with(PREFIX)), "{keys}");
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn etcd_with_tls_and_authentication_together() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).unwrap();
+    let pki = Pki::make(&c.dir.join("pki"), SECURE_ETCD.parse().unwrap()).unwrap();
+    let mut etcd = second_etcd(&c, Security { tls: Some(pki.clone()), also_on: Vec::new() });
+    etcd.enable_auth("root-secret").unwrap();
+    etcd.add_user("overlay", "overlay-secret", Some(&format!("{PREFIX}/"))).unwrap();
+    let (ca, cert, key) =
+        (pki.ca.to_str().unwrap(), pki.client_cert.to_str().unwrap(), pki.client_key.to_str().unwrap());
+    let endpoint = etcd.endpoint();
+    let tls = ["--etcd-endpoints", &endpoint, "--etcd-cafile", ca, "--etcd-certfile", cert, "--etcd-keyfile", key];
+    let good: Vec<&str> =
+        tls.iter().copied().chain(["--etcd-username", "overlay", "--etcd-password", "overlay-secret"]).collect();
+    for _ in 0..2 {
+        c.add_ready_node(&good, 1).unwrap();
+    }
+    assert!(
+        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
+        "{}",
+        c.nodes[0].log_text()
+    );
+    let wrong: Vec<&str> =
+        tls.iter().copied().chain(["--etcd-username", "overlay", "--etcd-password", "nope"]).collect();
+    fails_saying(&mut c, &wrong, &["authenticate as user \"overlay\"", "--etcd-password"]);
+}

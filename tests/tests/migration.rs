@@ -282,3 +282,187 @@ fn migrate(store: Store) {
         );
     }
 }
+
+/// The dual-stack capture (node-state-dualstack-v0.20.2.txt): node 1, 2, 3's
+/// subnets (IPv4 third octet, IPv6 fourth group) and VTEP MACs (IPv4, IPv6).
+const DUAL_NODES: [(u8, u16, &str, &str); 3] = [
+    (40, 0x8, "b6:ba:d2:9b:35:ab", "fe:e4:ca:57:1c:83"),
+    (18, 0x18, "0a:d8:d2:05:d3:63", "d2:69:e8:6a:1c:03"),
+    (73, 0x29, "5e:4b:fd:e1:94:02", "96:83:fb:1c:fc:87"),
+];
+const DUAL_CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+
+/// Puts node `i` of a dual-stack cluster in the state flanneld leaves it in: both devices, both families' entries and rules.
+fn as_dual_stack_flanneld_left_it(c: &Cluster, i: usize) {
+    let node = &c.nodes[i];
+    let (third, v6, mac, mac6) = DUAL_NODES[i];
+    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+    let (local, local6) = (node.ip.to_string(), node.ip6.to_string());
+    ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450", "up"]);
+    ip(&["addr", "add", &format!("10.244.{third}.0/32"), "dev", "flannel.1"]);
+    ip(&[
+        "link",
+        "add",
+        "flannel-v6.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local6,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ip(&["link", "set", "flannel-v6.1", "address", mac6, "mtu", "1430", "up"]);
+    ip(&["addr", "add", &format!("fd00:10:244:{v6:x}::/128"), "dev", "flannel-v6.1", "nodad"]);
+    for (j, (peer_third, peer_v6, peer_mac, peer_mac6)) in DUAL_NODES.iter().enumerate().filter(|(j, _)| *j != i) {
+        let gateway = format!("10.244.{peer_third}.0");
+        ip(&["neigh", "replace", &gateway, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent"]);
+        let dst = format!("192.168.50.{}", 11 + j);
+        node.ns
+            .exec("bridge", &["fdb", "append", peer_mac, "dev", "flannel.1", "dst", &dst, "self", "permanent"])
+            .unwrap();
+        ip(&[
+            "route",
+            "replace",
+            &format!("{gateway}/24"),
+            "via",
+            &gateway,
+            "dev",
+            "flannel.1",
+            "onlink",
+            "proto",
+            "boot",
+        ]);
+        let gateway6 = format!("fd00:10:244:{peer_v6:x}::");
+        ip(&["-6", "neigh", "replace", &gateway6, "lladdr", peer_mac6, "dev", "flannel-v6.1", "nud", "permanent"]);
+        let dst6 = format!("fd00:50::{:x}", 0x11 + j);
+        node.ns
+            .exec("bridge", &["fdb", "append", peer_mac6, "dev", "flannel-v6.1", "dst", &dst6, "self", "permanent"])
+            .unwrap();
+        let subnet6 = format!("{gateway6}/64");
+        ip(&[
+            "-6",
+            "route",
+            "replace",
+            &subnet6,
+            "via",
+            &gateway6,
+            "dev",
+            "flannel-v6.1",
+            "onlink",
+            "proto",
+            "boot",
+            "metric",
+            "1024",
+        ]);
+    }
+    node.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]).unwrap();
+    let rules = format!(
+        r#"set -e
+iptables -w -t nat -N FLANNEL-POSTRTG
+iptables -w -t nat -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+iptables -w -t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+iptables -w -t nat -A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+ip6tables -w -t nat -N FLANNEL-POSTRTG
+ip6tables -w -t nat -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+ip6tables -w -t nat -A FLANNEL-POSTRTG -s fd00:10:244::/56 -d fd00:10:244::/56 -m comment --comment "flanneld masq" -j RETURN
+ip6tables -w -t nat -A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+ip6tables -w -t nat -A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244:{v6:x}::/64 -m comment --comment "flanneld masq" -j RETURN
+"#
+    );
+    node.ns.exec("sh", &["-c", &rules]).unwrap_or_else(|e| panic!("{e}"));
+    let env = format!(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:{v6:x}::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    );
+    std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
+    std::fs::write(&node.subnet_file, env).unwrap();
+    let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
+    let id = lease.split_whitespace().nth(1).unwrap().to_string();
+    let key = format!("{PREFIX}/subnets/10.244.{third}.0-24&fd00:10:244:{v6:x}::-64");
+    let value = format!(
+        r#"{{"PublicIP":"{local}","PublicIPv6":"{local6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
+    );
+    c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &value]).unwrap();
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, iptables): run by `make test`"]
+fn dual_stack_overlayd_replaces_a_running_flanneld_without_losing_a_packet_in_either_family() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: Some(DUAL_CONFIG.into()), ..ClusterOptions::default() }).unwrap();
+    let flanneld_args = ["-iface=eth0", "--ip-masq", "--healthz-ip=127.0.0.1", "--healthz-port=8471"];
+    for i in 0..3 {
+        c.add_node(&flanneld_args).unwrap();
+        as_dual_stack_flanneld_left_it(&c, i);
+    }
+    for i in 0..3 {
+        c.nodes[i].add_pod().unwrap();
+    }
+    let before = leases(&c, Store::Etcd);
+    let pods: Vec<(std::net::IpAddr, std::net::IpAddr)> =
+        c.nodes.iter().map(|n| (n.pods[0].ip.into(), n.pods[0].ip6.expect("a dual-stack pod").into())).collect();
+    for (i, j) in [(0, 1), (1, 2), (2, 0)] {
+        for to in [pods[j].0, pods[j].1] {
+            assert!(ping_until(&c.nodes[i].pods[0].ns, to, Duration::from_secs(5)), "{i} -> {to} under flanneld");
+        }
+    }
+    let count = 2000;
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            for to in [pods[j].0, pods[j].1] {
+                runs.push(((i, to), PingRun::start(&c.nodes[i].pods[0].ns, to, count, "0.01").unwrap()));
+            }
+        }
+    }
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        c.nodes[i].start().unwrap();
+        let node = &c.nodes[i];
+        let took_over = || {
+            http_get(&node.ns, HEALTH.parse().unwrap(), "/readyz").is_ok_and(|(code, _)| code == 200)
+                && node.ns.ip(&["route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
+                && node.ns.ip(&["-6", "route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
+        };
+        assert!(wait_until(Duration::from_secs(10), took_over), "node {}:\n{}", i + 1, node.log_text());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(u64::from(count) * 10),
+        "the pings ended before the last node moved"
+    );
+    for ((i, to), run) in runs {
+        let (sent, received) = run.finish().unwrap();
+        assert_eq!((sent, received), (count, count), "pod {} -> {to}: packets lost in the migration", i + 1);
+    }
+    assert_eq!(leases(&c, Store::Etcd), before, "the leases changed");
+    for (i, node) in c.nodes.iter().enumerate() {
+        for (device, mac) in [("flannel.1", DUAL_NODES[i].2), ("flannel-v6.1", DUAL_NODES[i].3)] {
+            let link = node.ns.ip(&["link", "show", device]).unwrap();
+            assert!(link.contains(mac), "{link}");
+        }
+        assert!(node.ns.ip(&["link", "show", "overlay-v6.1"]).is_err(), "a second IPv6 device");
+    }
+}

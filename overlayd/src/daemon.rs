@@ -613,7 +613,12 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let public =
             PublicIps { v4: follow(self.public.v4, before.v4, now.v4), v6: follow(self.public.v6, before.v6, now.v6) };
         info!(iface = %found.name, v4 = ?found.v4, v6 = ?found.v6, mtu = found.mtu, public_ip = ?public.v4, public_ipv6 = ?public.v6, "the underlay changed");
+        let moved = (found.index, found.v4, found.v6) != (self.underlay.index, self.underlay.v4, self.underlay.v6);
         self.underlay = found;
+        if moved {
+            // Connections from the old address are dead: new ones now, not after a timeout.
+            self.store.reconnect().await;
+        }
         if public == self.public {
             return;
         }

@@ -279,6 +279,8 @@ fn a_new_underlay_address_is_published_and_used_without_a_restart() {
         published(),
         a.log_text()
     );
+    // Its etcd connections came from the old address: made anew, not left to time out.
+    assert!(a.log_text().contains("connecting to etcd anew"), "{}", a.log_text());
     assert!(
         wait_until(Duration::from_secs(5), || a
             .ns

@@ -130,7 +130,11 @@ pub struct EtcdLeases {
     /// One client per endpoint: a failed call moves to the next endpoint.
     /// (The library's own balancing waits, up to the request timeout, for a
     /// dead endpoint to come back instead of trying another.)
-    clients: Arc<Vec<Client>>,
+    clients: Arc<std::sync::RwLock<Vec<Client>>>,
+    /// How the clients connect, for [`reconnect`](LeaseStore::reconnect).
+    options: ConnectOptions,
+    /// Bumped by each reconnect: a watch on an old connection ends, and resumes on a new one.
+    reconnects: Arc<tokio::sync::watch::Sender<u64>>,
     /// With etcd authentication: the user and password, and whether each
     /// endpoint's client has its token (it gets one on first use, so that an
     /// endpoint that is down at start does not stop the others).
@@ -175,13 +179,7 @@ impl EtcdLeases {
         }
         let endpoints: Vec<String> =
             args.etcd_endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
-        let mut clients = Vec::with_capacity(endpoints.len());
-        for endpoint in &endpoints {
-            let client = Client::connect([endpoint.as_str()], Some(options.clone()))
-                .await
-                .map_err(etcd(format!("connect to {endpoint}")))?;
-            clients.push(client);
-        }
+        let clients = connect_each(&endpoints, &options).await?;
         if clients.is_empty() {
             return Err(EtcdError::NoEndpoints);
         }
@@ -193,7 +191,9 @@ impl EtcdLeases {
             authenticated: Arc::new(clients.iter().map(|_| Default::default()).collect()),
             user,
             renew_margin,
-            clients: Arc::new(clients),
+            clients: Arc::new(std::sync::RwLock::new(clients)),
+            options,
+            reconnects: Arc::new(tokio::sync::watch::Sender::new(0)),
             current: Arc::new(AtomicUsize::new(0)),
             endpoints: Arc::new(endpoints),
             prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
@@ -204,8 +204,8 @@ impl EtcdLeases {
 
     /// The client of the endpoint in use; with etcd authentication, once it has its token.
     async fn client(&self) -> Result<Client, EtcdError> {
-        let at = self.current.load(Relaxed) % self.clients.len();
-        let mut client = self.clients[at].clone();
+        let at = self.current.load(Relaxed) % self.endpoints.len();
+        let mut client = self.clients.read().unwrap_or_else(|e| e.into_inner())[at].clone();
         let Some((name, password)) = &self.user else { return Ok(client) };
         if !self.authenticated[at].load(Relaxed) {
             // The credentials are shared by the client's clones: its later calls
@@ -238,7 +238,7 @@ impl EtcdLeases {
 
     /// Moves to the next endpoint, after a failure on this one.
     fn next_endpoint(&self) {
-        if self.clients.len() > 1 {
+        if self.endpoints.len() > 1 {
             self.current.fetch_add(1, Relaxed);
         }
     }
@@ -570,8 +570,16 @@ impl EtcdLeases {
                 return Resume::From(revision);
             }
         };
+        let mut reconnects = self.reconnects.subscribe();
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = reconnects.changed() => {
+                    debug!(revision, "resuming the watch on a new connection");
+                    return Resume::From(revision);
+                }
+            };
+            match message {
                 Ok(Some(resp)) => {
                     backoff.reset();
                     if resp.compact_revision() > 0 || resp.canceled() {
@@ -630,6 +638,21 @@ fn watch_events(prefix: &str, resp: &WatchResponse) -> (Vec<WatchEvent>, i64) {
 }
 
 impl LeaseStore for EtcdLeases {
+    async fn reconnect(&mut self) {
+        match connect_each(&self.endpoints, &self.options).await {
+            Ok(clients) => {
+                *self.clients.write().unwrap_or_else(|e| e.into_inner()) = clients;
+                for token in self.authenticated.iter() {
+                    token.store(false, Relaxed);
+                }
+                self.reconnects.send_modify(|n| *n += 1);
+                info!(endpoints = %self.endpoints.join(","), "the underlay changed: connecting to etcd anew");
+            }
+            // The old clients stay: their requests time out and reconnect, only later.
+            Err(e) => warn!(error = %e, "cannot connect to etcd anew after the underlay changed"),
+        }
+    }
+
     async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
         let path = format!("{}/config", self.prefix);
         let mut backoff = Backoff::new();
@@ -820,6 +843,18 @@ fn hint(text: &str, tls: bool) -> Option<&'static str> {
         return Some("TLS: etcd closed the connection after the handshake, as it does when it requires a client certificate and got none or one it does not trust: check --etcd-certfile and --etcd-keyfile");
     }
     None
+}
+
+/// A client for each endpoint; each connects when first used.
+async fn connect_each(endpoints: &[String], options: &ConnectOptions) -> Result<Vec<Client>, EtcdError> {
+    let mut clients = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+            .await
+            .map_err(etcd(format!("connect to {endpoint}")))?;
+        clients.push(client);
+    }
+    Ok(clients)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {

@@ -151,6 +151,11 @@ pub trait LeaseStore: Send + 'static {
         Ok(false)
     }
 
+    /// The underlay's address changed: connections made from the old one are
+    /// dead, though nothing says so until a request times out. Where the
+    /// store holds such connections, it makes new ones now.
+    async fn reconnect(&mut self) {}
+
     /// Tells the cluster this node's network is up, where the store has a
     /// place for it (Kubernetes: the Node condition `NetworkUnavailable=False`).
     async fn announce_ready(&mut self) -> anyhow::Result<()> {

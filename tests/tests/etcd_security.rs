@@ -42,6 +42,18 @@ fn fails_saying(c: &mut Cluster, flags: &[&str], expected: &[&str]) {
     c.nodes[i].stop().unwrap();
 }
 
+/// Two nodes with `flags` become ready, with a pod each, and their pods reach each other.
+fn two_nodes_reach_each_other(c: &mut Cluster, flags: &[&str]) {
+    for _ in 0..2 {
+        c.add_ready_node(flags, 1).unwrap();
+    }
+    assert!(
+        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
+        "{}",
+        c.nodes[0].log_text()
+    );
+}
+
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn etcd_over_tls_with_client_certificates_and_each_tls_mistake_said() {
@@ -54,14 +66,7 @@ fn etcd_over_tls_with_client_certificates_and_each_tls_mistake_said() {
         (pki.ca.to_str().unwrap(), pki.client_cert.to_str().unwrap(), pki.client_key.to_str().unwrap());
     let endpoint = format!("https://{SECURE_ETCD}:2379");
     let good = ["--etcd-endpoints", &endpoint, "--etcd-cafile", ca, "--etcd-certfile", cert, "--etcd-keyfile", key];
-    for _ in 0..2 {
-        c.add_ready_node(&good, 1).unwrap();
-    }
-    assert!(
-        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
-        "{}",
-        c.nodes[0].log_text()
-    );
+    two_nodes_reach_each_other(&mut c, &good);
 
     // No client certificate: etcd refuses the connection.
     fails_saying(&mut c, &["--etcd-endpoints", &endpoint, "--etcd-cafile", ca], &["TLS", "--etcd-certfile"]);
@@ -113,14 +118,7 @@ fn etcd_with_authentication_a_role_on_the_prefix_and_each_mistake_said() {
     };
     let good = as_user("overlay", "overlay-secret");
     let good: Vec<&str> = good.iter().map(String::as_str).collect();
-    for _ in 0..2 {
-        c.add_ready_node(&good, 1).unwrap();
-    }
-    assert!(
-        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
-        "{}",
-        c.nodes[0].log_text()
-    );
+    two_nodes_reach_each_other(&mut c, &good);
     // etcd's simple tokens die with a restart: the watch comes back with a
     // token it had to get again, and a node that joins after is programmed.
     etcd.restart().unwrap();
@@ -160,14 +158,7 @@ fn etcd_with_tls_and_authentication_together() {
     let tls = ["--etcd-endpoints", &endpoint, "--etcd-cafile", ca, "--etcd-certfile", cert, "--etcd-keyfile", key];
     let good: Vec<&str> =
         tls.iter().copied().chain(["--etcd-username", "overlay", "--etcd-password", "overlay-secret"]).collect();
-    for _ in 0..2 {
-        c.add_ready_node(&good, 1).unwrap();
-    }
-    assert!(
-        ping_until(&c.nodes[0].pods[0].ns, c.nodes[1].pods[0].ip, Duration::from_secs(5)),
-        "{}",
-        c.nodes[0].log_text()
-    );
+    two_nodes_reach_each_other(&mut c, &good);
     let wrong: Vec<&str> =
         tls.iter().copied().chain(["--etcd-username", "overlay", "--etcd-password", "nope"]).collect();
     fails_saying(&mut c, &wrong, &["authenticate as user \"overlay\"", "--etcd-password"]);

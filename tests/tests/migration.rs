@@ -12,11 +12,12 @@
 //! mode, against the API double: flanneld's annotations and condition on
 //! each Node, and the Node's podCIDR.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use overlay_tests::cluster::{ClusterOptions, OUTSIDE_IP, PREFIX};
 use overlay_tests::probe::{http_get, ping_until, tcp_source_seen, PingRun};
-use overlay_tests::{require_root, wait_until, workspace_bin, Cluster};
+use overlay_tests::{require_root, wait_until, workspace_bin, Cluster, Node};
 use serde_json::json;
 
 /// Node 1, 2, 3 of the capture: subnet (third octet; in Kubernetes mode the
@@ -44,39 +45,87 @@ fn lease_value(i: usize) -> String {
     )
 }
 
+/// flanneld's VXLAN device: `name`, bound to eth0 at `local`, with its MAC, MTU and address.
+fn flannel_device(node: &Node, name: &str, local: &str, mac: &str, mtu: &str, address: &str) {
+    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+    let vxlan = ["type", "vxlan", "id", "1", "local", local, "dev", "eth0", "dstport", "8472", "nolearning"];
+    ip(&[&["link", "add", name][..], &vxlan].concat());
+    ip(&["link", "set", name, "address", mac, "mtu", mtu, "up"]);
+    ip(&["addr", "add", address, "dev", name, "nodad"]);
+}
+
+/// flanneld's entries on `device` for one peer: a permanent neighbour and
+/// FDB entry, and an onlink `proto boot` route to its subnet (IPv6: metric 1024, as it leaves them).
+fn flannel_peer(node: &Node, device: &str, gateway: &str, prefix_len: u8, mac: &str, dst: &str) {
+    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+    let family = if gateway.contains(':') { "-6" } else { "-4" };
+    ip(&[family, "neigh", "replace", gateway, "lladdr", mac, "dev", device, "nud", "permanent"]);
+    node.ns.exec("bridge", &["fdb", "append", mac, "dev", device, "dst", dst, "self", "permanent"]).unwrap();
+    let subnet = format!("{gateway}/{prefix_len}");
+    let route = [family, "route", "replace", &subnet, "via", gateway, "dev", device, "onlink", "proto", "boot"];
+    let metric: &[&str] = if family == "-6" { &["metric", "1024"] } else { &[] };
+    ip(&[&route[..], metric].concat());
+}
+
+/// flanneld's lease in etcd: `value` at `key`, attached to a 24 h etcd lease.
+fn etcd_lease(c: &Cluster, key: &str, value: &str) {
+    let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
+    let id = lease.split_whitespace().nth(1).unwrap().to_string();
+    c.etcd.ctl(&["put", &format!("--lease={id}"), key, value]).unwrap();
+}
+
+/// flanneld's subnet file.
+fn subnet_file(node: &Node, env: &str) {
+    std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
+    std::fs::write(&node.subnet_file, env).unwrap();
+}
+
+/// Every pod pings every address in `targets` of the other nodes' pods, every
+/// 10 ms, while overlayd starts on one node after the other (each awaited
+/// until `took_over` says so); asserts that not one ping was lost.
+fn move_while_pinging(c: &mut Cluster, targets: &[Vec<IpAddr>], took_over: impl Fn(&Node) -> bool) {
+    let count = 2000;
+    let mut runs = Vec::new();
+    for i in 0..c.nodes.len() {
+        for to in targets.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, addrs)| addrs) {
+            runs.push(((i, *to), PingRun::start(&c.nodes[i].pods[0].ns, *to, count, "0.01").unwrap()));
+        }
+    }
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..c.nodes.len() {
+        c.nodes[i].start().unwrap();
+        let node = &c.nodes[i];
+        assert!(wait_until(Duration::from_secs(10), || took_over(node)), "node {}:\n{}", i + 1, node.log_text());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(u64::from(count) * 10),
+        "the pings ended before the last node moved"
+    );
+    for ((i, to), run) in runs {
+        let (sent, received) = run.finish().unwrap();
+        assert_eq!((sent, received), (count, count), "pod {} -> {to}: packets lost in the migration", i + 1);
+    }
+}
+
+/// Whether overlayd on `node` is ready and holds every peer with its own routes, in each family of `families`.
+fn took_over(node: &Node, families: &[&str]) -> bool {
+    http_get(&node.ns, HEALTH.parse().unwrap(), "/readyz").is_ok_and(|(code, _)| code == 200)
+        && families
+            .iter()
+            .all(|f| node.ns.ip(&[f, "route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2))
+}
+
 /// Puts node `i` in the state flanneld leaves it in.
 fn as_flanneld_left_it(c: &Cluster, store: Store, i: usize, thirds: &[u8]) {
     let node = &c.nodes[i];
     let (third, mac) = (thirds[i], FLANNEL_NODES[i].1);
-    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
-    let local = node.ip.to_string();
-    ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450", "up"]);
-    ip(&["addr", "add", &format!("10.244.{third}.0/32"), "dev", "flannel.1"]);
+    let address = format!("10.244.{third}.0/32");
+    flannel_device(node, "flannel.1", &node.ip.to_string(), mac, "1450", &address);
     for (j, (peer_third, (_, peer_mac))) in thirds.iter().zip(FLANNEL_NODES).enumerate().filter(|(j, _)| *j != i) {
-        let gateway = format!("10.244.{peer_third}.0");
-        ip(&["neigh", "replace", &gateway, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent"]);
         let dst = format!("192.168.50.{}", 11 + j);
-        node.ns
-            .exec("bridge", &["fdb", "append", peer_mac, "dev", "flannel.1", "dst", &dst, "self", "permanent"])
-            .unwrap();
-        let subnet = format!("{gateway}/24");
-        ip(&["route", "replace", &subnet, "via", &gateway, "dev", "flannel.1", "onlink", "proto", "boot"]);
+        flannel_peer(node, "flannel.1", &format!("10.244.{peer_third}.0"), 24, peer_mac, &dst);
     }
     node.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
     // flanneld's rules, as `iptables -S` shows them in the capture.
@@ -96,18 +145,12 @@ iptables -w -A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forwa
 "#
     );
     node.ns.exec("sh", &["-c", &rules]).unwrap_or_else(|e| panic!("{e}"));
-    let env = format!(
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    subnet_file(
+        node,
+        &format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"),
     );
-    std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
-    std::fs::write(&node.subnet_file, env).unwrap();
     match store {
-        Store::Etcd => {
-            let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
-            let id = lease.split_whitespace().nth(1).unwrap().to_string();
-            let key = format!("{PREFIX}/subnets/10.244.{third}.0-24");
-            c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &lease_value(i)]).unwrap();
-        }
+        Store::Etcd => etcd_lease(c, &format!("{PREFIX}/subnets/10.244.{third}.0-24"), &lease_value(i)),
         Store::Kube => c
             .api()
             .edit_node(&node.name, |n| {
@@ -156,13 +199,6 @@ fn leases(c: &Cluster, store: Store) -> String {
             })
             .collect(),
     }
-}
-
-/// Whether overlayd on node `i` is ready and holds every peer with its own routes.
-fn took_over(c: &Cluster, i: usize) -> bool {
-    let node = &c.nodes[i];
-    http_get(&node.ns, HEALTH.parse().unwrap(), "/readyz").is_ok_and(|(code, _)| code == 200)
-        && node.ns.ip(&["route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
 }
 
 #[test]
@@ -214,28 +250,8 @@ fn migrate(store: Store) {
     assert_eq!(tcp_source_seen(&c.outside, OUTSIDE_IP, &c.nodes[0].pods[0].ns).unwrap(), c.nodes[0].ip);
 
     // Every pod pings every other, every 10 ms, while the nodes move one by one.
-    let count = 2000;
-    let mut runs = Vec::new();
-    for i in 0..3 {
-        for j in (0..3).filter(|j| *j != i) {
-            runs.push(((i, j), PingRun::start(&c.nodes[i].pods[0].ns, c.nodes[j].pods[0].ip, count, "0.01").unwrap()));
-        }
-    }
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
-    for i in 0..3 {
-        c.nodes[i].start().unwrap();
-        assert!(wait_until(Duration::from_secs(10), || took_over(&c, i)), "node {}:\n{}", i + 1, c.nodes[i].log_text());
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(u64::from(count) * 10),
-        "the pings ended before the last node moved"
-    );
-    for ((i, j), run) in runs {
-        let (sent, received) = run.finish().unwrap();
-        assert_eq!((sent, received), (count, count), "pod {} -> pod {}: packets lost in the migration", i + 1, j + 1);
-    }
+    let targets: Vec<Vec<IpAddr>> = c.nodes.iter().map(|n| vec![n.pods[0].ip.into()]).collect();
+    move_while_pinging(&mut c, &targets, |node| took_over(node, &["-4"]));
 
     // overlayd took flanneld's place as it was: the same leases, the same
     // device and MAC, its own routes, its own masquerade table.
@@ -297,85 +313,14 @@ const DUAL_CONFIG: &str =
 fn as_dual_stack_flanneld_left_it(c: &Cluster, i: usize) {
     let node = &c.nodes[i];
     let (third, v6, mac, mac6) = DUAL_NODES[i];
-    let ip = |args: &[&str]| node.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
     let (local, local6) = (node.ip.to_string(), node.ip6.to_string());
-    ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450", "up"]);
-    ip(&["addr", "add", &format!("10.244.{third}.0/32"), "dev", "flannel.1"]);
-    ip(&[
-        "link",
-        "add",
-        "flannel-v6.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local6,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    ip(&["link", "set", "flannel-v6.1", "address", mac6, "mtu", "1430", "up"]);
-    ip(&["addr", "add", &format!("fd00:10:244:{v6:x}::/128"), "dev", "flannel-v6.1", "nodad"]);
+    flannel_device(node, "flannel.1", &local, mac, "1450", &format!("10.244.{third}.0/32"));
+    flannel_device(node, "flannel-v6.1", &local6, mac6, "1430", &format!("fd00:10:244:{v6:x}::/128"));
     for (j, (peer_third, peer_v6, peer_mac, peer_mac6)) in DUAL_NODES.iter().enumerate().filter(|(j, _)| *j != i) {
-        let gateway = format!("10.244.{peer_third}.0");
-        ip(&["neigh", "replace", &gateway, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent"]);
         let dst = format!("192.168.50.{}", 11 + j);
-        node.ns
-            .exec("bridge", &["fdb", "append", peer_mac, "dev", "flannel.1", "dst", &dst, "self", "permanent"])
-            .unwrap();
-        ip(&[
-            "route",
-            "replace",
-            &format!("{gateway}/24"),
-            "via",
-            &gateway,
-            "dev",
-            "flannel.1",
-            "onlink",
-            "proto",
-            "boot",
-        ]);
-        let gateway6 = format!("fd00:10:244:{peer_v6:x}::");
-        ip(&["-6", "neigh", "replace", &gateway6, "lladdr", peer_mac6, "dev", "flannel-v6.1", "nud", "permanent"]);
+        flannel_peer(node, "flannel.1", &format!("10.244.{peer_third}.0"), 24, peer_mac, &dst);
         let dst6 = format!("fd00:50::{:x}", 0x11 + j);
-        node.ns
-            .exec("bridge", &["fdb", "append", peer_mac6, "dev", "flannel-v6.1", "dst", &dst6, "self", "permanent"])
-            .unwrap();
-        let subnet6 = format!("{gateway6}/64");
-        ip(&[
-            "-6",
-            "route",
-            "replace",
-            &subnet6,
-            "via",
-            &gateway6,
-            "dev",
-            "flannel-v6.1",
-            "onlink",
-            "proto",
-            "boot",
-            "metric",
-            "1024",
-        ]);
+        flannel_peer(node, "flannel-v6.1", &format!("fd00:10:244:{peer_v6:x}::"), 64, peer_mac6, &dst6);
     }
     node.ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]).unwrap();
     let rules = format!(
@@ -392,18 +337,17 @@ ip6tables -w -t nat -A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244:{v6:
 "#
     );
     node.ns.exec("sh", &["-c", &rules]).unwrap_or_else(|e| panic!("{e}"));
-    let env = format!(
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:{v6:x}::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    subnet_file(
+        node,
+        &format!(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{third}.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:{v6:x}::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        ),
     );
-    std::fs::create_dir_all(node.subnet_file.parent().unwrap()).unwrap();
-    std::fs::write(&node.subnet_file, env).unwrap();
-    let lease = c.etcd.ctl(&["lease", "grant", "86400"]).unwrap();
-    let id = lease.split_whitespace().nth(1).unwrap().to_string();
     let key = format!("{PREFIX}/subnets/10.244.{third}.0-24&fd00:10:244:{v6:x}::-64");
     let value = format!(
         r#"{{"PublicIP":"{local}","PublicIPv6":"{local6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
     );
-    c.etcd.ctl(&["put", &format!("--lease={id}"), &key, &value]).unwrap();
+    etcd_lease(c, &key, &value);
 }
 
 #[test]
@@ -420,43 +364,14 @@ fn dual_stack_overlayd_replaces_a_running_flanneld_without_losing_a_packet_in_ei
         c.nodes[i].add_pod().unwrap();
     }
     let before = leases(&c, Store::Etcd);
-    let pods: Vec<(std::net::IpAddr, std::net::IpAddr)> =
-        c.nodes.iter().map(|n| (n.pods[0].ip.into(), n.pods[0].ip6.expect("a dual-stack pod").into())).collect();
+    let targets: Vec<Vec<IpAddr>> =
+        c.nodes.iter().map(|n| vec![n.pods[0].ip.into(), n.pods[0].ip6.expect("a dual-stack pod").into()]).collect();
     for (i, j) in [(0, 1), (1, 2), (2, 0)] {
-        for to in [pods[j].0, pods[j].1] {
-            assert!(ping_until(&c.nodes[i].pods[0].ns, to, Duration::from_secs(5)), "{i} -> {to} under flanneld");
+        for to in &targets[j] {
+            assert!(ping_until(&c.nodes[i].pods[0].ns, *to, Duration::from_secs(5)), "{i} -> {to} under flanneld");
         }
     }
-    let count = 2000;
-    let mut runs = Vec::new();
-    for i in 0..3 {
-        for j in (0..3).filter(|j| *j != i) {
-            for to in [pods[j].0, pods[j].1] {
-                runs.push(((i, to), PingRun::start(&c.nodes[i].pods[0].ns, to, count, "0.01").unwrap()));
-            }
-        }
-    }
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
-    for i in 0..3 {
-        c.nodes[i].start().unwrap();
-        let node = &c.nodes[i];
-        let took_over = || {
-            http_get(&node.ns, HEALTH.parse().unwrap(), "/readyz").is_ok_and(|(code, _)| code == 200)
-                && node.ns.ip(&["route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
-                && node.ns.ip(&["-6", "route", "show", "proto", "77"]).is_ok_and(|r| r.lines().count() == 2)
-        };
-        assert!(wait_until(Duration::from_secs(10), took_over), "node {}:\n{}", i + 1, node.log_text());
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(u64::from(count) * 10),
-        "the pings ended before the last node moved"
-    );
-    for ((i, to), run) in runs {
-        let (sent, received) = run.finish().unwrap();
-        assert_eq!((sent, received), (count, count), "pod {} -> {to}: packets lost in the migration", i + 1);
-    }
+    move_while_pinging(&mut c, &targets, |node| took_over(node, &["-4", "-6"]));
     assert_eq!(leases(&c, Store::Etcd), before, "the leases changed");
     for (i, node) in c.nodes.iter().enumerate() {
         for (device, mac) in [("flannel.1", DUAL_NODES[i].2), ("flannel-v6.1", DUAL_NODES[i].3)] {

@@ -118,6 +118,11 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u3
             nl.add_address(bridge.index, *gateway).await.map_err(nl_err(format!("adding {gateway} to {name}")))?;
         }
     }
+    // NetworkPolicy between two pods of this node: their traffic is bridged,
+    // and only br_netfilter shows it to overlayd's forward hook (docs/architecture.md).
+    nl.set_bridge_netfilter(bridge.index, name, true)
+        .await
+        .map_err(nl_err(format!("passing {name}'s traffic through netfilter")))?;
     if !bridge.up {
         nl.set_up(bridge.index).await.map_err(nl_err(format!("setting {name} up")))?;
     }

@@ -62,6 +62,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let nl = Netlink::connect().context("opening netlink socket")?;
     if args.kube.kube_subnet_mgr {
         let store = KubeLeases::connect(&args.kube).await?;
+        if args.kube.network_policy {
+            crate::policy::start(&args.kube, metrics.clone())?;
+        }
         run_with(store, args.node, nl, metrics).await
     } else {
         let store = EtcdLeases::connect(&args.etcd).await?;
@@ -105,7 +108,8 @@ fn watch_kernel() -> mpsc::UnboundedReceiver<KernelEvent> {
 
 /// `overlayd cleanup`.
 pub async fn cleanup(args: &RunArgs) -> Result<()> {
-    reconcile::cleanup([args.node.device.as_deref(), args.node.device_v6.as_deref()], &args.node.subnet_file).await
+    reconcile::cleanup([args.node.device.as_deref(), args.node.device_v6.as_deref()], &args.node.subnet_file).await?;
+    crate::policy::cleanup().await.context("removing the NetworkPolicy table")
 }
 
 struct Daemon<S> {

@@ -247,6 +247,12 @@ pub struct KubeArgs {
     #[arg(long, env = "OVERLAYD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1, require_equals = true,
           default_value = "true", default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
     pub set_node_network_unavailable: bool,
+    /// Enforce NetworkPolicy (networking.k8s.io/v1) on this node's pods, with
+    /// nftables. Turn it off when another agent (Calico's Felix in Canal,
+    /// kube-router, kube-network-policies) enforces policy.
+    #[arg(long, env = "OVERLAYD_NETWORK_POLICY", num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
+    pub network_policy: bool,
 }
 
 /// flanneld's flags that overlayd has no name of its own for: each is

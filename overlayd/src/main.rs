@@ -13,6 +13,7 @@ mod masq;
 mod metrics;
 mod peers;
 mod plan;
+mod policy;
 mod reconcile;
 mod subnet_file;
 

@@ -151,6 +151,8 @@ pub struct Metrics {
     /// 1 when the VXLAN devices' TX checksum offload is on.
     pub tx_checksum_offload: Gauge,
     ready: Gauge,
+    /// NetworkPolicy enforcement.
+    pub policy: PolicyMetrics,
     lease_held: AtomicBool,
     /// Which resources were right after the last reconcile, one bit each.
     resources_ok: AtomicI64,
@@ -181,6 +183,7 @@ impl Default for Metrics {
             lease_watch_last_event: Gauge::default(),
             tx_checksum_offload: Gauge::default(),
             ready: Gauge::default(),
+            policy: PolicyMetrics::default(),
             lease_held: AtomicBool::new(false),
             resources_ok: AtomicI64::new(0),
             reconciled: AtomicBool::new(false),
@@ -232,7 +235,105 @@ impl Default for Metrics {
             m.tx_checksum_offload.clone(),
         );
         r.register("overlay_ready", "1 when the lease is held and every resource is right", m.ready.clone());
+        m.policy.register(r);
         m
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// What NetworkPolicy enforcement reports.
+pub struct PolicyMetrics {
+    drops: Labelled<DirectionLabel, Counter>,
+    /// NetworkPolicies in the cluster.
+    pub policies: Gauge,
+    /// NetworkPolicies that select at least one pod of this node.
+    pub policies_in_effect: Gauge,
+    /// Pods of this node that some policy isolates.
+    pub selected_pods: Gauge,
+    /// Rules in the table (one per policy rule, family and port entry).
+    pub rules: Gauge,
+    /// Parts of policies that could not be compiled (each logged once).
+    pub problems: Gauge,
+    /// From a change seen on the API watch to the kernel holding its rules.
+    pub sync_seconds: Histogram,
+    /// Times the kernel was found holding the compiled ruleset, or made to.
+    pub syncs: Counter,
+    /// Transactions that wrote the table.
+    pub applies: Counter,
+    /// Transactions that restored a table someone else changed.
+    pub repairs: Counter,
+    /// Reads or writes of the table that failed.
+    pub errors: Counter,
+}
+
+impl Default for PolicyMetrics {
+    fn default() -> Self {
+        PolicyMetrics {
+            drops: Labelled::default(),
+            policies: Gauge::default(),
+            policies_in_effect: Gauge::default(),
+            selected_pods: Gauge::default(),
+            rules: Gauge::default(),
+            problems: Gauge::default(),
+            sync_seconds: Histogram::new(APPLY_BUCKETS),
+            syncs: Counter::default(),
+            applies: Counter::default(),
+            repairs: Counter::default(),
+            errors: Counter::default(),
+        }
+    }
+}
+
+impl PolicyMetrics {
+    /// The drop counter of a direction.
+    pub fn drops(&self, direction: crate::policy::compile::Direction) -> Counter {
+        self.drops.get_or_create(&DirectionLabel { direction: direction.name() }).clone()
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "overlay_policy_dropped_packets",
+            "Packets dropped by NetworkPolicy, by direction (ingress to or egress from this node's pods)",
+            self.drops.clone(),
+        );
+        r.register("overlay_network_policies", "NetworkPolicies in the cluster", self.policies.clone());
+        r.register(
+            "overlay_network_policies_in_effect",
+            "NetworkPolicies selecting at least one pod of this node",
+            self.policies_in_effect.clone(),
+        );
+        r.register(
+            "overlay_policy_selected_pods",
+            "Pods of this node isolated by some policy",
+            self.selected_pods.clone(),
+        );
+        r.register("overlay_policy_rules", "Rules in the NetworkPolicy table", self.rules.clone());
+        r.register("overlay_policy_problems", "Parts of policies that could not be compiled", self.problems.clone());
+        r.register(
+            "overlay_policy_sync_duration_seconds",
+            "From an API change seen on the watch to its rules in the kernel",
+            self.sync_seconds.clone(),
+        );
+        r.register(
+            "overlay_policy_syncs",
+            "Times the kernel was made to hold, or found holding, the compiled NetworkPolicy ruleset",
+            self.syncs.clone(),
+        );
+        r.register(
+            "overlay_policy_applies",
+            "nftables transactions that wrote the NetworkPolicy table",
+            self.applies.clone(),
+        );
+        r.register(
+            "overlay_policy_repairs",
+            "NetworkPolicy tables restored after someone else changed them",
+            self.repairs.clone(),
+        );
+        r.register("overlay_policy_errors", "Failed reads or writes of the NetworkPolicy table", self.errors.clone());
     }
 }
 

@@ -22,7 +22,11 @@
 //! - node IPAM as kube-controller-manager's range allocator does it: the
 //!   first free `/24` (IPv4) and `/64` (IPv6) of each cluster CIDR, set on
 //!   `spec.podCIDR(s)`;
-//! - it records every User-Agent and every (verb, resource) it served.
+//! - it records every User-Agent and every (verb, resource) it served;
+//! - Pods, Namespaces and NetworkPolicies (for NetworkPolicy enforcement):
+//!   list (whole, never paged) and watch across all namespaces, with the
+//!   same resourceVersions, history, bookmarks and 410s as Nodes; tests
+//!   create, replace and delete them with `put` and `remove`.
 //!
 //! `start_secure` serves it as a cluster does: HTTPS with a certificate from
 //! a fresh CA, and only for a bearer token (401 otherwise), so a client can
@@ -80,7 +84,9 @@ struct State {
     /// API server's watch cache keeps objects encoded the same way.
     encoded: BTreeMap<String, Bytes>,
     /// Every change after `oldest`, in order: (resourceVersion, type, object).
-    history: VecDeque<(u64, &'static str, Value)>,
+    history: VecDeque<(u64, &'static str, &'static str, Value)>,
+    /// Pods, Namespaces and NetworkPolicies, by resource, then (namespace, name).
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
     /// A watch may start from this resourceVersion or later; older is 410.
     oldest: u64,
     /// kube-controller-manager's `--cluster-cidr`: one network per family.
@@ -206,6 +212,7 @@ impl KubeApi {
                 nodes: BTreeMap::new(),
                 encoded: BTreeMap::new(),
                 history: VecDeque::new(),
+                objects: BTreeMap::new(),
                 oldest: 1,
                 cluster_cidrs: cluster_cidr,
                 allocated: BTreeSet::new(),
@@ -422,7 +429,65 @@ impl KubeApi {
         let rv = s.rv;
         let mut last = node;
         last["metadata"]["resourceVersion"] = json!(rv.to_string());
-        s.history.push_back((rv, "DELETED", last));
+        s.history.push_back((rv, "nodes", "DELETED", last));
+        self.shared.changed.send_replace(rv);
+        Ok(())
+    }
+
+    /// Creates or replaces a Pod, Namespace or NetworkPolicy (`resource`:
+    /// `pods`, `namespaces`, `networkpolicies`), as a client's create or
+    /// update would: it gets a uid and a resourceVersion, and watches see it.
+    pub fn put(&self, resource: &str, mut object: Value) -> Result<()> {
+        let resource = served(resource).with_context(|| format!("the double does not serve {resource}"))?;
+        let (kind, api_version) = kind_of(resource);
+        object["kind"] = json!(kind);
+        object["apiVersion"] = json!(api_version);
+        match resource {
+            "pods" => drop(serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(object.clone())?),
+            "namespaces" => drop(serde_json::from_value::<k8s_openapi::api::core::v1::Namespace>(object.clone())?),
+            _ => drop(serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(object.clone())?),
+        }
+        let key = object_key(&object);
+        if key.1.is_empty() || (resource != "namespaces" && key.0.is_empty()) {
+            anyhow::bail!("{resource} object without a name or namespace: {object}");
+        }
+        let mut s = self.lock();
+        let existing = s.objects.get(resource).and_then(|o| o.get(&key)).cloned();
+        let event = match &existing {
+            Some(old) => {
+                object["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+                "MODIFIED"
+            }
+            None => {
+                s.next_uid += 1;
+                object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0001-{:012}", s.next_uid));
+                object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                "ADDED"
+            }
+        };
+        s.rv += 1;
+        let rv = s.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.objects.entry(resource).or_default().insert(key, object.clone());
+        s.history.push_back((rv, resource, event, object));
+        self.shared.changed.send_replace(rv);
+        Ok(())
+    }
+
+    /// Deletes a Pod, Namespace or NetworkPolicy (`namespace` is "" for a Namespace).
+    pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> Result<()> {
+        let resource = served(resource).with_context(|| format!("the double does not serve {resource}"))?;
+        let mut s = self.lock();
+        let mut last = s
+            .objects
+            .get_mut(resource)
+            .and_then(|o| o.remove(&(namespace.to_string(), name.to_string())))
+            .with_context(|| format!("no {resource} {namespace}/{name}"))?;
+        s.rv += 1;
+        let rv = s.rv;
+        last["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.history.push_back((rv, resource, "DELETED", last));
         self.shared.changed.send_replace(rv);
         Ok(())
     }
@@ -476,8 +541,63 @@ fn commit(shared: &Shared, s: &mut State, name: &str, kind: &'static str, mut no
     }
     s.encoded.insert(name.to_string(), Bytes::from(item.to_string()));
     s.nodes.insert(name.to_string(), node.clone());
-    s.history.push_back((rv, kind, node));
+    s.history.push_back((rv, "nodes", kind, node));
     shared.changed.send_replace(rv);
+}
+
+/// The resources besides Nodes that the double serves (list and watch).
+fn served(resource: &str) -> Option<&'static str> {
+    ["pods", "namespaces", "networkpolicies"].into_iter().find(|r| *r == resource)
+}
+
+fn kind_of(resource: &str) -> (&'static str, &'static str) {
+    match resource {
+        "pods" => ("Pod", "v1"),
+        "namespaces" => ("Namespace", "v1"),
+        "networkpolicies" => ("NetworkPolicy", "networking.k8s.io/v1"),
+        _ => ("Node", "v1"),
+    }
+}
+
+fn object_key(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    (meta["namespace"].as_str().unwrap_or_default().to_string(), meta["name"].as_str().unwrap_or_default().to_string())
+}
+
+/// A whole list of `resource` (the double does not page these), or its watch.
+fn serve_collection(
+    shared: Arc<Shared>,
+    resource: &'static str,
+    watching: bool,
+    query: &BTreeMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    if watching {
+        return watch_resource(shared, resource, query);
+    }
+    let mut s = lock(&shared);
+    s.stats.lists += 1;
+    let (kind, api_version) = kind_of(resource);
+    let items: Vec<Value> = s
+        .objects
+        .get(resource)
+        .into_iter()
+        .flat_map(|o| o.values())
+        .map(|o| {
+            let mut item = o.clone();
+            if let Some(o) = item.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+                      "metadata": {"resourceVersion": s.rv.to_string()}, "items": items})
+    .to_string();
+    s.stats.list_bytes += list.len() as u64;
+    let mut r = Response::new(Full::new(Bytes::from(list)).boxed());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    Ok(r)
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
@@ -565,6 +685,37 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     let query = parse_query(req.uri().query().unwrap_or(""));
     let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     lock(&shared).user_agents.insert(agent);
+    let collection = match path.as_str() {
+        "/api/v1/pods" => Some("pods"),
+        "/api/v1/namespaces" => Some("namespaces"),
+        "/apis/networking.k8s.io/v1/networkpolicies" => Some("networkpolicies"),
+        _ => None,
+    };
+    if let Some(resource) = collection {
+        let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        if req.method() != Method::GET {
+            return Err(err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("test double: {} {path}", req.method()),
+            ));
+        }
+        if ["labelSelector", "fieldSelector"].iter().any(|k| query.get(*k).is_some_and(|v| !v.is_empty())) {
+            return Err(err(StatusCode::BAD_REQUEST, "BadRequest", "test double: selectors are not implemented"));
+        }
+        let verb = if watching { "watch" } else { "list" };
+        let mut s = lock(&shared);
+        if s.rbac.as_ref().is_some_and(|g| !g.contains(&(verb.to_string(), resource.to_string()))) {
+            return Err(err(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!("{resource} is forbidden: User \"system:serviceaccount:kube-overlay:overlay\" cannot {verb} resource \"{resource}\" at the cluster scope"),
+            ));
+        }
+        s.used.insert((verb, resource));
+        drop(s);
+        return serve_collection(shared, resource, watching, &query);
+    }
     let rest = path.strip_prefix("/api/v1/nodes").ok_or_else(|| {
         err(StatusCode::NOT_FOUND, "NotFound", format!("the test API server serves only /api/v1/nodes, not {path}"))
     })?;
@@ -604,7 +755,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         }
     }
     match (req.method().clone(), parts.as_slice()) {
-        (Method::GET, []) if watching => watch_nodes(shared, &query),
+        (Method::GET, []) if watching => watch_resource(shared, "nodes", &query),
         (Method::GET, []) => list_nodes(shared.clone(), &query),
         (Method::GET, [name]) | (Method::GET, [name, "status"]) => {
             let mut s = lock(&shared);
@@ -788,7 +939,11 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<Response<Body>, ApiError> {
+fn watch_resource(
+    shared: Arc<Shared>,
+    resource: &'static str,
+    query: &BTreeMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
     if query.get("sendInitialEvents").is_some_and(|v| v == "true") {
         return Err(err(StatusCode::BAD_REQUEST, "BadRequest", "test double: sendInitialEvents is not implemented"));
     }
@@ -805,7 +960,7 @@ fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<
         s.stats.watches += 1;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    tokio::spawn(stream_events(shared, from, bookmarks, timeout, tx));
+    tokio::spawn(stream_events(shared, resource, from, bookmarks, timeout, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
@@ -816,6 +971,7 @@ fn watch_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<
 
 async fn stream_events(
     shared: Arc<Shared>,
+    resource: &'static str,
     from: Option<u64>,
     bookmarks: bool,
     timeout: Option<Duration>,
@@ -841,7 +997,11 @@ async fn stream_events(
                 (vec![gone(rv, s.oldest)], None)
             }
             Some(rv) => (Vec::new(), Some(rv)),
-            None => (s.nodes.values().map(|n| event_line("ADDED", n)).collect(), Some(s.rv)),
+            None if resource == "nodes" => (s.nodes.values().map(|n| event_line("ADDED", n)).collect(), Some(s.rv)),
+            None => (
+                s.objects.get(resource).into_iter().flat_map(|o| o.values()).map(|n| event_line("ADDED", n)).collect(),
+                Some(s.rv),
+            ),
         }
     };
     for line in first {
@@ -853,8 +1013,13 @@ async fn stream_events(
     loop {
         let pending: Vec<Bytes> = {
             let s = lock(&shared);
-            let lines = s.history.iter().filter(|(rv, _, _)| *rv > cursor).map(|(_, k, o)| event_line(k, o)).collect();
-            cursor = cursor.max(s.history.back().map(|(rv, _, _)| *rv).unwrap_or(cursor));
+            let lines = s
+                .history
+                .iter()
+                .filter(|(rv, r, _, _)| *rv > cursor && *r == resource)
+                .map(|(_, _, k, o)| event_line(k, o))
+                .collect();
+            cursor = cursor.max(s.history.back().map(|(rv, _, _, _)| *rv).unwrap_or(cursor));
             lines
         };
         for line in pending {
@@ -878,13 +1043,14 @@ async fn stream_events(
                 // concerned other resources): say so, as the watch cache does.
                 let rv = {
                     let s = lock(&shared);
-                    if s.history.back().is_some_and(|(rv, _, _)| *rv > cursor) {
+                    if s.history.back().is_some_and(|(rv, _, _, _)| *rv > cursor) {
                         continue;
                     }
                     s.rv
                 };
                 cursor = cursor.max(rv);
-                let mark = json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}});
+                let (kind, api_version) = kind_of(resource);
+                let mark = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}});
                 if tx.send(event_line("BOOKMARK", &mark)).await.is_err() {
                     return;
                 }

@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod kube_api;
 pub mod manifests;
 pub mod netns;
+pub mod netpol;
 pub mod pki;
 pub mod podman;
 pub mod probe;

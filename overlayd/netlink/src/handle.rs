@@ -102,6 +102,16 @@ impl Netlink {
         self.add_link(msg, format!("creating bridge {name}")).await
     }
 
+    /// Passes the bridge's IPv4 and IPv6 traffic through the IP layer's
+    /// netfilter hooks (br_netfilter's per-bridge `nf_call_iptables` and
+    /// `nf_call_ip6tables`), so a firewall in the forward hook sees
+    /// traffic between two ports of this bridge, with conntrack.
+    pub async fn set_bridge_netfilter(&self, index: u32, name: &str, on: bool) -> Result<()> {
+        let msg =
+            LinkMessageBuilder::<LinkBridge>::new(name).index(index).nf_call_iptables(on).nf_call_ip6tables(on).build();
+        self.set_link(msg, format!("setting netfilter calls on bridge {name}")).await
+    }
+
     /// Creates a veth pair whose `peer` end is born inside the network namespace `peer_netns`.
     pub async fn create_veth(&self, host: &str, peer: &str, peer_netns: BorrowedFd<'_>, mtu: u32) -> Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()

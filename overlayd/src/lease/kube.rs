@@ -112,6 +112,52 @@ impl kube::Resource for PeerNode {
     }
 }
 
+/// This node's name in Kubernetes mode.
+pub fn node_name(args: &KubeArgs) -> anyhow::Result<String> {
+    args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
+        "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
+    )
+}
+
+/// A client from `--kubeconfig`, `--kube-api-url`, or the in-cluster service account.
+pub async fn client(args: &KubeArgs) -> anyhow::Result<Client> {
+    let api_url = match &args.kube_api_url {
+        Some(url) => Some(
+            url.parse::<hyper::Uri>()
+                .ok()
+                .filter(|u| u.scheme().is_some() && u.host().is_some())
+                .with_context(|| format!("--kube-api-url {url:?} is not a URL such as https://10.96.0.1:443"))?,
+        ),
+        None => None,
+    };
+    let mut config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => match Config::infer().await {
+            Ok(config) => config,
+            // flanneld's --kube-api-url alone: that server, with no credentials.
+            Err(_) if api_url.is_some() => Config::new(api_url.clone().unwrap_or_default()),
+            Err(e) => {
+                return Err(e).context(
+                    "finding the API server: not in a pod and no kubeconfig (use --kubeconfig or --kube-api-url)",
+                )
+            }
+        },
+    };
+    if let Some(url) = api_url {
+        config.cluster_url = url;
+    }
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
+    info!(server = %config.cluster_url, "API server");
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
 /// A connection to the API server, for one node.
 #[derive(Clone)]
 pub struct KubeLeases {
@@ -134,43 +180,9 @@ pub struct KubeLeases {
 impl KubeLeases {
     /// Builds a client from `--kubeconfig`, or the in-cluster service account.
     pub async fn connect(args: &KubeArgs) -> anyhow::Result<Self> {
-        let node_name = args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
-            "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
-        )?;
-        let api_url = match &args.kube_api_url {
-            Some(url) => Some(
-                url.parse::<hyper::Uri>()
-                    .ok()
-                    .filter(|u| u.scheme().is_some() && u.host().is_some())
-                    .with_context(|| format!("--kube-api-url {url:?} is not a URL such as https://10.96.0.1:443"))?,
-            ),
-            None => None,
-        };
-        let mut config =
-            match &args.kubeconfig {
-                Some(path) => {
-                    let kubeconfig = Kubeconfig::read_from(path)
-                        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                        .await
-                        .with_context(|| format!("using kubeconfig {}", path.display()))?
-                }
-                None => match Config::infer().await {
-                    Ok(config) => config,
-                    // flanneld's --kube-api-url alone: that server, with no credentials.
-                    Err(_) if api_url.is_some() => Config::new(api_url.clone().unwrap_or_default()),
-                    Err(e) => return Err(e).context(
-                        "finding the API server: not in a pod and no kubeconfig (use --kubeconfig or --kube-api-url)",
-                    ),
-                },
-            };
-        if let Some(url) = api_url {
-            config.cluster_url = url;
-        }
-        config.connect_timeout = Some(Duration::from_secs(5));
-        config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
-        info!(server = %config.cluster_url, node = %node_name, "Kubernetes mode");
-        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        let node_name = node_name(args)?;
+        let client = client(args).await?;
+        info!(node = %node_name, "Kubernetes mode");
         Ok(KubeLeases {
             nodes: Api::all(client.clone()),
             peers: Api::all(client.clone()),

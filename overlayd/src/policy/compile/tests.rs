@@ -1,0 +1,133 @@
+use super::*;
+use serde_json::json;
+
+fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo {
+    PodInfo {
+        node: node.into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        ports: vec![ContainerPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
+        host_network: false,
+    }
+}
+
+fn view(policies: &[(&str, serde_json::Value)]) -> ClusterView {
+    let mut v = ClusterView::default();
+    v.pods.insert(("x".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.2", "fd00::1:2"]));
+    v.pods.insert(("x".into(), "b".into()), pod("n2", &[("pod", "b")], &["10.0.2.2", "fd00::2:2"]));
+    v.pods.insert(("y".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.3"]));
+    v.namespaces.insert("x".into(), [("ns".to_string(), "x".to_string())].into());
+    v.namespaces.insert("y".into(), [("ns".to_string(), "y".to_string())].into());
+    for (i, (ns, spec)) in policies.iter().enumerate() {
+        v.policies.insert((ns.to_string(), format!("p{i}")), serde_json::from_value(spec.clone()).unwrap());
+    }
+    v
+}
+
+fn set<'a>(r: &'a Ruleset, name: &str) -> &'a AddrSet {
+    r.sets.iter().find(|s| s.name == name).unwrap()
+}
+
+fn v4(s: &str) -> u128 {
+    value(s.parse().unwrap())
+}
+
+#[test]
+fn no_policy_isolates_nothing() {
+    let c = compile(&view(&[]), "n1");
+    assert!(c.ruleset.rules.is_empty());
+    assert!(c.ruleset.sets.iter().all(|s| s.ranges.is_empty()));
+    assert_eq!(c.ruleset.sets.len(), 4, "the four isolation sets always exist");
+}
+
+#[test]
+fn only_this_node_s_selected_pods_are_isolated() {
+    let c = compile(&view(&[("x", json!({"podSelector": {}}))]), "n1");
+    let ingress = set(&c.ruleset, "ingress_v4");
+    assert_eq!(
+        ingress.ranges,
+        vec![(v4("10.0.1.2"), v4("10.0.1.2"))],
+        "x/a only: x/b is on n2, y/a in another namespace"
+    );
+    assert_eq!(set(&c.ruleset, "ingress_v6").ranges.len(), 1);
+    assert!(set(&c.ruleset, "egress_v4").ranges.is_empty(), "policyTypes defaults to Ingress only");
+    assert_eq!((c.policies_in_effect, c.selected_pods), (1, 1));
+    assert!(c.ruleset.rules.is_empty(), "deny-all has no allowing rule");
+}
+
+#[test]
+fn egress_is_implied_by_egress_rules() {
+    let c = compile(&view(&[("x", json!({"podSelector": {}, "egress": [{}]}))]), "n1");
+    assert_eq!(set(&c.ruleset, "egress_v4").ranges.len(), 1);
+    assert_eq!(c.ruleset.rules.iter().filter(|r| r.direction == Direction::Egress).count(), 2, "one per family");
+    assert!(c.ruleset.rules.iter().all(|r| r.peers.is_none() && r.ports == PortMatch::Any));
+}
+
+#[test]
+fn peers_are_pods_anywhere_and_blocks_minus_except() {
+    let c = compile(
+        &view(&[(
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                {"podSelector": {"matchLabels": {"pod": "b"}}},
+                {"ipBlock": {"cidr": "192.168.0.0/24", "except": ["192.168.0.128/25"]}}]}]}),
+        )]),
+        "n1",
+    );
+    let rule = c.ruleset.rules.iter().find(|r| r.family == Family::V4).unwrap();
+    let peers = set(&c.ruleset, rule.peers.as_deref().unwrap());
+    assert_eq!(
+        peers.ranges,
+        vec![(v4("10.0.2.2"), v4("10.0.2.2")), (v4("192.168.0.0"), v4("192.168.0.127"))],
+        "x/b on the other node, and the block without its except"
+    );
+}
+
+#[test]
+fn sets_are_shared_by_content() {
+    let spec = json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"podSelector": {}}]}]});
+    let c = compile(&view(&[("x", spec.clone()), ("x", spec)]), "n1");
+    assert_eq!(c.ruleset.rules.len(), 4);
+    let v4_rules: Vec<&Rule> = c.ruleset.rules.iter().filter(|r| r.family == Family::V4).collect();
+    assert_eq!(v4_rules[0].pods, v4_rules[1].pods);
+    assert_eq!(v4_rules[0].peers, v4_rules[1].peers);
+}
+
+#[test]
+fn named_ports_resolve_per_pod_and_missing_ones_are_reported() {
+    let c = compile(
+        &view(&[("x", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http"}, {"port": "metrics"}]}]}))]),
+        "n1",
+    );
+    let named: Vec<&PortSet> = c.ruleset.port_sets.iter().collect();
+    assert_eq!(named.len(), 2, "one per family");
+    assert!(named.iter().any(|s| s.elements == vec![(v4("10.0.1.2"), Protocol::Tcp, 8080)]));
+    assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+    assert!(c.problems[0].to_string().contains("\"metrics\""), "{}", c.problems[0]);
+}
+
+#[test]
+fn broken_parts_allow_nothing_and_the_rest_is_enforced() {
+    let c = compile(
+        &view(&[
+            ("x", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]})),
+            (
+                "x",
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80, "protocol": "ICMP"}, {"port": 0}, {"port": 90, "endPort": 80}]}]}),
+            ),
+            ("x", json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}})),
+            ("x", json!({"podSelector": {}, "ingress": [{"ports": [{"port": 443}]}]})),
+        ]),
+        "n1",
+    );
+    assert_eq!(c.problems.len(), 5, "{:#?}", c.problems);
+    assert_eq!(set(&c.ruleset, "ingress_v4").ranges.len(), 1, "the broken policies still isolate x/a");
+    let rules: Vec<&PortMatch> = c.ruleset.rules.iter().map(|r| &r.ports).collect();
+    assert_eq!(rules, vec![&PortMatch::Range(Protocol::Tcp, 443, 443); 2], "only the sound rule allows anything");
+}
+
+#[test]
+fn ranges_merge_when_they_touch_or_overlap() {
+    assert_eq!(merge(vec![(5, 9), (1, 3), (4, 4), (20, 30), (25, 26)]), vec![(1, 9), (20, 30)]);
+    assert_eq!(subtract((0, 255), &[(128, 255), (0, 0)]), vec![(1, 127)]);
+}

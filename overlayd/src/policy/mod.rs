@@ -1,0 +1,286 @@
+//! NetworkPolicy enforcement (Kubernetes mode): the watches fill a
+//! [`compile::ClusterView`]; after each burst of changes the pure compiler
+//! plans the ruleset, which is compared with what the kernel holds and
+//! applied in one nftables transaction when it differs. The same
+//! read → diff → apply runs on a timer, so a deleted or flushed table is
+//! restored.
+//!
+//! It runs on a thread of its own, with its own runtime and API client:
+//! compiling thousands of policies is CPU work that must never delay the
+//! dataplane's reconcile.
+//!
+//! Nothing is applied until all three watches have listed once: a
+//! restarted daemon leaves the previous table enforcing until the new one
+//! replaces it, never an empty one in between.
+
+pub mod compile;
+pub mod selector;
+pub mod table;
+mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::time::sleep_until;
+use tracing::{debug, info, warn};
+
+use self::compile::{ClusterView, Direction, Key, Problem, Ruleset};
+use self::watch::{Change, Kind};
+use crate::flags::KubeArgs;
+use crate::metrics::Metrics;
+
+/// How long a change waits for the rest of its burst before the ruleset is
+/// compiled: a Deployment's rollout or a relabel of a namespace is one apply.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// How often the kernel's table is read back (drift, drop counters).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How soon a failed apply is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Starts enforcement on its own thread; it runs for the life of the process.
+pub fn start(args: &KubeArgs, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let node = crate::lease::kube::node_name(args)?;
+    let args = args.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("policy".into()).spawn(move || {
+        runtime.block_on(async move {
+            let client = match crate::lease::kube::client(&args).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("NetworkPolicy is not enforced: {e:#}");
+                    return;
+                }
+            };
+            run(client, node, metrics).await
+        })
+    })?;
+    info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
+    warn_without_br_netfilter();
+    Ok(())
+}
+
+/// Traffic between two pods of one node is bridged, and the forward hook
+/// sees it only through br_netfilter (docs/architecture.md).
+fn warn_without_br_netfilter() {
+    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+        warn!(
+            "br_netfilter is not loaded: NetworkPolicy is enforced between nodes, but not between two pods \
+             of this node (load it with `modprobe br_netfilter`; kube-proxy needs it too)"
+        );
+    }
+}
+
+struct Controller {
+    node: String,
+    view: ClusterView,
+    /// Watches that have listed at least once.
+    listed: BTreeSet<Kind>,
+    /// Keys seen since a watch began to list again (the rest are gone at its end).
+    relisting: BTreeMap<Kind, BTreeSet<Key>>,
+    /// When the first change not yet in the kernel arrived.
+    pending_since: Option<Instant>,
+    /// Problems already logged: each is said once, when it appears.
+    said: BTreeSet<Problem>,
+    /// Drop counters as last read from the kernel.
+    drops: [u64; 2],
+    /// The last ruleset compiled, for the timer's check when nothing changed.
+    compiled: Option<compile::Compiled>,
+    metrics: Arc<Metrics>,
+}
+
+async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
+    let changes = watch::watch_all(client);
+    tokio::pin!(changes);
+    let mut c = Controller {
+        node,
+        view: ClusterView::default(),
+        listed: BTreeSet::new(),
+        relisting: BTreeMap::new(),
+        pending_since: None,
+        said: BTreeSet::new(),
+        drops: [0; 2],
+        compiled: None,
+        metrics,
+    };
+    let mut next_check = Instant::now() + CHECK_EVERY;
+    loop {
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { return };
+                c.take(change);
+                // The rest of the burst.
+                let until = tokio::time::Instant::now() + DEBOUNCE;
+                loop {
+                    tokio::select! {
+                        change = changes.next() => match change {
+                            Some(change) => c.take(change),
+                            None => return,
+                        },
+                        _ = sleep_until(until) => break,
+                    }
+                }
+                if c.pending_since.is_some() {
+                    next_check = c.sync(false).await;
+                }
+            }
+            _ = sleep_until(next_check.into()) => next_check = c.sync(true).await,
+        }
+    }
+}
+
+impl Controller {
+    fn take(&mut self, change: Change) {
+        match change {
+            Change::Pod(key, pod) => {
+                self.seen(Kind::Pods, &key);
+                match pod {
+                    Some(p) => {
+                        self.view.pods.insert(key, p);
+                    }
+                    None => {
+                        self.view.pods.remove(&key);
+                    }
+                }
+            }
+            Change::Namespace(name, labels) => {
+                self.seen(Kind::Namespaces, &(String::new(), name.clone()));
+                match labels {
+                    Some(l) => {
+                        self.view.namespaces.insert(name, l);
+                    }
+                    None => {
+                        self.view.namespaces.remove(&name);
+                    }
+                }
+            }
+            Change::Policy(key, spec) => {
+                self.seen(Kind::Policies, &key);
+                match spec {
+                    Some(s) => {
+                        self.view.policies.insert(key, *s);
+                    }
+                    None => {
+                        self.view.policies.remove(&key);
+                    }
+                }
+            }
+            Change::Relisting(kind) => {
+                self.relisting.insert(kind, BTreeSet::new());
+                return;
+            }
+            Change::Listed(kind) => {
+                if let Some(seen) = self.relisting.remove(&kind) {
+                    match kind {
+                        Kind::Pods => self.view.pods.retain(|k, _| seen.contains(k)),
+                        Kind::Namespaces => {
+                            self.view.namespaces.retain(|n, _| seen.contains(&(String::new(), n.clone())))
+                        }
+                        Kind::Policies => self.view.policies.retain(|k, _| seen.contains(k)),
+                    }
+                }
+                if self.listed.insert(kind) {
+                    debug!(watch = kind.name(), "listed");
+                }
+            }
+            Change::Failed(kind, e) => {
+                warn!(watch = kind.name(), "watching {} for NetworkPolicy failed: {e}; retrying", kind.name());
+                return;
+            }
+        }
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    fn seen(&mut self, kind: Kind, key: &Key) {
+        if let Some(seen) = self.relisting.get_mut(&kind) {
+            seen.insert(key.clone());
+        }
+    }
+
+    /// Compiles, reads the kernel's table, applies when they differ.
+    /// Returns when to check again.
+    async fn sync(&mut self, timer: bool) -> Instant {
+        if self.listed.len() < 3 {
+            return Instant::now() + CHECK_EVERY;
+        }
+        let started = Instant::now();
+        let compiled = match self.compiled.take() {
+            Some(c) if self.pending_since.is_none() => c,
+            _ => compile::compile(&self.view, &self.node),
+        };
+        let compile_time = started.elapsed();
+        for p in &compiled.problems {
+            if !self.said.contains(p) {
+                warn!("{p}");
+            }
+        }
+        self.said = compiled.problems.iter().cloned().collect();
+        let metrics = self.metrics.clone();
+        let m = &metrics.policy;
+        m.policies.set(self.view.policies.len() as i64);
+        m.policies_in_effect.set(compiled.policies_in_effect as i64);
+        m.selected_pods.set(compiled.selected_pods as i64);
+        m.problems.set(compiled.problems.len() as i64);
+        m.rules.set(compiled.ruleset.rules.len() as i64);
+        match self.reconcile(&compiled.ruleset, timer).await {
+            Ok(applied) => {
+                if let Some(since) = self.pending_since.take() {
+                    m.sync_seconds.observe(since.elapsed().as_secs_f64());
+                }
+                m.syncs.inc();
+                if applied {
+                    info!(
+                        rules = compiled.ruleset.rules.len(),
+                        policies = compiled.policies_in_effect,
+                        pods = compiled.selected_pods,
+                        compile_ms = compile_time.as_millis() as u64,
+                        apply_ms = (started.elapsed() - compile_time).as_millis() as u64,
+                        "NetworkPolicy ruleset applied"
+                    );
+                }
+                self.compiled = Some(compiled);
+                Instant::now() + CHECK_EVERY
+            }
+            Err(e) => {
+                m.errors.inc();
+                warn!("{e}; retrying in {}s", RETRY_AFTER.as_secs());
+                Instant::now() + RETRY_AFTER
+            }
+        }
+    }
+
+    /// Makes the table hold `ruleset`; returns whether it was written.
+    async fn reconcile(&mut self, ruleset: &Ruleset, timer: bool) -> Result<bool, table::TableError> {
+        let listed = table::list().await?;
+        if let Some(l) = &listed {
+            self.count_drops(l.drops);
+            if l.holds(ruleset) {
+                return Ok(false);
+            }
+        }
+        if timer {
+            let m = &self.metrics.policy;
+            m.repairs.inc();
+            warn!("the NetworkPolicy table was changed or removed by someone else; restoring it");
+        }
+        table::apply(ruleset, listed.as_ref().map(|l| l.sets.as_slice()).unwrap_or_default()).await?;
+        self.metrics.policy.applies.inc();
+        Ok(true)
+    }
+
+    /// Adds what the kernel's counters grew by since the last read (a
+    /// table made anew starts again from 0).
+    fn count_drops(&mut self, now: [u64; 2]) {
+        for (i, direction) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+            let delta = now[i].checked_sub(self.drops[i]).unwrap_or(now[i]);
+            self.metrics.policy.drops(direction).inc_by(delta);
+        }
+        self.drops = now;
+    }
+}
+
+/// `overlayd cleanup`: removes the table.
+pub async fn cleanup() -> Result<(), table::TableError> {
+    table::remove().await
+}

@@ -1,0 +1,398 @@
+//! The NetworkPolicy ruleset in the kernel: `table inet overlay_policy`,
+//! one table for both families, so one transaction changes both.
+//!
+//! ```text
+//! chain forward (filter, forward hook, policy accept)
+//!     ct state established,related accept   -- replies and existing connections
+//!     ip  saddr @egress_v4  jump egress     -- from an egress-isolated pod of ours
+//!     ip6 saddr @egress_v6  jump egress
+//!     ip  daddr @ingress_v4 jump ingress    -- to an ingress-isolated pod of ours
+//!     ip6 daddr @ingress_v6 jump ingress
+//! chain egress:  one rule per policy rule and port, `return` (go on to ingress); then count and drop
+//! chain ingress: one rule per policy rule and port, `accept`; then count and drop
+//! ```
+//!
+//! Only the forward hook: the host's own traffic to its pods (kubelet
+//! probes) goes through output, never forward, so it is never policed.
+//! Traffic bridged between two pods of one node reaches the forward hook
+//! through br_netfilter, which the CNI plugin turns on for its bridge
+//! (docs/architecture.md says why).
+//!
+//! Every change is one `nft -j -f -` transaction: the chains are flushed,
+//! the sets replaced and the rules added at once, so a packet meets either
+//! the old ruleset or the new one. The drop counters are named objects that
+//! the transaction keeps, so they count across updates.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Range, CT};
+use nftables::helper::NftablesError;
+use nftables::schema::{
+    Chain, Counter, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetFlag, SetType,
+    SetTypeValue, Table,
+};
+use nftables::stmt::{Counter as CounterStmt, JumpTarget, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use proto::Family;
+use serde_json::Value;
+
+use super::compile::{AddrSet, Direction, PortMatch, PortSet, Rule, Ruleset};
+
+/// `table inet overlay_policy`.
+pub const TABLE: &str = "overlay_policy";
+const FORWARD: &str = "forward";
+
+/// The drop counter of a direction.
+pub fn drop_counter(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "ingress_drops",
+        Direction::Egress => "egress_drops",
+    }
+}
+
+/// Why nft failed.
+#[derive(Debug, thiserror::Error)]
+#[error("nftables table inet {TABLE}: {what}: {detail}")]
+pub struct TableError {
+    what: &'static str,
+    detail: String,
+}
+
+fn nft_error(what: &'static str) -> impl FnOnce(NftablesError) -> TableError {
+    move |e| {
+        let detail = match e {
+            NftablesError::NftExecution { inner, .. } => {
+                format!("cannot run nft (is the nftables package installed?): {inner}")
+            }
+            NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
+            other => other.to_string(),
+        };
+        TableError { what, detail }
+    }
+}
+
+fn proto_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn addr_type(family: Family) -> SetType {
+    match family {
+        Family::V4 => SetType::Ipv4Addr,
+        Family::V6 => SetType::Ipv6Addr,
+    }
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: Cow::Borrowed(protocol),
+        field: Cow::Borrowed(field),
+    })))
+}
+
+fn in_set(left: Expression<'static>, set: &str) -> Statement<'static> {
+    Statement::Match(Match { left, right: Expression::String(Cow::Owned(format!("@{set}"))), op: Operator::EQ })
+}
+
+fn l4proto() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::L4proto }))
+}
+
+fn addr(family: Family, value: u128) -> Expression<'static> {
+    Expression::String(Cow::Owned(family.addr(value).to_string()))
+}
+
+/// The fields of the pod a rule is about and of its peer.
+fn fields(direction: Direction) -> (&'static str, &'static str) {
+    match direction {
+        Direction::Ingress => ("daddr", "saddr"),
+        Direction::Egress => ("saddr", "daddr"),
+    }
+}
+
+fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
+    let p = proto_name(rule.family);
+    let (pod, peer) = fields(rule.direction);
+    let mut out = vec![in_set(payload(p, pod), &rule.pods)];
+    if let Some(peers) = &rule.peers {
+        out.push(in_set(payload(p, peer), peers));
+    }
+    match &rule.ports {
+        PortMatch::Any => {}
+        PortMatch::Protocol(proto) => out.push(Statement::Match(Match {
+            left: l4proto(),
+            right: Expression::String(Cow::Borrowed(proto.nft())),
+            op: Operator::EQ,
+        })),
+        PortMatch::Range(proto, start, end) => {
+            out.push(Statement::Match(Match {
+                left: l4proto(),
+                right: Expression::String(Cow::Borrowed(proto.nft())),
+                op: Operator::EQ,
+            }));
+            let right = if start == end {
+                Expression::Number(u32::from(*start))
+            } else {
+                Expression::Range(Box::new(Range {
+                    range: [Expression::Number(u32::from(*start)), Expression::Number(u32::from(*end))],
+                }))
+            };
+            out.push(Statement::Match(Match { left: payload("th", "dport"), right, op: Operator::EQ }));
+        }
+        // The destination's address, protocol and port: the selected pod's
+        // for ingress, the peer's for egress; both are the destination.
+        PortMatch::Named(set) => out.push(in_set(
+            Expression::Named(NamedExpression::Concat(vec![payload(p, "daddr"), l4proto(), payload("th", "dport")])),
+            set,
+        )),
+    }
+    out.push(match rule.direction {
+        // Allowed out: on to the ingress check of the destination.
+        Direction::Egress => Statement::Return(None),
+        Direction::Ingress => Statement::Accept(None),
+    });
+    out
+}
+
+fn table() -> Table<'static> {
+    Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None }
+}
+
+fn add(object: NfListObject<'static>) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(object))
+}
+
+fn chain(name: &'static str) -> Chain<'static> {
+    Chain { family: NfFamily::INet, table: Cow::Borrowed(TABLE), name: Cow::Borrowed(name), ..Chain::default() }
+}
+
+fn addr_set(set: &AddrSet) -> Set<'static> {
+    let elem: Vec<Expression<'static>> = set
+        .ranges
+        .iter()
+        .map(|&(s, e)| {
+            if s == e {
+                addr(set.family, s)
+            } else {
+                Expression::Range(Box::new(Range { range: [addr(set.family, s), addr(set.family, e)] }))
+            }
+        })
+        .collect();
+    Set {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Owned(set.name.clone()),
+        set_type: SetTypeValue::Single(addr_type(set.family)),
+        flags: Some(HashSet::from([SetFlag::Interval])),
+        elem: (!elem.is_empty()).then_some(Cow::Owned(elem)),
+        ..Set::default()
+    }
+}
+
+fn port_set(set: &PortSet) -> Set<'static> {
+    let elem: Vec<Expression<'static>> = set
+        .elements
+        .iter()
+        .map(|&(a, proto, port)| {
+            Expression::Named(NamedExpression::Concat(vec![
+                addr(set.family, a),
+                Expression::String(Cow::Borrowed(proto.nft())),
+                Expression::Number(u32::from(port)),
+            ]))
+        })
+        .collect();
+    Set {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Owned(set.name.clone()),
+        set_type: SetTypeValue::Concatenated(Cow::Owned(vec![
+            addr_type(set.family),
+            SetType::InetProto,
+            SetType::InetService,
+        ])),
+        elem: (!elem.is_empty()).then_some(Cow::Owned(elem)),
+        ..Set::default()
+    }
+}
+
+/// A fingerprint of a ruleset, carried in the comment of the forward
+/// chain's first rule, so a listing without set contents tells whether
+/// the kernel holds this ruleset.
+pub fn fingerprint(ruleset: &Ruleset) -> String {
+    let text = format!("{ruleset:?}");
+    format!("overlay-policy {:016x}", proto::hash::fnv1a(text.as_bytes()))
+}
+
+/// The transaction that makes the table hold `ruleset`, whatever it held:
+/// `existing_sets` are the sets the table has now (they are replaced).
+pub fn transaction(ruleset: &Ruleset, existing_sets: &[String]) -> Nftables<'static> {
+    let mut objects = vec![add(NfListObject::Table(table()))];
+    for direction in Direction::ALL {
+        objects.push(add(NfListObject::Counter(Counter {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Borrowed(drop_counter(direction)),
+            handle: None,
+            packets: None,
+            bytes: None,
+        })));
+    }
+    objects.push(add(NfListObject::Chain(Chain {
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Forward),
+        prio: Some(0),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(FORWARD)
+    })));
+    objects.push(add(NfListObject::Chain(chain("ingress"))));
+    objects.push(add(NfListObject::Chain(chain("egress"))));
+    // Rules first, then the sets they referred to: one transaction.
+    objects.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Table(table()))));
+    for name in existing_sets {
+        objects.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Owned(name.clone()),
+            ..Set::default()
+        })))));
+    }
+    for set in &ruleset.sets {
+        objects.push(add(NfListObject::Set(Box::new(addr_set(set)))));
+    }
+    for set in &ruleset.port_sets {
+        objects.push(add(NfListObject::Set(Box::new(port_set(set)))));
+    }
+    let rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: Option<String>| {
+        add(NfListObject::Rule(NfRule {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            chain: Cow::Borrowed(chain),
+            expr: Cow::Owned(expr),
+            comment: comment.map(Cow::Owned),
+            ..NfRule::default()
+        }))
+    };
+    objects.push(rule(
+        FORWARD,
+        vec![
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::CT(CT {
+                    key: Cow::Borrowed("state"),
+                    family: None,
+                    dir: None,
+                })),
+                right: Expression::List(vec![
+                    Expression::String(Cow::Borrowed("established")),
+                    Expression::String(Cow::Borrowed("related")),
+                ]),
+                op: Operator::IN,
+            }),
+            Statement::Accept(None),
+        ],
+        Some(fingerprint(ruleset)),
+    ));
+    for direction in [Direction::Egress, Direction::Ingress] {
+        for family in Family::ALL {
+            let (pod, _) = fields(direction);
+            objects.push(rule(
+                FORWARD,
+                vec![
+                    in_set(payload(proto_name(family), pod), &Ruleset::isolated_set(direction, family)),
+                    Statement::Jump(JumpTarget { target: Cow::Borrowed(direction.name()) }),
+                ],
+                None,
+            ));
+        }
+    }
+    for r in &ruleset.rules {
+        objects.push(rule(r.direction.name(), rule_statements(r), Some(r.policy.chars().take(120).collect())));
+    }
+    for direction in [Direction::Egress, Direction::Ingress] {
+        objects.push(rule(
+            direction.name(),
+            vec![Statement::Counter(CounterStmt::Named(Cow::Borrowed(drop_counter(direction)))), Statement::Drop(None)],
+            None,
+        ));
+    }
+    Nftables { objects: Cow::Owned(objects) }
+}
+
+/// What a terse listing (no set contents) says of the table.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub sets: Vec<String>,
+    /// The fingerprint in the forward chain's first rule.
+    pub fingerprint: Option<String>,
+    pub rules: usize,
+    /// Packets dropped, by direction (ingress, egress).
+    pub drops: [u64; 2],
+}
+
+impl Listed {
+    fn parse(listing: &Value) -> Listed {
+        let objects = listing.get("nftables").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let mut out = Listed::default();
+        for o in objects {
+            if let Some(set) = o.get("set") {
+                out.sets.extend(set["name"].as_str().map(str::to_string));
+            } else if let Some(rule) = o.get("rule") {
+                out.rules += 1;
+                if rule["chain"] == FORWARD && out.fingerprint.is_none() {
+                    out.fingerprint = rule["comment"].as_str().map(str::to_string);
+                }
+            } else if let Some(counter) = o.get("counter") {
+                let packets = counter["packets"].as_u64().unwrap_or(0);
+                match counter["name"].as_str() {
+                    Some(n) if n == drop_counter(Direction::Ingress) => out.drops[0] = packets,
+                    Some(n) if n == drop_counter(Direction::Egress) => out.drops[1] = packets,
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the kernel holds exactly `ruleset` (as far as a terse listing tells).
+    pub fn holds(&self, ruleset: &Ruleset) -> bool {
+        self.fingerprint.as_deref() == Some(fingerprint(ruleset).as_str()) && self.rules == rule_count(ruleset)
+    }
+}
+
+/// Rules the table holds for `ruleset`.
+pub fn rule_count(ruleset: &Ruleset) -> usize {
+    // established + 4 jumps + 2 drops.
+    7 + ruleset.rules.len()
+}
+
+/// The table as `nft -j -t list table` shows it; none when there is none.
+pub async fn list() -> Result<Option<Listed>, TableError> {
+    let args = ["-t", "list", "table", "inet", TABLE];
+    match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, args).await {
+        Ok(text) => serde_json::from_str::<Value>(&text)
+            .map(|v| Some(Listed::parse(&v)))
+            .map_err(|e| TableError { what: "reading the table", detail: e.to_string() }),
+        Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
+        Err(e) => Err(nft_error("reading the table")(e)),
+    }
+}
+
+/// Replaces what the table holds with `ruleset`, in one transaction.
+pub async fn apply(ruleset: &Ruleset, existing_sets: &[String]) -> Result<(), TableError> {
+    nftables::helper::apply_ruleset_async(&transaction(ruleset, existing_sets))
+        .await
+        .map_err(nft_error("replacing its ruleset"))
+}
+
+/// Removes the table (`overlayd cleanup`), if present.
+pub async fn remove() -> Result<(), TableError> {
+    let commands = Nftables {
+        objects: Cow::Owned(vec![
+            add(NfListObject::Table(table())),
+            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
+        ]),
+    };
+    nftables::helper::apply_ruleset_async(&commands).await.map_err(nft_error("removing it"))
+}

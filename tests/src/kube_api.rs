@@ -576,6 +576,9 @@ fn serve_collection(
     }
     let mut s = lock(&shared);
     s.stats.lists += 1;
+    if query.get("resourceVersion").is_some_and(|rv| rv == "0") {
+        s.stats.cached_lists += 1;
+    }
     let (kind, api_version) = kind_of(resource);
     let items: Vec<Value> = s
         .objects

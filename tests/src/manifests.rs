@@ -30,13 +30,18 @@ pub fn one<'a>(docs: &'a [Value], kind: &str) -> Result<&'a Value> {
 }
 
 /// Every (verb, resource) the ClusterRole of `deploy/overlay.yaml` grants,
-/// expanded rule by rule; wildcards and non-core groups are refused.
+/// expanded rule by rule; wildcards and other groups than the core one
+/// (and networking.k8s.io for networkpolicies) are refused.
 pub fn cluster_role_grants() -> Result<BTreeSet<(String, String)>> {
     let docs = load(&deploy_dir().join("overlay.yaml"))?;
     let role: ClusterRole = crate::strict::decode(one(&docs, "ClusterRole")?).map_err(anyhow::Error::msg)?;
     let mut grants = BTreeSet::new();
     for rule in role.rules.unwrap_or_default() {
-        if rule.api_groups.as_deref() != Some(&[String::new()]) {
+        // The core group, and networking.k8s.io for NetworkPolicies alone.
+        let group = rule.api_groups.as_deref().unwrap_or_default();
+        let networking =
+            group == ["networking.k8s.io"] && rule.resources.as_deref().unwrap_or_default() == ["networkpolicies"];
+        if group != [String::new()] && !networking {
             bail!("rule outside the core API group: {rule:?}");
         }
         if rule.resource_names.is_some() || rule.non_resource_urls.is_some() {

@@ -137,7 +137,7 @@ impl Drop for Servers {
 }
 
 /// How long a blocked probe waits.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn probe_one(proto: Proto, to: SocketAddr) -> bool {
     match proto {

@@ -39,12 +39,24 @@ fn cluster_role_is_what_the_daemon_uses_and_nothing_else() {
     // tests/tests/kube_overlay.rs compares this with the requests the
     // daemons really made; here: exactly the documented set. No patch on
     // Nodes themselves: everything is written through nodes/status.
+    // NetworkPolicy grew it by exactly list and watch on pods, namespaces
+    // and networkpolicies.
     let grants = cluster_role_grants().unwrap();
-    let expected: Vec<(String, String)> =
-        [("get", "nodes"), ("list", "nodes"), ("patch", "nodes/status"), ("watch", "nodes")]
-            .iter()
-            .map(|(v, r)| (v.to_string(), r.to_string()))
-            .collect();
+    let expected: Vec<(String, String)> = [
+        ("get", "nodes"),
+        ("list", "namespaces"),
+        ("list", "networkpolicies"),
+        ("list", "nodes"),
+        ("list", "pods"),
+        ("patch", "nodes/status"),
+        ("watch", "namespaces"),
+        ("watch", "networkpolicies"),
+        ("watch", "nodes"),
+        ("watch", "pods"),
+    ]
+    .iter()
+    .map(|(v, r)| (v.to_string(), r.to_string()))
+    .collect();
     assert_eq!(grants.into_iter().collect::<Vec<_>>(), expected);
     let docs = docs();
     let binding: ClusterRoleBinding = decode(one(&docs, "ClusterRoleBinding").unwrap()).unwrap();

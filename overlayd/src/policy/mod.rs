@@ -87,6 +87,8 @@ struct Controller {
     drops: [u64; 2],
     /// The last ruleset compiled, for the timer's check when nothing changed.
     compiled: Option<compile::Compiled>,
+    /// How long the last sync took.
+    last_sync: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -102,6 +104,7 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
         said: BTreeSet::new(),
         drops: [0; 2],
         compiled: None,
+        last_sync: Duration::ZERO,
         metrics,
     };
     let mut next_check = Instant::now() + CHECK_EVERY;
@@ -110,8 +113,9 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
             change = changes.next() => {
                 let Some(change) = change else { return };
                 c.take(change);
-                // The rest of the burst.
-                let until = tokio::time::Instant::now() + DEBOUNCE;
+                // The rest of the burst; while syncs are slow (thousands of
+                // policies), longer bursts, so the work stays bounded.
+                let until = tokio::time::Instant::now() + DEBOUNCE.max(c.last_sync);
                 loop {
                     tokio::select! {
                         change = changes.next() => match change {
@@ -240,6 +244,15 @@ impl Controller {
                     );
                 }
                 self.compiled = Some(compiled);
+                self.last_sync = started.elapsed();
+                if applied {
+                    // The transaction's JSON is megabytes at thousands of
+                    // rules; give it back rather than keep it for the next.
+                    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                }
                 Instant::now() + CHECK_EVERY
             }
             Err(e) => {

@@ -218,11 +218,17 @@ enum Namespaces {
     Selected(Selector),
 }
 
+/// A named port resolved: the address that has it, protocol, port.
+type PortElement = (u128, Protocol, u16);
+
+/// A policy rule's peers and ports, for either direction.
+type RuleParts<'a> = (Option<&'a Vec<NetworkPolicyPeer>>, Option<&'a Vec<NetworkPolicyPort>>);
+
 /// Interns sets by content.
 #[derive(Default)]
 struct Sets {
     addr: HashMap<(Family, Vec<(u128, u128)>), String>,
-    ports: HashMap<(Family, Vec<(u128, Protocol, u16)>), String>,
+    ports: HashMap<(Family, Vec<PortElement>), String>,
     out_addr: Vec<AddrSet>,
     out_ports: Vec<PortSet>,
 }
@@ -408,7 +414,7 @@ impl<'a> Compiler<'a> {
         direction: Direction,
         selected: &[(&Key, &PodInfo)],
     ) {
-        let rules: Vec<(Option<&Vec<NetworkPolicyPeer>>, Option<&Vec<NetworkPolicyPort>>)> = match direction {
+        let rules: Vec<RuleParts<'_>> = match direction {
             Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
             Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
         };

@@ -207,11 +207,13 @@ pub struct Compiled {
 }
 
 /// A policy peer, checked.
+#[derive(Debug)]
 enum Peer {
     Pods { namespaces: Namespaces, pods: Selector },
     Block { ranges: Vec<(u128, u128)>, family: Family },
 }
 
+#[derive(Debug)]
 enum Namespaces {
     /// The policy's own namespace (no namespaceSelector).
     Own,
@@ -306,7 +308,8 @@ fn subtract(range: (u128, u128), except: &[(u128, u128)]) -> Vec<(u128, u128)> {
 
 /// Compiles every policy for the node `node`.
 pub fn compile(view: &ClusterView, node: &str) -> Compiled {
-    let mut c = Compiler { view, sets: Sets::default(), problems: Vec::new(), rules: Vec::new() };
+    let mut c =
+        Compiler { view, sets: Sets::default(), problems: Vec::new(), rules: Vec::new(), peers: HashMap::new() };
     let mut isolated: BTreeMap<(Direction, Family), BTreeSet<u128>> = BTreeMap::new();
     let mut selected_pods: BTreeSet<&Key> = BTreeSet::new();
     let mut policies_in_effect = 0;
@@ -370,6 +373,9 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
 
 struct Compiler<'a> {
     view: &'a ClusterView,
+    /// Pods matched by a list of peers in a namespace: a thousand policies
+    /// with the same selectors match the cluster's pods once.
+    peers: HashMap<String, std::rc::Rc<Vec<&'a PodInfo>>>,
     sets: Sets,
     problems: Vec<Problem>,
     rules: Vec<Rule>,
@@ -421,7 +427,15 @@ impl<'a> Compiler<'a> {
         for (peers, ports) in rules {
             let peers: Option<Vec<Peer>> =
                 peers.filter(|p| !p.is_empty()).map(|p| p.iter().filter_map(|peer| self.peer(id, peer)).collect());
-            let peer_pods = peers.as_ref().map(|peers| self.peer_pods(namespace, peers));
+            let peer_pods = peers.as_ref().map(|peers| {
+                let key = format!("{namespace}|{peers:?}");
+                if let Some(hit) = self.peers.get(&key) {
+                    return hit.clone();
+                }
+                let pods = std::rc::Rc::new(self.peer_pods(namespace, peers));
+                self.peers.insert(key, pods.clone());
+                pods
+            });
             for family in Family::ALL {
                 let pod_ips: Vec<u128> = selected
                     .iter()
@@ -435,7 +449,7 @@ impl<'a> Compiler<'a> {
                 let peer_ranges = peers.as_ref().map(|peers| {
                     let mut ranges: Vec<(u128, u128)> = peer_pods
                         .iter()
-                        .flatten()
+                        .flat_map(|pods| pods.iter())
                         .flat_map(|p| &p.ips)
                         .filter(|ip| Family::of(**ip) == family)
                         .map(|ip| (value(*ip), value(*ip)))
@@ -469,7 +483,7 @@ impl<'a> Compiler<'a> {
                             let owners: Vec<&PodInfo> = match direction {
                                 Direction::Ingress => selected.iter().map(|(_, p)| *p).collect(),
                                 Direction::Egress => match &peer_pods {
-                                    Some(pods) => pods.clone(),
+                                    Some(pods) => pods.to_vec(),
                                     None => self.view.pods.values().filter(|p| !p.host_network).collect(),
                                 },
                             };

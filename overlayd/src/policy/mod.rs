@@ -87,8 +87,9 @@ struct Controller {
     drops: [u64; 2],
     /// The last ruleset compiled, for the timer's check when nothing changed.
     compiled: Option<compile::Compiled>,
-    /// How long the last sync took.
+    /// How long the last sync took, and when it ended.
     last_sync: Duration,
+    last_sync_end: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -105,6 +106,7 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
         drops: [0; 2],
         compiled: None,
         last_sync: Duration::ZERO,
+        last_sync_end: Instant::now(),
         metrics,
     };
     let mut next_check = Instant::now() + CHECK_EVERY;
@@ -115,7 +117,9 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
                 c.take(change);
                 // The rest of the burst; while syncs are slow (thousands of
                 // policies), longer bursts, so the work stays bounded.
-                let until = tokio::time::Instant::now() + DEBOUNCE.max(c.last_sync);
+                // An update that comes alone waits only DEBOUNCE.
+                let busy = c.last_sync.saturating_sub(c.last_sync_end.elapsed());
+                let until = tokio::time::Instant::now() + DEBOUNCE.max(busy);
                 loop {
                     tokio::select! {
                         change = changes.next() => match change {
@@ -245,6 +249,7 @@ impl Controller {
                 }
                 self.compiled = Some(compiled);
                 self.last_sync = started.elapsed();
+                self.last_sync_end = Instant::now();
                 if applied {
                     // The transaction's JSON is megabytes at thousands of
                     // rules; give it back rather than keep it for the next.

@@ -184,7 +184,7 @@ fn refuses_what_a_real_server_refuses() {
     assert_eq!((code, status["kind"].as_str()), (404, Some("Status")));
     let (code, _) = call(addr, "DELETE", "/api/v1/nodes/a", "", "");
     assert_eq!(code, 405);
-    let (code, _) = call(addr, "GET", "/api/v1/pods", "", "");
+    let (code, _) = call(addr, "GET", "/api/v1/services", "", "");
     assert_eq!(code, 404);
 
     // None of it changed the node.

@@ -24,7 +24,7 @@
 //!   `spec.podCIDR(s)`;
 //! - it records every User-Agent and every (verb, resource) it served;
 //! - Pods, Namespaces and NetworkPolicies (for NetworkPolicy enforcement):
-//!   list (whole, never paged) and watch across all namespaces, with the
+//!   list (with pages) and watch across all namespaces, with the
 //!   same resourceVersions, history, bookmarks and 410s as Nodes; tests
 //!   create, replace and delete them with `put` and `remove`.
 //!
@@ -72,6 +72,9 @@ pub struct Stats {
     pub cached_lists: u64,
     /// Bytes of list responses.
     pub list_bytes: u64,
+    /// Lists of Pods, Namespaces and NetworkPolicies (not counted above,
+    /// which are about Nodes).
+    pub collection_lists: u64,
 }
 
 /// One kind of request, as RBAC sees it: a verb on a resource.
@@ -564,7 +567,7 @@ fn object_key(object: &Value) -> (String, String) {
     (meta["namespace"].as_str().unwrap_or_default().to_string(), meta["name"].as_str().unwrap_or_default().to_string())
 }
 
-/// A whole list of `resource` (the double does not page these), or its watch.
+/// A list of `resource` (paged as Nodes are), or its watch.
 fn serve_collection(
     shared: Arc<Shared>,
     resource: &'static str,
@@ -575,29 +578,61 @@ fn serve_collection(
         return watch_resource(shared, resource, query);
     }
     let mut s = lock(&shared);
-    s.stats.lists += 1;
-    if query.get("resourceVersion").is_some_and(|rv| rv == "0") {
-        s.stats.cached_lists += 1;
-    }
+    s.stats.collection_lists += 1;
     let (kind, api_version) = kind_of(resource);
-    let items: Vec<Value> = s
-        .objects
-        .get(resource)
-        .into_iter()
-        .flat_map(|o| o.values())
-        .map(|o| {
-            let mut item = o.clone();
-            if let Some(o) = item.as_object_mut() {
-                o.remove("kind");
-                o.remove("apiVersion");
+    // Pages as for Nodes: `limit`, and a continue token
+    // "<resourceVersion>|<namespace>|<name>" of the last item served.
+    // `resourceVersion=0` is the watch cache: whole, `limit` ignored.
+    let cached = query.get("resourceVersion").is_some_and(|rv| rv == "0");
+    let limit: usize = match query.get("limit").filter(|_| !cached) {
+        Some(l) => l.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "BadRequest", format!("limit {l:?}")))?,
+        None => 0,
+    };
+    let (rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let mut parts = token.splitn(3, '|');
+            let parsed = (|| {
+                let rv = parts.next()?.parse::<u64>().ok()?;
+                Some((rv, (parts.next()?.to_string(), parts.next()?.to_string())))
+            })();
+            let (rv, after) = parsed
+                .ok_or_else(|| err(StatusCode::BAD_REQUEST, "BadRequest", format!("continue token {token:?}")))?;
+            if rv < s.oldest {
+                return Err(err(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                ));
             }
-            item
-        })
-        .collect();
-    let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version,
-                      "metadata": {"resourceVersion": s.rv.to_string()}, "items": items})
-    .to_string();
-    s.stats.list_bytes += list.len() as u64;
+            (rv, Some(after))
+        }
+        None => (s.rv, None),
+    };
+    let mut items = Vec::new();
+    let mut more = false;
+    for (key, object) in s.objects.get(resource).into_iter().flatten() {
+        if after.as_ref().is_some_and(|a| key <= a) {
+            continue;
+        }
+        if limit > 0 && items.len() == limit {
+            more = true;
+            break;
+        }
+        let mut item = object.clone();
+        if let Some(o) = item.as_object_mut() {
+            // List items carry no kind or apiVersion, as from a real server.
+            o.remove("kind");
+            o.remove("apiVersion");
+        }
+        items.push(item);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more {
+        let last = items.last().map(object_key).unwrap_or_default();
+        metadata["continue"] = json!(format!("{rv}|{}|{}", last.0, last.1));
+    }
+    let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})
+        .to_string();
     let mut r = Response::new(Full::new(Bytes::from(list)).boxed());
     r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
     Ok(r)
@@ -958,9 +993,8 @@ fn watch_resource(
     };
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
-    {
-        let mut s = lock(&shared);
-        s.stats.watches += 1;
+    if resource == "nodes" {
+        lock(&shared).stats.watches += 1;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(stream_events(shared, resource, from, bookmarks, timeout, tx));

@@ -54,9 +54,13 @@ fn patch(addr: SocketAddr, path: &str, content_type: &str, body: Value) -> (u16,
 
 /// Opens a watch and returns a reader positioned at the first event line.
 fn watch(addr: SocketAddr, query: &str) -> BufReader<TcpStream> {
+    watch_path(addr, "/api/v1/nodes", query)
+}
+
+fn watch_path(addr: SocketAddr, path: &str, query: &str) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /api/v1/nodes?watch=true&{query} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "GET {path}?watch=true&{query} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
     loop {
@@ -262,4 +266,58 @@ fn status_patches_take_annotations_but_never_the_spec() {
     assert_eq!(code, 200, "{node}");
     assert_eq!(node["metadata"]["annotations"]["x"], "y", "flanneld writes its annotations through nodes/status");
     assert!(node["spec"].get("unschedulable").is_none(), "nodes/status never changes the spec: {node}");
+}
+
+#[test]
+fn pods_namespaces_and_policies_list_in_pages_and_watch_on_their_own() {
+    let (api, addr) = api();
+    let pod = |name: &str, label: &str| json!({"metadata": {"name": name, "namespace": "x", "labels": {"pod": label}}, "spec": {"containers": []}});
+    for i in 0..3 {
+        api.put("pods", pod(&format!("p{i}"), "a")).unwrap();
+    }
+    let (code, page) = call(addr, "GET", "/api/v1/pods?limit=2", "", "");
+    assert_eq!((code, page["kind"].as_str(), page["items"].as_array().unwrap().len()), (200, Some("PodList"), 2));
+    let token = page["metadata"]["continue"].as_str().unwrap().replace('|', "%7C");
+    let (_, rest) = call(addr, "GET", &format!("/api/v1/pods?limit=2&continue={token}"), "", "");
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["items"][0]["metadata"]["name"], "p2");
+    assert!(rest["metadata"].get("continue").is_none(), "{rest}");
+    let (_, cached) = call(addr, "GET", "/api/v1/pods?resourceVersion=0&limit=1", "", "");
+    assert_eq!(cached["items"].as_array().unwrap().len(), 3, "the cache answers whole");
+
+    // A watch of pods sees pods only, from the list's resourceVersion on.
+    let rv = page["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let mut w = watch_path(addr, "/api/v1/pods", &format!("resourceVersion={rv}"));
+    api.put("namespaces", json!({"metadata": {"name": "x", "labels": {"ns": "x"}}})).unwrap();
+    api.put("pods", pod("p0", "b")).unwrap();
+    api.remove("pods", "x", "p1").unwrap();
+    let modified = next_event(&mut w);
+    assert_eq!(
+        (modified["type"].as_str(), modified["object"]["metadata"]["labels"]["pod"].as_str()),
+        (Some("MODIFIED"), Some("b"))
+    );
+    let deleted = next_event(&mut w);
+    assert_eq!(
+        (deleted["type"].as_str(), deleted["object"]["metadata"]["name"].as_str()),
+        (Some("DELETED"), Some("p1"))
+    );
+
+    api.put("networkpolicies", json!({"metadata": {"name": "np", "namespace": "x"}, "spec": {"podSelector": {}}}))
+        .unwrap();
+    let (code, list) = call(addr, "GET", "/apis/networking.k8s.io/v1/networkpolicies", "", "");
+    assert_eq!(
+        (code, list["kind"].as_str(), list["apiVersion"].as_str(), list["items"].as_array().unwrap().len()),
+        (200, Some("NetworkPolicyList"), Some("networking.k8s.io/v1"), 1)
+    );
+    let (_, namespaces) = call(addr, "GET", "/api/v1/namespaces", "", "");
+    assert_eq!(namespaces["items"][0]["metadata"]["labels"]["ns"], "x");
+
+    // Objects a real server would refuse are refused.
+    assert!(api.put("pods", json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).is_err(), "no namespace");
+    assert!(api
+        .put("networkpolicies", json!({"metadata": {"name": "n", "namespace": "x"}, "spec": {"podSelector": 5}}))
+        .is_err());
+    assert!(api.remove("pods", "x", "nope").is_err());
+    let (code, _) = call(addr, "POST", "/api/v1/pods", "application/json", "{}");
+    assert_eq!(code, 405);
 }

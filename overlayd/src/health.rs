@@ -47,7 +47,9 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     let (status, kind, body) = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, TEXT, "ok\n".to_string()),
-        (&Method::GET | &Method::HEAD, "/readyz") if metrics.ready() => (StatusCode::OK, TEXT, "ready\n".to_string()),
+        (&Method::GET | &Method::HEAD, "/readyz") if metrics.ready() && metrics.policy.ready() => {
+            (StatusCode::OK, TEXT, "ready\n".to_string())
+        }
         (&Method::GET | &Method::HEAD, "/readyz") => {
             (StatusCode::SERVICE_UNAVAILABLE, TEXT, metrics.readiness_detail())
         }

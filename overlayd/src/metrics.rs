@@ -260,7 +260,7 @@ pub struct PolicyMetrics {
     pub problems: Gauge,
     /// From a change seen on the API watch to the kernel holding its rules.
     pub sync_seconds: Histogram,
-    /// Times the kernel was found holding the compiled ruleset, or made to.
+    /// Bursts of API changes the kernel was made to hold (or found holding).
     pub syncs: Counter,
     /// Transactions that wrote the table.
     pub applies: Counter,
@@ -268,6 +268,10 @@ pub struct PolicyMetrics {
     pub repairs: Counter,
     /// Reads or writes of the table that failed.
     pub errors: Counter,
+    /// Whether this node enforces NetworkPolicy (`--network-policy`, Kubernetes mode).
+    pub enabled: AtomicBool,
+    /// Whether the kernel held the compiled ruleset after the last sync.
+    pub synced: AtomicBool,
 }
 
 impl Default for PolicyMetrics {
@@ -284,11 +288,20 @@ impl Default for PolicyMetrics {
             applies: Counter::default(),
             repairs: Counter::default(),
             errors: Counter::default(),
+            enabled: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
         }
     }
 }
 
 impl PolicyMetrics {
+    /// Ready as far as policy goes: off, or the kernel holds what the API
+    /// says. `/readyz` waits for it, so a node does not report ready (to
+    /// the DaemonSet's probe) before its pods' policies are enforced.
+    pub fn ready(&self) -> bool {
+        !self.enabled.load(Relaxed) || self.synced.load(Relaxed)
+    }
+
     /// The drop counter of a direction.
     pub fn drops(&self, direction: crate::policy::compile::Direction) -> Counter {
         self.drops.get_or_create(&DirectionLabel { direction: direction.name() }).clone()
@@ -411,6 +424,9 @@ impl Metrics {
             parts.push("not reconciled yet".into());
         }
         parts.extend(Resource::ALL.iter().map(|r| format!("{}={}", r.name(), self.resource_ok(*r))));
+        if self.policy.enabled.load(Relaxed) {
+            parts.push(format!("network_policy={}", self.policy.synced.load(Relaxed)));
+        }
         format!("not ready: {}\n", parts.join(" "))
     }
 

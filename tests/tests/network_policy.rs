@@ -759,3 +759,144 @@ fn network_policy_truth_table_in_both_families() {
     t.set_policies(&[]);
     t.check("policy deleted", TCP80, &|_, _, _, _| true);
 }
+
+/// A connection that stays open: an echo server on port 8080 in `pod`.
+fn echo_server(netns: String) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    overlay_tests::probe::in_netns_path(&netns, || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", 8080))?;
+        let (mut c, _) = l.accept()?;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = std::io::Read::read(&mut c, &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            std::io::Write::write_all(&mut c, &buf[..n])?;
+        }
+    })
+}
+
+/// Connects every 20 ms from `netns` to `to`:80 until stopped; returns
+/// (attempts, connections made).
+fn keep_probing(
+    netns: String,
+    to: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<(u32, u32)>> {
+    overlay_tests::probe::in_netns_path(&netns, move || {
+        let (mut tries, mut made) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tries += 1;
+            if std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200)).is_ok() {
+                made += 1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((tries, made))
+    })
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn enforcement_holds_across_updates_and_daemon_restarts() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
+    c.start_kube_api(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).expect("API test double");
+    c.add_ready_kube_node(&["--health-addr", HEALTH], 2).expect("node 1");
+    c.add_ready_kube_node(&["--health-addr", HEALTH], 1).expect("node 2");
+    // x/a and x/c on node 1, x/b on node 2.
+    let place = [("a", 0, 0), ("c", 0, 1), ("b", 1, 0)];
+    let pods: Vec<TablePod> = place
+        .iter()
+        .map(|(name, n, k)| TablePod {
+            name: PodName { ns: "x", name },
+            netns: c.nodes[*n].pods[*k].ns.path(),
+            node: c.nodes[*n].name.clone(),
+            ips: vec![IpAddr::V4(c.nodes[*n].pods[*k].ip)],
+        })
+        .collect();
+    c.api().put("namespaces", namespace_object("x", &[])).unwrap();
+    for p in &pods {
+        c.api().put("pods", pod_object(p, &labels(&[("pod", p.name.name)]))).unwrap();
+    }
+    let _servers = Servers::start(&pods).unwrap();
+    let xa = std::net::SocketAddr::new(pods[0].ips[0], 80);
+    let before = syncs(&c);
+    let allow_b = |ports: Value| {
+        json!({"metadata": {"name": "p1", "namespace": "x"},
+               "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": ports}]}})
+    };
+    c.api().put("networkpolicies", allow_b(json!([{"port": 80}, {"port": 8080}]))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || syncs(&c).iter().zip(&before).all(|(n, b)| n > b)));
+
+    // A connection from x/b to x/a, open across unrelated updates and an
+    // update of the very policy that allows it.
+    let echo = echo_server(pods[0].netns.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let to = std::net::SocketAddr::new(pods[0].ips[0], 8080);
+    let client = overlay_tests::probe::in_netns_path(&pods[2].netns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        for word in rx {
+            std::io::Write::write_all(&mut s, word.as_bytes())?;
+            let mut buf = vec![0u8; word.len()];
+            std::io::Read::read_exact(&mut s, &mut buf)?;
+            done_tx.send(if buf == word.as_bytes() { Ok(()) } else { Err(anyhow::anyhow!("echo garbled")) })?;
+        }
+        Ok(())
+    });
+    let exchange = |word: &'static str| {
+        tx.send(word).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).expect("an answer on the open connection").unwrap();
+    };
+    exchange("before");
+    let before = syncs(&c);
+    c.api().put("namespaces", namespace_object("y", &[])).unwrap();
+    c.api()
+        .put("networkpolicies", json!({"metadata": {"name": "other", "namespace": "y"}, "spec": {"podSelector": {}}}))
+        .unwrap();
+    c.api().put("pods", pod_object(&pods[1], &labels(&[("pod", "c"), ("tier", "x")]))).unwrap();
+    c.api().put("networkpolicies", allow_b(json!([{"port": 80}, {"port": 8080}, {"port": 9000}]))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || syncs(&c).iter().zip(&before).all(|(n, b)| n > b)));
+    exchange("after unrelated updates");
+    drop(tx);
+    client.join().unwrap().unwrap();
+    echo.join().unwrap().unwrap();
+
+    // A restart of node 1's daemon: x/c stays blocked and x/b allowed at
+    // every moment, and the new daemon finds the table right and writes nothing.
+    let applied_before = c.nodes[0].log_text().matches("NetworkPolicy ruleset applied").count();
+    let stop = Arc::new(AtomicBool::new(false));
+    let denied = keep_probing(pods[1].netns.clone(), xa, stop.clone());
+    let allowed = keep_probing(pods[2].netns.clone(), xa, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    c.nodes[0].stop().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let table = c.nodes[0].ns.exec("nft", &["list", "table", "inet", "overlay_policy"]).unwrap();
+    assert!(table.contains("x/p1"), "the table stays while the daemon is down: {table}");
+    let before = syncs(&c)[1];
+    c.nodes[0].start().unwrap();
+    c.nodes[0].wait_ready(Duration::from_secs(20)).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        overlay_tests::probe::http_get(&c.nodes[0].ns, HEALTH.parse().unwrap(), "/readyz")
+            .is_ok_and(|(code, _)| code == 200)
+    }));
+    assert!(syncs(&c)[1] >= before);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (tries, made) = denied.join().unwrap().unwrap();
+    assert_eq!(made, 0, "x/c reached x/a during the restart ({made} of {tries})");
+    let (tries, made) = allowed.join().unwrap().unwrap();
+    assert_eq!(made, tries, "x/b was refused during the restart ({} of {tries})", tries - made);
+    let log = c.nodes[0].log_text();
+    assert_eq!(
+        log.matches("NetworkPolicy ruleset applied").count(),
+        applied_before,
+        "the restarted daemon found its table holding the ruleset and left it:\n{log}"
+    );
+}

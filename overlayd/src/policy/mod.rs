@@ -42,6 +42,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Starts enforcement on its own thread; it runs for the life of the process.
 pub fn start(args: &KubeArgs, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let node = crate::lease::kube::node_name(args)?;
+    metrics.policy.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
     let args = args.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("policy".into()).spawn(move || {
@@ -235,8 +236,9 @@ impl Controller {
             Ok(applied) => {
                 if let Some(since) = self.pending_since.take() {
                     m.sync_seconds.observe(since.elapsed().as_secs_f64());
+                    m.syncs.inc();
                 }
-                m.syncs.inc();
+                m.synced.store(true, std::sync::atomic::Ordering::Relaxed);
                 if applied {
                     info!(
                         rules = compiled.ruleset.rules.len(),
@@ -262,6 +264,7 @@ impl Controller {
             }
             Err(e) => {
                 m.errors.inc();
+                m.synced.store(false, std::sync::atomic::Ordering::Relaxed);
                 warn!("{e}; retrying in {}s", RETRY_AFTER.as_secs());
                 Instant::now() + RETRY_AFTER
             }

@@ -1045,6 +1045,134 @@ fn policy_bench() -> Result<()> {
         mib(rss.rss_kib),
         mib(rss.anon_kib),
     );
+    // 100,000 pods watched: the daemon's memory once it holds them all.
+    for j in 9_998..100_000u32 {
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 245, 0, 0)) + j).to_string();
+        c.api().put(
+            "pods",
+            json!({"metadata": {"name": format!("p{j}"), "namespace": format!("ns{}", j % 10),
+                                "labels": {"app": format!("app{}", j % 100), "pod-template-hash": format!("{:08x}", j),
+                                           "app.kubernetes.io/name": format!("app{}", j % 100)}},
+                   "spec": {"nodeName": format!("node-{}", 100 + j / 100), "containers": [{"name": "c", "image": "i",
+                            "ports": [{"name": "http", "containerPort": 8080}]}]},
+                   "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}),
+        )?;
+    }
+    let before = syncs(&c);
+    c.api().put("networkpolicies", policy(0, 30_000))?;
+    if !overlay_tests::wait_until(Duration::from_secs(300), || syncs(&c) > before) {
+        bail!("no sync with 100,000 pods");
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let big = usage(c.nodes[0].pid().unwrap_or(0));
+    let mut latencies = Vec::new();
+    for round in 0..5u32 {
+        let before = syncs(&c);
+        let t = Instant::now();
+        c.api().put("networkpolicies", policy(round, 40_000 + round))?;
+        if !overlay_tests::wait_until(Duration::from_secs(60), || syncs(&c) > before) {
+            bail!("no sync after an update at 100,000 pods");
+        }
+        latencies.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    latencies.sort();
+    let (compile_ms, apply_ms) = last_apply(&c.nodes[0].log_text()).unwrap_or_default();
+    println!();
+    println!("The same node and 1,000 policies with 100,000 pods watched (each with three labels and a named port):");
+    println!("| RSS (heap) | peak RSS | update: API → kernel, p50 (max of 5) | last compile / nft apply |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {} ({}) | {} | {} ({}) | {compile_ms} ms / {apply_ms} ms |",
+        mib(big.rss_kib),
+        mib(big.anon_kib),
+        mib(big.peak_kib),
+        ms(Some(percentile(&latencies, 0.5))),
+        ms(latencies.last().copied()),
+    );
+    drop(c);
+    policy_latency_bench()
+}
+
+/// Mean round trip of 1,000 pings (2 ms apart) from `from` to `to`.
+fn mean_rtt_ms(from: &Netns, to: std::net::Ipv4Addr) -> Result<f64> {
+    let out = from.exec("ping", &["-q", "-c", "1000", "-i", "0.002", &to.to_string()])?;
+    let line = out.lines().find(|l| l.contains("min/avg/max")).ok_or_else(|| anyhow::anyhow!("no rtt in {out}"))?;
+    let avg = line.split('=').nth(1).and_then(|v| v.trim().split('/').nth(1)).and_then(|v| v.parse().ok());
+    avg.ok_or_else(|| anyhow::anyhow!("cannot read {line}"))
+}
+
+/// Pod-to-pod latency across two nodes, with no policy and with 100
+/// policies selecting the destination (the allowing rule for ICMP last
+/// of 100 in its chain), alternated five times each.
+fn policy_latency_bench() -> Result<()> {
+    use overlay_tests::netpol::{namespace_object, pod_object, PodName, TablePod};
+    use serde_json::json;
+    let mut c = Cluster::new(ClusterOptions { config: None, ..Default::default() })?;
+    c.start_kube_api(config_for_bench())?;
+    let health = "127.0.0.1:8471";
+    for _ in 0..2 {
+        let i = c.add_kube_node(true, &["--health-addr", health])?;
+        c.nodes[i].start()?;
+        c.nodes[i].wait_ready(Duration::from_secs(20))?;
+        c.nodes[i].add_pod()?;
+    }
+    c.api().put("namespaces", namespace_object("x", &[]))?;
+    for (n, name) in ["a", "b"].iter().enumerate() {
+        let p = TablePod {
+            name: PodName { ns: "x", name },
+            netns: c.nodes[n].pods[0].ns.path(),
+            node: c.nodes[n].name.clone(),
+            ips: vec![c.nodes[n].pods[0].ip.into()],
+        };
+        c.api().put("pods", pod_object(&p, &[("pod".to_string(), name.to_string())].into()))?;
+    }
+    let in_effect = |c: &Cluster| {
+        overlay_tests::probe::metric(&c.nodes[0].ns, health.parse().unwrap(), "overlay_network_policies_in_effect")
+            .unwrap_or(u64::MAX)
+    };
+    let (from, to) = (&c.nodes[1].pods[0].ns, c.nodes[0].pods[0].ip);
+    mean_rtt_ms(from, to)?;
+    let (mut none, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        for j in 0..100 {
+            let _ = c.api().remove("networkpolicies", "x", &format!("p{j:02}"));
+        }
+        if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 0) {
+            bail!("policies not removed");
+        }
+        none.push(mean_rtt_ms(from, to)?);
+        for j in 0..100 {
+            let ingress = if j == 99 {
+                json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}])
+            } else {
+                json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 1000 + j}]}])
+            };
+            c.api().put(
+                "networkpolicies",
+                json!({"metadata": {"name": format!("p{j:02}"), "namespace": "x"},
+                       "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": ingress}}),
+            )?;
+        }
+        if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 100) {
+            bail!("policies not in effect");
+        }
+        with.push(mean_rtt_ms(from, to)?);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!();
+    println!("Pod-to-pod ping across two nodes (1,000 pings 2 ms apart, 5 runs each, alternated):");
+    println!("| no policy: mean RTT (runs) | 100 policies on the destination: mean RTT (runs) | added |");
+    println!("|---|---|---|");
+    let runs = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
+    println!(
+        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % |",
+        mean(&none),
+        runs(&none),
+        mean(&with),
+        runs(&with),
+        (mean(&with) / mean(&none) - 1.0) * 100.0
+    );
     Ok(())
 }
 

@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proto::family::value;
 use proto::Family;
 
-use super::selector::{Labels, Selector};
+use super::selector::{Labels, Selector, Str};
 
 /// A transport protocol a policy port names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -68,7 +68,7 @@ impl Protocol {
 /// A port a container declares, which named policy ports resolve to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerPort {
-    pub name: String,
+    pub name: Str,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -77,7 +77,7 @@ pub struct ContainerPort {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PodInfo {
     /// `spec.nodeName` ("" while unscheduled).
-    pub node: String,
+    pub node: Str,
     pub labels: Labels,
     /// `status.podIPs`.
     pub ips: Vec<IpAddr>,
@@ -327,7 +327,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
             .pods
             .range((namespace.clone(), String::new())..)
             .take_while(|((ns, _), _)| ns == namespace)
-            .filter(|(_, p)| p.node == node && !p.host_network && !p.ips.is_empty() && selector.matches(&p.labels))
+            .filter(|(_, p)| &*p.node == node && !p.host_network && !p.ips.is_empty() && selector.matches(&p.labels))
             .collect();
         let directions = c.directions(&id, spec);
         if selected.is_empty() || directions.is_empty() {
@@ -490,7 +490,7 @@ impl<'a> Compiler<'a> {
                             let mut missing = 0;
                             let mut elements = Vec::new();
                             for pod in owners {
-                                match pod.ports.iter().find(|p| p.name == name && p.protocol == protocol) {
+                                match pod.ports.iter().find(|p| *p.name == *name && p.protocol == protocol) {
                                     Some(p) => elements.extend(
                                         pod.ips
                                             .iter()
@@ -534,24 +534,38 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// Pods (anywhere in the cluster) that the pod peers match.
+    /// Pods (anywhere in the cluster) that the pod peers match. Pods are
+    /// keyed by namespace first, so a peer limited to some namespaces reads
+    /// only their pods; only a namespace selector that an unlabelled
+    /// namespace would match (`{}`, `NotIn`, `DoesNotExist`) reads them all.
     fn peer_pods(&self, namespace: &str, peers: &[Peer]) -> Vec<&'a PodInfo> {
-        let no_labels = Labels::new();
         let view = self.view;
-        view.pods
-            .iter()
-            .filter(|(_, p)| !p.host_network)
-            .filter(|((ns, _), p)| {
-                peers.iter().any(|peer| match peer {
-                    Peer::Pods { namespaces: Namespaces::Own, pods } => ns == namespace && pods.matches(&p.labels),
-                    Peer::Pods { namespaces: Namespaces::Selected(sel), pods } => {
-                        sel.matches(view.namespaces.get(ns).unwrap_or(&no_labels)) && pods.matches(&p.labels)
-                    }
-                    Peer::Block { .. } => false,
-                })
-            })
-            .map(|(_, p)| p)
-            .collect()
+        let no_labels = Labels::new();
+        let mut out: Vec<&'a PodInfo> = Vec::new();
+        let mut seen: BTreeSet<&'a Key> = BTreeSet::new();
+        let in_namespace =
+            |ns: String| view.pods.range((ns.clone(), String::new())..).take_while(move |((n, _), _)| *n == ns);
+        for peer in peers {
+            let Peer::Pods { namespaces, pods } = peer else { continue };
+            let candidates: Box<dyn Iterator<Item = (&'a Key, &'a PodInfo)>> = match namespaces {
+                Namespaces::Own => Box::new(in_namespace(namespace.to_string())),
+                Namespaces::Selected(sel) if sel.matches(&no_labels) => Box::new(
+                    view.pods.iter().filter(|((ns, _), _)| sel.matches(view.namespaces.get(ns).unwrap_or(&no_labels))),
+                ),
+                Namespaces::Selected(sel) => Box::new(
+                    view.namespaces
+                        .iter()
+                        .filter(|(_, l)| sel.matches(l))
+                        .flat_map(move |(ns, _)| in_namespace(ns.clone())),
+                ),
+            };
+            for (key, p) in candidates {
+                if !p.host_network && pods.matches(&p.labels) && seen.insert(key) {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 
     fn peer(&mut self, id: &str, peer: &NetworkPolicyPeer) -> Option<Peer> {

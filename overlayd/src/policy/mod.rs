@@ -82,6 +82,8 @@ struct Controller {
     relisting: BTreeMap<Kind, BTreeSet<Key>>,
     /// When the first change not yet in the kernel arrived.
     pending_since: Option<Instant>,
+    /// Label keys and values, node and port names, held once.
+    interner: selector::Interner,
     /// Problems already logged: each is said once, when it appears.
     said: BTreeSet<Problem>,
     /// Drop counters as last read from the kernel.
@@ -103,6 +105,7 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
         listed: BTreeSet::new(),
         relisting: BTreeMap::new(),
         pending_since: None,
+        interner: selector::Interner::default(),
         said: BTreeSet::new(),
         drops: [0; 2],
         compiled: None,
@@ -142,26 +145,24 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
 impl Controller {
     fn take(&mut self, change: Change) {
         match change {
-            Change::Pod(key, pod) => {
+            Change::Pod(pod, present) => {
+                let key = pod.key();
                 self.seen(Kind::Pods, &key);
-                match pod {
-                    Some(p) => {
-                        self.view.pods.insert(key, p);
-                    }
-                    None => {
-                        self.view.pods.remove(&key);
-                    }
+                if present {
+                    let info = pod.info(&mut self.interner);
+                    self.view.pods.insert(key, info);
+                } else {
+                    self.view.pods.remove(&key);
                 }
             }
-            Change::Namespace(name, labels) => {
+            Change::Namespace(ns, present) => {
+                let name = ns.name();
                 self.seen(Kind::Namespaces, &(String::new(), name.clone()));
-                match labels {
-                    Some(l) => {
-                        self.view.namespaces.insert(name, l);
-                    }
-                    None => {
-                        self.view.namespaces.remove(&name);
-                    }
+                if present {
+                    let labels = ns.labels(&mut self.interner);
+                    self.view.namespaces.insert(name, labels);
+                } else {
+                    self.view.namespaces.remove(&name);
                 }
             }
             Change::Policy(key, spec) => {
@@ -216,7 +217,10 @@ impl Controller {
         let started = Instant::now();
         let compiled = match self.compiled.take() {
             Some(c) if self.pending_since.is_none() => c,
-            _ => compile::compile(&self.view, &self.node),
+            _ => {
+                self.interner.sweep();
+                compile::compile(&self.view, &self.node)
+            }
         };
         let compile_time = started.elapsed();
         for p in &compiled.problems {

@@ -17,7 +17,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 
 use super::compile::{ContainerPort, Key, PodInfo, Protocol};
-use super::selector::Labels;
+use super::selector::{Interner, Labels};
 
 /// The metadata fields kept: name, namespace, labels, resourceVersion.
 fn lean_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -133,33 +133,45 @@ fn key(meta: &ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
+impl LeanNamespace {
+    pub fn name(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    pub fn labels(self, interner: &mut Interner) -> Labels {
+        Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner)
+    }
+}
+
 impl LeanPod {
-    fn key(&self) -> Key {
+    pub fn key(&self) -> Key {
         key(&self.metadata)
     }
 
-    /// What the compiler needs. A pod that has ended holds no address any
-    /// more (its IP may already be another pod's).
-    fn info(self) -> PodInfo {
+    /// What the compiler needs, its strings shared through `interner`. A
+    /// pod that has ended holds no address any more (its IP may already be
+    /// another pod's).
+    pub fn info(self, interner: &mut Interner) -> PodInfo {
         let ended = matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"));
         let ips =
             if ended { Vec::new() } else { self.status.pod_ips.iter().filter_map(|p| p.ip.parse().ok()).collect() };
-        let ports = self
+        let mut ports: Vec<ContainerPort> = self
             .spec
             .containers
             .into_iter()
             .flat_map(|c| c.ports)
             .filter_map(|p| {
                 Some(ContainerPort {
-                    name: p.name.filter(|n| !n.is_empty())?,
+                    name: interner.get(p.name.as_deref().filter(|n| !n.is_empty())?),
                     protocol: Protocol::parse(p.protocol.as_deref()).ok()?,
                     port: u16::try_from(p.container_port).ok()?,
                 })
             })
             .collect();
+        ports.shrink_to_fit();
         PodInfo {
-            node: self.spec.node_name.unwrap_or_default(),
-            labels: self.metadata.labels.unwrap_or_default(),
+            node: interner.get(self.spec.node_name.as_deref().unwrap_or_default()),
+            labels: Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner),
             ips,
             ports,
             host_network: self.spec.host_network.unwrap_or(false),
@@ -170,8 +182,9 @@ impl LeanPod {
 /// One change from one of the watches.
 #[derive(Debug)]
 pub enum Change {
-    Pod(Key, Option<PodInfo>),
-    Namespace(String, Option<Labels>),
+    /// A pod, present or deleted.
+    Pod(Box<LeanPod>, bool),
+    Namespace(Box<LeanNamespace>, bool),
     Policy(Key, Option<Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>>),
     /// A (re)list began: what follows until `Listed` is the whole collection.
     Relisting(Kind),
@@ -226,18 +239,12 @@ pub fn watch_all(client: Client) -> impl Stream<Item = Change> + Send {
     let pods = changes(
         Kind::Pods,
         watcher(Api::<LeanPod>::all(client.clone()), config()).default_backoff(),
-        |p: LeanPod, present| {
-            let k = p.key();
-            Change::Pod(k, present.then(|| p.info()))
-        },
+        |p: LeanPod, present| Change::Pod(Box::new(p), present),
     );
     let namespaces = changes(
         Kind::Namespaces,
         watcher(Api::<LeanNamespace>::all(client.clone()), config()).default_backoff(),
-        |n: LeanNamespace, present| {
-            let name = n.metadata.name.clone().unwrap_or_default();
-            Change::Namespace(name, present.then(|| n.metadata.labels.unwrap_or_default()))
-        },
+        |n: LeanNamespace, present| Change::Namespace(Box::new(n), present),
     );
     let policies = changes(
         Kind::Policies,
@@ -277,11 +284,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(pod.key(), ("x".to_string(), "a".to_string()));
-        let info = pod.info();
-        assert_eq!(info.node, "node-1");
+        let info = pod.info(&mut Interner::default());
+        assert_eq!(&*info.node, "node-1");
         assert_eq!(info.ips.len(), 2);
         assert_eq!(info.ports.len(), 2, "unnamed ports cannot be named in a policy");
         assert_eq!(info.ports[1], ContainerPort { name: "serve-81-udp".into(), protocol: Protocol::Udp, port: 81 });
+        assert_eq!(info.labels.get("pod"), Some("a"));
     }
 
     #[test]
@@ -292,6 +300,6 @@ mod tests {
             "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.244.1.2"}]}
         }))
         .unwrap();
-        assert!(pod.info().ips.is_empty());
+        assert!(pod.info(&mut Interner::default()).ips.is_empty());
     }
 }

@@ -1018,7 +1018,8 @@ fn policy_bench() -> Result<()> {
             compile.push(cm);
             apply.push(am);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Quiet, as between a user's edits: the next update comes alone.
+        std::thread::sleep(Duration::from_millis(1000));
     }
     latencies.sort();
     compile.sort();
@@ -1074,7 +1075,8 @@ fn policy_bench() -> Result<()> {
             bail!("no sync after an update at 100,000 pods");
         }
         latencies.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
+        // Quiet, as between a user's edits: the next update comes alone.
+        std::thread::sleep(Duration::from_secs(4));
     }
     latencies.sort();
     let (compile_ms, apply_ms) = last_apply(&c.nodes[0].log_text()).unwrap_or_default();

@@ -2,9 +2,10 @@ use super::*;
 use serde_json::json;
 
 fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo {
+    let mut interner = super::super::selector::Interner::default();
     PodInfo {
         node: node.into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: Labels::from_pairs(labels.iter().copied(), &mut interner),
         ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         ports: vec![ContainerPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
         host_network: false,
@@ -16,8 +17,9 @@ fn view(policies: &[(&str, serde_json::Value)]) -> ClusterView {
     v.pods.insert(("x".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.2", "fd00::1:2"]));
     v.pods.insert(("x".into(), "b".into()), pod("n2", &[("pod", "b")], &["10.0.2.2", "fd00::2:2"]));
     v.pods.insert(("y".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.3"]));
-    v.namespaces.insert("x".into(), [("ns".to_string(), "x".to_string())].into());
-    v.namespaces.insert("y".into(), [("ns".to_string(), "y".to_string())].into());
+    let mut interner = super::super::selector::Interner::default();
+    v.namespaces.insert("x".into(), Labels::from_pairs([("ns", "x")], &mut interner));
+    v.namespaces.insert("y".into(), Labels::from_pairs([("ns", "y")], &mut interner));
     for (i, (ns, spec)) in policies.iter().enumerate() {
         v.policies.insert((ns.to_string(), format!("p{i}")), serde_json::from_value(spec.clone()).unwrap());
     }

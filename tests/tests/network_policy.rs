@@ -899,4 +899,36 @@ fn enforcement_holds_across_updates_and_daemon_restarts() {
         applied_before,
         "the restarted daemon found its table holding the ruleset and left it:\n{log}"
     );
+
+    // Someone deletes the table, then flushes the ingress chain: each is
+    // found through nftables events (not the 5 s check) and put back.
+    let blocked = |c: &Cluster| {
+        overlay_tests::probe::in_netns_path(&pods[1].netns, move || {
+            Ok(std::net::TcpStream::connect_timeout(&xa, Duration::from_millis(200)).is_err())
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+            && c.nodes[0].ns.exec("nft", &["list", "table", "inet", "overlay_policy"]).is_ok_and(|t| t.contains("x/p1"))
+    };
+    let repairs = |c: &Cluster| {
+        overlay_tests::probe::metric(&c.nodes[0].ns, HEALTH.parse().unwrap(), "overlay_policy_repairs_total").unwrap()
+    };
+    for (i, vandal) in
+        [["delete", "table", "inet", "overlay_policy"], ["flush", "chain", "inet", "overlay_policy"]].iter().enumerate()
+    {
+        let mut args: Vec<&str> = vandal.to_vec();
+        if args[0] == "flush" {
+            args.push("ingress");
+        }
+        c.nodes[0].ns.exec("nft", &args).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || blocked(&c)), "{args:?} is repaired");
+        assert!(wait_until(Duration::from_secs(2), || repairs(&c) == i as u64 + 1), "repairs counted");
+        let log = c.nodes[0].log_text();
+        assert_eq!(
+            log.matches("changed or removed by someone else (an nftables event); restoring it").count(),
+            i + 1,
+            "found by the event, not the timer:\n{log}"
+        );
+    }
 }

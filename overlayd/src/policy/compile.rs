@@ -24,7 +24,7 @@
 //! policy, is enforced. Failing closed keeps a broken policy from opening
 //! what it was meant to restrict.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -165,12 +165,15 @@ pub struct Ruleset {
     pub port_sets: Vec<PortSet>,
     /// In order: policies sorted by namespace and name, rules as written.
     pub rules: Vec<Rule>,
+    /// The sets of this node's pods isolated for ingress (IPv4, IPv6), then egress.
+    pub isolated: [String; 4],
 }
 
 impl Ruleset {
-    /// The set of this node's pods isolated for a direction, in a family.
-    pub fn isolated_set(direction: Direction, family: Family) -> String {
-        format!("{}_{}", direction.name(), family_suffix(family))
+    /// The name of the set of this node's pods isolated for a direction, in a family.
+    pub fn isolated_set(&self, direction: Direction, family: Family) -> &str {
+        let i = 2 * usize::from(direction == Direction::Egress) + usize::from(family == Family::V6);
+        &self.isolated[i]
     }
 }
 
@@ -226,40 +229,57 @@ type PortElement = (u128, Protocol, u16);
 /// A policy rule's peers and ports, for either direction.
 type RuleParts<'a> = (Option<&'a Vec<NetworkPolicyPeer>>, Option<&'a Vec<NetworkPolicyPort>>);
 
-/// Interns sets by content.
+/// Interns sets by content, and names each by a hash of it: a set whose
+/// content has not changed keeps its name from one ruleset to the next, so
+/// the kernel's copy is kept as it is and an update writes only new sets.
 #[derive(Default)]
 struct Sets {
     addr: HashMap<(Family, Vec<(u128, u128)>), String>,
     ports: HashMap<(Family, Vec<PortElement>), String>,
+    names: HashSet<String>,
     out_addr: Vec<AddrSet>,
     out_ports: Vec<PortSet>,
 }
 
 impl Sets {
-    fn addr(&mut self, family: Family, ranges: Vec<(u128, u128)>) -> String {
-        let n = self.addr.len();
-        self.addr
-            .entry((family, ranges.clone()))
-            .or_insert_with(|| {
-                let name = format!("a{n}_{}", family_suffix(family));
-                self.out_addr.push(AddrSet { name: name.clone(), family, ranges });
-                name
-            })
-            .clone()
+    /// `<prefix><hash>_<family>`, unique even if two contents' hashes collide.
+    fn name(&mut self, prefix: char, family: Family, content: &[u8]) -> String {
+        let base = format!("{prefix}{:016x}_{}", proto::hash::fnv1a(content), family_suffix(family));
+        let mut name = base.clone();
+        let mut n = 1;
+        while !self.names.insert(name.clone()) {
+            name = format!("{base}_{n}");
+            n += 1;
+        }
+        name
     }
 
-    fn ports(&mut self, family: Family, mut elements: Vec<(u128, Protocol, u16)>) -> String {
+    fn addr(&mut self, family: Family, ranges: Vec<(u128, u128)>) -> String {
+        if let Some(name) = self.addr.get(&(family, ranges.clone())) {
+            return name.clone();
+        }
+        let bytes: Vec<u8> =
+            ranges.iter().flat_map(|(s, e)| s.to_le_bytes().into_iter().chain(e.to_le_bytes())).collect();
+        let name = self.name('a', family, &bytes);
+        self.out_addr.push(AddrSet { name: name.clone(), family, ranges: ranges.clone() });
+        self.addr.insert((family, ranges), name.clone());
+        name
+    }
+
+    fn ports(&mut self, family: Family, mut elements: Vec<PortElement>) -> String {
         elements.sort_unstable();
         elements.dedup();
-        let n = self.ports.len();
-        self.ports
-            .entry((family, elements.clone()))
-            .or_insert_with(|| {
-                let name = format!("p{n}_{}", family_suffix(family));
-                self.out_ports.push(PortSet { name: name.clone(), family, elements });
-                name
-            })
-            .clone()
+        if let Some(name) = self.ports.get(&(family, elements.clone())) {
+            return name.clone();
+        }
+        let bytes: Vec<u8> = elements
+            .iter()
+            .flat_map(|(a, p, port)| a.to_le_bytes().into_iter().chain([*p as u8]).chain(port.to_le_bytes()))
+            .collect();
+        let name = self.name('p', family, &bytes);
+        self.out_ports.push(PortSet { name: name.clone(), family, elements: elements.clone() });
+        self.ports.insert((family, elements), name.clone());
+        name
     }
 }
 
@@ -348,23 +368,19 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
             c.policy_rules(&id, namespace, spec, direction, &selected);
         }
     }
-    let mut sets = std::mem::take(&mut c.sets);
     // The isolation sets always exist: the base chain refers to them.
-    for direction in Direction::ALL {
-        for family in Family::ALL {
-            let ranges =
-                isolated.remove(&(direction, family)).unwrap_or_default().into_iter().map(|v| (v, v)).collect();
-            sets.out_addr.push(AddrSet {
-                name: Ruleset::isolated_set(direction, family),
-                family,
-                ranges: merge(ranges),
-            });
-        }
+    let mut names: [String; 4] = Default::default();
+    for (i, (direction, family)) in
+        Direction::ALL.into_iter().flat_map(|d| Family::ALL.into_iter().map(move |f| (d, f))).enumerate()
+    {
+        let ranges = isolated.remove(&(direction, family)).unwrap_or_default().into_iter().map(|v| (v, v)).collect();
+        names[i] = c.sets.addr(family, merge(ranges));
     }
+    let sets = std::mem::take(&mut c.sets);
     c.problems.sort();
     c.problems.dedup();
     Compiled {
-        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules: c.rules },
+        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules: c.rules, isolated: names },
         problems: c.problems,
         policies_in_effect,
         selected_pods: selected_pods.len(),

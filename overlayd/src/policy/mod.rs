@@ -38,6 +38,8 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// How soon a failed apply is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Every this many checks (5 min), every set is written anew.
+const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
 pub fn start(args: &KubeArgs, metrics: Arc<Metrics>) -> anyhow::Result<()> {
@@ -73,6 +75,17 @@ fn warn_without_br_netfilter() {
     }
 }
 
+/// What made a sync run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// Changes from the API.
+    Change,
+    /// The periodic check.
+    Timer,
+    /// An nftables event on our table.
+    Kernel,
+}
+
 struct Controller {
     node: String,
     view: ClusterView,
@@ -90,6 +103,10 @@ struct Controller {
     drops: [u64; 2],
     /// The last ruleset compiled, for the timer's check when nothing changed.
     compiled: Option<compile::Compiled>,
+    /// Timer checks made (for the periodic rewrite of every set).
+    checks: u32,
+    /// The last apply failed: the next one trusts nothing in the table.
+    failed: bool,
     /// How long the last sync took, and when it ended.
     last_sync: Duration,
     last_sync_end: Instant,
@@ -109,13 +126,45 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
         said: BTreeSet::new(),
         drops: [0; 2],
         compiled: None,
+        checks: 0,
+        failed: false,
         last_sync: Duration::ZERO,
         last_sync_end: Instant::now(),
         metrics,
     };
     let mut next_check = Instant::now() + CHECK_EVERY;
+    // nftables events: a change to our table by someone else is repaired
+    // within DEBOUNCE, not at the next timer check. Our own transactions
+    // show up too; their check finds the table right and does nothing.
+    let mut nft_events = match overlay_netlink::KernelEvents::nftables() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(error = %e, "cannot follow nftables events: the NetworkPolicy table is checked every {}s only", CHECK_EVERY.as_secs());
+            None
+        }
+    };
     loop {
         tokio::select! {
+            batch = async { nft_events.as_mut()?.next().await.ok() }, if nft_events.is_some() => {
+                let Some(batch) = batch else {
+                    nft_events = None;
+                    continue;
+                };
+                // An overflow may have hidden a change to ours.
+                let ours = batch.iter().any(|e| match e {
+                    overlay_netlink::KernelEvent::Nft { table, .. } => table == table::TABLE,
+                    overlay_netlink::KernelEvent::Overflow => true,
+                    _ => false,
+                });
+                if ours {
+                    // The rest of the burst (one transaction is many messages).
+                    let until = tokio::time::Instant::now() + DEBOUNCE;
+                    while tokio::time::timeout_at(until, async { nft_events.as_mut()?.next().await.ok() }).await.is_ok() {}
+                    if c.pending_since.is_none() {
+                        next_check = c.sync(Trigger::Kernel).await;
+                    }
+                }
+            }
             change = changes.next() => {
                 let Some(change) = change else { return };
                 c.take(change);
@@ -134,10 +183,10 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
                     }
                 }
                 if c.pending_since.is_some() {
-                    next_check = c.sync(false).await;
+                    next_check = c.sync(Trigger::Change).await;
                 }
             }
-            _ = sleep_until(next_check.into()) => next_check = c.sync(true).await,
+            _ = sleep_until(next_check.into()) => next_check = c.sync(Trigger::Timer).await,
         }
     }
 }
@@ -210,7 +259,7 @@ impl Controller {
 
     /// Compiles, reads the kernel's table, applies when they differ.
     /// Returns when to check again.
-    async fn sync(&mut self, timer: bool) -> Instant {
+    async fn sync(&mut self, trigger: Trigger) -> Instant {
         if self.listed.len() < 3 {
             return Instant::now() + CHECK_EVERY;
         }
@@ -236,7 +285,7 @@ impl Controller {
         m.selected_pods.set(compiled.selected_pods as i64);
         m.problems.set(compiled.problems.len() as i64);
         m.rules.set(compiled.ruleset.rules.len() as i64);
-        match self.reconcile(&compiled.ruleset, timer).await {
+        match self.reconcile(&compiled.ruleset, trigger).await {
             Ok(applied) => {
                 if let Some(since) = self.pending_since.take() {
                     m.sync_seconds.observe(since.elapsed().as_secs_f64());
@@ -276,20 +325,34 @@ impl Controller {
     }
 
     /// Makes the table hold `ruleset`; returns whether it was written.
-    async fn reconcile(&mut self, ruleset: &Ruleset, timer: bool) -> Result<bool, table::TableError> {
+    async fn reconcile(&mut self, ruleset: &Ruleset, trigger: Trigger) -> Result<bool, table::TableError> {
         let listed = table::list().await?;
+        // Every REWRITE_EVERY-th timer check rewrites every set: a terse
+        // listing shows set names, not their elements, so an element deleted
+        // by hand would otherwise stay deleted until that set's content changed.
+        if trigger == Trigger::Timer {
+            self.checks = self.checks.wrapping_add(1);
+        }
+        let safety_net = trigger == Trigger::Timer && self.checks.is_multiple_of(REWRITE_EVERY);
+        let timer = trigger != Trigger::Change;
+        let holds = listed.as_ref().is_some_and(|l| l.holds(ruleset));
         if let Some(l) = &listed {
             self.count_drops(l.drops);
-            if l.holds(ruleset) {
-                return Ok(false);
-            }
         }
-        if timer {
-            let m = &self.metrics.policy;
-            m.repairs.inc();
-            warn!("the NetworkPolicy table was changed or removed by someone else; restoring it");
+        if holds && !safety_net {
+            return Ok(false);
         }
-        table::apply(ruleset, listed.as_ref().map(|l| l.sets.as_slice()).unwrap_or_default()).await?;
+        if timer && !holds {
+            self.metrics.policy.repairs.inc();
+            let found_by = if trigger == Trigger::Kernel { "an nftables event" } else { "the periodic check" };
+            warn!("the NetworkPolicy table was changed or removed by someone else ({found_by}); restoring it");
+        }
+        // After a failure, or when someone else changed the table, nothing in it is trusted.
+        let rewrite_all = timer || self.failed;
+        let existing = listed.as_ref().map(|l| l.sets.as_slice()).unwrap_or_default();
+        self.failed = true;
+        table::apply(ruleset, existing, rewrite_all).await?;
+        self.failed = false;
         self.metrics.policy.applies.inc();
         Ok(true)
     }

@@ -222,13 +222,23 @@ fn port_set(set: &PortSet) -> Set<'static> {
 /// chain's first rule, so a listing without set contents tells whether
 /// the kernel holds this ruleset.
 pub fn fingerprint(ruleset: &Ruleset) -> String {
-    let text = format!("{ruleset:?}");
+    // Set names are hashes of their contents: the names and the rules say it all.
+    let names: Vec<&str> =
+        ruleset.sets.iter().map(|s| s.name.as_str()).chain(ruleset.port_sets.iter().map(|s| s.name.as_str())).collect();
+    let text = format!("{names:?}{:?}{:?}", ruleset.rules, ruleset.isolated);
     format!("overlay-policy {:016x}", proto::hash::fnv1a(text.as_bytes()))
 }
 
 /// The transaction that makes the table hold `ruleset`, whatever it held:
-/// `existing_sets` are the sets the table has now (they are replaced).
-pub fn transaction(ruleset: &Ruleset, existing_sets: &[String]) -> Nftables<'static> {
+/// `existing_sets` are the sets the table has now. A set is named by its
+/// content, so one that exists already is kept as it is and only new sets
+/// are written; with `rewrite_all`, every set is replaced (the timer's
+/// safety net against hand-edited elements, which a terse listing cannot see).
+pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: bool) -> Nftables<'static> {
+    let desired: HashSet<&str> =
+        ruleset.sets.iter().map(|s| s.name.as_str()).chain(ruleset.port_sets.iter().map(|s| s.name.as_str())).collect();
+    let existing: HashSet<&str> = existing_sets.iter().map(String::as_str).collect();
+    let keep = |name: &str| !rewrite_all && existing.contains(name) && desired.contains(name);
     let mut objects = vec![add(NfListObject::Table(table()))];
     for direction in Direction::ALL {
         objects.push(add(NfListObject::Counter(Counter {
@@ -251,7 +261,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String]) -> Nftables<'sta
     objects.push(add(NfListObject::Chain(chain("egress"))));
     // Rules first, then the sets they referred to: one transaction.
     objects.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Table(table()))));
-    for name in existing_sets {
+    for name in existing_sets.iter().filter(|n| !keep(n)) {
         objects.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Set(Box::new(Set {
             family: NfFamily::INet,
             table: Cow::Borrowed(TABLE),
@@ -259,10 +269,10 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String]) -> Nftables<'sta
             ..Set::default()
         })))));
     }
-    for set in &ruleset.sets {
+    for set in ruleset.sets.iter().filter(|s| !keep(&s.name)) {
         objects.push(add(NfListObject::Set(Box::new(addr_set(set)))));
     }
-    for set in &ruleset.port_sets {
+    for set in ruleset.port_sets.iter().filter(|s| !keep(&s.name)) {
         objects.push(add(NfListObject::Set(Box::new(port_set(set)))));
     }
     let rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: Option<String>| {
@@ -300,7 +310,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String]) -> Nftables<'sta
             objects.push(rule(
                 FORWARD,
                 vec![
-                    in_set(payload(proto_name(family), pod), &Ruleset::isolated_set(direction, family)),
+                    in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family)),
                     Statement::Jump(JumpTarget { target: Cow::Borrowed(direction.name()) }),
                 ],
                 None,
@@ -380,8 +390,8 @@ pub async fn list() -> Result<Option<Listed>, TableError> {
 }
 
 /// Replaces what the table holds with `ruleset`, in one transaction.
-pub async fn apply(ruleset: &Ruleset, existing_sets: &[String]) -> Result<(), TableError> {
-    nftables::helper::apply_ruleset_async(&transaction(ruleset, existing_sets))
+pub async fn apply(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: bool) -> Result<(), TableError> {
+    nftables::helper::apply_ruleset_async(&transaction(ruleset, existing_sets, rewrite_all))
         .await
         .map_err(nft_error("replacing its ruleset"))
 }

@@ -86,15 +86,18 @@ impl Table {
     fn set_policies(&self, policies: &[(&str, &str, Value)]) {
         let before = syncs(&self.c);
         let api = self.c.api();
+        let mut changed = !policies.is_empty();
         for ns in NAMESPACES {
             for name in ["p1", "p2", "p3"] {
-                let _ = api.remove("networkpolicies", ns, name);
+                changed |= api.remove("networkpolicies", ns, name).is_ok();
             }
         }
         for (ns, name, spec) in policies {
             api.put("networkpolicies", json!({"metadata": {"name": name, "namespace": ns}, "spec": spec})).unwrap();
         }
-        self.settle(&before);
+        if changed {
+            self.settle(&before);
+        }
     }
 
     fn settle(&self, before: &[u64]) {

@@ -150,3 +150,31 @@ fn bad_policies_are_logged_and_the_rest_enforced_at_scale() {
     assert!(rss < 200 * 1024, "RSS {rss} KiB");
     assert!(c.nodes[0].running(), "the daemon kept running");
 }
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn without_rbac_for_policy_the_node_says_why_and_stays_unready_unless_policy_is_off() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
+    c.start_kube_api(NET_CONF).expect("API test double");
+    // The ClusterRole of an older release: Nodes only.
+    let old_role = [("get", "nodes"), ("list", "nodes"), ("watch", "nodes"), ("patch", "nodes/status")];
+    c.api().enforce_rbac(old_role.iter().map(|(v, r)| (v.to_string(), r.to_string())).collect());
+    c.add_ready_kube_node(&["--health-addr", HEALTH], 0).expect("node 1");
+    let readyz = |c: &Cluster, n: usize| {
+        overlay_tests::probe::http_get(&c.nodes[n].ns, HEALTH.parse().unwrap(), "/readyz").unwrap_or((0, String::new()))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || c.nodes[0].log_text().contains("or run with --network-policy=false")),
+        "{}",
+        c.nodes[0].log_text()
+    );
+    let (code, body) = readyz(&c, 0);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("network_policy=false"), "{body}");
+
+    // With enforcement off, the same role is enough.
+    c.add_ready_kube_node(&["--health-addr", HEALTH, "--network-policy=false"], 0).expect("node 2");
+    assert!(wait_until(Duration::from_secs(10), || readyz(&c, 1).0 == 200), "{:?}", readyz(&c, 1));
+    assert!(!c.nodes[1].log_text().contains("NetworkPolicy"), "{}", c.nodes[1].log_text());
+}

@@ -244,7 +244,13 @@ impl Controller {
                 }
             }
             Change::Failed(kind, e) => {
-                warn!(watch = kind.name(), "watching {} for NetworkPolicy failed: {e}; retrying", kind.name());
+                let hint = if e.contains("403") || e.to_lowercase().contains("forbidden") {
+                    " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
+                     as deploy/overlay.yaml does; or run with --network-policy=false)"
+                } else {
+                    ""
+                };
+                warn!(watch = kind.name(), "watching {} for NetworkPolicy failed: {e}{hint}; retrying", kind.name());
                 return;
             }
         }

@@ -858,6 +858,16 @@ fn enforcement_holds_across_updates_and_daemon_restarts() {
         done_rx.recv_timeout(Duration::from_secs(5)).expect("an answer on the open connection").unwrap();
     };
     exchange("before");
+    // The host reaches its own pods whatever the policy (kubelet probes):
+    // x/a admits only x/b, yet node 1 itself connects.
+    let host = overlay_tests::probe::in_netns_path(&c.nodes[0].ns.path(), move || {
+        Ok(std::net::TcpStream::connect_timeout(&xa, Duration::from_millis(500)).is_ok())
+    });
+    assert!(host.join().unwrap().unwrap(), "node 1 reaches its pod x/a");
+    let other_pod = overlay_tests::probe::in_netns_path(&pods[1].netns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&xa, Duration::from_millis(500)).is_ok())
+    });
+    assert!(!other_pod.join().unwrap().unwrap(), "x/c does not");
     let before = syncs(&c);
     c.api().put("namespaces", namespace_object("y", &[])).unwrap();
     c.api()

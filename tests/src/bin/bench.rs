@@ -1104,6 +1104,22 @@ fn mean_rtt_ms(from: &Netns, to: std::net::Ipv4Addr) -> Result<f64> {
     avg.ok_or_else(|| anyhow::anyhow!("cannot read {line}"))
 }
 
+/// Mean time of a TCP connect (handshake) from `from` to `to`:80, over
+/// 1,000 connections one after another: each is a new flow, so its first
+/// packet walks the policy chain, where ping's later packets do not.
+fn mean_connect_ms(from: &Netns, to: std::net::Ipv4Addr) -> Result<f64> {
+    let addr = std::net::SocketAddr::new(to.into(), 80);
+    overlay_tests::probe::in_netns(from, move || {
+        let start = Instant::now();
+        for _ in 0..1000 {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1000.0 / 1000.0)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
 /// Pod-to-pod latency across two nodes, with no policy and with 100
 /// policies selecting the destination (the allowing rule for ICMP last
 /// of 100 in its chain), alternated five times each.
@@ -1134,8 +1150,26 @@ fn policy_latency_bench() -> Result<()> {
             .unwrap_or(u64::MAX)
     };
     let (from, to) = (&c.nodes[1].pods[0].ns, c.nodes[0].pods[0].ip);
+    // A TCP server on port 80 of the destination, for connects.
+    let server = overlay_tests::probe::in_netns(&c.nodes[0].pods[0].ns, || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", 80))?;
+        l.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while Instant::now() < deadline {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) => return Err(e.into()),
+            }
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        Ok(())
+    });
     mean_rtt_ms(from, to)?;
     let (mut none, mut with) = (Vec::new(), Vec::new());
+    let (mut connect_none, mut connect_with) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         for j in 0..100 {
             let _ = c.api().remove("networkpolicies", "x", &format!("p{j:02}"));
@@ -1144,6 +1178,7 @@ fn policy_latency_bench() -> Result<()> {
             bail!("policies not removed");
         }
         none.push(mean_rtt_ms(from, to)?);
+        connect_none.push(mean_connect_ms(from, to)?);
         for j in 0..100 {
             let ingress = if j == 99 {
                 json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}])
@@ -1160,7 +1195,10 @@ fn policy_latency_bench() -> Result<()> {
             bail!("policies not in effect");
         }
         with.push(mean_rtt_ms(from, to)?);
+        connect_with.push(mean_connect_ms(from, to)?);
     }
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!();
     println!("Pod-to-pod ping across two nodes (1,000 pings 2 ms apart, 5 runs each, alternated):");
@@ -1175,8 +1213,23 @@ fn policy_latency_bench() -> Result<()> {
         runs(&with),
         (mean(&with) / mean(&none) - 1.0) * 100.0
     );
+    println!();
+    println!("TCP connect (handshake, a new flow each: its first packet walks the 100 rules), 1,000 one after another, 5 runs each:");
+    println!("| no policy: mean connect (runs) | 100 policies: mean connect (runs) | added |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % |",
+        mean(&connect_none),
+        runs(&connect_none),
+        mean(&connect_with),
+        runs(&connect_with),
+        (mean(&connect_with) / mean(&connect_none) - 1.0) * 100.0
+    );
     Ok(())
 }
+
+/// Ends the connect bench's server.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn main() -> Result<()> {
     if !overlay_tests::is_root() {
@@ -1329,5 +1382,6 @@ fn main() -> Result<()> {
     }
     repair_bench()?;
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
-    Ok(())
+    drop(c);
+    policy_bench()
 }

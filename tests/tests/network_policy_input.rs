@@ -90,7 +90,8 @@ fn bad_policies_are_logged_and_the_rest_enforced_at_scale() {
     assert!(!reaches(&pods, "b", "a"), "the broken policy still isolates x/a and allows nothing");
     assert!(reaches(&pods, "a", "b"), "the sound policy lets x/a reach x/b");
 
-    // 10,000 policies, each opening one more port of x/a.
+    // 10,000 policies, each opening one more port of x/a: one rule of
+    // 10,000 ports (they differ only in ports), next to the sound policy's.
     let started = Instant::now();
     for i in 0..10_000u32 {
         api.put(
@@ -104,7 +105,7 @@ fn bad_policies_are_logged_and_the_rest_enforced_at_scale() {
     }
     assert!(
         wait_until(Duration::from_secs(120), || metric(&c, "overlay_network_policies_in_effect") == 10_003
-            && metric(&c, "overlay_policy_rules") == 10_001),
+            && metric(&c, "overlay_policy_rules") == 2),
         "10,000 policies applied: {} in effect, {} rules",
         metric(&c, "overlay_network_policies_in_effect"),
         metric(&c, "overlay_policy_rules")

@@ -137,12 +137,65 @@ pub struct PortSet {
 pub enum PortMatch {
     /// Every protocol, every port (a rule without ports).
     Any,
-    /// Every port of one protocol (a port entry without a port).
-    Protocol(Protocol),
-    /// A port or an `endPort` range.
-    Range(Protocol, u16, u16),
+    /// Destination port ranges, by protocol: sorted, disjoint (a port entry
+    /// without a port is 0-65535). The port entries of every rule with the
+    /// same pods and peers are one list, so a hundred policies that open a
+    /// port each for the same peers are one rule, not a hundred in a row.
+    Ports(Vec<(Protocol, u16, u16)>),
     /// A named port: the address it belongs to, protocol and port, in this set.
     Named(String),
+}
+
+/// Sorts port ranges and merges those of one protocol that overlap or touch
+/// (an nftables interval set refuses overlaps).
+fn merge_ports(mut ports: Vec<(Protocol, u16, u16)>) -> Vec<(Protocol, u16, u16)> {
+    ports.sort_unstable();
+    let mut out: Vec<(Protocol, u16, u16)> = Vec::with_capacity(ports.len());
+    for (p, s, e) in ports {
+        match out.last_mut() {
+            Some(last) if last.0 == p && u32::from(s) <= u32::from(last.2) + 1 => last.2 = last.2.max(e),
+            _ => out.push((p, s, e)),
+        }
+    }
+    out
+}
+
+/// Merges the rules that differ only in their ports into one, in the order
+/// their first rule came. Named-port rules stay as they are.
+fn group(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut out: Vec<Rule> = Vec::with_capacity(rules.len());
+    let mut by_key: HashMap<(Direction, Family, String, Option<String>), usize> = HashMap::new();
+    // The policies each rule stands for, for its comment.
+    let mut policies: Vec<BTreeSet<String>> = Vec::new();
+    for rule in rules {
+        let key = (rule.direction, rule.family, rule.pods.clone(), rule.peers.clone());
+        match by_key.get(&key) {
+            Some(&i) if !matches!(rule.ports, PortMatch::Named(_)) => {
+                policies[i].insert(rule.policy);
+                let into = &mut out[i];
+                into.ports = match (std::mem::replace(&mut into.ports, PortMatch::Any), rule.ports) {
+                    (PortMatch::Ports(mut a), PortMatch::Ports(b)) => {
+                        a.extend(b);
+                        PortMatch::Ports(merge_ports(a))
+                    }
+                    _ => PortMatch::Any,
+                };
+            }
+            _ => {
+                if !matches!(rule.ports, PortMatch::Named(_)) {
+                    by_key.insert(key, out.len());
+                }
+                policies.push(BTreeSet::from([rule.policy.clone()]));
+                out.push(rule);
+            }
+        }
+    }
+    for (rule, names) in out.iter_mut().zip(policies) {
+        if names.len() > 1 {
+            rule.policy = format!("{} and {} more", rule.policy, names.len() - 1);
+        }
+    }
+    out
 }
 
 /// One allowing rule: packets of `family` whose selected pod is in `pods`
@@ -380,7 +433,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
     c.problems.sort();
     c.problems.dedup();
     Compiled {
-        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules: c.rules, isolated: names },
+        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules: group(c.rules), isolated: names },
         problems: c.problems,
         policies_in_effect,
         selected_pods: selected_pods.len(),
@@ -648,7 +701,7 @@ impl<'a> Compiler<'a> {
                 self.problem(id, "endPort without port; that port allows nothing".into());
                 None
             }
-            None => Some(PortSpec::Match(PortMatch::Protocol(protocol))),
+            None => Some(PortSpec::Match(PortMatch::Ports(vec![(protocol, 0, u16::MAX)]))),
             Some(IntOrString::Int(n)) => {
                 let Some(start) = number(*n) else {
                     self.problem(id, format!("port {n} is not in 1-65535; that port allows nothing"));
@@ -664,7 +717,7 @@ impl<'a> Compiler<'a> {
                         }
                     },
                 };
-                Some(PortSpec::Match(PortMatch::Range(protocol, start, end)))
+                Some(PortSpec::Match(PortMatch::Ports(vec![(protocol, start, end)])))
             }
             Some(IntOrString::String(name)) => {
                 if let Ok(n) = name.parse::<i32>() {

@@ -26,7 +26,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Range, CT};
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Range, SetItem, CT};
 use nftables::helper::NftablesError;
 use nftables::schema::{
     Chain, Counter, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetFlag, SetType,
@@ -113,6 +113,16 @@ fn fields(direction: Direction) -> (&'static str, &'static str) {
     }
 }
 
+fn port_range(start: u16, end: u16) -> Expression<'static> {
+    if start == end {
+        Expression::Number(u32::from(start))
+    } else {
+        Expression::Range(Box::new(Range {
+            range: [Expression::Number(u32::from(start)), Expression::Number(u32::from(end))],
+        }))
+    }
+}
+
 fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
     let p = proto_name(rule.family);
     let (pod, peer) = fields(rule.direction);
@@ -122,26 +132,38 @@ fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
     }
     match &rule.ports {
         PortMatch::Any => {}
-        PortMatch::Protocol(proto) => out.push(Statement::Match(Match {
-            left: l4proto(),
-            right: Expression::String(Cow::Borrowed(proto.nft())),
-            op: Operator::EQ,
-        })),
-        PortMatch::Range(proto, start, end) => {
-            out.push(Statement::Match(Match {
-                left: l4proto(),
-                right: Expression::String(Cow::Borrowed(proto.nft())),
+        PortMatch::Ports(ports) => match ports.as_slice() {
+            [(proto, start, end)] => {
+                out.push(Statement::Match(Match {
+                    left: l4proto(),
+                    right: Expression::String(Cow::Borrowed(proto.nft())),
+                    op: Operator::EQ,
+                }));
+                if (*start, *end) != (0, u16::MAX) {
+                    out.push(Statement::Match(Match {
+                        left: payload("th", "dport"),
+                        right: port_range(*start, *end),
+                        op: Operator::EQ,
+                    }));
+                }
+            }
+            // `meta l4proto . th dport { tcp . 80, udp . 53-54, ... }`
+            _ => out.push(Statement::Match(Match {
+                left: Expression::Named(NamedExpression::Concat(vec![l4proto(), payload("th", "dport")])),
+                right: Expression::Named(NamedExpression::Set(
+                    ports
+                        .iter()
+                        .map(|(proto, start, end)| {
+                            SetItem::Element(Expression::Named(NamedExpression::Concat(vec![
+                                Expression::String(Cow::Borrowed(proto.nft())),
+                                port_range(*start, *end),
+                            ])))
+                        })
+                        .collect(),
+                )),
                 op: Operator::EQ,
-            }));
-            let right = if start == end {
-                Expression::Number(u32::from(*start))
-            } else {
-                Expression::Range(Box::new(Range {
-                    range: [Expression::Number(u32::from(*start)), Expression::Number(u32::from(*end))],
-                }))
-            };
-            out.push(Statement::Match(Match { left: payload("th", "dport"), right, op: Operator::EQ }));
-        }
+            })),
+        },
         // The destination's address, protocol and port: the selected pod's
         // for ingress, the peer's for egress; both are the destination.
         PortMatch::Named(set) => out.push(in_set(

@@ -96,10 +96,10 @@ fn peers_are_pods_anywhere_and_blocks_minus_except() {
 fn sets_are_shared_by_content() {
     let spec = json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"podSelector": {}}]}]});
     let c = compile(&view(&[("x", spec.clone()), ("x", spec)]), "n1");
-    assert_eq!(c.ruleset.rules.len(), 4);
-    let v4_rules: Vec<&Rule> = c.ruleset.rules.iter().filter(|r| r.family == Family::V4).collect();
-    assert_eq!(v4_rules[0].pods, v4_rules[1].pods);
-    assert_eq!(v4_rules[0].peers, v4_rules[1].peers);
+    assert_eq!(c.ruleset.rules.len(), 2, "the same pods and peers: one rule per family");
+    assert_eq!(c.ruleset.rules[0].policy, "x/p0 and 1 more");
+    // Pods and peers of each family, plus the empty isolation set of each family.
+    assert_eq!(c.ruleset.sets.len(), 4 + 2, "{:#?}", c.ruleset.sets);
 }
 
 #[test]
@@ -132,7 +132,11 @@ fn broken_parts_allow_nothing_and_the_rest_is_enforced() {
     assert_eq!(c.problems.len(), 5, "{:#?}", c.problems);
     assert_eq!(set(&c.ruleset, "ingress_v4").ranges.len(), 1, "the broken policies still isolate x/a");
     let rules: Vec<&PortMatch> = c.ruleset.rules.iter().map(|r| &r.ports).collect();
-    assert_eq!(rules, vec![&PortMatch::Range(Protocol::Tcp, 443, 443); 2], "only the sound rule allows anything");
+    assert_eq!(
+        rules,
+        vec![&PortMatch::Ports(vec![(Protocol::Tcp, 443, 443)]); 2],
+        "only the sound rule allows anything"
+    );
 }
 
 #[test]
@@ -156,4 +160,27 @@ fn a_set_keeps_its_name_while_its_content_stays() {
     };
     assert_eq!(names(&before), names(&after), "another policy changed nothing of p0's sets");
     assert_ne!(before.isolated_set(Direction::Egress, Family::V4), after.isolated_set(Direction::Egress, Family::V4));
+}
+
+#[test]
+fn rules_that_differ_only_in_ports_are_one() {
+    let port = |p: serde_json::Value| json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"podSelector": {}}], "ports": p}]});
+    let c = compile(
+        &view(&[
+            ("x", port(json!([{"port": 80}]))),
+            ("x", port(json!([{"port": 81, "endPort": 90}, {"port": 53, "protocol": "UDP"}]))),
+            ("x", port(json!([{"port": 85}, {"protocol": "SCTP"}]))),
+        ]),
+        "n1",
+    );
+    let v4: Vec<&Rule> = c.ruleset.rules.iter().filter(|r| r.family == Family::V4).collect();
+    assert_eq!(v4.len(), 1, "{v4:#?}");
+    assert_eq!(
+        v4[0].ports,
+        PortMatch::Ports(vec![(Protocol::Tcp, 80, 90), (Protocol::Udp, 53, 53), (Protocol::Sctp, 0, u16::MAX)])
+    );
+    assert_eq!(v4[0].policy, "x/p0 and 2 more");
+    // A rule without ports opens everything for those peers.
+    let c = compile(&view(&[("x", port(json!([{"port": 80}]))), ("x", port(json!(null)))]), "n1");
+    assert!(c.ruleset.rules.iter().all(|r| r.ports == PortMatch::Any), "{:#?}", c.ruleset.rules);
 }

@@ -254,7 +254,7 @@ pub struct PolicyMetrics {
     pub policies_in_effect: Gauge,
     /// Pods of this node that some policy isolates.
     pub selected_pods: Gauge,
-    /// Rules in the table (one per policy rule, family and port entry).
+    /// Allowing rules in the table (one per family, pods, peers; ports merged).
     pub rules: Gauge,
     /// Parts of policies that could not be compiled (each logged once).
     pub problems: Gauge,

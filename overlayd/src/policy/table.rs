@@ -8,8 +8,8 @@
 //!     ip6 saddr @egress_v6  jump egress
 //!     ip  daddr @ingress_v4 jump ingress    -- to an ingress-isolated pod of ours
 //!     ip6 daddr @ingress_v6 jump ingress
-//! chain egress:  one rule per policy rule and port, `return` (go on to ingress); then count and drop
-//! chain ingress: one rule per policy rule and port, `accept`; then count and drop
+//! chain egress:  one rule per (pods, peers) and its ports, `return` (go on to ingress); then count and drop
+//! chain ingress: one rule per (pods, peers) and its ports, `accept`; then count and drop
 //! ```
 //!
 //! Only the forward hook: the host's own traffic to its pods (kubelet

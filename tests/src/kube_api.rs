@@ -536,16 +536,52 @@ fn commit(shared: &Shared, s: &mut State, name: &str, kind: &'static str, mut no
     s.rv += 1;
     let rv = s.rv;
     node["metadata"]["resourceVersion"] = json!(rv.to_string());
-    let mut item = node.clone();
-    if let Some(o) = item.as_object_mut() {
-        // List items carry no kind or apiVersion, as from a real server.
-        o.remove("kind");
-        o.remove("apiVersion");
-    }
-    s.encoded.insert(name.to_string(), Bytes::from(item.to_string()));
+    s.encoded.insert(name.to_string(), Bytes::from(list_item(&node).to_string()));
     s.nodes.insert(name.to_string(), node.clone());
     s.history.push_back((rv, "nodes", kind, node));
     shared.changed.send_replace(rv);
+}
+
+/// A list item as a real server sends it: without kind and apiVersion.
+fn list_item(object: &Value) -> Value {
+    let mut item = object.clone();
+    if let Some(o) = item.as_object_mut() {
+        o.remove("kind");
+        o.remove("apiVersion");
+    }
+    item
+}
+
+/// One page of a list: the items after `after`, at most `limit` (0: all),
+/// and the key of the last one when more follow.
+fn page<'a, K: Ord + Clone + 'a>(
+    entries: impl Iterator<Item = (&'a K, &'a Value)>,
+    after: Option<&K>,
+    limit: usize,
+) -> (Vec<Value>, Option<K>) {
+    let mut items = Vec::new();
+    let mut last = None;
+    for (key, object) in entries.filter(|(k, _)| after.is_none_or(|a| *k > a)) {
+        if limit > 0 && items.len() == limit {
+            return (items, last);
+        }
+        items.push(list_item(object));
+        last = Some(key.clone());
+    }
+    (items, None)
+}
+
+/// The resourceVersion of a continue token, refused with 410 when the
+/// history it needs is gone, as a real server refuses it.
+fn continued_at(s: &State, rv: u64) -> Result<u64, ApiError> {
+    if rv < s.oldest {
+        return Err(err(
+            StatusCode::GONE,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result.",
+        ));
+    }
+    Ok(rv)
 }
 
 /// The resources besides Nodes that the double serves (list and watch).
@@ -597,39 +633,14 @@ fn serve_collection(
             })();
             let (rv, after) = parsed
                 .ok_or_else(|| err(StatusCode::BAD_REQUEST, "BadRequest", format!("continue token {token:?}")))?;
-            if rv < s.oldest {
-                return Err(err(
-                    StatusCode::GONE,
-                    "Expired",
-                    "The provided continue parameter is too old to display a consistent list result.",
-                ));
-            }
-            (rv, Some(after))
+            (continued_at(&s, rv)?, Some(after))
         }
         None => (s.rv, None),
     };
-    let mut items = Vec::new();
-    let mut more = false;
-    for (key, object) in s.objects.get(resource).into_iter().flatten() {
-        if after.as_ref().is_some_and(|a| key <= a) {
-            continue;
-        }
-        if limit > 0 && items.len() == limit {
-            more = true;
-            break;
-        }
-        let mut item = object.clone();
-        if let Some(o) = item.as_object_mut() {
-            // List items carry no kind or apiVersion, as from a real server.
-            o.remove("kind");
-            o.remove("apiVersion");
-        }
-        items.push(item);
-    }
+    let (items, more) = page(s.objects.get(resource).into_iter().flatten(), after.as_ref(), limit);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if more {
-        let last = items.last().map(object_key).unwrap_or_default();
-        metadata["continue"] = json!(format!("{rv}|{}|{}", last.0, last.1));
+    if let Some((ns, name)) = more {
+        metadata["continue"] = json!(format!("{rv}|{ns}|{name}"));
     }
     let list = json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata, "items": items})
         .to_string();
@@ -897,38 +908,13 @@ fn list_nodes(shared: Arc<Shared>, query: &BTreeMap<String, String>) -> Result<R
                 .split_once('/')
                 .and_then(|(rv, name)| Some((rv.parse::<u64>().ok()?, name.to_string())))
                 .ok_or_else(|| err(StatusCode::BAD_REQUEST, "BadRequest", format!("continue token {token:?}")))?;
-            if rv < s.oldest {
-                return Err(err(
-                    StatusCode::GONE,
-                    "Expired",
-                    "The provided continue parameter is too old to display a consistent list result.",
-                ));
-            }
-            (rv, Some(after))
+            (continued_at(&s, rv)?, Some(after))
         }
         None => (s.rv, None),
     };
-    let mut items = Vec::new();
-    let mut more = false;
-    for (name, node) in &s.nodes {
-        if after.as_ref().is_some_and(|a| name <= a) {
-            continue;
-        }
-        if limit > 0 && items.len() == limit {
-            more = true;
-            break;
-        }
-        let mut item = node.clone();
-        // List items carry no kind or apiVersion, as from a real server.
-        if let Some(o) = item.as_object_mut() {
-            o.remove("kind");
-            o.remove("apiVersion");
-        }
-        items.push(item);
-    }
+    let (items, more) = page(s.nodes.iter(), after.as_ref(), limit);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if more {
-        let last = items.last().and_then(|i| i["metadata"]["name"].as_str()).unwrap_or_default().to_string();
+    if let Some(last) = more {
         metadata["continue"] = json!(format!("{rv}/{last}"));
     }
     let list = json!({"kind": "NodeList", "apiVersion": "v1", "metadata": metadata, "items": items}).to_string();

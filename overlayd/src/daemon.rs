@@ -168,6 +168,7 @@ async fn run_with<S: LeaseStore + Clone>(
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
     info!(kernel = %release, setting = ?node.vxlan_tx_checksum_offload, on = tx_checksum_offload, "VXLAN TX checksum offload");
     metrics.tx_checksum_offload.set(i64::from(tx_checksum_offload));
+    let peers = PeerView::new(&config, &own);
     let mut daemon = Daemon {
         node,
         store,
@@ -175,7 +176,7 @@ async fn run_with<S: LeaseStore + Clone>(
         underlay,
         own,
         vtep_macs,
-        peers: PeerView::default(),
+        peers,
         reconciler,
         metrics,
         announced: false,
@@ -454,6 +455,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.metrics.lease_watch_event_now();
         let update = self.peers.apply(&self.own, events);
         self.metrics.leases.set(self.peers.count() as i64 + 1);
+        self.metrics.peers_skipped.set(self.peers.skipped().count() as i64);
         match update {
             Update::Unchanged => Ok(None),
             Update::Changed => Ok(Some(Trigger::Peers)),
@@ -630,6 +632,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.public = public;
         self.vtep_macs = vtep_macs;
         self.own.attrs = attrs;
+        self.peers.set_own(&self.own);
         self.announced = false;
         // Written over our key, retried while the store cannot be reached: a new
         // address is no reason to give up the subnet.
@@ -692,7 +695,6 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         } else {
             info!(subnet = %own.key, "our lease is ours again");
         }
-        self.peers.forget(&own.key);
         self.own = own;
         self.announced = false;
         self.metrics.set_lease_held(true);
@@ -701,6 +703,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.own.attrs = attrs;
             self.claim_in_background(true);
         }
+        self.peers.set_own(&self.own);
         Ok(Trigger::Lease)
     }
 }

@@ -2,6 +2,7 @@
 //! device, programs every peer, masquerades outgoing pod traffic. See
 //! docs/architecture.md.
 
+mod admission;
 mod backoff;
 mod daemon;
 mod dataplane;

@@ -128,6 +128,10 @@ pub struct Metrics {
     pub peers: Gauge,
     /// Leases in the lease store, ours included.
     pub leases: Gauge,
+    /// Peer leases that are not programmed: invalid, or contested and the newer claim.
+    pub peers_skipped: Gauge,
+    /// Peer entries the kernel refused at the last apply.
+    pub entries_refused: Gauge,
     /// Netlink operations sent to change the node.
     pub netlink_ops: Counter,
     /// Netlink operations the kernel refused.
@@ -165,6 +169,8 @@ impl Default for Metrics {
             registry: Registry::default(),
             peers: Gauge::default(),
             leases: Gauge::default(),
+            peers_skipped: Gauge::default(),
+            entries_refused: Gauge::default(),
             netlink_ops: Counter::default(),
             netlink_errors: Counter::default(),
             reconciles: Counter::default(),
@@ -191,6 +197,16 @@ impl Default for Metrics {
         let r = &mut m.registry;
         r.register("overlay_peers", "Peer nodes programmed into the dataplane", m.peers.clone());
         r.register("overlay_leases", "Leases in the lease store, ours included", m.leases.clone());
+        r.register(
+            "overlay_peers_skipped",
+            "Peer leases not programmed: invalid, or the newer of two contested claims (the log says why)",
+            m.peers_skipped.clone(),
+        );
+        r.register(
+            "overlay_entries_refused",
+            "Peer entries the kernel refused at the last apply (a route overlayd did not make in the way)",
+            m.entries_refused.clone(),
+        );
         r.register("overlay_netlink_ops", "Netlink operations sent to change the node", m.netlink_ops.clone());
         r.register("overlay_netlink_errors", "Netlink operations refused by the kernel", m.netlink_errors.clone());
         r.register("overlay_resyncs", "Reconciles of the node", m.reconciles.clone());

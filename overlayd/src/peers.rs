@@ -1,15 +1,16 @@
 //! The peer view: the store's watch events folded into the set of peer
 //! nodes the plan is made from, as kube-runtime's reflector folds a watch
 //! into a store. A listing replaces the view at once (on `InitDone`), so a
-//! relist that finds nothing new changes nothing.
+//! relist that finds nothing new changes nothing. Every lease passes
+//! [`admission`](crate::admission) first: only the leases it admits are peers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use proto::{Address, LeaseKey, NetConfig};
+use tracing::{info, warn};
 
-use proto::{Address, Family, LeaseAttrs, LeaseKey, MacAddr};
-use tracing::warn;
-
+pub use crate::admission::PeerLease;
+use crate::admission::{self, Claim, Lease, Outcome, Refusal, Rules};
 use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
 use crate::plan::{Peer, PeerChange};
 
@@ -25,11 +26,20 @@ pub enum Update {
 }
 
 /// The peers, as the store's watch has shown them so far.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PeerView {
-    peers: BTreeMap<LeaseKey, PeerLease>,
+    /// What config says a peer lease must be; our own part is set from our lease.
+    config: NetConfig,
+    rules: Rules,
+    /// Every peer lease the store holds.
+    leases: BTreeMap<LeaseKey, Lease>,
+    /// What became of each: a peer, or skipped and why.
+    outcomes: BTreeMap<LeaseKey, Outcome>,
+    /// How many leases that pass by themselves make each claim: a change
+    /// that shares none is admitted alone, one that shares one admits anew.
+    claimants: HashMap<Claim, u32>,
     /// A listing in progress, and what it said of our own key.
-    listing: Option<(BTreeMap<LeaseKey, PeerLease>, Option<LeaseAttrs>)>,
+    listing: Option<(BTreeMap<LeaseKey, Lease>, Option<proto::LeaseAttrs>)>,
     /// Whether a listing has completed: until then the view is not to be planned from.
     listed: bool,
     /// What changed since the changes were last taken.
@@ -61,9 +71,31 @@ impl Pending {
 }
 
 impl PeerView {
+    /// An empty view for a node of the network `config`, holding `own`.
+    pub fn new(config: &NetConfig, own: &OwnLease) -> Self {
+        PeerView {
+            config: config.clone(),
+            rules: Rules::new(config, own),
+            leases: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            claimants: HashMap::new(),
+            listing: None,
+            listed: false,
+            pending: Pending::default(),
+        }
+    }
+
     /// The peers in the family of `A`: the nodes whose lease has a subnet and a VTEP in it.
     pub fn peers<A: Address>(&self) -> impl Iterator<Item = Peer<A>> + '_ {
-        self.peers.iter().filter_map(|(key, lease)| family_peer(key, lease))
+        self.outcomes.iter().filter_map(|(key, outcome)| family_peer(key, outcome.admitted()?))
+    }
+
+    /// The leases that are not peers, and why.
+    pub fn skipped(&self) -> impl Iterator<Item = (&LeaseKey, &Refusal)> {
+        self.outcomes.iter().filter_map(|(key, outcome)| match outcome {
+            Outcome::Skipped(refusal) => Some((key, refusal)),
+            Outcome::Admitted { .. } => None,
+        })
     }
 
     /// What changed since this was last called: every plan takes them, the
@@ -80,15 +112,15 @@ impl PeerView {
         pending.iter().filter_map(|(key, before)| {
             let change = PeerChange {
                 before: before.as_ref().and_then(|lease| family_peer(key, lease)),
-                after: self.peers.get(key).and_then(|lease| family_peer(key, lease)),
+                after: self.admitted(key).and_then(|lease| family_peer(key, lease)),
             };
             (change.before != change.after).then_some(change)
         })
     }
 
-    /// How many peers.
+    /// How many peer leases the store holds, peers or not.
     pub fn count(&self) -> usize {
-        self.peers.len()
+        self.leases.len()
     }
 
     /// Whether a first listing has completed.
@@ -96,16 +128,22 @@ impl PeerView {
         self.listed
     }
 
-    /// Forgets a key that became ours (a new lease may be an old peer's).
-    pub fn forget(&mut self, key: &LeaseKey) {
-        if let Some(before) = self.peers.remove(key) {
-            self.pending.note(*key, Some(before));
+    /// Takes our own lease as it is now (claimed anew, or publishing a new
+    /// address): what a peer may be depends on it. Whether the peers changed.
+    pub fn set_own(&mut self, own: &OwnLease) -> bool {
+        let rules = Rules::new(&self.config, own);
+        if rules == self.rules {
+            return false;
         }
+        self.rules = rules;
+        // A key that became ours is no peer lease (a new lease may be an old peer's).
+        self.leases.remove(&own.key);
+        self.readmit()
     }
 
     /// Folds `events` into the view.
     pub fn apply(&mut self, own: &OwnLease, events: impl IntoIterator<Item = WatchEvent>) -> Update {
-        let mut update = Update::Unchanged;
+        let mut update = if self.set_own(own) { Update::Changed } else { Update::Unchanged };
         let mut note = |u: Update| {
             if !matches!(update, Update::Lost(_)) && u != Update::Unchanged {
                 update = u;
@@ -114,12 +152,12 @@ impl PeerView {
         for event in events {
             match event {
                 WatchEvent::Init => self.listing = Some((BTreeMap::new(), None)),
-                WatchEvent::InitApply(key, attrs) => {
+                WatchEvent::InitApply(key, attrs, created) => {
                     let (listing, own_seen) = self.listing.get_or_insert_with(Default::default);
                     if key == own.key {
                         *own_seen = Some(attrs);
-                    } else if let Some(peer) = peer(key, &attrs) {
-                        listing.insert(key, peer);
+                    } else {
+                        listing.insert(key, Lease::new(&key, &attrs, created));
                     }
                 }
                 WatchEvent::InitDone => {
@@ -127,14 +165,14 @@ impl PeerView {
                     if let Err(lost) = check_own(own, own_seen.as_ref()) {
                         note(Update::Lost(lost));
                     }
-                    if !self.listed || listing != self.peers {
+                    self.leases = listing;
+                    if self.readmit() || !self.listed {
                         note(Update::Changed);
                         self.pending = Pending::Whole;
                     }
-                    self.peers = listing;
                     self.listed = true;
                 }
-                WatchEvent::Apply(key, attrs) if key == own.key => {
+                WatchEvent::Apply(key, attrs, _) if key == own.key => {
                     if let Err(lost) = check_own(own, Some(&attrs)) {
                         note(Update::Lost(lost));
                     }
@@ -144,25 +182,120 @@ impl PeerView {
                         note(Update::Lost(lost));
                     }
                 }
-                WatchEvent::Apply(key, attrs) => {
-                    let before = match peer(key, &attrs) {
-                        Some(p) => self.peers.insert(key, p),
-                        None => self.peers.remove(&key),
-                    };
-                    if before.as_ref() != self.peers.get(&key) {
+                WatchEvent::Apply(key, attrs, created) => {
+                    let lease = Lease::new(&key, &attrs, created);
+                    let before = self.leases.insert(key, lease);
+                    if self.settle(key, before) {
                         note(Update::Changed);
-                        self.pending.note(key, before);
                     }
                 }
                 WatchEvent::Delete(key) => {
-                    if let Some(before) = self.peers.remove(&key) {
-                        note(Update::Changed);
-                        self.pending.note(key, Some(before));
+                    if let Some(before) = self.leases.remove(&key) {
+                        if self.settle(key, Some(before)) {
+                            note(Update::Changed);
+                        }
                     }
                 }
             }
         }
         update
+    }
+
+    fn admitted(&self, key: &LeaseKey) -> Option<&PeerLease> {
+        self.outcomes.get(key).and_then(Outcome::admitted)
+    }
+
+    /// Admits the lease at `key` after it changed from `before`: by itself
+    /// when it shares no claim with another lease, else every lease anew.
+    /// Whether any peer changed.
+    fn settle(&mut self, key: LeaseKey, before: Option<Lease>) -> bool {
+        if before.as_ref() == self.leases.get(&key) {
+            return false;
+        }
+        let old = before.and_then(|lease| self.claims_of(&key, &lease));
+        let new = self.leases.get(&key).and_then(|lease| self.claims_of(&key, lease));
+        for claim in old.iter().flatten() {
+            if let Some(n) = self.claimants.get_mut(claim) {
+                *n -= 1;
+                if *n == 0 {
+                    self.claimants.remove(claim);
+                }
+            }
+        }
+        for claim in new.iter().flatten() {
+            *self.claimants.entry(*claim).or_default() += 1;
+        }
+        let mine = |claim: &Claim| u32::from(new.as_ref().is_some_and(|c| c.contains(claim)));
+        let shared = old
+            .iter()
+            .chain(new.iter())
+            .flatten()
+            .any(|claim| self.claimants.get(claim).copied().unwrap_or(0) > mine(claim));
+        if shared {
+            return self.readmit();
+        }
+        let outcome = self.leases.get(&key).map(|lease| self.rules.check(&key, lease));
+        self.record(key, outcome)
+    }
+
+    /// The claims of a lease that passes by itself; none for one that does not.
+    fn claims_of(&self, key: &LeaseKey, lease: &Lease) -> Option<Vec<Claim>> {
+        match self.rules.check(key, lease) {
+            Outcome::Admitted { lease, .. } => Some(admission::claims(*key, lease).collect()),
+            Outcome::Skipped(_) => None,
+        }
+    }
+
+    /// Admits every lease anew; whether any peer changed.
+    fn readmit(&mut self) -> bool {
+        let outcomes = admission::admit(&self.rules, &self.leases);
+        let claims: Vec<Claim> =
+            self.leases.iter().filter_map(|(key, lease)| self.claims_of(key, lease)).flatten().collect();
+        self.claimants.clear();
+        for claim in claims {
+            *self.claimants.entry(claim).or_default() += 1;
+        }
+        let mut changed = false;
+        let gone: Vec<LeaseKey> = self.outcomes.keys().filter(|k| !outcomes.contains_key(k)).copied().collect();
+        for key in gone {
+            changed |= self.record(key, None);
+        }
+        for (key, outcome) in outcomes {
+            changed |= self.record(key, Some(outcome));
+        }
+        changed
+    }
+
+    /// Sets what became of the lease at `key` (none: it is gone), says it
+    /// when that is news, and notes a peer that changed; whether one did.
+    fn record(&mut self, key: LeaseKey, outcome: Option<Outcome>) -> bool {
+        let before = match &outcome {
+            Some(outcome) => self.outcomes.insert(key, outcome.clone()),
+            None => self.outcomes.remove(&key),
+        };
+        if before == outcome {
+            return false;
+        }
+        match (&before, &outcome) {
+            (_, Some(Outcome::Skipped(refusal))) => warn!(lease = %key, reason = %refusal, "skipping peer lease"),
+            (Some(Outcome::Skipped(_)), Some(Outcome::Admitted { .. })) => {
+                info!(lease = %key, "peer lease admitted: what kept it out is gone")
+            }
+            _ => {}
+        }
+        if let Some(Outcome::Admitted { missing: Some(family), .. }) = &outcome {
+            let was_missing = matches!(before, Some(Outcome::Admitted { missing: Some(f), .. }) if f == *family);
+            if !was_missing {
+                warn!(lease = %key, %family, "peer lease has a subnet but no VTEP in this family: unreachable in it");
+            }
+        }
+        let (was, is) =
+            (before.as_ref().and_then(Outcome::admitted).copied(), outcome.as_ref().and_then(Outcome::admitted));
+        if was.as_ref() == is {
+            return false;
+        }
+        self.pending.note(key, was);
+        true
     }
 }
 
@@ -173,50 +306,25 @@ fn family_peer<A: Address>(key: &LeaseKey, lease: &PeerLease) -> Option<Peer<A>>
     Some(Peer { subnet, public_ip: A::from_ip(ip)?, vtep_mac })
 }
 
-/// A peer node's VTEP in each family its lease carries (the subnets are
-/// the lease key's): as compact as each family's addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PeerLease {
-    v4: Option<(Ipv4Addr, MacAddr)>,
-    v6: Option<(Ipv6Addr, MacAddr)>,
-}
-
-impl PeerLease {
-    fn vtep(&self, family: Family) -> Option<(IpAddr, MacAddr)> {
-        match family {
-            Family::V4 => self.v4.map(|(ip, mac)| (ip.into(), mac)),
-            Family::V6 => self.v6.map(|(ip, mac)| (ip.into(), mac)),
-        }
-    }
-}
-
-/// A lease as a peer of the dataplane, one half per family; none (and said)
-/// when its backend data does not parse or it carries no family at all.
-fn peer(key: LeaseKey, attrs: &LeaseAttrs) -> Option<PeerLease> {
-    let mut lease = PeerLease::default();
-    for family in Family::ALL {
-        if key.subnet(family).is_none() {
-            continue;
-        }
-        match attrs.vxlan_peer(family) {
-            Ok(Some((public_ip, data))) => match public_ip {
-                IpAddr::V4(ip) => lease.v4 = Some((ip, data.vtep_mac)),
-                IpAddr::V6(ip) => lease.v6 = Some((ip, data.vtep_mac)),
-            },
-            Ok(None) => {}
-            Err(e) => {
-                warn!(lease = %key, %family, error = %e, "skipping peer lease");
-                return None;
-            }
-        }
-    }
-    (lease != PeerLease::default()).then_some(lease)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::VxlanBackendData;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use proto::{LeaseAttrs, MacAddr, VxlanBackendData};
+
+    use crate::lease::Created;
+
+    fn config() -> NetConfig {
+        NetConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn view(own: &OwnLease) -> PeerView {
+        PeerView::new(&config(), own)
+    }
 
     fn key(cidr: &str) -> LeaseKey {
         LeaseKey::v4(cidr.parse().unwrap())
@@ -232,7 +340,7 @@ mod tests {
 
     fn listing(leases: &[(LeaseKey, LeaseAttrs)]) -> Vec<WatchEvent> {
         let mut events = vec![WatchEvent::Init];
-        events.extend(leases.iter().map(|(k, a)| WatchEvent::InitApply(*k, a.clone())));
+        events.extend(leases.iter().map(|(k, a)| WatchEvent::InitApply(*k, a.clone(), Created(1))));
         events.push(WatchEvent::InitDone);
         events
     }
@@ -241,7 +349,7 @@ mod tests {
     fn a_listing_replaces_the_view_and_an_identical_relist_changes_nothing() {
         let own = own();
         let b = (key("10.244.2.0/24"), attrs("192.168.1.2", "02:00:00:00:00:02"));
-        let mut view = PeerView::default();
+        let mut view = view(&own);
         let first = listing(&[(own.key, own.attrs.clone()), b.clone()]);
         assert_eq!(view.apply(&own, first.clone()), Update::Changed);
         assert_eq!((view.count(), view.listed()), (1, true));
@@ -250,7 +358,7 @@ mod tests {
         assert_eq!(view.apply(&own, [WatchEvent::Init]), Update::Unchanged);
         assert_eq!(view.count(), 1);
         assert_eq!(
-            view.apply(&own, [WatchEvent::InitApply(own.key, own.attrs.clone()), WatchEvent::InitDone]),
+            view.apply(&own, [WatchEvent::InitApply(own.key, own.attrs.clone(), Created(1)), WatchEvent::InitDone]),
             Update::Changed
         );
         assert_eq!(view.count(), 0, "b was gone in the relist");
@@ -259,19 +367,19 @@ mod tests {
     #[test]
     fn changes_to_peers_are_followed() {
         let own = own();
-        let mut view = PeerView::default();
+        let mut view = view(&own);
         view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
         let k = key("10.244.2.0/24");
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"))]),
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1))]),
             Update::Changed
         );
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"))]),
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1))]),
             Update::Unchanged
         );
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:03"))]),
+            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:03"), Created(1))]),
             Update::Changed
         );
         assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Changed);
@@ -280,8 +388,8 @@ mod tests {
 
     #[test]
     fn dual_stack_leases_are_peers_in_each_family_they_carry() {
-        let own = own();
-        let mut view = PeerView::default();
+        let own = OwnLease { key: "10.244.1.0-24&fd00:0:0:1::-64".parse().unwrap(), attrs: own().attrs };
+        let mut view = view(&own);
         view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
         let data = |m: &str| VxlanBackendData { vni: 1, vtep_mac: m.parse().unwrap() };
         let dual_key: LeaseKey = "10.244.2.0-24&fd00:0:0:2::-64".parse().unwrap();
@@ -296,9 +404,9 @@ mod tests {
         broken.backend_v6_data = proto::lease::BackendData::Other(r#"{"VNI":1}"#.into());
         let broken_key: LeaseKey = "10.244.4.0-24&fd00:0:0:4::-64".parse().unwrap();
         let events = [
-            WatchEvent::Apply(dual_key, dual),
-            WatchEvent::Apply(v4_key, v4_only),
-            WatchEvent::Apply(broken_key, broken),
+            WatchEvent::Apply(dual_key, dual, Created(1)),
+            WatchEvent::Apply(v4_key, v4_only, Created(1)),
+            WatchEvent::Apply(broken_key, broken, Created(1)),
         ];
         assert_eq!(view.apply(&own, events), Update::Changed);
         let v4: Vec<String> = view.peers::<Ipv4Addr>().map(|p| p.subnet.to_string()).collect();
@@ -310,13 +418,13 @@ mod tests {
     #[test]
     fn the_changes_since_the_last_plan_are_each_peer_as_it_was_then() {
         let own = own();
-        let mut view = PeerView::default();
+        let mut view = view(&own);
         let (k2, k3) = (key("10.244.2.0/24"), key("10.244.3.0/24"));
         let a = attrs("192.168.1.2", "02:00:00:00:00:02");
         view.apply(&own, listing(&[(own.key, own.attrs.clone()), (k3, attrs("192.168.1.3", "02:00:00:00:00:03"))]));
         assert!(matches!(view.take_changes(), Pending::Whole), "a listing is planned whole");
-        view.apply(&own, [WatchEvent::Apply(k2, a.clone()), WatchEvent::Delete(k3)]);
-        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"))]);
+        view.apply(&own, [WatchEvent::Apply(k2, a.clone(), Created(1)), WatchEvent::Delete(k3)]);
+        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1))]);
         let Pending::Peers(pending) = view.take_changes() else { panic!("changes are peer by peer") };
         let changes: Vec<PeerChange<Ipv4Addr>> = view.changes(&pending).collect();
         let mac = |m: &str| m.parse::<MacAddr>().unwrap();
@@ -325,8 +433,8 @@ mod tests {
         assert_eq!((changes[1].before.map(|p| p.vtep_mac), changes[1].after), (Some(mac("02:00:00:00:00:03")), None));
         assert_eq!(view.changes::<Ipv6Addr>(&pending).count(), 0, "no IPv6 in these leases");
         // Taken: the next plan starts from here. A change undone is no change.
-        view.apply(&own, [WatchEvent::Apply(k2, a.clone())]);
-        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"))]);
+        view.apply(&own, [WatchEvent::Apply(k2, a.clone(), Created(1))]);
+        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1))]);
         let Pending::Peers(pending) = view.take_changes() else { panic!() };
         assert_eq!(view.changes::<Ipv4Addr>(&pending).count(), 0);
     }
@@ -334,17 +442,53 @@ mod tests {
     #[test]
     fn our_own_lease_is_checked_in_every_kind_of_event() {
         let own = own();
-        let mut view = PeerView::default();
+        let mut view = view(&own);
         assert!(matches!(view.apply(&own, listing(&[])), Update::Lost(_)), "missing from the listing");
-        assert_eq!(view.apply(&own, [WatchEvent::Apply(own.key, own.attrs.clone())]), Update::Unchanged);
+        assert_eq!(view.apply(&own, [WatchEvent::Apply(own.key, own.attrs.clone(), Created(1))]), Update::Unchanged);
         let taken = attrs("192.168.1.9", "02:00:00:00:00:09");
-        assert!(matches!(view.apply(&own, [WatchEvent::Apply(own.key, taken)]), Update::Lost(_)));
+        assert!(matches!(view.apply(&own, [WatchEvent::Apply(own.key, taken, Created(1))]), Update::Lost(_)));
         // Lost wins over a peer change in the same batch.
         let batch = [
             WatchEvent::Delete(own.key),
-            WatchEvent::Apply(key("10.244.3.0/24"), attrs("192.168.1.3", "02:00:00:00:00:03")),
+            WatchEvent::Apply(key("10.244.3.0/24"), attrs("192.168.1.3", "02:00:00:00:00:03"), Created(1)),
         ];
         assert!(matches!(view.apply(&own, batch), Update::Lost(_)));
         assert_eq!(view.count(), 1, "the peer change was still taken");
+    }
+
+    proptest::proptest! {
+        /// Admitting lease by lease, as watch events come, ends where
+        /// admitting every lease at once does; and the pending changes, applied
+        /// to the peers before, give the peers after. Few subnets, MACs and
+        /// addresses, so claims collide often.
+        #[test]
+        fn the_fold_admits_as_a_whole_admission_does(
+            steps in proptest::collection::vec((2u8..7, proptest::option::of((1u8..4, 1u8..4, 0i64..4))), 1..40)
+        ) {
+            let own = own();
+            let mut view = view(&own);
+            view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
+            view.take_changes();
+            let mut before: BTreeMap<LeaseKey, PeerLease> = BTreeMap::new();
+            for (subnet, lease) in steps {
+                let k = key(&format!("10.244.{subnet}.0/24"));
+                let event = match lease {
+                    Some((ip, mac, created)) => WatchEvent::Apply(
+                        k,
+                        attrs(&format!("192.168.1.{}", 10 + ip), &format!("02:00:00:00:00:{:02x}", 0x10 + mac)),
+                        Created(created),
+                    ),
+                    None => WatchEvent::Delete(k),
+                };
+                view.apply(&own, [event]);
+                let whole = admission::admit(&view.rules, &view.leases);
+                proptest::prop_assert_eq!(&view.outcomes, &whole);
+                let Pending::Peers(pending) = view.take_changes() else { panic!("no listing here") };
+                for (k, was) in &pending {
+                    proptest::prop_assert_eq!(before.get(k), was.as_ref(), "pending keeps the peer as planned");
+                }
+                before = view.outcomes.iter().filter_map(|(k, o)| Some((*k, *o.admitted()?))).collect();
+            }
+        }
     }
 }

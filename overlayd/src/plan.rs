@@ -83,8 +83,12 @@ pub enum Op<A: Address> {
     SetFdb(MacAddr, A),
     /// Remove an FDB entry.
     DelFdb(MacAddr, A),
-    /// Add or replace a route.
+    /// Replace a route of ours.
     SetRoute(A::Net, RouteVia<A>),
+    /// Add a route where we hold none: never over one we did not make (the
+    /// underlay's connected route, an operator's static route), which the
+    /// kernel then refuses.
+    AddRoute(A::Net, RouteVia<A>),
     /// Remove a route.
     DelRoute(A::Net, RouteVia<A>),
 }
@@ -282,8 +286,10 @@ pub fn diff<A: Address>(desired: &KernelState<A>, actual: &KernelState<A>) -> Ve
         }
     }
     for (subnet, via) in &desired.routes {
-        if actual.routes.get(subnet) != Some(via) {
-            ops.push(Op::SetRoute(*subnet, *via));
+        match actual.routes.get(subnet) {
+            Some(held) if held == via => {}
+            Some(_) => ops.push(Op::SetRoute(*subnet, *via)),
+            None => ops.push(Op::AddRoute(*subnet, *via)),
         }
     }
     for (mac, dst) in &actual.fdb {
@@ -422,7 +428,11 @@ mod tests {
         let adds = diff(&before, &KernelState::default());
         assert!(matches!(adds[0], Op::SetNeighbour(..)));
         assert!(matches!(adds[1], Op::SetFdb(..)));
-        assert!(matches!(adds[2], Op::SetRoute(..)));
+        assert!(matches!(adds[2], Op::AddRoute(..)), "never over a route that is not ours");
+        let moved = plan(&local(), [peer(92, 13, "52:58:c0:08:52:6d")]);
+        let local_direct = Local { direct_routing: true, ..local() };
+        let direct = plan(&local_direct, [peer(92, 13, "52:58:c0:08:52:6d")]);
+        assert!(diff(&direct, &moved).iter().any(|op| matches!(op, Op::SetRoute(..))), "ours is replaced");
     }
 
     #[test]
@@ -459,7 +469,7 @@ mod tests {
                 Op::DelFdb(mac, _) => {
                     state.fdb.remove(&mac);
                 }
-                Op::SetRoute(n, v) => {
+                Op::SetRoute(n, v) | Op::AddRoute(n, v) => {
                     state.routes.insert(n, v);
                 }
                 Op::DelRoute(n, _) => {

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use overlay_netlink::{Bulk, KernelEvent, Netlink, NFPROTO_IPV4, NFPROTO_IPV6};
 use proto::{Address, Family, SubnetEnv};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
@@ -246,6 +246,9 @@ pub struct Reconciler {
     changed: Vec<Resource>,
     /// Whether the last reconcile failed: then the next requeue is its retry, not a resync.
     retrying: bool,
+    /// The entries the kernel refused at the last apply of each family (IPv4,
+    /// IPv6), in words: each is said once, not at every resync that retries it.
+    refused: [std::collections::BTreeSet<String>; 2],
 }
 
 impl Reconciler {
@@ -258,6 +261,7 @@ impl Reconciler {
             subnet_file,
             resync,
             applied: Applied::default(),
+            refused: Default::default(),
             backoff: Backoff::with_max(Duration::from_secs(30).min(resync)),
             metrics,
             changed: Vec::new(),
@@ -437,6 +441,7 @@ impl Reconciler {
             }
         };
         let read_entries = assumed.is_none() && delta_ops.is_none();
+        let whole = delta_ops.is_none();
         // A socket lost with a failed worker is opened anew.
         let mut bulk = match self.bulk.take() {
             Some(bulk) => bulk,
@@ -490,13 +495,36 @@ impl Reconciler {
         if report.sent >= TRIM_AFTER || (read_entries && read_back >= TRIM_AFTER) {
             release_freed_memory();
         }
-        if let Some((op, e)) = report.failed.first() {
-            anyhow::bail!("{} of {} entries refused by the kernel, e.g. {op:?}: {e}", report.failed.len(), report.sent);
-        }
+        // One peer's entries the kernel refuses (a route that is not ours in
+        // the way) must not keep the others out, nor make the node unready:
+        // they are left out of what is applied, said once, and counted.
+        let mut planned = planned;
+        report.unapplied(&mut planned.state);
+        self.say_refused(family, &report, whole);
         let state = &planned.state;
         self.metrics.entries_held(family, state.neighbours.len(), state.fdb.len(), state.routes.len());
         A::slot(&mut self.applied).entries = Some((index, planned));
         Ok(())
+    }
+
+    /// Says each entry the kernel refused that it did not refuse before.
+    fn say_refused<A: Address>(&mut self, family: Family, report: &entries::ApplyReport<A>, whole: bool) {
+        let refused = &mut self.refused[family as usize];
+        let now: std::collections::BTreeSet<String> = report
+            .failed
+            .iter()
+            .map(|(op, e)| format!("{}: {}", entries::describe(op), entries::refusal(op, e)))
+            .collect();
+        for line in now.difference(refused) {
+            warn!(%family, refused = %line, "the kernel refused an entry of a peer; the others are programmed");
+        }
+        // A whole plan retries every entry: what it did not refuse again is no longer refused.
+        if whole {
+            *refused = now;
+        } else {
+            refused.extend(now);
+        }
+        self.metrics.entries_refused.set(self.refused.iter().map(|r| r.len() as i64).sum());
     }
 
     async fn masquerade<A: Slot>(&mut self, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {

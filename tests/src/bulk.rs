@@ -97,3 +97,21 @@ pub fn leases_of(ns: &Netns, endpoint: &str, prefix: &str, n: u32, op: Bulk, dua
     .join()
     .map_err(|_| anyhow!("bulk writer panicked"))?
 }
+
+/// Puts each `(key, value)`, values of any size (etcdctl takes a value as
+/// one argument, which the kernel caps at 128 KiB).
+pub fn put_values(ns: &Netns, endpoint: &str, kvs: Vec<(String, Vec<u8>)>) -> Result<()> {
+    let endpoint = endpoint.to_string();
+    crate::probe::in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let mut client = Client::connect([endpoint.as_str()], None).await.context("connect etcd")?;
+            for (key, value) in kvs {
+                client.put(key.as_str(), value, None).await.with_context(|| format!("put {key}"))?;
+            }
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow!("bulk writer panicked"))?
+}

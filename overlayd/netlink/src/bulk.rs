@@ -10,8 +10,8 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     neighbour::{NeighbourAttribute, NeighbourMessage},
@@ -103,7 +103,11 @@ impl Bulk {
     /// delete of something already gone counts as done.
     pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<Result<()>>> {
         const SET: u16 = NLM_F_CREATE | NLM_F_REPLACE;
+        const ADD: u16 = NLM_F_CREATE | NLM_F_EXCL;
         let requests = changes.iter().map(|change| match *change {
+            Change::Add(Entry::Neighbour(n)) => (RouteNetlinkMessage::NewNeighbour(n.message()), ADD),
+            Change::Add(Entry::Fdb(f)) => (RouteNetlinkMessage::NewNeighbour(f.message()), ADD),
+            Change::Add(Entry::Route(r)) => (RouteNetlinkMessage::NewRoute(r.message()), ADD),
             Change::Set(Entry::Neighbour(n)) => (RouteNetlinkMessage::NewNeighbour(n.message()), SET),
             Change::Set(Entry::Fdb(f)) => (RouteNetlinkMessage::NewNeighbour(f.message()), SET),
             Change::Set(Entry::Route(r)) => (RouteNetlinkMessage::NewRoute(r.message()), SET),
@@ -246,6 +250,7 @@ impl Bulk {
 fn describe(change: &Change) -> String {
     let (verb, entry) = match change {
         Change::Set(e) => ("set", e),
+        Change::Add(e) => ("add", e),
         Change::Delete(e) => ("delete", e),
     };
     match entry {

@@ -221,6 +221,9 @@ pub enum Entry {
 pub enum Change {
     /// Add the entry, or replace the one with the same key.
     Set(Entry),
+    /// Add the entry where none has its key; the kernel refuses it (EEXIST)
+    /// over one that does, whoever made it.
+    Add(Entry),
     /// Remove the entry.
     Delete(Entry),
 }

@@ -5,7 +5,7 @@
 
 use overlay_netlink::{AddressFamily, Bulk, Change, Entry, FdbEntry, Neighbour, Route};
 use proto::{Address, Family, MacAddr};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::plan::{KernelState, Op, RouteVia};
 
@@ -24,6 +24,7 @@ fn change<A: Address>(vxlan_index: u32, op: &Op<A>) -> Change {
         Op::SetFdb(mac, dst) => Change::Set(fdb(mac, dst)),
         Op::DelFdb(mac, dst) => Change::Delete(fdb(mac, dst)),
         Op::SetRoute(subnet, via) => Change::Set(route(subnet, via)),
+        Op::AddRoute(subnet, via) => Change::Add(route(subnet, via)),
         Op::DelRoute(subnet, via) => Change::Delete(route(subnet, via)),
     }
 }
@@ -47,6 +48,24 @@ pub struct ApplyReport<A: Address> {
     pub failed: Vec<(Op<A>, overlay_netlink::Error)>,
 }
 
+impl<A: Address> ApplyReport<A> {
+    /// Takes what the kernel refused out of `state` (the plan just applied),
+    /// so it says what the node holds: a refused entry is retried by the next
+    /// whole plan, and a route that is not ours is never taken for ours.
+    pub fn unapplied(&self, state: &mut KernelState<A>) {
+        for (op, _) in &self.failed {
+            match *op {
+                Op::SetNeighbour(ip, _) => drop(state.neighbours.remove(&ip)),
+                Op::SetFdb(mac, _) => drop(state.fdb.remove(&mac)),
+                Op::SetRoute(subnet, _) | Op::AddRoute(subnet, _) => drop(state.routes.remove(&subnet)),
+                // A delete the kernel refused leaves an entry of ours that the plan no longer has:
+                // the next read of the node finds it again.
+                Op::DelNeighbour(..) | Op::DelFdb(..) | Op::DelRoute(..) => {}
+            }
+        }
+    }
+}
+
 /// Sends `ops` in batches. A delete of something already gone counts as done.
 pub fn apply<A: Address>(bulk: &mut Bulk, vxlan_index: u32, ops: &[Op<A>]) -> overlay_netlink::Result<ApplyReport<A>> {
     let changes: Vec<Change> = ops.iter().map(|op| change(vxlan_index, op)).collect();
@@ -55,13 +74,37 @@ pub fn apply<A: Address>(bulk: &mut Bulk, vxlan_index: u32, ops: &[Op<A>]) -> ov
     for (op, result) in ops.iter().zip(results) {
         match result {
             Ok(()) => debug!(?op, "applied"),
-            Err(e) => {
-                warn!(?op, error = %e, "kernel refused overlay entry");
-                report.failed.push((*op, e));
-            }
+            Err(e) => report.failed.push((*op, e)),
         }
     }
     Ok(report)
+}
+
+/// An operation in words, as `ip` would show its entry.
+pub fn describe<A: Address>(op: &Op<A>) -> String {
+    let via = |via: &RouteVia<A>| match via {
+        RouteVia::Vxlan(gateway) => format!("via {gateway} onlink"),
+        RouteVia::Direct(gateway) => format!("via {gateway}"),
+    };
+    match op {
+        Op::SetNeighbour(ip, mac) => format!("set neighbour {ip} lladdr {mac}"),
+        Op::DelNeighbour(ip, mac) => format!("delete neighbour {ip} lladdr {mac}"),
+        Op::SetFdb(mac, dst) => format!("set FDB entry {mac} dst {dst}"),
+        Op::DelFdb(mac, dst) => format!("delete FDB entry {mac} dst {dst}"),
+        Op::SetRoute(subnet, v) => format!("replace route {subnet} {}", via(v)),
+        Op::AddRoute(subnet, v) => format!("add route {subnet} {}", via(v)),
+        Op::DelRoute(subnet, v) => format!("delete route {subnet} {}", via(v)),
+    }
+}
+
+/// What a refused operation means, for the one line that says it.
+pub fn refusal<A: Address>(op: &Op<A>, error: &overlay_netlink::Error) -> String {
+    match op {
+        Op::AddRoute(subnet, _) if error.is_exists() => {
+            format!("a route to {subnet} that overlayd did not make is there (another proto, or the kernel's own): left alone, and this peer is not routed")
+        }
+        _ => error.to_string(),
+    }
 }
 
 /// The netlink family of an IP family.

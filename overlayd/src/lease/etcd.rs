@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    Txn, TxnOp, WatchOptions, WatchResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions, WatchResponse,
 };
 use ipnet::IpNet;
 use proto::{Family, LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
@@ -22,6 +22,26 @@ use super::etcd_events::{self, KeyChange};
 use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::EtcdArgs;
+
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 500;
+
+/// The largest gRPC message taken from etcd (tonic's default is 4 MiB): a
+/// page of values at etcd's own request limit (1.5 MiB each) still fits
+/// after the page shrinks, and a watch response with a few of them too.
+const RECEIVE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The key after every key that starts with `prefix`: the end of its range.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// Why the etcd store failed.
 #[derive(Debug, thiserror::Error)]
@@ -261,18 +281,14 @@ impl EtcdLeases {
     /// Every lease under `<prefix>/subnets/`.
     pub async fn list(&mut self) -> Result<Listing, EtcdError> {
         let prefix = self.subnets_prefix();
-        let resp = self
-            .client()
-            .await?
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.fail(format!("list {prefix}")))?;
-        let mut leases = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            let Some(key) = etcd_events::lease_key(kv.key(), &prefix) else {
-                continue;
+        let mut leases = Vec::new();
+        self.list_prefix(&prefix, |kv| {
+            let Some(key) = etcd_events::lease_key(kv.key(), &prefix) else { return };
+            let attrs = if kv.value().len() > etcd_events::MAX_LEASE_VALUE {
+                Err(format!("a value of {} bytes, far bigger than any lease", kv.value().len()))
+            } else {
+                LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string())
             };
-            let attrs = LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string());
             leases.push(Listed {
                 key,
                 attrs,
@@ -280,8 +296,47 @@ impl EtcdLeases {
                 mod_revision: kv.mod_revision(),
                 create_revision: kv.create_revision(),
             });
-        }
+        })
+        .await?;
         Ok(Listing { leases })
+    }
+
+    /// Every key under `prefix`, page by page at one revision (as etcd's own
+    /// clients list), so no listing meets the gRPC receive limit however many
+    /// leases there are; gives the revision the listing is at. A page too big
+    /// even so (values near etcd's request limit) is asked again smaller.
+    async fn list_prefix(&mut self, prefix: &str, mut each: impl FnMut(&KeyValue)) -> Result<i64, EtcdError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut page = LIST_PAGE;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut kv = self.client().await?.kv_client().max_decoding_message_size(RECEIVE_LIMIT);
+            let resp = match kv.get(from.clone(), Some(options)).await {
+                Ok(resp) => resp,
+                Err(etcd_client::Error::GRpcStatus(status)) if status.code() == tonic::Code::OutOfRange && page > 1 => {
+                    page = (page / 8).max(1);
+                    debug!(page, "a page of the listing is too big to receive; asking for fewer keys");
+                    continue;
+                }
+                Err(e) => return Err(self.fail(format!("list {prefix}"))(e)),
+            };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            resp.kvs().iter().for_each(&mut each);
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
     }
 
     /// Takes the subnets for a node at `attrs.public_ip`: its existing lease
@@ -544,14 +599,13 @@ impl EtcdLeases {
 
     /// Every lease as watch events, and the revision the listing is at.
     async fn list_events(&mut self, prefix: &str) -> Result<(Vec<WatchEvent>, i64), EtcdError> {
-        let resp = self
-            .client()
-            .await?
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.fail(format!("list {prefix}")))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let events = etcd_events::listing(prefix, resp.kvs().iter().map(|kv| (kv.key(), kv.value())));
+        let mut events = vec![WatchEvent::Init];
+        let revision = self
+            .list_prefix(prefix, |kv| {
+                etcd_events::listed(prefix, [(kv.key(), kv.value(), kv.create_revision())], &mut events)
+            })
+            .await?;
+        events.push(WatchEvent::InitDone);
         Ok((events, revision))
     }
 
@@ -559,7 +613,12 @@ impl EtcdLeases {
     async fn watch_from(&mut self, prefix: &str, mut revision: i64, tx: &EventSender, backoff: &mut Backoff) -> Resume {
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
         let watched = match self.client().await {
-            Ok(mut client) => client.watch(prefix, Some(options)).await.map_err(etcd("watch")),
+            Ok(client) => client
+                .watch_client()
+                .max_decoding_message_size(RECEIVE_LIMIT)
+                .watch(prefix, Some(options))
+                .await
+                .map_err(etcd("watch")),
             Err(e) => Err(e),
         };
         let mut stream = match watched {
@@ -632,7 +691,7 @@ fn watch_events(prefix: &str, resp: &WatchResponse) -> (Vec<WatchEvent>, i64) {
             EventType::Put => KeyChange::Put,
             EventType::Delete => KeyChange::Delete,
         };
-        events.extend(etcd_events::change(prefix, kind, kv.key(), kv.value()));
+        events.extend(etcd_events::change(prefix, kind, (kv.key(), kv.value(), kv.create_revision())));
     }
     (events, revision)
 }

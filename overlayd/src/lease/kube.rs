@@ -24,7 +24,7 @@ use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
 
 use super::list_scanner::ListScanner;
-use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
+use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
 
@@ -78,12 +78,14 @@ fn lean_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D
         name: Option<String>,
         resource_version: Option<String>,
         annotations: Option<BTreeMap<String, String>>,
+        creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     }
     let lean = <Lean as serde::Deserialize>::deserialize(d)?;
     Ok(ObjectMeta {
         name: lean.name,
         resource_version: lean.resource_version,
         annotations: lean.annotations,
+        creation_timestamp: lean.creation_timestamp,
         ..ObjectMeta::default()
     })
 }
@@ -432,12 +434,12 @@ impl NodeEvents {
         match event {
             Event::Init => vec![WatchEvent::Init],
             Event::InitApply(node) => match self.lease(&node) {
-                Some((key, attrs)) => vec![WatchEvent::InitApply(key, attrs)],
+                Some((key, attrs)) => vec![WatchEvent::InitApply(key, attrs, created(&node))],
                 None => Vec::new(),
             },
             Event::InitDone => vec![WatchEvent::InitDone],
             Event::Apply(node) => match (self.lease(&node), Self::key(&node)) {
-                (Some((key, attrs)), _) => vec![WatchEvent::Apply(key, attrs)],
+                (Some((key, attrs)), _) => vec![WatchEvent::Apply(key, attrs, created(&node))],
                 // No longer (or not yet) a peer: whatever its podCIDR stood for goes.
                 (None, Some(key)) => vec![WatchEvent::Delete(key)],
                 (None, None) => Vec::new(),
@@ -445,6 +447,12 @@ impl NodeEvents {
             Event::Delete(node) => Self::key(&node).map(WatchEvent::Delete).into_iter().collect(),
         }
     }
+}
+
+/// When a Node was created, to the second: the older of two Nodes that claim
+/// one VtepMAC or PublicIP keeps it.
+fn created(node: &PeerNode) -> Created {
+    Created(node.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()))
 }
 
 fn pod_cidr_of(node: &PeerNode) -> Option<&str> {
@@ -674,6 +682,7 @@ mod tests {
         let json = serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "a", "resourceVersion": "7", "annotations": {"x": "y"},
+                         "creationTimestamp": "2026-12-06T10:00:00Z",
                          "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
             "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"], "taints": []},
             "status": {"images": [{"names": ["registry/x:1"], "sizeBytes": 1}]},
@@ -681,8 +690,9 @@ mod tests {
         let n: PeerNode = serde_json::from_value(json).unwrap();
         assert_eq!(n.metadata.name.as_deref(), Some("a"));
         assert_eq!(n.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(n.metadata.annotations.unwrap()["x"], "y");
+        assert_eq!(n.metadata.annotations.as_ref().unwrap()["x"], "y");
         assert!(n.metadata.managed_fields.is_none());
+        assert_eq!(created(&n), Created(1_796_551_200), "the age that decides a contested VtepMAC");
         assert_eq!(n.spec.unwrap().pod_cidr.as_deref(), Some("10.244.1.0/24"));
         use kube::Resource;
         assert_eq!(PeerNode::url_path(&(), None), "/api/v1/nodes");
@@ -693,9 +703,9 @@ mod tests {
             .iter()
             .map(|e| match e {
                 WatchEvent::Init => "init".to_string(),
-                WatchEvent::InitApply(k, a) => format!("listed {k} {}", a.public_ip),
+                WatchEvent::InitApply(k, a, _) => format!("listed {k} {}", a.public_ip),
                 WatchEvent::InitDone => "listed".to_string(),
-                WatchEvent::Apply(k, a) => format!("apply {k} {}", a.public_ip),
+                WatchEvent::Apply(k, a, _) => format!("apply {k} {}", a.public_ip),
                 WatchEvent::Delete(k) => format!("delete {k}"),
             })
             .collect()

@@ -24,15 +24,21 @@ use tokio::sync::mpsc;
 pub enum WatchEvent {
     /// A (re)list begins.
     Init,
-    /// A lease of the listing.
-    InitApply(LeaseKey, LeaseAttrs),
+    /// A lease of the listing, and when it was first written.
+    InitApply(LeaseKey, LeaseAttrs, Created),
     /// The listing is complete.
     InitDone,
     /// A lease was written: a new node, or a node's MAC or address changed.
-    Apply(LeaseKey, LeaseAttrs),
+    Apply(LeaseKey, LeaseAttrs, Created),
     /// A lease was removed, expired, or no longer parses: the node left.
     Delete(LeaseKey),
 }
+
+/// When a lease was first written, in the store's own order: etcd's create
+/// revision, or a Node's creation time in seconds. Smaller is older; when two
+/// leases claim one subnet, VtepMAC or PublicIP, the older keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Created(pub i64);
 
 /// Watch events flow from a store's watch task to the daemon in batches:
 /// everything one read of the store brought.

@@ -252,7 +252,8 @@ fn netlink_path(id: &str, n: u32, path: NetlinkPath) -> Result<Duration> {
                                     Change::Set(Entry::Route(r)) => {
                                         handle.route().add(r.message()).replace().execute().await
                                     }
-                                    Change::Delete(_) => Ok(()),
+                                    Change::Add(Entry::Route(r)) => handle.route().add(r.message()).execute().await,
+                                    Change::Add(_) | Change::Delete(_) => Ok(()),
                                 };
                                 if result.is_err() {
                                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

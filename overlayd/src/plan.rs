@@ -35,6 +35,10 @@ pub enum RouteVia<A> {
     Vxlan(A),
     /// Plain routing to a peer on our L2 segment: `via <public ip>` (DirectRouting).
     Direct(A),
+    /// A route on our VXLAN device that another program made: flanneld, on
+    /// the device we adopted from it. Read, never planned: so it is replaced
+    /// by ours, or deleted.
+    Adopted(A),
 }
 
 /// Kernel entries for the overlay in one family, desired or actual.
@@ -433,6 +437,17 @@ mod tests {
         let local_direct = Local { direct_routing: true, ..local() };
         let direct = plan(&local_direct, [peer(92, 13, "52:58:c0:08:52:6d")]);
         assert!(diff(&direct, &moved).iter().any(|op| matches!(op, Op::SetRoute(..))), "ours is replaced");
+    }
+
+    #[test]
+    fn a_route_flanneld_left_on_our_device_is_replaced_by_ours_or_deleted() {
+        let planned = plan(&local(), [peer(92, 12, "52:58:c0:08:52:6d")]);
+        let mut held = planned.clone();
+        let subnet = "10.244.92.0/24".parse().unwrap();
+        held.routes.insert(subnet, RouteVia::Adopted("10.244.92.0".parse().unwrap()));
+        assert_eq!(diff(&planned, &held), vec![Op::SetRoute(subnet, RouteVia::Vxlan("10.244.92.0".parse().unwrap()))]);
+        let stale = diff(&KernelState::default(), &held);
+        assert!(stale.contains(&Op::DelRoute(subnet, RouteVia::Adopted("10.244.92.0".parse().unwrap()))), "{stale:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
 use crate::masq::{self, Masquerade};
 use crate::metrics::{Cause, Metrics, Resource};
-use crate::plan::{self, Delta, KernelState, Planned, RouteVia};
+use crate::plan::{self, Delta, KernelState, Planned};
 use crate::subnet_file;
 
 /// What the node must hold, planned purely from what the daemon knows.
@@ -153,17 +153,11 @@ impl<A: Address> FamilyApplied<A> {
             }
             KernelEvent::Route { route, gone } => {
                 let desired = entries?.routes.get(&A::net_from(route.destination)?)?;
-                let ours = route.protocol == entries::ROUTE_PROTOCOL;
+                let via = entries::route_via::<A>(route, device.map(|(_, index)| index));
                 if *gone {
-                    ours
+                    via.is_some()
                 } else {
-                    let gateway = route.gateway.and_then(A::from_ip);
-                    let via = match gateway {
-                        Some(g) if route.onlink && route.oif.is_some_and(on_device) => Some(RouteVia::Vxlan(g)),
-                        Some(g) => Some(RouteVia::Direct(g)),
-                        None => None,
-                    };
-                    !ours || via != Some(*desired)
+                    via != Some(*desired)
                 }
             }
             KernelEvent::Nft { family: nf, table, gone } => {
@@ -655,6 +649,7 @@ pub fn device_address(subnet: IpNet) -> IpNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::RouteVia;
     use proto::MacAddr;
 
     #[test]
@@ -767,7 +762,12 @@ mod tests {
                 },
                 None,
             ),
-            (KernelEvent::Route { route: Route { protocol: 3, ..route }, gone: true }, None),
+            (
+                KernelEvent::Route { route: Route { protocol: 3, oif: Some(2), onlink: false, ..route }, gone: true },
+                None,
+            ),
+            // flanneld's route on the device we adopted from it is the peer's route until ours replaces it.
+            (KernelEvent::Route { route: Route { protocol: 3, ..route }, gone: true }, entries),
         ] {
             assert_eq!(applied.drift(&event), expected, "{event:?}");
         }

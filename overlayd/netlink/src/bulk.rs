@@ -15,7 +15,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     neighbour::{NeighbourAttribute, NeighbourMessage},
-    route::{RouteHeader, RouteMessage, RouteProtocol},
+    route::{RouteHeader, RouteMessage},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -82,12 +82,11 @@ impl Bulk {
             .collect())
     }
 
-    /// The main table's routes of `family` made with route protocol `protocol`.
-    pub fn routes(&mut self, family: AddressFamily, protocol: u8) -> Result<Vec<Route>> {
+    /// The main table's routes of `family`.
+    pub fn routes(&mut self, family: AddressFamily) -> Result<Vec<Route>> {
         let mut req = RouteMessage::default();
         req.header.address_family = family;
         req.header.table = RouteHeader::RT_TABLE_MAIN;
-        req.header.protocol = RouteProtocol::from(protocol);
         let messages = self.dump(RouteNetlinkMessage::GetRoute(req), "reading routes")?;
         Ok(messages
             .iter()
@@ -95,7 +94,6 @@ impl Bulk {
                 RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
                 _ => None,
             })
-            .filter(|r| r.protocol == protocol)
             .collect())
     }
 

@@ -13,6 +13,37 @@ use crate::plan::{KernelState, Op, RouteVia};
 /// reconciliation only ever touches routes this daemon made.
 pub const ROUTE_PROTOCOL: u8 = 77;
 
+/// The kernel's own routes (`proto kernel`: connected and link-local ones).
+const PROTOCOL_KERNEL: u8 = 2;
+
+/// How a route of ours leaves the node; none for a route that is not ours
+/// (see `is_ours`) or has no gateway.
+pub fn route_via<A: Address>(route: &Route, vxlan_index: Option<u32>) -> Option<RouteVia<A>> {
+    if !is_ours(route, vxlan_index) {
+        return None;
+    }
+    let gateway = route.gateway.and_then(A::from_ip)?;
+    Some(if route.protocol != ROUTE_PROTOCOL {
+        RouteVia::Adopted(gateway)
+    } else if vxlan_index.is_some() && route.oif == vxlan_index && route.onlink {
+        // Through the device and onlink: encapsulated.
+        RouteVia::Vxlan(gateway)
+    } else {
+        // Anything else is a plain route, so one of ours on the device without
+        // onlink differs from the plan and is replaced.
+        RouteVia::Direct(gateway)
+    })
+}
+
+/// Whether a route is ours to replace or delete: one we made (`proto 77`), or
+/// one on our own VXLAN device that the kernel did not make. The second kind
+/// is what flanneld left on the device we adopted from it; a route anywhere
+/// else (the underlay's connected route, an operator's static route) is never ours.
+pub fn is_ours(route: &Route, vxlan_index: Option<u32>) -> bool {
+    route.protocol == ROUTE_PROTOCOL
+        || (vxlan_index.is_some() && route.oif == vxlan_index && route.protocol != PROTOCOL_KERNEL)
+}
+
 /// The netlink entry an operation writes or removes.
 fn change<A: Address>(vxlan_index: u32, op: &Op<A>) -> Change {
     let neighbour = |ip: A, mac| Entry::Neighbour(Neighbour { ifindex: vxlan_index, ip: ip.into(), mac });
@@ -25,7 +56,11 @@ fn change<A: Address>(vxlan_index: u32, op: &Op<A>) -> Change {
         Op::DelFdb(mac, dst) => Change::Delete(fdb(mac, dst)),
         Op::SetRoute(subnet, via) => Change::Set(route(subnet, via)),
         Op::AddRoute(subnet, via) => Change::Add(route(subnet, via)),
-        Op::DelRoute(subnet, via) => Change::Delete(route(subnet, via)),
+        // Any protocol: a delete names a route read as ours, which may be one
+        // flanneld made on the device we adopted (the kernel matches a set protocol).
+        Op::DelRoute(subnet, via) => {
+            Change::Delete(Entry::Route(Route { protocol: 0, ..self::route(vxlan_index, subnet, via) }))
+        }
     }
 }
 
@@ -35,6 +70,8 @@ fn route<A: Address>(vxlan_index: u32, subnet: A::Net, via: RouteVia<A>) -> Rout
         RouteVia::Vxlan(gateway) => (gateway, Some(vxlan_index), true),
         // DirectRouting: plain `via <peer's underlay address>`.
         RouteVia::Direct(gateway) => (gateway, None, false),
+        // Only ever deleted, or replaced by a planned route.
+        RouteVia::Adopted(gateway) => (gateway, Some(vxlan_index), false),
     };
     Route { destination: subnet.into(), gateway: Some(gateway.into()), oif, onlink, protocol: ROUTE_PROTOCOL }
 }
@@ -85,6 +122,7 @@ pub fn describe<A: Address>(op: &Op<A>) -> String {
     let via = |via: &RouteVia<A>| match via {
         RouteVia::Vxlan(gateway) => format!("via {gateway} onlink"),
         RouteVia::Direct(gateway) => format!("via {gateway}"),
+        RouteVia::Adopted(gateway) => format!("via {gateway} (not made by overlayd)"),
     };
     match op {
         Op::SetNeighbour(ip, mac) => format!("set neighbour {ip} lladdr {mac}"),
@@ -137,18 +175,57 @@ pub fn read<A: Address>(bulk: &mut Bulk, vxlan_index: Option<u32>) -> overlay_ne
             }
         }
     }
-    for r in bulk.routes(family, ROUTE_PROTOCOL)? {
-        let (Some(subnet), Some(gateway)) = (A::net_from(r.destination), r.gateway.and_then(A::from_ip)) else {
-            continue;
-        };
-        // Through the device and onlink: encapsulated. Anything else is a plain route, so one of
-        // ours on the device without onlink differs from the plan and is replaced.
-        let via = if vxlan_index.is_some() && r.oif == vxlan_index && r.onlink {
-            RouteVia::Vxlan(gateway)
-        } else {
-            RouteVia::Direct(gateway)
-        };
-        state.routes.insert(subnet, via);
+    for r in bulk.routes(family)? {
+        if let (Some(subnet), Some(via)) = (A::net_from(r.destination), route_via(&r, vxlan_index)) {
+            state.routes.insert(subnet, via);
+        }
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn route(oif: u32, protocol: u8, onlink: bool) -> Route {
+        Route {
+            destination: "10.244.7.0/24".parse().unwrap(),
+            gateway: Some("10.244.7.0".parse().unwrap()),
+            oif: Some(oif),
+            onlink,
+            protocol,
+        }
+    }
+
+    #[test]
+    fn only_our_routes_and_those_on_our_device_are_ours() {
+        let device = Some(5);
+        let via = |r: &Route| route_via::<Ipv4Addr>(r, device);
+        let gateway = Ipv4Addr::new(10, 244, 7, 0);
+        assert_eq!(via(&route(5, ROUTE_PROTOCOL, true)), Some(RouteVia::Vxlan(gateway)));
+        assert_eq!(via(&route(5, ROUTE_PROTOCOL, false)), Some(RouteVia::Direct(gateway)));
+        // flanneld's route on the device we adopted (proto boot).
+        assert_eq!(via(&route(5, 3, true)), Some(RouteVia::Adopted(gateway)));
+        // Elsewhere: an operator's static route, the underlay's connected one, the kernel's own.
+        assert_eq!(via(&route(2, 3, false)), None);
+        assert_eq!(via(&route(2, PROTOCOL_KERNEL, false)), None);
+        assert_eq!(via(&route(5, PROTOCOL_KERNEL, false)), None);
+        assert_eq!(route_via::<Ipv4Addr>(&route(5, 3, true), None), None, "no device, nothing adopted");
+    }
+
+    #[test]
+    fn a_delete_matches_any_protocol_and_a_write_is_marked_ours() {
+        let subnet = "10.244.7.0/24".parse().unwrap();
+        let gateway = Ipv4Addr::new(10, 244, 7, 0);
+        let Change::Delete(Entry::Route(del)) = change(5, &Op::DelRoute(subnet, RouteVia::Adopted(gateway))) else {
+            panic!("a delete")
+        };
+        assert_eq!(del.protocol, 0);
+        let Change::Set(Entry::Route(set)) = change(5, &Op::SetRoute(subnet, RouteVia::Vxlan(gateway))) else {
+            panic!("a replace")
+        };
+        assert_eq!((set.protocol, set.oif, set.onlink), (ROUTE_PROTOCOL, Some(5), true));
+    }
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::{NetConf, SUPPORTED_VERSIONS};
 use crate::error::{code, CniError};
-use crate::ipam::Store;
+use crate::ipam::{ContainerLock, Store};
 use crate::link;
 use crate::result::{addresses_in, CniResult, Interface, IpConfig, Route};
 
@@ -93,6 +93,8 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.check_ifname()?;
     let ns = link::open_netns(&env.netns)?;
     let subnet_env = read_subnet_env(conf)?;
+    // Held until the interface exists (or is rolled back): see ContainerLock.
+    let _container = ContainerLock::take(&conf.data_dir, &conf.name, &env.container_id)?;
     let mtu = conf.mtu.unwrap_or(subnet_env.mtu);
     let families = subnet_env.families();
     // The lock covers choosing the addresses only, so parallel ADDs do their
@@ -144,8 +146,7 @@ async fn wire(
     families: &[FamilyEnv],
     mtu: u32,
 ) -> Result<CniResult, CniError> {
-    let gateways: Vec<IpNet> = families.iter().map(|f| f.gateway).collect();
-    let bridge = link::ensure_bridge(nl, &conf.bridge, &gateways, mtu).await?;
+    let bridge = link::ensure_bridge(nl, &conf.bridge, families, mtu).await?;
     let host_link = link::create_veth(nl, host, &env.ifname, ns, mtu, &bridge, conf.hairpin_mode).await?;
     let routes = planned_routes(conf, families);
     let container = link::configure_container(ns, &env.ifname, addresses, &routes)?;
@@ -184,6 +185,7 @@ fn planned_routes(conf: &NetConf, families: &[FamilyEnv]) -> Vec<(IpNet, IpAddr)
 /// DEL: idempotent; releases the address whatever state the pod is in.
 pub async fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     env.check_container_id()?;
+    let container = ContainerLock::take(&conf.data_dir, &conf.name, &env.container_id)?;
     // containerd sends an empty CNI_NETNS; a namespace that is gone took the veth with it.
     if !env.netns.is_empty() && !env.ifname.is_empty() {
         if let Ok(ns) = link::open_netns(&env.netns) {
@@ -196,6 +198,8 @@ pub async fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     }
     let store = Store::open(&conf.data_dir, &conf.name)?;
     store.release(&env.container_id, &env.ifname)?;
+    drop(store);
+    container.forget();
     Ok(())
 }
 

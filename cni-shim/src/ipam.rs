@@ -33,6 +33,49 @@ pub struct Allocation {
     pub ifname: String,
 }
 
+/// An exclusive hold on one container's attachments, for a whole ADD or a
+/// whole DEL: a DEL that races its container's ADD runs before the ADD
+/// reserves anything or after its interface exists, never in between, so
+/// no pod keeps an address whose allocation is gone (and is handed out
+/// again). Other containers' ADDs run in parallel.
+pub struct ContainerLock {
+    path: PathBuf,
+    file: File,
+}
+
+impl ContainerLock {
+    /// Waits for, and takes, the lock of `container_id` in `<data_dir>/<network>`.
+    pub fn take(data_dir: &Path, network: &str, container_id: &str) -> Result<Self, CniError> {
+        let dir = data_dir.join(network).join("containers");
+        fs::create_dir_all(&dir).map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join(container_id);
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| CniError::io(format!("opening {}", path.display()), e))?;
+            // SAFETY: flock on a file descriptor we own; released when `file` closes.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(CniError::io(format!("locking {}", path.display()), std::io::Error::last_os_error()));
+            }
+            // A DEL that held it removed the file: the lock to take is the file there now.
+            use std::os::unix::fs::MetadataExt;
+            let held = file.metadata().map(|m| m.ino()).ok();
+            if held.is_some() && fs::metadata(&path).map(|m| m.ino()).ok() == held {
+                return Ok(ContainerLock { path, file });
+            }
+        }
+    }
+
+    /// Lets go, removing the lock file: the container is gone (DEL).
+    pub fn forget(self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
+
 impl Store {
     /// Opens (creating) `<data_dir>/<network>` and takes its lock.
     pub fn open(data_dir: &Path, network: &str) -> Result<Self, CniError> {

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use ipnet::IpNet;
 use overlay_netlink::{AddressFamily, Link, Netlink, Route, PROTOCOL_BOOT};
-use proto::MacAddr;
+use proto::{FamilyEnv, MacAddr};
 
 use crate::error::{code, CniError};
 
@@ -40,6 +40,17 @@ pub fn open_netns(path: &str) -> Result<File, CniError> {
         CniError::new(code::INVALID_ENV, format!("CNI_NETNS {path:?} is not a network namespace")).details(why)
     };
     let file = File::open(path).map_err(|e| bad(e.to_string()))?;
+    // The plugin's own (the host's) namespace is no pod's: wiring a pod into
+    // it would replace the host's default route.
+    use std::os::unix::fs::MetadataExt;
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let own = std::fs::metadata("/proc/self/ns/net").map(id).ok();
+    if own.is_some() && file.metadata().map(id).ok() == own {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {path:?} is the plugin's own network namespace (the host's), not a container's"),
+        ));
+    }
     // SAFETY: fstatfs fills a zeroed struct for an fd we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
@@ -90,8 +101,9 @@ where
 }
 
 /// Makes sure the bridge exists, is up and holds the gateway address of each family.
-pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u32) -> Result<Link, CniError> {
-    let gateway = gateways.first().copied().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "no subnet to serve"))?;
+pub async fn ensure_bridge(nl: &Netlink, name: &str, families: &[FamilyEnv], mtu: u32) -> Result<Link, CniError> {
+    let gateway =
+        families.first().map(|f| f.gateway).ok_or_else(|| CniError::new(code::INVALID_CONFIG, "no subnet to serve"))?;
     if find(nl, name).await?.is_none() {
         // A set MAC: otherwise the bridge takes its lowest port's MAC, which
         // changes as pods come and go and leaves every pod's ARP entry for
@@ -108,7 +120,7 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u3
     if bridge.kind.as_deref() != Some("bridge") {
         return Err(CniError::new(code::INVALID_CONFIG, format!("{name} exists and is not a bridge")));
     }
-    for gateway in gateways {
+    for FamilyEnv { gateway, network, .. } in families {
         let family = if gateway.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
         let addresses = nl
             .addresses(bridge.index, family)
@@ -116,6 +128,14 @@ pub async fn ensure_bridge(nl: &Netlink, name: &str, gateways: &[IpNet], mtu: u3
             .map_err(|e| CniError::io(format!("reading the addresses of {name}"), e))?;
         if !addresses.contains(gateway) {
             nl.add_address(bridge.index, *gateway).await.map_err(nl_err(format!("adding {gateway} to {name}")))?;
+        }
+        // A node renumbered: the old subnet's gateway (and its connected route) goes.
+        for stale in addresses.iter().filter(|a| *a != gateway && network.contains(&a.addr())) {
+            match nl.delete_address(bridge.index, *stale).await {
+                Ok(()) => eprintln!("overlay-cni: removed {stale} from {name}: the node's subnet is now {gateway}"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(nl_err(format!("removing the stale gateway {stale} from {name}"))(e)),
+            }
         }
     }
     // NetworkPolicy between two pods of this node: their traffic is bridged,
@@ -273,6 +293,9 @@ mod tests {
         assert!(open_netns("/nonexistent/netns").is_err());
         assert!(open_netns("/proc/self/status").is_err());
         assert!(open_netns("/proc/self/ns/mnt").is_err(), "a mount namespace is not a network namespace");
-        assert!(open_netns("/proc/self/ns/net").is_ok(), "runtimes may pass /proc/<pid>/ns/net");
+        // A network namespace, but the plugin's own: the host's, never a pod's.
+        let own = open_netns("/proc/self/ns/net").unwrap_err();
+        assert_eq!(own.code, code::INVALID_ENV);
+        assert!(own.msg.contains("own network namespace"), "{}", own.msg);
     }
 }

@@ -39,6 +39,15 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<serde_json::Value>, (CniError, 
     }
 }
 
+/// The about line of a plugin run without CNI_COMMAND (libcni's skel prints one).
+fn about() -> String {
+    format!(
+        "CNI overlay plugin v{}\nCNI protocol versions supported: {}",
+        env!("CARGO_PKG_VERSION"),
+        config::SUPPORTED_VERSIONS.join(", ")
+    )
+}
+
 /// Runs a verb's netlink work on a single-threaded runtime (the netlink
 /// connection's I/O is a task on it).
 fn block_on<T>(work: impl std::future::Future<Output = Result<T, CniError>>) -> Result<T, CniError> {
@@ -51,6 +60,11 @@ fn block_on<T>(work: impl std::future::Future<Output = Result<T, CniError>>) -> 
 
 fn main() -> ExitCode {
     let env = Env::from_process();
+    // Run by hand: say what this is, as the reference plugins do, instead of waiting on stdin.
+    if env.command.is_empty() {
+        eprintln!("{}", about());
+        return ExitCode::SUCCESS;
+    }
     let mut stdin = Vec::new();
     if env.command != "VERSION" {
         if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {

@@ -336,3 +336,126 @@ fn a_failed_add_rolls_back_everything() {
     assert_eq!(host.allocations(), 0, "the address was not released");
     assert!(!host.host_links().contains("veth"), "a host veth was left: {}", host.host_links());
 }
+
+/// The pod's IPv4 address on eth0, if it has one.
+fn pod_address(pod: &Netns) -> Option<Ipv4Addr> {
+    let out = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).ok()?;
+    out.split_whitespace().skip_while(|w| *w != "inet").nth(1)?.split('/').next()?.parse().ok()
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn add_racing_del_of_the_same_container_leaves_no_orphan_and_no_duplicate() {
+    require_root();
+    let host = Host::new(true);
+    let conf = host.conf("1.0.0");
+    let rounds = 200;
+    let pods: Vec<Netns> = (0..rounds).map(|k| host.pod(k)).collect();
+    // Twenty containers at a time, each one's ADD and DEL started together, as a
+    // runtime that gives up on a slow ADD sends its DEL.
+    for batch in pods.chunks(20).enumerate().map(|(b, chunk)| (b * 20, chunk)).collect::<Vec<_>>() {
+        let (first, chunk) = batch;
+        std::thread::scope(|s| {
+            for (k, pod) in chunk.iter().enumerate() {
+                let (host, conf, id) = (&host, &conf, format!("race{}", first + k));
+                let path = pod.path();
+                let add = s.spawn({
+                    let (id, path) = (id.clone(), path.clone());
+                    move || call(&host.ns, "ADD", &id, &path, "eth0", conf).unwrap()
+                });
+                let del = s.spawn(move || call(&host.ns, "DEL", &id, &path, "eth0", conf).unwrap());
+                // Either may win; neither may fail for the race's sake.
+                let del = del.join().unwrap();
+                assert!(del.ok, "DEL: {:?} {}", del.json, del.stderr);
+                let _ = add.join().unwrap();
+            }
+        });
+    }
+    // Every pod that holds an address holds an allocation of it, and no two pods share one.
+    let held: Vec<Ipv4Addr> = pods.iter().filter_map(pod_address).collect();
+    let allocated: std::collections::HashSet<Ipv4Addr> = std::fs::read_dir(host.dir.join("ipam/overlay"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    let orphans: Vec<&Ipv4Addr> = held.iter().filter(|ip| !allocated.contains(ip)).collect();
+    assert!(orphans.is_empty(), "{} pods hold addresses nobody allocated: {orphans:?}", orphans.len());
+    let distinct: std::collections::HashSet<&Ipv4Addr> = held.iter().collect();
+    assert_eq!(distinct.len(), held.len(), "an address is held twice: {held:?}");
+    assert_eq!(allocated.len(), held.len(), "allocations without a pod: {allocated:?} against {held:?}");
+    // And the addresses handed out next are none of those held.
+    let more: Vec<Netns> = (rounds..rounds + 20).map(|k| host.pod(k)).collect();
+    for (k, pod) in more.iter().enumerate() {
+        let add = call(&host.ns, "ADD", &format!("after{k}"), &pod.path(), "eth0", &conf).unwrap();
+        assert!(add.ok, "{:?} {}", add.json, add.stderr);
+        let ip = result_ip(&add.json).unwrap();
+        assert!(!distinct.contains(&ip), "{ip} handed out again while a pod holds it");
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_netns_that_is_the_plugin_s_own_is_refused_and_nothing_changes() {
+    require_root();
+    let host = Host::new(true);
+    let routes_before = host.ns.ip(&["route", "show"]).unwrap();
+    let links_before = host.host_links();
+    // The host's own namespace, under its /run/netns name and as /proc/self/ns/net.
+    for netns in [host.ns.path(), "/proc/self/ns/net".to_string()] {
+        let add = call(&host.ns, "ADD", "ctr-host", &netns, "eth0", &host.conf("1.0.0")).unwrap();
+        assert!(!add.ok, "{netns}: {:?}", add.json);
+        assert_eq!(add.code(), Some(4), "{netns}: {:?}", add.json);
+        assert!(add.json["msg"].as_str().unwrap_or_default().contains("own network namespace"), "{:?}", add.json);
+    }
+    assert_eq!(host.ns.ip(&["route", "show"]).unwrap(), routes_before);
+    assert_eq!(host.host_links(), links_before);
+    assert_eq!(host.allocations(), 0);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn after_the_node_is_renumbered_add_leaves_the_bridge_with_the_new_gateway_only() {
+    require_root();
+    let host = Host::new(true);
+    let conf = host.conf("1.0.0");
+    let (a, b) = (host.pod(0), host.pod(1));
+    assert!(call(&host.ns, "ADD", "before", &a.path(), "eth0", &conf).unwrap().ok);
+    let bridge = || host.ns.ip(&["-4", "-o", "addr", "show", "dev", "cni0"]).unwrap();
+    assert!(bridge().contains("10.244.7.1/24"), "{}", bridge());
+    std::fs::write(
+        host.dir.join("subnet.env"),
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.9.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let add = call(&host.ns, "ADD", "after", &b.path(), "eth0", &conf).unwrap();
+    assert!(add.ok, "{:?} {}", add.json, add.stderr);
+    assert_eq!(result_ip(&add.json).map(|ip| ip.octets()[2]), Some(9));
+    assert!(bridge().contains("10.244.9.1/24") && !bridge().contains("10.244.7.1"), "{}", bridge());
+    let routes = host.ns.ip(&["route", "show"]).unwrap();
+    assert!(!routes.contains("10.244.7.0/24"), "the old subnet's route stays:\n{routes}");
+    assert!(ping_until(&b, Ipv4Addr::new(10, 244, 9, 1), Duration::from_secs(5)));
+}
+
+#[test]
+fn run_by_hand_without_cni_command_it_says_what_it_is() {
+    use std::process::Stdio;
+    let bin = overlay_tests::workspace_bin("overlay-cni");
+    // stdin stays open and empty, as at a terminal: the plugin must not wait on it.
+    let mut child = std::process::Command::new(&bin)
+        .env_remove("CNI_COMMAND")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = overlay_tests::wait_until(Duration::from_secs(5), || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited, "it waited on stdin");
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.starts_with("CNI overlay plugin v"), "{said}");
+    assert!(said.contains("CNI protocol versions supported: ") && said.contains("1.1.0"), "{said}");
+}

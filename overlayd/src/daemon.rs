@@ -15,9 +15,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::dataplane::{offload, underlay, DeviceSpec, Underlay};
+use crate::backoff::Throttle;
+use crate::dataplane::{device, offload, underlay, DeviceSpec, Underlay};
 use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
+use crate::instance_lock::{self, InstanceLock};
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
 use crate::lease::{check_own, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
@@ -45,6 +47,8 @@ fn same_subject(a: &KernelEvent, b: &KernelEvent) -> bool {
     }
 }
 
+/// How often a failure that goes on is said again.
+const SAY_FAILURES_EVERY: Duration = Duration::from_secs(60);
 /// Retry delay after a failed lease renewal (the regular period is hours).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// How long a drift waits for the rest of its burst (a deleted device takes
@@ -55,15 +59,25 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    // Before anything touches the node: one daemon per node.
+    let _lock = InstanceLock::take(&instance_lock::path_for(&args.node.subnet_file))?;
+    let metrics = Arc::new(Metrics::new(args.kube.kube_subnet_mgr && args.kube.network_policy));
+    let store_name = if args.kube.kube_subnet_mgr { "kubernetes" } else { "etcd" };
+    metrics.status.update(|r| {
+        r.version = crate::version::LINE.to_string();
+        r.store = store_name.to_string();
+    });
     if let Some(addr) = args.node.health_addr {
         health::serve(addr, metrics.clone()).await.with_context(|| format!("serving health endpoints on {addr}"))?;
     }
+    let socket = health::socket_path(&args.node.subnet_file);
+    health::serve_unix(&socket, metrics.clone()).with_context(|| format!("serving status on {}", socket.display()))?;
     let nl = Netlink::connect().context("opening netlink socket")?;
     if args.kube.kube_subnet_mgr {
         let store = KubeLeases::connect(&args.kube).await?;
         if args.kube.network_policy {
-            crate::policy::start(&args.kube, metrics.clone())?;
+            let outage = store.outage().context("the Kubernetes store says its outages")?;
+            crate::policy::start(&args.kube, metrics.clone(), outage)?;
         }
         run_with(store, args.node, nl, metrics).await
     } else {
@@ -106,12 +120,6 @@ fn watch_kernel() -> mpsc::UnboundedReceiver<KernelEvent> {
     rx
 }
 
-/// `overlayd cleanup`.
-pub async fn cleanup(args: &RunArgs) -> Result<()> {
-    reconcile::cleanup([args.node.device.as_deref(), args.node.device_v6.as_deref()], &args.node.subnet_file).await?;
-    crate::policy::cleanup().await.context("removing the NetworkPolicy table")
-}
-
 struct Daemon<S> {
     node: NodeArgs,
     store: S,
@@ -135,6 +143,12 @@ struct Daemon<S> {
     nl: Netlink,
     /// How the underlay is chosen.
     selector: underlay::Selector,
+    /// What the underlay must never be.
+    not_underlay: underlay::NotUnderlay,
+    /// Paces the lines about failed renewals the store's outage does not say.
+    renew_failures: Throttle,
+    /// Whether the node was ready after the last reconcile.
+    was_ready: bool,
 }
 
 async fn run_with<S: LeaseStore + Clone>(
@@ -150,10 +164,13 @@ async fn run_with<S: LeaseStore + Clone>(
         }
     }
     let families: Vec<Family> = config.families().collect();
+    metrics.set_families(&families);
     let selector = node.underlay_selector().map_err(anyhow::Error::msg)?;
-    let underlay = underlay::find(&nl, &selector, &families).await.context("choosing the underlay interface")?;
+    let not_underlay = not_underlay(&node, &config);
+    let underlay =
+        underlay::find(&nl, &selector, &families, &not_underlay).await.context("choosing the underlay interface")?;
     let public = store.public_ips(detected(&node, &underlay)).await?;
-    info!(iface = %underlay.name, v4 = ?underlay.v4, v6 = ?underlay.v6, public_ip = ?public.v4, public_ipv6 = ?public.v6, mtu = underlay.mtu, "underlay");
+    info!(iface = %underlay.name, v4 = underlay.v4.map(display), v6 = underlay.v6.map(display), public_ip = public.v4.map(display), public_ipv6 = public.v6.map(display), mtu = underlay.mtu, "underlay");
     let kept = existing_devices(&nl, &mut node, config.backend.vni).await?;
     let (vtep_macs, attrs) = lease_attrs(&config, public, kept);
     let previous = subnet_file::previous_subnets(&node.subnet_file);
@@ -166,7 +183,7 @@ async fn run_with<S: LeaseStore + Clone>(
     let reconciler = Reconciler::new(nl.clone(), node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
     let release = offload::kernel_release();
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
-    info!(kernel = %release, setting = ?node.vxlan_tx_checksum_offload, on = tx_checksum_offload, "VXLAN TX checksum offload");
+    info!(kernel = %release, setting = node.vxlan_tx_checksum_offload.name(), on = tx_checksum_offload, "VXLAN TX checksum offload");
     metrics.tx_checksum_offload.set(i64::from(tx_checksum_offload));
     let peers = PeerView::new(&config, &own);
     let mut daemon = Daemon {
@@ -185,8 +202,24 @@ async fn run_with<S: LeaseStore + Clone>(
         public,
         nl,
         selector,
+        not_underlay,
+        renew_failures: Throttle::new(SAY_FAILURES_EVERY),
+        was_ready: false,
     };
     daemon.main_loop().await
+}
+
+/// The overlay's own devices (ours and flanneld's, of either family) and
+/// the cluster networks: the underlay is never one of them.
+fn not_underlay(node: &NodeArgs, config: &NetConfig) -> underlay::NotUnderlay {
+    let vni = config.backend.vni;
+    let mut devices = vec![
+        device::name(node.device.as_deref(), Family::V4, vni),
+        device::name(node.device_v6.as_deref(), Family::V6, vni),
+    ];
+    devices.extend(Family::ALL.map(|family| device::flannel_name(family, vni)));
+    let networks = config.families().filter_map(|f| Some(config.pool(f)?.network)).collect();
+    underlay::NotUnderlay { devices, vni, networks }
 }
 
 /// An address that followed the underlay (`published == was`) follows it to
@@ -220,14 +253,16 @@ async fn existing_devices(nl: &Netlink, node: &mut NodeArgs, vni: u32) -> Result
             Family::V4 => &mut node.device,
             Family::V6 => &mut node.device_v6,
         };
-        let ours = nl.link(&device_name(flag.as_deref(), family, vni)).await?;
+        let ours = nl.link(&device::name(flag.as_deref(), family, vni)).await?;
         let link = match (ours, flag.is_none()) {
             (Some(link), _) => Some(link),
             (None, true) => {
-                let flannels = format!("{}.{vni}", FLANNEL_DEVICE_PREFIX[family as usize]);
+                let flannels = device::flannel_name(family, vni);
                 let theirs = nl.link(&flannels).await?.filter(|l| l.vxlan.as_ref().is_some_and(|v| v.vni == Some(vni)));
                 if let Some(link) = &theirs {
-                    info!(device = %link.name, mac = ?link.mac, %family, "adopting flanneld's device as it is");
+                    info!(device = %link.name, mac = link.mac.map(display), %family, "adopting flanneld's device as it is");
+                    // Marked, so `overlayd cleanup` knows it is ours to remove now.
+                    nl.set_alias(link.index, device::ADOPTED_ALIAS).await?;
                     *flag = Some(link.name.clone());
                 }
                 theirs
@@ -238,9 +273,6 @@ async fn existing_devices(nl: &Netlink, node: &mut NodeArgs, vni: u32) -> Result
     }
     Ok(kept)
 }
-
-/// flanneld's device names, before `.<VNI>`: IPv4's, IPv6's.
-pub const FLANNEL_DEVICE_PREFIX: [&str; 2] = ["flannel", "flannel-v6"];
 
 /// What this node publishes for `public`: each family's VTEP MAC (the one
 /// `kept` by its device, else one derived from the machine) and the lease attributes.
@@ -269,16 +301,6 @@ fn vtep_mac(machine: &str, public_ip: Option<IpAddr>, vni: u32, family: Family) 
         Family::V6 => format!("overlay-v6|{}|{ip}|{vni}", machine.trim()),
     };
     MacAddr::from_seed(seed.as_bytes())
-}
-
-/// A family's VXLAN device name: the flag's, else `overlay.<VNI>` or `overlay-v6.<VNI>`,
-/// as flannel names its devices `flannel.<VNI>` and `flannel-v6.<VNI>`.
-fn device_name(flag: Option<&str>, family: Family, vni: u32) -> String {
-    match (flag, family) {
-        (Some(name), _) => name.to_string(),
-        (None, Family::V4) => format!("{}.{vni}", reconcile::DEVICE_PREFIX[0]),
-        (None, Family::V6) => format!("{}.{vni}", reconcile::DEVICE_PREFIX[1]),
-    }
 }
 
 fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
@@ -319,9 +341,11 @@ impl Shutdown {
 
 impl<S: LeaseStore + Clone> Daemon<S> {
     async fn main_loop(&mut self) -> Result<()> {
+        self.publish_status();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut shutdown = Shutdown::install()?;
         tokio::spawn(self.store.clone().watch(tx));
+        tokio::spawn(self.store.clone().watch_config());
         let mut kernel = watch_kernel();
 
         // The first reconcile waits for the store's first listing: planning
@@ -350,6 +374,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             if let Action::Requeue(after) = self.reconciler.reconcile(plan, trigger).await {
                 requeue_at = Instant::now() + after;
             }
+            self.say_readiness();
             self.announce().await;
             // Events that arrived during the reconcile are held against what it applied: its own writes match.
             let mut repair_at: Option<Instant> = None;
@@ -426,6 +451,26 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
     }
 
+    /// Says when the node becomes ready (with what it holds) and when it
+    /// stops being ready (with why): a restart with nothing to change still
+    /// says it is up.
+    fn say_readiness(&mut self) {
+        let ready = self.metrics.ready();
+        if ready == self.was_ready {
+            return;
+        }
+        self.was_ready = ready;
+        if ready {
+            let entries = self.reconciler.planned::<Ipv4Addr>().map_or(0, |p| p.state.entry_count())
+                + self.reconciler.planned::<Ipv6Addr>().map_or(0, |p| p.state.entry_count());
+            let skipped = self.peers.skipped().count();
+            let peers = self.peers.count() - skipped;
+            info!(subnet = %self.own.key, peers, entries, skipped, "ready: {peers} peers, {entries} entries");
+        } else {
+            warn!("{}", self.metrics.readiness_detail().trim_end());
+        }
+    }
+
     /// Says that the node drifted, and counts the repair by its cause.
     fn drifted(&self, resource: Resource, event: &KernelEvent) {
         info!(resource = resource.name(), ?event, "the node drifted from what was applied; repairing");
@@ -434,6 +479,41 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             _ => Cause::Kernel,
         };
         self.metrics.repaired(cause, resource);
+    }
+
+    /// Puts what the daemon holds into the status report: our lease, our
+    /// VTEPs, the peers and the leases skipped, and why.
+    fn publish_status(&self) {
+        let vni = self.config.backend.vni;
+        let vteps = self
+            .config
+            .families()
+            .filter_map(|family| {
+                let (flag, public) = match family {
+                    Family::V4 => (self.node.device.as_deref(), self.public.v4.map(IpAddr::V4)),
+                    Family::V6 => (self.node.device_v6.as_deref(), self.public.v6.map(IpAddr::V6)),
+                };
+                Some(crate::status::Vtep {
+                    family: family.to_string(),
+                    device: device::name(flag, family, vni),
+                    mac: self.vtep_macs[family as usize].to_string(),
+                    public_ip: public?.to_string(),
+                })
+            })
+            .collect();
+        let skipped: Vec<crate::status::Skipped> = self
+            .peers
+            .skipped()
+            .map(|(key, why)| crate::status::Skipped { lease: key.to_string(), reason: why.to_string() })
+            .collect();
+        let peers = self.peers.count() - skipped.len();
+        let lease = self.metrics.lease_held().then(|| self.own.key.to_string());
+        self.metrics.status.update(|r| {
+            r.lease = lease;
+            r.vteps = vteps;
+            r.peers = peers;
+            r.skipped = skipped;
+        });
     }
 
     fn exit(&self) {
@@ -456,6 +536,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let update = self.peers.apply(&self.own, events);
         self.metrics.leases.set(self.peers.count() as i64 + 1);
         self.metrics.peers_skipped.set(self.peers.skipped().count() as i64);
+        self.publish_status();
         match update {
             Update::Unchanged => Ok(None),
             Update::Changed => Ok(Some(Trigger::Peers)),
@@ -482,11 +563,11 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             );
         NodePlan {
             v4: self.family_plan::<Ipv4Addr>(
-                &device_name(self.node.device.as_deref(), Family::V4, self.config.backend.vni),
+                &device::name(self.node.device.as_deref(), Family::V4, self.config.backend.vni),
                 changed,
             ),
             v6: self.family_plan::<Ipv6Addr>(
-                &device_name(self.node.device_v6.as_deref(), Family::V6, self.config.backend.vni),
+                &device::name(self.node.device_v6.as_deref(), Family::V6, self.config.backend.vni),
                 changed,
             ),
             subnet_env,
@@ -566,6 +647,10 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         match self.store.renew(&self.own).await {
             Renewal::Seen(seen) => match check_own(&self.own, seen.as_ref()) {
                 Ok(()) => {
+                    if let Some(outage) = self.store.outage() {
+                        outage.recovered();
+                    }
+                    self.renew_failures = Throttle::new(SAY_FAILURES_EVERY);
                     self.metrics.renewed_now();
                     // Re-assert readiness too: something else may have reset it.
                     self.announced = false;
@@ -579,7 +664,16 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             },
             Renewal::Failed(e) => {
                 self.metrics.renewal_errors.inc();
-                warn!(error = %e, retry_in_s = RENEW_RETRY.as_secs(), "lease renewal failed");
+                match self.store.outage() {
+                    // An outage the store's other calls meet too: said once for all of them.
+                    Some(outage) if !crate::lease::kube::is_refusal(&e) => {
+                        outage.failed(&format!("renewing our lease: {e:#}"))
+                    }
+                    _ if self.renew_failures.ready() => {
+                        warn!(error = format!("{e:#}"), retry_in_s = RENEW_RETRY.as_secs(), "lease renewal failed")
+                    }
+                    _ => {}
+                }
                 timer.reset_after(RENEW_RETRY);
                 Ok(None)
             }
@@ -605,7 +699,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     /// reconcile rebuilds the devices on the new addresses.
     async fn check_underlay(&mut self) {
         let families: Vec<Family> = self.config.families().collect();
-        let found = match underlay::find(&self.nl, &self.selector, &families).await {
+        let found = match underlay::find(&self.nl, &self.selector, &families, &self.not_underlay).await {
             Ok(found) => found,
             Err(e) => {
                 warn!(error = %e, "the underlay changed and cannot be used as it is; keeping the last one until it can");
@@ -618,7 +712,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let (before, now) = (detected(&self.node, &self.underlay), detected(&self.node, &found));
         let public =
             PublicIps { v4: follow(self.public.v4, before.v4, now.v4), v6: follow(self.public.v6, before.v6, now.v6) };
-        info!(iface = %found.name, v4 = ?found.v4, v6 = ?found.v6, mtu = found.mtu, public_ip = ?public.v4, public_ipv6 = ?public.v6, "the underlay changed");
+        info!(iface = %found.name, v4 = found.v4.map(display), v6 = found.v6.map(display), mtu = found.mtu, public_ip = public.v4.map(display), public_ipv6 = public.v6.map(display), "the underlay changed");
         let moved = (found.index, found.v4, found.v6) != (self.underlay.index, self.underlay.v4, self.underlay.v6);
         self.underlay = found;
         if moved {
@@ -634,6 +728,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         self.own.attrs = attrs;
         self.peers.set_own(&self.own);
         self.announced = false;
+        self.publish_status();
         // Written over our key, retried while the store cannot be reached: a new
         // address is no reason to give up the subnet.
         self.claim_in_background(true);
@@ -704,6 +799,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.claim_in_background(true);
         }
         self.peers.set_own(&self.own);
+        self.publish_status();
         Ok(Trigger::Lease)
     }
 }

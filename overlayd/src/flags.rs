@@ -17,13 +17,12 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "overlayd",
-    version,
+    version = crate::version::LINE,
     about,
     long_about = None,
     // A flag given twice takes its last value, as flanneld's (Go's flag package) do.
     args_override_self = true,
-    after_help = "Logging: set OVERLAYD_LOG to a filter such as info, or info,overlayd=debug.\n\
-                  flanneld's command line works as it is: its flags (one dash or two, --flag=false for booleans), \
+    after_help = "flanneld's command line works as it is: its flags (one dash or two, --flag=false for booleans), \
                   and its FLANNELD_<FLAG> variables; a flag it has that overlayd does not follow is accepted \
                   with a warning that says what overlayd does instead."
 )]
@@ -34,19 +33,63 @@ pub struct Cli {
     /// Daemon settings.
     #[command(flatten)]
     pub run: RunArgs,
+    /// How it logs.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// How overlayd logs (every command).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// Log level or filter: error, warn, info, debug, trace, off, or a filter
+    /// such as info,overlayd=debug. Default: info (or flanneld's -v).
+    #[arg(long, env = "OVERLAYD_LOG", value_name = "FILTER", global = true, value_parser = crate::logging::parse_filter)]
+    pub log_level: Option<String>,
+    /// Log line format: text, or json (one object per line).
+    #[arg(long, env = "OVERLAYD_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Remove what the daemon made on this host: the VXLAN device (and with it
-    /// every peer entry), the nftables table and the subnet file. The etcd
-    /// lease is left to expire.
-    Cleanup,
+    /// Remove what the daemon made on this host: the VXLAN devices (and with
+    /// them every peer entry), the nftables tables and the subnet file. The
+    /// etcd lease is left to expire. Refused while overlayd runs.
+    Cleanup(CleanupArgs),
+    /// Ask the running daemon of this node how it is: its lease and VTEPs,
+    /// its peers and the leases it skipped (and why), each resource's
+    /// readiness, the last repair and the last error.
+    Status(StatusArgs),
     /// Install the CNI plugin and the network config list onto the host,
     /// each through a rename, so a container runtime never reads half a
     /// file. The DaemonSet's init container runs this.
     InstallCni(InstallCniArgs),
+}
+
+/// How far `cleanup` goes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CleanupArgs {
+    /// Also remove flanneld's devices (`flannel.<VNI>`, `flannel-v6.<VNI>`)
+    /// that overlayd did not adopt; without it, only an adopted one goes.
+    #[arg(long)]
+    pub include_flannel: bool,
+    /// Print what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Where `status` asks.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StatusArgs {
+    /// The daemon's health address. Default: --health-addr (OVERLAYD_HEALTH_ADDR)
+    /// when set, else the local socket beside --subnet-file (overlayd.sock).
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<SocketAddr>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where `install-cni` takes the plugin and the conflist from, and where it puts them.
@@ -189,10 +232,11 @@ impl std::str::FromStr for Secret {
 #[command(next_help_heading = "etcd")]
 pub struct EtcdArgs {
     /// etcd endpoints, comma separated.
-    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(long, env = "OVERLAYD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379",
+          value_parser = parse_endpoint)]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix holding `config` and `subnets/` (flannel's layout).
-    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(long, env = "OVERLAYD_ETCD_PREFIX", default_value = "/coreos.com/network", value_parser = parse_prefix)]
     pub etcd_prefix: String,
     /// CA bundle to verify etcd's certificate.
     #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
@@ -235,7 +279,7 @@ pub struct KubeArgs {
     #[arg(long, env = "OVERLAYD_KUBECONFIG", visible_alias = "kubeconfig-file")]
     pub kubeconfig: Option<PathBuf>,
     /// The API server's URL, over the kubeconfig's or the in-cluster one.
-    #[arg(long, env = "OVERLAYD_KUBE_API_URL", value_name = "URL")]
+    #[arg(long, env = "OVERLAYD_KUBE_API_URL", value_name = "URL", value_parser = parse_endpoint)]
     pub kube_api_url: Option<String>,
     /// The network config (net-conf.json) in Kubernetes mode, usually mounted from a ConfigMap.
     #[arg(long, env = "OVERLAYD_NET_CONFIG_PATH", default_value = "/etc/overlay/net-conf.json")]
@@ -276,7 +320,7 @@ pub struct FlannelArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool!(),
           action = ArgAction::Set)]
     pub iptables_forward_rules: Option<bool>,
-    /// flanneld's log verbosity (glog's -v): 0-3 is info, 4 and more is debug, unless OVERLAYD_LOG is set.
+    /// flanneld's log verbosity (glog's -v): 0-3 is info, 4 and more is debug, unless --log-level is set.
     #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub verbosity: Option<u32>,
     /// flanneld's directory of per-network subnet files (its multi-network
@@ -365,7 +409,7 @@ impl FlannelArgs {
         }
         for (flag, _) in glog.iter().filter(|(_, given)| *given) {
             resolved.warnings.push(format!(
-                "--{flag} is glog's, as flanneld used it: overlayd logs to stderr, filtered by OVERLAYD_LOG (or -v); \
+                "--{flag} is glog's, as flanneld used it: overlayd logs to stderr, filtered by --log-level (or -v); \
                  the flag is ignored"
             ));
         }
@@ -463,6 +507,56 @@ pub mod flannel {
     }
 }
 
+/// An endpoint URL: `http://` or `https://`, a host, and at most a port
+/// and a path. (A typo such as `htp:/x` would otherwise be taken for a
+/// host name, and say nothing until its first request timed out.)
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let bad = |why: &str| Err(format!("{text:?} is not an endpoint URL like http://10.0.0.1:2379: {why}"));
+    let Some((scheme, rest)) = text.split_once("://") else { return bad("no scheme:// in front") };
+    if !["http", "https"].contains(&scheme) {
+        return bad(&format!("the scheme {scheme:?} is not http or https"));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.strip_prefix('[') {
+        // An IPv6 address: [fd00::1]:2379.
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, after)) if addr.parse::<Ipv6Addr>().is_ok() => (addr, after.strip_prefix(':')),
+            _ => return bad("the [IPv6 address] is not one"),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    let host_ok = host.parse::<Ipv6Addr>().is_ok()
+        || host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !host_ok {
+        return bad(&format!("{host:?} is not a host name or address"));
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return bad(&format!("{port:?} is not a port"));
+        }
+    }
+    Ok(text.to_string())
+}
+
+/// An etcd key prefix: not empty, and without a trailing `/` (the keys are
+/// `<prefix>/config` and `<prefix>/subnets/...`).
+pub fn parse_prefix(text: &str) -> Result<String, String> {
+    let trimmed = text.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!(
+            "{text:?} is no prefix: the network would live at the root of etcd's key space; e.g. /coreos.com/network"
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
 /// Parses a duration such as `30s`, `500ms`, `1m30s` or `24h`; plain numbers are seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -482,6 +576,37 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn endpoints_and_prefixes_are_checked_at_start() {
+        for good in
+            ["http://127.0.0.1:2379", "https://etcd-0.example:2379", "http://[fd00::1]:2379", "https://10.96.0.1"]
+        {
+            assert_eq!(parse_endpoint(good).as_deref(), Ok(good));
+        }
+        for (bad, why) in [
+            ("htp:/x", "no scheme"),
+            ("ftp://x:21", "is not http or https"),
+            ("127.0.0.1:2379", "no scheme"),
+            ("http://", "no host"),
+            ("http://:2379", "no host"),
+            ("http://etcd:port", "not a port"),
+            ("http://etcd:0", "not a port"),
+            ("http://et cd:2379", "not a host name"),
+            ("http://[zz::1]:2379", "IPv6"),
+        ] {
+            let err = parse_endpoint(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert_eq!(parse_prefix("/kube-centos/network/").as_deref(), Ok("/kube-centos/network"));
+        assert!(parse_prefix("").is_err() && parse_prefix("/").is_err() && parse_prefix("  ").is_err());
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for bad in [&["--etcd-endpoints", "htp:/x"][..], &["--etcd-prefix="], &["--kube-api-url", "10.96.0.1:443"]] {
+            let err = Cli::try_parse_from(std::iter::once("overlayd").chain(bad.iter().copied())).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+            assert!(err.to_string().contains(bad[0].trim_end_matches('=')), "names the flag: {err}");
+        }
+    }
 
     #[test]
     fn durations() {
@@ -581,7 +706,7 @@ mod tests {
         assert_eq!(parse(&["-v", "2"], &[]).0.run.flannel.resolve().log_filter, Some("info"));
         // A Go bool flag never takes the next word as its value.
         let (cli, _) = parse(&["--ip-masq", "cleanup"], &[]);
-        assert!(cli.run.node.ip_masq && matches!(cli.command, Some(Command::Cleanup)));
+        assert!(cli.run.node.ip_masq && matches!(cli.command, Some(Command::Cleanup(_))));
         // The password is never printed.
         let (cli, _) = parse(&["--etcd-username=u", "--etcd-password=s3cret"], &[]);
         assert!(!format!("{cli:?}").contains("s3cret"));
@@ -677,7 +802,7 @@ mod tests {
             std::env::remove_var("OVERLAYD_RESYNC_INTERVAL");
         }
         let cleanup = Cli::try_parse_from(["overlayd", "cleanup", "--device", "x.1"]).unwrap();
-        assert!(matches!(cleanup.command, Some(Command::Cleanup)));
+        assert!(matches!(cleanup.command, Some(Command::Cleanup(CleanupArgs { dry_run: false, .. }))));
         assert_eq!(cleanup.run.node.device.as_deref(), Some("x.1"));
         let install =
             Cli::try_parse_from(["overlayd", "install-cni", "--conflist", "/etc/overlay/cni-conf.json"]).unwrap();

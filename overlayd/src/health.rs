@@ -1,9 +1,11 @@
-//! `/healthz`, `/readyz` and `/metrics` over HTTP/1.1, served by hyper (which
+//! `/healthz`, `/readyz`, `/metrics` and `/status` over HTTP/1.1, on the
+//! health address and on a local socket, served by hyper (which
 //! the Kubernetes client links in anyway) on the daemon's runtime. Every
 //! kernel and nft call of a reconcile yields to it, so it answers while a
 //! big reconcile runs.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -11,7 +13,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::debug;
 
 use crate::metrics::Metrics;
@@ -22,24 +24,108 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = respond(&metrics, &req);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .header_read_timeout(std::time::Duration::from_secs(5))
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!(error = %e, "health connection ended with an error");
-                }
-            });
+            tokio::spawn(serve_connection(stream, metrics.clone()));
         }
     });
     Ok(())
+}
+
+/// The local socket `overlayd status` asks when no health address is set:
+/// beside the lock file, so each node (each daemon) has its own.
+pub fn socket_path(subnet_file: &Path) -> PathBuf {
+    subnet_file.parent().unwrap_or(Path::new("/")).join(SOCKET_NAME)
+}
+
+/// The socket's file name.
+const SOCKET_NAME: &str = "overlayd.sock";
+
+/// Serves the endpoints on the Unix socket at `path` (root only: it is
+/// made 0600), replacing a socket an earlier daemon left there. The caller
+/// holds the node's lock, so no running daemon owns it.
+pub fn serve_unix(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(serve_connection(stream, metrics.clone()));
+        }
+    });
+    Ok(())
+}
+
+async fn serve_connection<S>(stream: S, metrics: Arc<Metrics>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let response = respond(&metrics, &req);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(std::time::Duration::from_secs(5))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!(error = %e, "health connection ended with an error");
+    }
+}
+
+/// Where a running daemon answers.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Its health address.
+    Tcp(SocketAddr),
+    /// Its local socket.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "http://{addr}"),
+            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// GETs `path` from a running daemon: its status code and body.
+pub async fn fetch(endpoint: &Endpoint, path: &str) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context;
+    let fail = || format!("asking the daemon at {endpoint} (is overlayd running on this node?)");
+    let call = async {
+        match endpoint {
+            Endpoint::Tcp(addr) => get(tokio::net::TcpStream::connect(addr).await?, path).await,
+            Endpoint::Unix(socket) => get(tokio::net::UnixStream::connect(socket).await?, path).await,
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer in 5 s"))
+        .with_context(fail)?
+        .with_context(fail)
+}
+
+async fn get<S>(stream: S, path: &str) -> anyhow::Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request =
+        Request::get(path).header(hyper::header::HOST, "overlayd").body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -54,6 +140,10 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             (StatusCode::SERVICE_UNAVAILABLE, TEXT, metrics.readiness_detail())
         }
         (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, OPENMETRICS, metrics.render()),
+        (&Method::GET | &Method::HEAD, "/status") => {
+            let body = serde_json::to_string_pretty(&metrics.report()).unwrap_or_default() + "\n";
+            (StatusCode::OK, "application/json", body)
+        }
         (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, TEXT, "not found\n".to_string()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".to_string()),
     };

@@ -4,24 +4,29 @@
 
 mod admission;
 mod backoff;
+mod cleanup;
 mod daemon;
 mod dataplane;
 mod flags;
 mod health;
 mod install_cni;
+mod instance_lock;
 mod lease;
+mod logging;
 mod masq;
 mod metrics;
+mod outage;
 mod peers;
 mod plan;
 mod policy;
 mod reconcile;
+mod status;
 mod subnet_file;
+mod version;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // One malloc arena for every thread: the bulk netlink work runs on a
@@ -36,13 +41,11 @@ fn main() -> ExitCode {
     let mut cli = flags::Cli::parse_from(args);
     let flannel = cli.run.flannel.resolve();
     cli.run.node.health_addr = cli.run.node.health_addr.or(flannel.health_addr);
-    let default_filter = flannel.log_filter.unwrap_or("info");
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("OVERLAYD_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter)))
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(
+        cli.log.log_level.as_deref(),
+        flannel.log_filter.unwrap_or(logging::DEFAULT_FILTER),
+        cli.log.log_format,
+    );
     for warning in env_warnings.iter().chain(&flannel.warnings) {
         tracing::warn!("{warning}");
     }
@@ -50,7 +53,8 @@ fn main() -> ExitCode {
     let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
     let result = match cli.command {
         Some(flags::Command::InstallCni(args)) => install_cni::run(&args),
-        Some(flags::Command::Cleanup) => runtime().and_then(|rt| rt.block_on(daemon::cleanup(&cli.run))),
+        Some(flags::Command::Status(args)) => runtime().and_then(|rt| rt.block_on(status::run(&cli.run, &args))),
+        Some(flags::Command::Cleanup(args)) => runtime().and_then(|rt| rt.block_on(cleanup::run(&cli.run, &args))),
         None => runtime().and_then(|rt| rt.block_on(daemon::run(cli.run))),
     };
     exit_code(result)
@@ -60,8 +64,8 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Once, through the log (a JSON log stays JSON).
             tracing::error!("{e:#}");
-            eprintln!("overlayd: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -40,6 +40,11 @@ pub struct Masquerade {
 }
 
 /// The nftables family of an IP family, and its name in nft's syntax and payload expressions.
+/// The nftables family name of our table of `family` (`ip`, `ip6`).
+pub fn nft_family_name(family: Family) -> &'static str {
+    nf_family(family).1
+}
+
 fn nf_family(family: Family) -> (NfFamily, &'static str) {
     match family {
         Family::V4 => (NfFamily::IP, "ip"),
@@ -256,6 +261,15 @@ pub async fn reconcile(family: Family, desired: Option<&Masquerade>, read: bool)
         None => remove(family).await?,
     }
     Ok(true)
+}
+
+/// Whether our table of `family` exists (no nft: it cannot).
+pub async fn exists(family: Family) -> Result<bool, MasqError> {
+    match list(family).await {
+        Ok(listed) => Ok(listed.is_some()),
+        Err(e) if e.nft_missing => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes our table of `family`, if present.

@@ -1,7 +1,7 @@
 //! What the daemon reports: Prometheus metrics (`/metrics`) and the
 //! readiness behind `/readyz`, shared by the daemon loop and the HTTP server.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use proto::Family;
+
+use crate::status::{ResourceState, Status};
 
 /// A piece of node state the reconcile owns; all but the subnet file exist once per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,6 +56,14 @@ impl Resource {
             Resource::Masquerade(V4) => "masquerade",
             Resource::Masquerade(V6) => "masquerade_v6",
             Resource::SubnetFile => "subnet_file",
+        }
+    }
+
+    /// Its family; none for the subnet file, which serves both.
+    pub fn family(self) -> Option<Family> {
+        match self {
+            Resource::Forwarding(f) | Resource::Device(f) | Resource::Entries(f) | Resource::Masquerade(f) => Some(f),
+            Resource::SubnetFile => None,
         }
     }
 
@@ -161,10 +171,24 @@ pub struct Metrics {
     /// Which resources were right after the last reconcile, one bit each.
     resources_ok: AtomicI64,
     reconciled: AtomicBool,
+    /// The families that are on, one bit each (IPv4 1, IPv6 2): the other's
+    /// resources are left out of readiness and metrics.
+    families: AtomicU8,
+    /// What `overlayd status` shows.
+    pub status: Status,
+    build_info: Labelled<BuildLabel, Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(false)
+    }
+}
+
+impl Metrics {
+    /// Every metric of the daemon; NetworkPolicy's only where it is `enforced`
+    /// (Kubernetes mode with --network-policy), so etcd mode shows none.
+    pub fn new(enforces_policy: bool) -> Self {
         let mut m = Metrics {
             registry: Registry::default(),
             peers: Gauge::default(),
@@ -193,6 +217,9 @@ impl Default for Metrics {
             lease_held: AtomicBool::new(false),
             resources_ok: AtomicI64::new(0),
             reconciled: AtomicBool::new(false),
+            families: AtomicU8::new(0b11),
+            status: Status::default(),
+            build_info: Labelled::default(),
         };
         let r = &mut m.registry;
         r.register("overlay_peers", "Peer nodes programmed into the dataplane", m.peers.clone());
@@ -251,9 +278,31 @@ impl Default for Metrics {
             m.tx_checksum_offload.clone(),
         );
         r.register("overlay_ready", "1 when the lease is held and every resource is right", m.ready.clone());
-        m.policy.register(r);
+        r.register(
+            "overlay_build_info",
+            "overlayd's version, commit and build date, as labels (value 1)",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: crate::version::COMMIT,
+                build_date: crate::version::BUILD_DATE,
+            })
+            .set(1);
+        if enforces_policy {
+            m.policy.enabled.store(true, Relaxed);
+            m.policy.register(r);
+        }
         m
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+    commit: &'static str,
+    build_date: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -373,6 +422,11 @@ impl Metrics {
         self.last_renewal.set(now as i64);
     }
 
+    /// Whether we hold a lease.
+    pub fn lease_held(&self) -> bool {
+        self.lease_held.load(Relaxed)
+    }
+
     /// Records whether we hold a lease.
     pub fn set_lease_held(&self, held: bool) {
         self.lease_held.store(held, Relaxed);
@@ -385,7 +439,7 @@ impl Metrics {
         self.reconcile_seconds.set(elapsed.as_secs_f64());
         self.apply_seconds.observe(elapsed.as_secs_f64());
         let mut bits = self.resources_ok.load(Relaxed);
-        for (resource, ok) in outcomes {
+        for (resource, ok) in outcomes.iter().filter(|(r, _)| self.is_on(*r)) {
             let label = ResourceLabel { resource: *resource };
             self.resource_ready.get_or_create(&label).set(i64::from(*ok));
             if *ok {
@@ -403,6 +457,13 @@ impl Metrics {
     /// Records a repair of `resource`, found by `cause`.
     pub fn repaired(&self, cause: Cause, resource: Resource) {
         self.repairs.get_or_create(&RepairLabel { cause, resource }).inc();
+        let found_by = match cause {
+            Cause::Kernel => "a kernel event",
+            Cause::Nftables => "an nftables event",
+            Cause::Resync => "the resync",
+        };
+        let what = format!("{} (found by {found_by})", resource.name());
+        self.status.update(|r| r.last_repair = Some(crate::status::Event::now(what)));
     }
 
     /// Records the peer entries of `family` held after a successful apply.
@@ -418,6 +479,38 @@ impl Metrics {
         self.lease_watch_last_event.set(now as i64);
     }
 
+    /// Says which families are on (the network config's).
+    pub fn set_families(&self, families: &[Family]) {
+        let bits = families.iter().fold(0, |bits, f| bits | (1 << *f as u8));
+        self.families.store(bits, Relaxed);
+    }
+
+    /// Whether `resource` belongs to a family that is on (the subnet file always does).
+    fn is_on(&self, resource: Resource) -> bool {
+        match resource.family() {
+            Some(family) => self.families.load(Relaxed) & (1 << family as u8) != 0,
+            None => true,
+        }
+    }
+
+    /// The resources of the families that are on, and whether each was right.
+    pub fn resource_states(&self) -> Vec<ResourceState> {
+        Resource::ALL
+            .iter()
+            .filter(|r| self.is_on(**r))
+            .map(|r| ResourceState { name: r.name().to_string(), ready: self.resource_ok(*r) })
+            .collect()
+    }
+
+    /// The status report, with readiness as it is now.
+    pub fn report(&self) -> crate::status::Report {
+        let mut report = self.status.report();
+        report.ready = self.ready() && self.policy.ready();
+        report.resources = self.resource_states();
+        report.network_policy = self.policy.enabled.load(Relaxed).then(|| self.policy.synced.load(Relaxed));
+        report
+    }
+
     fn resource_ok(&self, resource: Resource) -> bool {
         self.resources_ok.load(Relaxed) & resource.bit() != 0
     }
@@ -430,7 +523,7 @@ impl Metrics {
     pub fn ready(&self) -> bool {
         self.lease_held.load(Relaxed)
             && self.reconciled.load(Relaxed)
-            && Resource::ALL.iter().all(|r| self.resource_ok(*r))
+            && Resource::ALL.iter().filter(|r| self.is_on(**r)).all(|r| self.resource_ok(*r))
     }
 
     /// Why not ready, for the body of a 503 `/readyz`.
@@ -439,7 +532,7 @@ impl Metrics {
         if !self.reconciled.load(Relaxed) {
             parts.push("not reconciled yet".into());
         }
-        parts.extend(Resource::ALL.iter().map(|r| format!("{}={}", r.name(), self.resource_ok(*r))));
+        parts.extend(self.resource_states().iter().map(|r| format!("{}={}", r.name, r.ready)));
         if self.policy.enabled.load(Relaxed) {
             parts.push(format!("network_policy={}", self.policy.synced.load(Relaxed)));
         }
@@ -487,5 +580,28 @@ mod tests {
         assert!(text.contains(r#"overlay_repairs_total{cause="nftables",resource="masquerade_v6"} 1"#), "{text}");
         assert!(text.contains(r#"overlay_kernel_entries{family="ipv6",kind="routes"} 3"#), "{text}");
         assert!(text.contains("overlay_apply_duration_seconds_count 3"), "{text}");
+    }
+
+    #[test]
+    fn a_family_that_is_off_and_policy_in_etcd_mode_are_left_out() {
+        let m = Metrics::default();
+        m.set_families(&[Family::V4]);
+        m.set_lease_held(true);
+        let all_ok: Vec<_> = Resource::ALL.iter().map(|r| (*r, true)).collect();
+        m.reconciled(Duration::from_millis(3), &all_ok);
+        m.reconciled(Duration::from_millis(3), &[(Resource::Entries(Family::V6), false)]);
+        assert!(m.ready(), "an IPv6 resource cannot make an IPv4-only node unready");
+        let text = m.render();
+        assert!(!text.contains("_v6"), "{text}");
+        assert!(!text.contains("overlay_policy") && !text.contains("overlay_network_policies"), "{text}");
+        assert!(text.contains("overlay_build_info{"), "{text}");
+        m.reconciled(Duration::from_millis(3), &[(Resource::Device(Family::V4), false)]);
+        let detail = m.readiness_detail();
+        assert!(detail.contains("device=false") && !detail.contains("_v6"), "{detail}");
+        let names: Vec<String> = m.report().resources.into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["ip_forward", "device", "entries", "masquerade", "subnet_file"]);
+        let with_policy = Metrics::new(true);
+        assert!(with_policy.render().contains("overlay_policy_rules"));
+        assert!(with_policy.report().network_policy == Some(false));
     }
 }

@@ -133,14 +133,12 @@ impl<A: Address> FamilyApplied<A> {
             KernelEvent::Overflow => return device.map(|_| Resource::Device(family)),
             KernelEvent::Link { index, name, up, mtu, mac, gone } => {
                 let (spec, ours) = device?;
-                if *index != ours && *name != spec.name {
-                    return None;
+                if *index != ours {
+                    // Another device. One of our name that appeared took our device's
+                    // place; one of our name that went is the old device a recreate removed.
+                    return (*name == spec.name && !gone).then_some(Resource::Device(family));
                 }
-                *gone
-                    || *index != ours
-                    || !up
-                    || mtu.is_some_and(|m| m != spec.mtu)
-                    || mac.is_some_and(|m| m != spec.mac)
+                *gone || !up || mtu.is_some_and(|m| m != spec.mtu) || mac.is_some_and(|m| m != spec.mac)
             }
             KernelEvent::Address { index, gone } => *gone && on_device(*index),
             KernelEvent::Neighbour { entry, permanent, gone } => {
@@ -327,6 +325,10 @@ impl Reconciler {
     fn error_policy(&mut self, trigger: Trigger, failures: Vec<Failure>) -> Action {
         let retry_in = self.backoff.next_delay();
         self.metrics.retries.inc();
+        if let Some(f) = failures.first() {
+            let what = format!("{}: {:#}", f.resource.name(), f.error);
+            self.metrics.status.update(|r| r.last_error = Some(crate::status::Event::now(what)));
+        }
         for f in &failures {
             error!(
                 resource = f.resource.name(),
@@ -570,76 +572,6 @@ pub fn release_freed_memory() {
     }
 }
 
-/// The default device names are these, then `.<VNI>`: IPv4's, IPv6's.
-pub const DEVICE_PREFIX: [&str; 2] = ["overlay", "overlay-v6"];
-
-/// `overlayd cleanup`: removes both devices (and with them every peer entry
-/// on them), our direct routes, our nftables tables and the subnet file. A
-/// device without a name given is every VXLAN device of the default name
-/// (`overlay.<VNI>`, `overlay-v6.<VNI>`, and flanneld's, which a daemon
-/// that replaced flanneld uses): cleanup needs no network config.
-pub async fn cleanup(device_names: [Option<&str>; 2], subnet_file: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let nl = Netlink::connect()?;
-    let mut bulk = Bulk::open()?;
-    let links = nl.links().await?;
-    let names = |family: usize| -> Vec<String> {
-        match device_names[family] {
-            Some(name) => vec![name.to_string()],
-            None => links
-                .iter()
-                .filter(|l| l.vxlan.is_some() && default_device_name(&l.name, family))
-                .map(|l| l.name.clone())
-                .collect(),
-        }
-    };
-    let mut routes_left = cleanup_family::<Ipv4Addr>(&nl, &mut bulk, &names(0)).await?;
-    routes_left += cleanup_family::<Ipv6Addr>(&nl, &mut bulk, &names(1)).await?;
-    match std::fs::remove_file(subnet_file) {
-        Ok(()) => info!(path = %subnet_file.display(), "removed subnet file"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
-    }
-    if routes_left > 0 {
-        anyhow::bail!("{routes_left} overlay routes could not be removed");
-    }
-    Ok(())
-}
-
-/// Whether `name` is a default device name of family slot `family`:
-/// `overlay.<digits>`, `overlay-v6.<digits>`, or flanneld's, which a daemon
-/// that replaced flanneld adopted (`flannel.<digits>`, `flannel-v6.<digits>`).
-fn default_device_name(name: &str, family: usize) -> bool {
-    [DEVICE_PREFIX[family], crate::daemon::FLANNEL_DEVICE_PREFIX[family]].iter().any(|prefix| {
-        name.strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
-    })
-}
-
-/// One family's part of `overlayd cleanup`; how many routes could not be removed.
-async fn cleanup_family<A: Address>(nl: &Netlink, bulk: &mut Bulk, device_names: &[String]) -> anyhow::Result<usize> {
-    use anyhow::Context;
-    for device_name in device_names {
-        if device::remove(nl, device_name).await? {
-            info!(device = %device_name, "removed VXLAN device and with it every peer entry");
-        }
-    }
-    // Direct routes live on the underlay, not on the device: remove them too.
-    let state = match entries::read::<A>(bulk, None) {
-        Ok(state) => state,
-        Err(e) if A::FAMILY == Family::V6 => {
-            debug!(error = %e, "no IPv6 routes to read");
-            KernelState::default()
-        }
-        Err(e) => return Err(e).context("reading overlay routes"),
-    };
-    let ops: Vec<_> = state.routes.iter().map(|(n, v)| plan::Op::DelRoute(*n, *v)).collect();
-    let left = if ops.is_empty() { 0 } else { entries::apply(bulk, 0, &ops)?.failed.len() };
-    masq::remove(A::FAMILY).await.with_context(|| format!("removing {} masquerade rules", A::FAMILY))?;
-    Ok(left)
-}
-
 /// The subnet's network address as a host address (`10.244.33.0/32`,
 /// `fd00:10:244:8::/128`): the VXLAN device's address, as flannel gives it.
 pub fn device_address(subnet: IpNet) -> IpNet {
@@ -746,6 +678,10 @@ mod tests {
             ),
             // Not ours: another device, another table, another family, another protocol's route elsewhere.
             (link(9, "eth1", false, 1500, true), None),
+            // A device of our name in our device's place (someone recreated it), and the old
+            // one our own recreate removed, which is no drift.
+            (link(8, "overlay.1", true, 1450, false), device),
+            (link(6, "overlay.1", true, 1450, true), None),
             (KernelEvent::Address { index: 9, gone: true }, None),
             (
                 KernelEvent::Neighbour { entry: Neighbour { ifindex: 9, ..neighbour }, permanent: true, gone: true },
@@ -774,18 +710,6 @@ mod tests {
         // While a resource's apply is not recorded (failed, or under way), its retry is due anyway.
         let failed = FamilyApplied::<Ipv4Addr> { entries: None, ..applied_v4() };
         assert_eq!(failed.drift(&KernelEvent::Route { route, gone: true }), None);
-    }
-
-    #[test]
-    fn default_device_names_are_told_apart_by_family() {
-        assert!(default_device_name("overlay.1", 0) && default_device_name("overlay.4096", 0));
-        assert!(default_device_name("overlay-v6.1", 1));
-        assert!(!default_device_name("overlay-v6.1", 0) && !default_device_name("overlay.1", 1));
-        assert!(!default_device_name("overlay.", 0) && !default_device_name("overlay.x", 0));
-        assert!(!default_device_name("overlay", 0) && !default_device_name("flannel.x", 0));
-        // flanneld's, adopted by a daemon that replaced it.
-        assert!(default_device_name("flannel.1", 0) && default_device_name("flannel-v6.1", 1));
-        assert!(!default_device_name("flannel-v6.1", 0) && !default_device_name("flannel.1", 1));
     }
 
     #[test]

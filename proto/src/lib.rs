@@ -17,6 +17,6 @@ pub use alloc::SubnetRange;
 pub use family::{Address, Family};
 pub use lease::{BackendData, LeaseAttrs, LeaseKey, LeaseKeyError, VxlanBackendData};
 pub use mac::MacAddr;
-pub use net_config::{Backend, ConfigError, NetConfig, Pool};
+pub use net_config::{unknown_keys, Backend, ConfigError, NetConfig, Pool, UnknownKey};
 pub use node_annotations::{NodeAnnotations, NodeLeaseError};
 pub use subnet_env::{FamilyEnv, SubnetEnv, SubnetEnvError};

@@ -220,6 +220,105 @@ impl NetConfig {
     }
 }
 
+/// The keys net-conf.json may have at the top level. flanneld's own that
+/// overlay does not use are known too, so a flanneld config is not warned about.
+const KNOWN_KEYS: [&str; 14] = [
+    "Network",
+    "SubnetLen",
+    "SubnetMin",
+    "SubnetMax",
+    "EnableIPv4",
+    "EnableIPv6",
+    "IPv6Network",
+    "IPv6SubnetLen",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
+    "Backend",
+    // flanneld's: its nftables switch (overlay always uses nftables), and a legacy backend field.
+    "EnableNFTables",
+    "BackendType",
+    "Name",
+];
+
+/// The keys `Backend` may have: the vxlan backend's (flanneld's `Learning`
+/// and `MacPrefix` included, which overlay does not use).
+const KNOWN_BACKEND_KEYS: [&str; 8] = ["Type", "VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning", "MacPrefix"];
+
+/// One key of a net-conf.json that no version of the format knows, and the
+/// key it was likely meant to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    /// The key as written, `Backend.` in front for a backend key.
+    pub key: String,
+    /// A known key it is likely a typo of.
+    pub did_you_mean: Option<&'static str>,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown net-conf key {:?} (ignored", self.key)?;
+        match self.did_you_mean {
+            Some(known) => write!(f, "; did you mean {known:?}?)"),
+            None => write!(f, ")"),
+        }
+    }
+}
+
+/// The keys of `text` (net-conf JSON) that the format does not have: a typo
+/// such as `SubnetLength` is still accepted, as flannel accepts it, but is
+/// said. Empty when the text is not a JSON object.
+pub fn unknown_keys(text: &str) -> Vec<UnknownKey> {
+    let Ok(serde_json::Value::Object(top)) = serde_json::from_str(text) else { return Vec::new() };
+    let mut unknown = Vec::new();
+    for (key, value) in &top {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            unknown.push(UnknownKey { key: key.clone(), did_you_mean: closest(key, &KNOWN_KEYS) });
+        }
+        if key == "Backend" {
+            for backend_key in value.as_object().into_iter().flat_map(|b| b.keys()) {
+                if !KNOWN_BACKEND_KEYS.contains(&backend_key.as_str()) {
+                    unknown.push(UnknownKey {
+                        key: format!("Backend.{backend_key}"),
+                        did_you_mean: closest(backend_key, &KNOWN_BACKEND_KEYS),
+                    });
+                }
+            }
+        }
+    }
+    unknown
+}
+
+/// The known key `key` most likely stands for: the same but for case, one
+/// that starts or ends it, or one a couple of edits away.
+fn closest(key: &str, known: &[&'static str]) -> Option<&'static str> {
+    let lower = key.to_ascii_lowercase();
+    known.iter().copied().find(|k| k.eq_ignore_ascii_case(key)).or_else(|| {
+        known
+            .iter()
+            .copied()
+            .map(|k| (edit_distance(&lower, &k.to_ascii_lowercase()), k))
+            .filter(|(d, k)| *d <= 2 || lower.starts_with(&k.to_ascii_lowercase()))
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, k)| k)
+    })
+}
+
+/// Levenshtein distance, for short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substituted = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
 fn parse_network(fields: &Fields, family: Family, text: Option<&str>) -> Result<IpNet, ConfigError> {
     let field = fields.network;
     let example = match family {
@@ -363,8 +462,10 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Backend::default());
     };
+    // flanneld lowercases the type: "VXLAN" and "vxlan" are one backend.
     match raw.kind.as_deref() {
-        None | Some("vxlan") => {}
+        None => {}
+        Some(kind) if kind.eq_ignore_ascii_case("vxlan") => {}
         Some(other) => {
             return Err(field_err("Backend.Type", format!("backend {other:?} is not supported; use \"vxlan\"")))
         }
@@ -403,6 +504,38 @@ mod tests {
 
     fn v4(c: &NetConfig) -> Pool {
         c.ipv4.unwrap()
+    }
+
+    #[test]
+    fn the_backend_type_is_read_in_any_case_as_flanneld_does() {
+        for kind in ["vxlan", "VXLAN", "VxLan"] {
+            let text = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{kind}"}}}}"#);
+            assert!(NetConfig::parse(&text).is_ok(), "{kind}");
+        }
+        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).starts_with("Backend.Type:"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_key_they_were_likely_meant_to_be() {
+        let text = r#"{"Network":"10.244.0.0/16","SubnetLength":24,"subnetlen":24,"Colour":"blue",
+                      "EnableNFTables":true,"Backend":{"Type":"vxlan","VNi":1,"Learning":false,"Flavour":1}}"#;
+        assert!(NetConfig::parse(text).is_ok(), "still accepted, as flannel accepts it");
+        let unknown = unknown_keys(text);
+        let said: Vec<String> = unknown.iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            unknown.iter().map(|u| (u.key.as_str(), u.did_you_mean)).collect::<Vec<_>>(),
+            [
+                ("Backend.Flavour", None),
+                ("Backend.VNi", Some("VNI")),
+                ("Colour", None),
+                ("SubnetLength", Some("SubnetLen")),
+                ("subnetlen", Some("SubnetLen")),
+            ],
+            "{said:?}"
+        );
+        assert!(said[3].contains(r#"did you mean "SubnetLen"?"#), "{said:?}");
+        assert!(unknown_keys(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#).is_empty());
+        assert!(unknown_keys("not json").is_empty());
     }
 
     #[test]

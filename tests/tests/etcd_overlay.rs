@@ -380,10 +380,10 @@ fn a_resource_that_cannot_be_made_right_is_not_ready_and_says_why() {
     require_root();
     let health: std::net::SocketAddr = "127.0.0.1:8471".parse().unwrap();
     let mut c = Cluster::new(ClusterOptions::default()).unwrap();
-    // The subnet file's directory is a file: the file cannot be written.
-    let blocker = c.dir.join("blocked");
-    std::fs::write(&blocker, "in the way").unwrap();
-    let subnet_file = blocker.join("subnet.env").display().to_string();
+    // A directory where the subnet file goes: the file cannot be written (renamed into place).
+    let blocker = c.dir.join("blocked/subnet.env");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let subnet_file = blocker.display().to_string();
     let i = c.add_node(&["--health-addr", "127.0.0.1:8471", "--subnet-file", &subnet_file]).unwrap();
     c.nodes[i].start().unwrap();
     let node = &c.nodes[i];
@@ -398,7 +398,7 @@ fn a_resource_that_cannot_be_made_right_is_not_ready_and_says_why() {
     );
     assert!(node.log_text().contains("resource=\"subnet_file\""), "{}", node.log_text());
     // Once the way is clear, the next retry writes it and the node is ready.
-    std::fs::remove_file(&blocker).unwrap();
+    std::fs::remove_dir_all(&blocker).unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || http_get(&node.ns, health, "/readyz")
             .is_ok_and(|(code, _)| code == 200)),

@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    link::{InfoData, InfoVeth, LinkMessage},
+    link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
     route::{RouteAttribute, RouteHeader, RouteMessage},
     AddressFamily,
 };
@@ -147,6 +147,13 @@ impl Netlink {
     pub async fn set_mac(&self, index: u32, mac: MacAddr) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).address(mac.octets().to_vec()).build();
         self.set_link(msg, format!("setting the MAC of link {index}")).await
+    }
+
+    /// Sets the link's alias (`ip link show` prints it as `alias`).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        self.set_link(msg, format!("setting the alias of link {index}")).await
     }
 
     /// Attaches the link to `bridge` and sets it up.

@@ -18,6 +18,10 @@ pub struct Link {
     pub mtu: u32,
     /// Administratively up.
     pub up: bool,
+    /// The loopback device.
+    pub loopback: bool,
+    /// Its alias (`ip link set ... alias`), when it has one.
+    pub alias: Option<String>,
     /// The kind (`vxlan`, `bridge`, `veth`, ...); none for a plain device.
     pub kind: Option<String>,
     /// The bridge (or other controller) it is attached to.
@@ -65,11 +69,16 @@ impl VxlanSettings {
 impl Link {
     /// Decodes a link message.
     pub fn from_message(msg: &LinkMessage) -> Self {
-        let mut link =
-            Link { index: msg.header.index, up: msg.header.flags.contains(LinkFlags::Up), ..Link::default() };
+        let mut link = Link {
+            index: msg.header.index,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            loopback: msg.header.flags.contains(LinkFlags::Loopback),
+            ..Link::default()
+        };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
+                LinkAttribute::IfAlias(alias) => link.alias = Some(alias.clone()),
                 LinkAttribute::Address(bytes) => link.mac = MacAddr::try_from(bytes.as_slice()).ok(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
                 LinkAttribute::Controller(index) => link.controller = Some(*index),

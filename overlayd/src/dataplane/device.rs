@@ -12,6 +12,54 @@ use tracing::{info, warn};
 
 use super::{entries::address_family, sysctl};
 
+/// Our device names before `.<VNI>`: IPv4's, IPv6's.
+pub const DEVICE_PREFIX: [&str; 2] = ["overlay", "overlay-v6"];
+/// flanneld's device names before `.<VNI>`: IPv4's, IPv6's.
+pub const FLANNEL_DEVICE_PREFIX: [&str; 2] = ["flannel", "flannel-v6"];
+/// The alias a flanneld device carries once overlayd adopted it: `overlayd
+/// cleanup` removes a flanneld device only when it is marked so (or when told to).
+pub const ADOPTED_ALIAS: &str = "overlayd: adopted from flanneld";
+
+/// A family's VXLAN device name: the flag's, else `overlay.<VNI>` or `overlay-v6.<VNI>`,
+/// as flannel names its devices `flannel.<VNI>` and `flannel-v6.<VNI>`.
+pub fn name(flag: Option<&str>, family: Family, vni: u32) -> String {
+    match flag {
+        Some(name) => name.to_string(),
+        None => format!("{}.{vni}", DEVICE_PREFIX[family as usize]),
+    }
+}
+
+/// flanneld's device name of `family` for `vni`.
+pub fn flannel_name(family: Family, vni: u32) -> String {
+    format!("{}.{vni}", FLANNEL_DEVICE_PREFIX[family as usize])
+}
+
+/// Who a default device name of `family` belongs to: `overlay.<digits>`
+/// (`overlay-v6.<digits>`) is ours, `flannel.<digits>` (`flannel-v6.<digits>`) flanneld's.
+pub fn default_name_owner(name: &str, family: Family) -> Option<Owner> {
+    let matches = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if matches(DEVICE_PREFIX[family as usize]) {
+        Some(Owner::Overlayd)
+    } else if matches(FLANNEL_DEVICE_PREFIX[family as usize]) {
+        Some(Owner::Flanneld)
+    } else {
+        None
+    }
+}
+
+/// Who made a device of a default name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// `overlay.<VNI>`.
+    Overlayd,
+    /// `flannel.<VNI>`: adopted by overlayd (its alias says so), or flanneld's still.
+    Flanneld,
+}
+
 /// What a VXLAN device must look like: one per family, `overlay.1` over the
 /// IPv4 underlay and `overlay-v6.1` over the IPv6 underlay, as flannel has
 /// `flannel.1` and `flannel-v6.1`.
@@ -259,6 +307,8 @@ pub(crate) mod tests {
             mac: Some(spec.mac),
             mtu: spec.mtu,
             up: true,
+            loopback: false,
+            alias: None,
             kind: Some("vxlan".into()),
             controller: None,
             vxlan: Some(VxlanSettings {

@@ -18,6 +18,15 @@ pub enum OffloadSetting {
 }
 
 impl OffloadSetting {
+    /// As the flag takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OffloadSetting::Auto => "auto",
+            OffloadSetting::On => "on",
+            OffloadSetting::Off => "off",
+        }
+    }
+
     /// Whether offload should be on, on a kernel of this release (`uname -r`).
     pub fn wanted(self, kernel_release: &str) -> bool {
         match self {

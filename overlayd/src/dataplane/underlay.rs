@@ -61,7 +61,9 @@ pub enum UnderlayError {
     #[error("--iface-can-reach {0}: this host has no route there to pick an interface by")]
     Unreachable(IpAddr),
     /// The interface has no address of a family the network carries.
-    #[error("interface {iface} has no {family} address to use as VTEP address{hint}")]
+    #[error(
+        "interface {iface} has no {family} address to use as VTEP address (a unicast address outside the cluster network){hint}"
+    )]
     NoAddress {
         /// The interface.
         iface: String,
@@ -73,6 +75,53 @@ pub enum UnderlayError {
     /// Nothing was named and there is no default route.
     #[error("no --iface given and no {0} default route to pick one from")]
     NoDefaultRoute(Family),
+    /// The interface chosen can never carry the overlay.
+    #[error("interface {iface} cannot be the underlay: {reason}")]
+    Unusable {
+        /// The interface.
+        iface: String,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// What the underlay must never be: the daemon's own devices (by name, and
+/// any VXLAN device of our VNI), and an address inside the cluster's networks.
+#[derive(Debug, Clone, Default)]
+pub struct NotUnderlay {
+    /// The VXLAN device names of this daemon, flanneld's included.
+    pub devices: Vec<String>,
+    /// Our VNI.
+    pub vni: u32,
+    /// The cluster networks.
+    pub networks: Vec<IpNet>,
+}
+
+impl NotUnderlay {
+    /// Why `link` can never be the underlay, if it cannot.
+    fn refusal(&self, link: &Link) -> Option<String> {
+        if link.loopback {
+            return Some("it is the loopback interface, which no peer can reach".into());
+        }
+        let our_vni = link.vxlan.as_ref().is_some_and(|v| v.vni == Some(self.vni));
+        if self.devices.contains(&link.name) || our_vni {
+            return Some(
+                "it is a VXLAN device of the overlay itself; name the interface its packets leave through".into(),
+            );
+        }
+        None
+    }
+
+    /// Whether `addr` can be a VTEP address: unicast, routable, and outside the cluster.
+    fn usable(&self, addr: &IpNet) -> bool {
+        let ip = addr.addr();
+        !ip.is_loopback()
+            && !ip.is_multicast()
+            && !ip.is_unspecified()
+            && !proto::family::is_link_local(ip)
+            && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast() || v4.is_link_local())
+            && !self.networks.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// How the underlay interface is chosen, as flanneld chooses it.
@@ -91,7 +140,12 @@ pub enum Selector {
 }
 
 /// Picks the underlay for `families` (IPv4 first when on), as `selector` says.
-pub async fn find(nl: &Netlink, selector: &Selector, families: &[Family]) -> Result<Underlay, UnderlayError> {
+pub async fn find(
+    nl: &Netlink,
+    selector: &Selector,
+    families: &[Family],
+    not: &NotUnderlay,
+) -> Result<Underlay, UnderlayError> {
     let mut addrs: Vec<(u32, IpNet)> = Vec::new();
     for family in families {
         addrs.extend(
@@ -151,7 +205,11 @@ pub async fn find(nl: &Netlink, selector: &Selector, families: &[Family]) -> Res
     };
     let link =
         link.ok_or_else(|| UnderlayError::NotFound { tried: vec!["(its interface)".into()], present: String::new() })?;
-    let on_link: Vec<IpNet> = addrs.iter().filter(|(i, _)| *i == link.index).map(|(_, a)| *a).collect();
+    if let Some(reason) = not.refusal(&link) {
+        return Err(UnderlayError::Unusable { iface: link.name, reason });
+    }
+    let on_link: Vec<IpNet> =
+        addrs.iter().filter(|(i, a)| *i == link.index && not.usable(a)).map(|(_, a)| *a).collect();
     let mut underlay = Underlay { index: link.index, name: link.name.clone(), v4: None, v6: None, mtu: link.mtu };
     for family in families {
         let addr = primary_address(*family, &on_link, preferred).ok_or_else(|| UnderlayError::NoAddress {
@@ -212,5 +270,28 @@ mod tests {
         assert_eq!(primary_address(Family::V6, &[a, c], Some(a.addr())), Some(c));
         assert_eq!(primary_address(v4, &[c, a], Some(c.addr())), Some(a));
         assert_eq!(primary_address(Family::V6, &[a, b], None), None);
+    }
+
+    #[test]
+    fn the_overlay_s_own_devices_loopback_and_cluster_addresses_are_never_the_underlay() {
+        let not = NotUnderlay {
+            devices: vec!["overlay.1".into(), "flannel.1".into()],
+            vni: 1,
+            networks: vec!["10.244.0.0/16".parse().unwrap()],
+        };
+        let link = |name: &str| Link { name: name.into(), ..Link::default() };
+        assert_eq!(not.refusal(&link("eth0")), None);
+        assert!(not.refusal(&Link { loopback: true, ..link("lo") }).unwrap().contains("loopback"));
+        assert!(not.refusal(&link("overlay.1")).unwrap().contains("VXLAN device of the overlay"));
+        assert!(not.refusal(&link("flannel.1")).is_some());
+        let vxlan = |vni| Some(overlay_netlink::VxlanSettings { vni: Some(vni), ..Default::default() });
+        assert!(not.refusal(&Link { vxlan: vxlan(1), ..link("vx0") }).is_some(), "our VNI under another name");
+        assert_eq!(not.refusal(&Link { vxlan: vxlan(7), ..link("vx7") }), None, "another overlay's VXLAN");
+        for bad in ["127.0.0.1/8", "10.244.3.1/24", "224.0.0.1/32", "0.0.0.0/0", "169.254.1.1/16", "::1/128"] {
+            assert!(!not.usable(&bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["192.168.50.11/24", "fd00:50::11/64", "10.0.0.5/8"] {
+            assert!(not.usable(&good.parse().unwrap()), "{good}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use proto::{Family, LeaseAttrs, LeaseKey, NetConfig, SubnetRange};
 use tracing::{debug, error, info, warn};
 
 use super::etcd_events::{self, KeyChange};
+use super::net_conf;
 use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::EtcdArgs;
@@ -168,6 +169,8 @@ pub struct EtcdLeases {
     renew_margin: Option<u64>,
     /// The etcd lease our key is attached to, once we hold one.
     lease_id: Option<i64>,
+    /// The net-conf text the daemon started with.
+    config_text: Option<String>,
 }
 
 impl EtcdLeases {
@@ -219,6 +222,7 @@ impl EtcdLeases {
             prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
             ttl,
             lease_id: None,
+            config_text: None,
         })
     }
 
@@ -670,6 +674,54 @@ impl EtcdLeases {
     }
 }
 
+impl EtcdLeases {
+    /// Watches `<prefix>/config` from the revision after start, and says
+    /// each change. Quiet about outages: the lease watch says those.
+    async fn watch_config_key(self) {
+        let path = format!("{}/config", self.prefix);
+        let mut running = self.config_text.clone().unwrap_or_default();
+        let mut backoff = Backoff::with_max(Duration::from_secs(30));
+        let mut revision = None;
+        loop {
+            let mut options = WatchOptions::new();
+            if let Some(r) = revision {
+                options = options.with_start_revision(r + 1);
+            }
+            let stream = match self.client().await {
+                Ok(client) => client.watch_client().watch(path.as_str(), Some(options)).await.ok(),
+                Err(_) => None,
+            };
+            let Some(mut stream) = stream else {
+                backoff.wait().await;
+                continue;
+            };
+            while let Ok(Some(resp)) = stream.message().await {
+                backoff.reset();
+                if resp.compact_revision() > 0 {
+                    revision = None;
+                    break;
+                }
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    revision = Some(kv.mod_revision());
+                    let now = match event.event_type() {
+                        EventType::Put => Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                        EventType::Delete => None,
+                    };
+                    if now.as_deref() != Some(running.as_str()) {
+                        net_conf::say_changed(&path, &running, now.as_deref());
+                        running = now.unwrap_or_default();
+                    }
+                }
+                if revision.is_none() {
+                    revision = resp.header().map(|h| h.revision());
+                }
+            }
+            backoff.wait().await;
+        }
+    }
+}
+
 /// How the watcher goes on after a watch stream ended.
 enum Resume {
     /// Watch again after this revision.
@@ -719,8 +771,9 @@ impl LeaseStore for EtcdLeases {
         loop {
             match self.config_text().await {
                 Ok(Some(text)) => {
-                    let config = NetConfig::parse(&text)
+                    let config = net_conf::parse(&text, &path)
                         .with_context(|| format!("invalid network config at etcd key {path}"))?;
+                    self.config_text = Some(text);
                     if config.ipv4.is_none() {
                         return Err(EtcdError::Ipv6Only).with_context(|| format!("network config at etcd key {path}"));
                     }
@@ -772,6 +825,10 @@ impl LeaseStore for EtcdLeases {
 
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
         self.list_and_watch(tx)
+    }
+
+    fn watch_config(self) -> impl Future<Output = ()> + Send + 'static {
+        self.watch_config_key()
     }
 
     fn say_lost(&self, lost: &LeaseLost, own: &OwnLease) {
@@ -831,7 +888,7 @@ impl LeaseStore for EtcdLeases {
                     Renewal::Seen(Some(own.attrs.clone()))
                 }
             },
-            Err(e) => Renewal::Failed(e.to_string()),
+            Err(e) => Renewal::Failed(e.into()),
         }
     }
 }

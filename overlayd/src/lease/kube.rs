@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -24,9 +25,11 @@ use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
 
 use super::list_scanner::ListScanner;
+use super::net_conf;
 use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
+use crate::outage::Outage;
 
 /// The condition we own on our Node, and what we set it to.
 const CONDITION: &str = "NetworkUnavailable";
@@ -123,6 +126,11 @@ pub fn node_name(args: &KubeArgs) -> anyhow::Result<String> {
 
 /// A client from `--kubeconfig`, `--kube-api-url`, or the in-cluster service account.
 pub async fn client(args: &KubeArgs) -> anyhow::Result<Client> {
+    Ok(client_and_url(args).await?.0)
+}
+
+/// A client as [`client`] builds it, and the API server's URL.
+async fn client_and_url(args: &KubeArgs) -> anyhow::Result<(Client, String)> {
     let api_url = match &args.kube_api_url {
         Some(url) => Some(
             url.parse::<hyper::Uri>()
@@ -157,7 +165,27 @@ pub async fn client(args: &KubeArgs) -> anyhow::Result<Client> {
     config.connect_timeout = Some(Duration::from_secs(5));
     config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
     info!(server = %config.cluster_url, "API server");
-    Client::try_from(config).context("building the Kubernetes client")
+    let url = config.cluster_url.to_string();
+    Ok((Client::try_from(config).context("building the Kubernetes client")?, url))
+}
+
+/// The API server answered, and said no (a status such as 403): a
+/// configuration problem to say as such, not an outage.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {body}")]
+pub struct Refused {
+    /// The HTTP status.
+    pub status: hyper::StatusCode,
+    /// The start of the answer.
+    pub body: String,
+}
+
+/// Whether `e` is the API server's refusal rather than a call that did not get through.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<Refused>().is_some()
+            || matches!(cause.downcast_ref::<kube::Error>(), Some(kube::Error::Api(_)))
+    })
 }
 
 /// A connection to the API server, for one node.
@@ -177,13 +205,20 @@ pub struct KubeLeases {
     last_read: Option<Node>,
     /// Whether to set `NetworkUnavailable=False` (`--set-node-network-unavailable`).
     set_condition: bool,
+    /// The net-conf text the daemon started with.
+    config_text: Option<String>,
+    /// The API server's outages, said once for every call that meets them.
+    outage: Arc<Outage>,
 }
+
+/// How often the net-conf file is read again to see whether it changed.
+const CONFIG_POLL: Duration = Duration::from_secs(30);
 
 impl KubeLeases {
     /// Builds a client from `--kubeconfig`, or the in-cluster service account.
     pub async fn connect(args: &KubeArgs) -> anyhow::Result<Self> {
         let node_name = node_name(args)?;
-        let client = client(args).await?;
+        let (client, url) = client_and_url(args).await?;
         info!(node = %node_name, "Kubernetes mode");
         Ok(KubeLeases {
             nodes: Api::all(client.clone()),
@@ -194,6 +229,8 @@ impl KubeLeases {
             net_config_path: args.net_config_path.clone(),
             set_condition: args.set_node_network_unavailable,
             last_read: None,
+            config_text: None,
+            outage: Arc::new(Outage::new("the Kubernetes API server", url)),
         })
     }
 
@@ -209,11 +246,18 @@ impl KubeLeases {
         let mut say = Throttle::new(SAY_EVERY);
         loop {
             match self.own_node().await {
-                Ok(Some(node)) => return node,
+                Ok(Some(node)) => {
+                    self.outage.recovered();
+                    return node;
+                }
                 Ok(None) if say.ready() => {
                     info!(node = %self.node_name, "waiting for node {} to be registered", self.node_name)
                 }
-                Err(e) if say.ready() => warn!(error = format!("{e:#}"), "API server unreachable; retrying"),
+                Err(e) if is_refusal(&e) && say.ready() => {
+                    warn!(node = %self.node_name, error = format!("{e:#}"), "the API server refuses to give our node; retrying")
+                }
+                Err(e) if is_refusal(&e) => {}
+                Err(e) => self.outage.failed(&format!("{e:#}")),
                 _ => {}
             }
             backoff.wait().await;
@@ -250,6 +294,7 @@ impl KubeLeases {
             state = match state {
                 NodeWatch::Listing => match self.list_nodes(&mut nodes).await {
                     Ok((events, resource_version)) => {
+                        self.outage.recovered();
                         if std::mem::take(&mut failing) {
                             info!("watching nodes again");
                         }
@@ -260,13 +305,7 @@ impl KubeLeases {
                         NodeWatch::Watching { resource_version }
                     }
                     Err(e) => {
-                        // The backoff paces the retries; say it once per outage.
-                        if !std::mem::replace(&mut failing, true) {
-                            warn!(
-                                error = format!("{e:#}"),
-                                "listing nodes failed; the dataplane is left as it is while retrying"
-                            );
-                        }
+                        self.say_watch_failed(&e, &mut failing);
                         backoff.wait().await;
                         NodeWatch::Listing
                     }
@@ -300,7 +339,8 @@ impl KubeLeases {
         let mut body = response.into_body();
         if !status.is_success() {
             let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            bail!("listing nodes: {status}: {}", String::from_utf8_lossy(&text[..text.len().min(512)]));
+            let body = String::from_utf8_lossy(&text[..text.len().min(512)]).into_owned();
+            return Err(anyhow::Error::new(Refused { status, body }).context("listing nodes"));
         }
         let mut scanner = ListScanner::default();
         let mut events = vec![WatchEvent::Init];
@@ -320,6 +360,19 @@ impl KubeLeases {
         Ok((events, resource_version))
     }
 
+    /// Says that listing or watching Nodes failed: a refusal once until the
+    /// watch works again, an outage through the shared [`Outage`].
+    fn say_watch_failed(&self, e: &anyhow::Error, failing: &mut bool) {
+        if !is_refusal(e) {
+            self.outage.failed(&format!("{e:#}"));
+        } else if !std::mem::replace(failing, true) {
+            warn!(
+                error = format!("{e:#}"),
+                "the API server refuses the node watch; the dataplane is left as it is while retrying"
+            );
+        }
+    }
+
     /// Watches from `resource_version` until the stream ends; says how to go
     /// on (none: the daemon is gone).
     async fn watch_from(
@@ -335,9 +388,7 @@ impl KubeLeases {
             Ok(stream) => stream,
             Err(kube::Error::Api(status)) if status.code == 410 => return Some(NodeWatch::Listing),
             Err(e) => {
-                if !std::mem::replace(failing, true) {
-                    warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
-                }
+                self.say_watch_failed(&anyhow::Error::new(e).context("watching nodes"), failing);
                 backoff.wait().await;
                 return Some(NodeWatch::Watching { resource_version });
             }
@@ -367,13 +418,12 @@ impl KubeLeases {
                     return Some(NodeWatch::Watching { resource_version });
                 }
                 Err(e) => {
-                    if !std::mem::replace(failing, true) {
-                        warn!(error = %e, "watching nodes failed; the dataplane is left as it is while retrying");
-                    }
+                    self.say_watch_failed(&anyhow::Error::new(e).context("watching nodes"), failing);
                     backoff.wait().await;
                     return Some(NodeWatch::Watching { resource_version });
                 }
             };
+            self.outage.recovered();
             if std::mem::take(failing) {
                 info!("watching nodes again");
             }
@@ -510,11 +560,36 @@ impl KubeLeases {
 }
 
 impl LeaseStore for KubeLeases {
+    fn outage(&self) -> Option<Arc<Outage>> {
+        Some(self.outage.clone())
+    }
+
     async fn network_config(&mut self) -> anyhow::Result<NetConfig> {
         let path = &self.net_config_path;
-        let text = std::fs::read_to_string(path)
+        let text = tokio::fs::read_to_string(path)
+            .await
             .with_context(|| format!("reading the network config {} (mounted from the ConfigMap)", path.display()))?;
-        NetConfig::parse(&text).with_context(|| format!("invalid network config in {}", path.display()))
+        let config = net_conf::parse(&text, &path.display().to_string())
+            .with_context(|| format!("invalid network config in {}", path.display()))?;
+        self.config_text = Some(text);
+        Ok(config)
+    }
+
+    fn watch_config(self) -> impl Future<Output = ()> + Send + 'static {
+        // A ConfigMap volume is updated by the kubelet within about a minute: polling is as quick as it gets.
+        let (path, mut running) = (self.net_config_path, self.config_text.unwrap_or_default());
+        async move {
+            let mut every = tokio::time::interval(CONFIG_POLL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let now = tokio::fs::read_to_string(&path).await.ok();
+                if now.as_deref() != Some(running.as_str()) {
+                    net_conf::say_changed(&path.display().to_string(), &running, now.as_deref());
+                    running = now.unwrap_or_default();
+                }
+            }
+        }
     }
 
     async fn public_ips(&mut self, detected: PublicIps) -> anyhow::Result<PublicIps> {
@@ -524,11 +599,11 @@ impl LeaseStore for KubeLeases {
         let annotations = annotations_of(&node.metadata);
         let mut public = detected;
         if let Some(ip) = self.annotations.public_ip_overwrite(annotations).context("on our own node")? {
-            info!(public_ip = %ip, detected = ?detected.v4, "using the address pinned by {}", self.annotations.key("public-ip-overwrite"));
+            info!(public_ip = %ip, detected = detected.v4.map(display), "using the address pinned by {}", self.annotations.key("public-ip-overwrite"));
             public.v4 = detected.v4.map(|_| ip);
         }
         if let Some(ip) = self.annotations.public_ipv6_overwrite(annotations).context("on our own node")? {
-            info!(public_ipv6 = %ip, detected = ?detected.v6, "using the address pinned by {}", self.annotations.key("public-ipv6-overwrite"));
+            info!(public_ipv6 = %ip, detected = detected.v6.map(display), "using the address pinned by {}", self.annotations.key("public-ipv6-overwrite"));
             public.v6 = detected.v6.map(|_| ip);
         }
         Ok(public)
@@ -565,7 +640,7 @@ impl LeaseStore for KubeLeases {
                     }
                     match self.publish(attrs).await {
                         Ok(updated) => {
-                            info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, public_ipv6 = ?attrs.public_ipv6, "published our lease on the node");
+                            info!(node = %self.node_name, subnet = %key, public_ip = %attrs.public_ip, public_ipv6 = attrs.public_ipv6.map(display), "published our lease on the node");
                             // The patch answers with the Node: readiness needs no other read.
                             self.last_read = Some(updated);
                             return Ok(OwnLease { key, attrs: attrs.clone() });
@@ -590,7 +665,7 @@ impl LeaseStore for KubeLeases {
         let node = match self.own_node().await {
             Ok(Some(node)) => node,
             Ok(None) => return Renewal::Seen(None),
-            Err(e) => return Renewal::Failed(format!("{e:#}")),
+            Err(e) => return Renewal::Failed(e),
         };
         let spec = node.spec.as_ref();
         let pod_cidr = spec.and_then(|s| s.pod_cidr.as_deref());

@@ -8,6 +8,7 @@ pub mod etcd;
 mod etcd_events;
 pub mod kube;
 mod list_scanner;
+pub mod net_conf;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -58,8 +59,8 @@ pub struct OwnLease {
 pub enum Renewal {
     /// The store holds this at our key now (none: the key is gone or expired).
     Seen(Option<LeaseAttrs>),
-    /// Could not tell (store unreachable): try again soon.
-    Failed(String),
+    /// Could not tell (store unreachable, or refusing): try again soon.
+    Failed(anyhow::Error),
 }
 
 /// The addresses peers send this node's VXLAN packets to, per family.
@@ -135,6 +136,22 @@ pub trait LeaseStore: Send + 'static {
     /// Lists, then watches, forever: a stream of [`WatchEvent`] batches that
     /// starts with a listing and relists whenever history was lost.
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static;
+
+    /// Watches the network config after start, forever, and says when it
+    /// changes (it is applied at start only). Where the store cannot watch
+    /// it, never returns.
+    fn watch_config(self) -> impl Future<Output = ()> + Send + 'static
+    where
+        Self: Sized,
+    {
+        std::future::pending()
+    }
+
+    /// The store's endpoint as the place outages are said, where the store
+    /// shares one between its calls.
+    fn outage(&self) -> Option<std::sync::Arc<crate::outage::Outage>> {
+        None
+    }
 
     /// How often [`renew`](LeaseStore::renew) runs.
     fn renew_interval(&self) -> Duration;

@@ -30,6 +30,7 @@ use self::compile::{ClusterView, Direction, Key, Problem, Ruleset};
 use self::watch::{Change, Kind};
 use crate::flags::KubeArgs;
 use crate::metrics::Metrics;
+use crate::outage::Outage;
 
 /// How long a change waits for the rest of its burst before the ruleset is
 /// compiled: a Deployment's rollout or a relabel of a namespace is one apply.
@@ -42,7 +43,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
-pub fn start(args: &KubeArgs, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub fn start(args: &KubeArgs, metrics: Arc<Metrics>, outage: Arc<Outage>) -> anyhow::Result<()> {
     let node = crate::lease::kube::node_name(args)?;
     metrics.policy.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
     let args = args.clone();
@@ -56,7 +57,7 @@ pub fn start(args: &KubeArgs, metrics: Arc<Metrics>) -> anyhow::Result<()> {
                     return;
                 }
             };
-            run(client, node, metrics).await
+            run(client, node, metrics, outage).await
         })
     })?;
     info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
@@ -111,9 +112,13 @@ struct Controller {
     last_sync: Duration,
     last_sync_end: Instant,
     metrics: Arc<Metrics>,
+    /// The API server's outages, shared with the lease watch: said once for all.
+    outage: Arc<Outage>,
+    /// Watches the API server refused, said once until one works again.
+    refused: BTreeSet<Kind>,
 }
 
-async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
+async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>, outage: Arc<Outage>) {
     let changes = watch::watch_all(client);
     tokio::pin!(changes);
     let mut c = Controller {
@@ -131,6 +136,8 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
         last_sync: Duration::ZERO,
         last_sync_end: Instant::now(),
         metrics,
+        outage,
+        refused: BTreeSet::new(),
     };
     let mut next_check = Instant::now() + CHECK_EVERY;
     // nftables events: a change to our table by someone else is repaired
@@ -193,6 +200,11 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>) {
 
 impl Controller {
     fn take(&mut self, change: Change) {
+        if !matches!(change, Change::Failed(..)) {
+            // The watch that brought it works: an outage or a refusal is over.
+            self.outage.recovered();
+            self.refused.clear();
+        }
         match change {
             Change::Pod(pod, present) => {
                 let key = pod.key();
@@ -244,13 +256,22 @@ impl Controller {
                 }
             }
             Change::Failed(kind, e) => {
-                let hint = if e.contains("403") || e.to_lowercase().contains("forbidden") {
-                    " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
-                     as deploy/overlay.yaml does; or run with --network-policy=false)"
-                } else {
-                    ""
-                };
-                warn!(watch = kind.name(), "watching {} for NetworkPolicy failed: {e}{hint}; retrying", kind.name());
+                if !watch::is_refusal(&e) {
+                    self.outage.failed(&format!("watching {} for NetworkPolicy: {e}", kind.name()));
+                } else if self.refused.insert(kind) {
+                    // Said once, until the watch works again.
+                    let hint = if watch::is_forbidden(&e) {
+                        " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
+                         as deploy/overlay.yaml does; or run with --network-policy=false)"
+                    } else {
+                        ""
+                    };
+                    warn!(
+                        watch = kind.name(),
+                        "watching {} for NetworkPolicy failed: {e}{hint}; retrying",
+                        kind.name()
+                    );
+                }
                 return;
             }
         }

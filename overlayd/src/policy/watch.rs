@@ -191,7 +191,7 @@ pub enum Change {
     /// The (re)list is complete: objects it did not name are gone.
     Listed(Kind),
     /// A watch failed; it is retried with backoff.
-    Failed(Kind, String),
+    Failed(Kind, watcher::Error),
 }
 
 /// Which watch.
@@ -225,8 +225,31 @@ where
         Ok(Event::InitDone) => Change::Listed(kind),
         Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) => f(o, true),
         Ok(Event::Delete(o)) => f(o, false),
-        Err(e) => Change::Failed(kind, e.to_string()),
+        Err(e) => Change::Failed(kind, e),
     })
+}
+
+/// Whether a watch failed because the API server said no (401, 403, ...)
+/// rather than because it could not be reached.
+pub fn is_refusal(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            matches!(e, kube::Error::Api(_))
+        }
+        watcher::Error::WatchError(_) | watcher::Error::NoResourceVersion => true,
+    }
+}
+
+/// Whether the API server refused for want of a grant (401, 403).
+pub fn is_forbidden(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    matches!(status, 401 | 403)
 }
 
 /// Every change of the three watches, merged.

@@ -9,6 +9,9 @@ use overlay_tests::cluster::{ClusterOptions, PREFIX};
 use overlay_tests::probe::ping_until;
 use overlay_tests::Cluster;
 
+/// Where each demo node answers health, metrics and status (in its own namespace).
+const HEALTH: &str = "127.0.0.1:8471";
+
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() != Some("up") {
         bail!("usage: overlay-demo up   (remove it with `make demo-down`)");
@@ -20,8 +23,9 @@ fn main() -> Result<()> {
         bail!("a demo is already running: `make demo-down` first");
     }
     let mut c = Cluster::new(ClusterOptions { id: Some("demo".into()), resync: "30s".into(), ..Default::default() })?;
+    // Each node serves /healthz, /readyz, /metrics and /status on its own namespace's loopback.
     for _ in 0..3 {
-        c.add_ready_node(&["--ip-masq"], 2)?;
+        c.add_ready_node(&["--ip-masq", "--health-addr", HEALTH], 2)?;
     }
     println!("\netcd leases ({PREFIX}/subnets/):");
     print!("{}", c.etcd.ctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")])?);
@@ -49,6 +53,21 @@ fn main() -> Result<()> {
     println!("\nnode namespaces: {}", c.nodes.iter().map(|n| n.ns.name.as_str()).collect::<Vec<_>>().join(" "));
     println!("try: ip netns exec {} ping {}", c.nodes[0].pods[0].ns.name, c.nodes[2].pods[1].ip);
     println!("     ip -n {} route; bridge -n {} fdb show dev overlay.1", c.nodes[0].ns.name, c.nodes[0].ns.name);
+    let n1 = &c.nodes[0];
+    println!("\nnode 1, as `overlayd status` sees it:");
+    let status = n1
+        .ns
+        .command(overlay_tests::workspace_bin("overlayd").to_str().unwrap_or("overlayd"), &["status"])
+        .arg("--subnet-file")
+        .arg(&n1.subnet_file)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&status.stdout));
+    println!("\nhealth and metrics: ip netns exec {} curl -s http://{HEALTH}/readyz   (/metrics, /status)", n1.ns.name);
+    println!(
+        "status:             ip netns exec {} overlayd status --subnet-file {}",
+        n1.ns.name,
+        n1.subnet_file.display()
+    );
     println!("logs: {}/n*.log    remove with: make demo-down", c.dir.display());
     // Leave the namespaces, etcd and the daemons running.
     std::mem::forget(c);

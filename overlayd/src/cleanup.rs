@@ -20,9 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::device::{self, Owner};
 use crate::dataplane::entries;
+use crate::dataplane::masq;
 use crate::flags::{CleanupArgs, RunArgs};
 use crate::instance_lock::{self, InstanceLock};
-use crate::masq;
 use crate::plan::{Op, RouteVia};
 
 /// What cleanup found on the node, to remove or to print.

@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backoff::Throttle;
+use crate::dataplane::masq::Masquerade;
+use crate::dataplane::subnet_file;
 use crate::dataplane::{device, offload, underlay, DeviceSpec, Underlay};
 use crate::flags::{NodeArgs, RunArgs};
 use crate::health;
@@ -23,12 +25,10 @@ use crate::instance_lock::{self, InstanceLock};
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
 use crate::lease::{check_own, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
-use crate::masq::Masquerade;
 use crate::metrics::{Cause, Metrics, Resource};
 use crate::peers::{PeerLease, PeerView, Pending, Update};
 use crate::plan::{self, Local};
 use crate::reconcile::{self, Action, EntriesPlan, FamilyPlan, NodePlan, Reconciler, Slot, Trigger};
-use crate::subnet_file;
 
 /// Whether an event is judged by the latest state of its subject, once a
 /// burst is over, rather than at once: a link's, a table's.

@@ -13,15 +13,14 @@ mod install_cni;
 mod instance_lock;
 mod lease;
 mod logging;
-mod masq;
 mod metrics;
+mod nft;
 mod outage;
 mod peers;
 mod plan;
 mod policy;
 mod reconcile;
 mod status;
-mod subnet_file;
 mod version;
 
 use std::process::ExitCode;

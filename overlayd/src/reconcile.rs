@@ -17,11 +17,11 @@ use proto::{Address, Family, SubnetEnv};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::dataplane::masq::{self, Masquerade};
+use crate::dataplane::subnet_file;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
-use crate::masq::{self, Masquerade};
 use crate::metrics::{Cause, Metrics, Resource};
 use crate::plan::{self, Delta, KernelState, Planned};
-use crate::subnet_file;
 
 /// What the node must hold, planned purely from what the daemon knows.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -352,7 +352,7 @@ impl Controller {
     }
 
     /// Makes the table hold `ruleset`; returns whether it was written.
-    async fn reconcile(&mut self, ruleset: &Ruleset, trigger: Trigger) -> Result<bool, table::TableError> {
+    async fn reconcile(&mut self, ruleset: &Ruleset, trigger: Trigger) -> Result<bool, crate::nft::NftError> {
         let listed = table::list().await?;
         // Every REWRITE_EVERY-th timer check rewrites every set: a terse
         // listing shows set names, not their elements, so an element deleted
@@ -396,6 +396,6 @@ impl Controller {
 }
 
 /// `overlayd cleanup`: removes the table.
-pub async fn cleanup() -> Result<(), table::TableError> {
+pub async fn cleanup() -> Result<(), crate::nft::NftError> {
     table::remove().await
 }

@@ -27,7 +27,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Range, SetItem, CT};
-use nftables::helper::NftablesError;
 use nftables::schema::{
     Chain, Counter, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetFlag, SetType,
     SetTypeValue, Table,
@@ -38,6 +37,7 @@ use proto::Family;
 use serde_json::Value;
 
 use super::compile::{AddrSet, Direction, PortMatch, PortSet, Rule, Ruleset};
+use crate::nft::{self, NftError, TableId};
 
 /// `table inet overlay_policy`.
 pub const TABLE: &str = "overlay_policy";
@@ -51,26 +51,8 @@ pub fn drop_counter(direction: Direction) -> &'static str {
     }
 }
 
-/// Why nft failed.
-#[derive(Debug, thiserror::Error)]
-#[error("nftables table inet {TABLE}: {what}: {detail}")]
-pub struct TableError {
-    what: &'static str,
-    detail: String,
-}
-
-fn nft_error(what: &'static str) -> impl FnOnce(NftablesError) -> TableError {
-    move |e| {
-        let detail = match e {
-            NftablesError::NftExecution { inner, .. } => {
-                format!("cannot run nft (is the nftables package installed?): {inner}")
-            }
-            NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
-            other => other.to_string(),
-        };
-        TableError { what, detail }
-    }
-}
+/// Our table.
+pub const ID: TableId = TableId { family: NfFamily::INet, name: TABLE };
 
 fn proto_name(family: Family) -> &'static str {
     match family {
@@ -180,7 +162,7 @@ fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
 }
 
 fn table() -> Table<'static> {
-    Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None }
+    ID.table()
 }
 
 fn add(object: NfListObject<'static>) -> NfObject<'static> {
@@ -400,31 +382,16 @@ pub fn rule_count(ruleset: &Ruleset) -> usize {
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
-pub async fn list() -> Result<Option<Listed>, TableError> {
-    let args = ["-t", "list", "table", "inet", TABLE];
-    match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, args).await {
-        Ok(text) => serde_json::from_str::<Value>(&text)
-            .map(|v| Some(Listed::parse(&v)))
-            .map_err(|e| TableError { what: "reading the table", detail: e.to_string() }),
-        Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
-        Err(e) => Err(nft_error("reading the table")(e)),
-    }
+pub async fn list() -> Result<Option<Listed>, NftError> {
+    Ok(nft::list(ID, true).await?.map(|v| Listed::parse(&v)))
 }
 
 /// Replaces what the table holds with `ruleset`, in one transaction.
-pub async fn apply(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: bool) -> Result<(), TableError> {
-    nftables::helper::apply_ruleset_async(&transaction(ruleset, existing_sets, rewrite_all))
-        .await
-        .map_err(nft_error("replacing its ruleset"))
+pub async fn apply(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: bool) -> Result<(), NftError> {
+    nft::apply(ID, "replacing its ruleset", &transaction(ruleset, existing_sets, rewrite_all)).await
 }
 
 /// Removes the table (`overlayd cleanup`), if present.
-pub async fn remove() -> Result<(), TableError> {
-    let commands = Nftables {
-        objects: Cow::Owned(vec![
-            add(NfListObject::Table(table())),
-            NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table()))),
-        ]),
-    };
-    nftables::helper::apply_ruleset_async(&commands).await.map_err(nft_error("removing it"))
+pub async fn remove() -> Result<(), NftError> {
+    nft::delete(ID).await
 }

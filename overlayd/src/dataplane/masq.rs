@@ -16,12 +16,13 @@ use std::collections::HashSet;
 
 use ipnet::IpNet;
 use nftables::expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::helper::NftablesError;
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule};
 use nftables::stmt::{Match, NATFlag, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use proto::Family;
 use serde_json::Value;
+
+use crate::nft::{self, NftError, TableId};
 
 /// Our table's name, in both families: `table ip overlay`, `table ip6 overlay`.
 pub const TABLE: &str = "overlay";
@@ -49,33 +50,6 @@ fn nf_family(family: Family) -> (NfFamily, &'static str) {
     match family {
         Family::V4 => (NfFamily::IP, "ip"),
         Family::V6 => (NfFamily::IP6, "ip6"),
-    }
-}
-
-/// Why nft failed.
-#[derive(Debug, thiserror::Error)]
-#[error("nftables table {} {TABLE}: {what}: {detail}", nf_family(*family).1)]
-pub struct MasqError {
-    family: Family,
-    what: &'static str,
-    detail: String,
-    /// The nft binary could not be run at all.
-    nft_missing: bool,
-}
-
-impl MasqError {
-    fn from_nft(family: Family, what: &'static str) -> impl FnOnce(NftablesError) -> MasqError {
-        move |e| {
-            let nft_missing = matches!(e, NftablesError::NftExecution { .. });
-            let detail = match e {
-                NftablesError::NftExecution { inner, .. } => {
-                    format!("cannot run nft (is the nftables package installed?): {inner}")
-                }
-                NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
-                other => other.to_string(),
-            };
-            MasqError { family, what, detail, nft_missing }
-        }
     }
 }
 
@@ -197,49 +171,24 @@ impl Masquerade {
     }
 }
 
-fn table(family: Family) -> NfListObject<'static> {
-    NfListObject::Table(Table { family: nf_family(family).0, name: Cow::Borrowed(TABLE), handle: None })
+/// Our table of `family`.
+pub fn table_id(family: Family) -> TableId {
+    TableId { family: nf_family(family).0, name: TABLE }
 }
 
 /// Add, delete, add: the table exists afterwards, empty, whatever it held.
 fn replace_table(family: Family) -> Vec<NfObject<'static>> {
-    vec![
-        NfObject::CmdObject(NfCmd::Add(table(family))),
-        NfObject::CmdObject(NfCmd::Delete(table(family))),
-        NfObject::CmdObject(NfCmd::Add(table(family))),
-    ]
-}
-
-fn delete_table(family: Family) -> Nftables<'static> {
-    Nftables {
-        objects: Cow::Owned(vec![
-            NfObject::CmdObject(NfCmd::Add(table(family))),
-            NfObject::CmdObject(NfCmd::Delete(table(family))),
-        ]),
-    }
-}
-
-/// Our table of `family` as `nft -j` lists it; none when there is no such table.
-async fn list(family: Family) -> Result<Option<Value>, MasqError> {
-    let args = ["list", "table", nf_family(family).1, TABLE];
-    match nftables::helper::get_current_ruleset_raw_async(nftables::helper::DEFAULT_NFT, args).await {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| MasqError {
-            family,
-            what: "reading the table",
-            detail: e.to_string(),
-            nft_missing: false,
-        }),
-        Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
-        Err(e) => Err(MasqError::from_nft(family, "reading the table")(e)),
-    }
+    let mut commands = nft::delete_commands(table_id(family));
+    commands.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Table(table_id(family).table()))));
+    commands
 }
 
 /// Makes the node hold `desired` in the table of `family` (none: no table
 /// at all). With `read`, the table is read and changed only if it differs;
 /// without, it is written. Returns whether anything was changed.
-pub async fn reconcile(family: Family, desired: Option<&Masquerade>, read: bool) -> Result<bool, MasqError> {
+pub async fn reconcile(family: Family, desired: Option<&Masquerade>, read: bool) -> Result<bool, NftError> {
     if read {
-        let listed = match list(family).await {
+        let listed = match nft::list(table_id(family), false).await {
             Ok(listed) => listed,
             // Without nft there can be no table of ours to remove.
             Err(e) if desired.is_none() && e.nft_missing => return Ok(false),
@@ -255,17 +204,15 @@ pub async fn reconcile(family: Family, desired: Option<&Masquerade>, read: bool)
         }
     }
     match desired {
-        Some(m) => nftables::helper::apply_ruleset_async(&m.ruleset())
-            .await
-            .map_err(MasqError::from_nft(family, "replacing it"))?,
+        Some(m) => nft::apply(table_id(family), "replacing it", &m.ruleset()).await?,
         None => remove(family).await?,
     }
     Ok(true)
 }
 
 /// Whether our table of `family` exists (no nft: it cannot).
-pub async fn exists(family: Family) -> Result<bool, MasqError> {
-    match list(family).await {
+pub async fn exists(family: Family) -> Result<bool, NftError> {
+    match nft::list(table_id(family), true).await {
         Ok(listed) => Ok(listed.is_some()),
         Err(e) if e.nft_missing => Ok(false),
         Err(e) => Err(e),
@@ -273,10 +220,8 @@ pub async fn exists(family: Family) -> Result<bool, MasqError> {
 }
 
 /// Removes our table of `family`, if present.
-pub async fn remove(family: Family) -> Result<(), MasqError> {
-    nftables::helper::apply_ruleset_async(&delete_table(family))
-        .await
-        .map_err(MasqError::from_nft(family, "removing it"))
+pub async fn remove(family: Family) -> Result<(), NftError> {
+    nft::delete(table_id(family)).await
 }
 
 #[cfg(test)]

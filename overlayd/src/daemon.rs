@@ -25,7 +25,7 @@ use crate::instance_lock::{self, InstanceLock};
 use crate::lease::etcd::EtcdLeases;
 use crate::lease::kube::KubeLeases;
 use crate::lease::{check_own, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
-use crate::metrics::{Cause, Metrics, Resource};
+use crate::node_state::{Cause, NodeState, Resource};
 use crate::peers::{PeerLease, PeerView, Pending, Update};
 use crate::plan::{self, Local};
 use crate::reconcile::{self, Action, EntriesPlan, FamilyPlan, NodePlan, Reconciler, Slot, Trigger};
@@ -61,28 +61,28 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> Result<()> {
     // Before anything touches the node: one daemon per node.
     let _lock = InstanceLock::take(&instance_lock::path_for(&args.node.subnet_file))?;
-    let metrics = Arc::new(Metrics::new(args.kube.kube_subnet_mgr && args.kube.network_policy));
+    let state = Arc::new(NodeState::new(args.kube.kube_subnet_mgr && args.kube.network_policy));
     let store_name = if args.kube.kube_subnet_mgr { "kubernetes" } else { "etcd" };
-    metrics.status.update(|r| {
+    state.status.update(|r| {
         r.version = crate::version::LINE.to_string();
         r.store = store_name.to_string();
     });
     if let Some(addr) = args.node.health_addr {
-        health::serve(addr, metrics.clone()).await.with_context(|| format!("serving health endpoints on {addr}"))?;
+        health::serve(addr, state.clone()).await.with_context(|| format!("serving health endpoints on {addr}"))?;
     }
     let socket = health::socket_path(&args.node.subnet_file);
-    health::serve_unix(&socket, metrics.clone()).with_context(|| format!("serving status on {}", socket.display()))?;
+    health::serve_unix(&socket, state.clone()).with_context(|| format!("serving status on {}", socket.display()))?;
     let nl = Netlink::connect().context("opening netlink socket")?;
     if args.kube.kube_subnet_mgr {
         let store = KubeLeases::connect(&args.kube).await?;
         if args.kube.network_policy {
             let outage = store.outage().context("the Kubernetes store says its outages")?;
-            crate::policy::start(&args.kube, metrics.clone(), outage)?;
+            crate::policy::start(&args.kube, state.clone(), outage)?;
         }
-        run_with(store, args.node, nl, metrics).await
+        run_with(store, args.node, nl, state).await
     } else {
         let store = EtcdLeases::connect(&args.etcd).await?;
-        run_with(store, args.node, nl, metrics).await
+        run_with(store, args.node, nl, state).await
     }
 }
 
@@ -130,7 +130,7 @@ struct Daemon<S> {
     vtep_macs: [MacAddr; 2],
     peers: PeerView,
     reconciler: Reconciler,
-    metrics: Arc<Metrics>,
+    state: Arc<NodeState>,
     /// Whether the store has been told, since the last renewal, that this node's network is up.
     announced: bool,
     /// TX checksum offload of the devices, decided once from the setting and the kernel.
@@ -155,7 +155,7 @@ async fn run_with<S: LeaseStore + Clone>(
     mut store: S,
     mut node: NodeArgs,
     nl: Netlink,
-    metrics: Arc<Metrics>,
+    state: Arc<NodeState>,
 ) -> Result<()> {
     let config = store.network_config().await?;
     for family in config.families() {
@@ -164,7 +164,7 @@ async fn run_with<S: LeaseStore + Clone>(
         }
     }
     let families: Vec<Family> = config.families().collect();
-    metrics.set_families(&families);
+    state.set_families(&families);
     let selector = node.underlay_selector().map_err(anyhow::Error::msg)?;
     let not_underlay = not_underlay(&node, &config);
     let underlay =
@@ -175,16 +175,16 @@ async fn run_with<S: LeaseStore + Clone>(
     let (vtep_macs, attrs) = lease_attrs(&config, public, kept);
     let previous = subnet_file::previous_subnets(&node.subnet_file);
     let own = store.acquire(&config, &attrs, previous).await?;
-    metrics.set_lease_held(true);
-    metrics.renewed_now();
+    state.set_lease_held(true);
+    state.metrics.renewed_now();
     if let Some(previous) = previous.filter(|p| *p != own.key) {
         warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
-    let reconciler = Reconciler::new(nl.clone(), node.subnet_file.clone(), node.resync_interval, metrics.clone())?;
+    let reconciler = Reconciler::new(nl.clone(), node.subnet_file.clone(), node.resync_interval, state.clone())?;
     let release = offload::kernel_release();
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
     info!(kernel = %release, setting = node.vxlan_tx_checksum_offload.name(), on = tx_checksum_offload, "VXLAN TX checksum offload");
-    metrics.tx_checksum_offload.set(i64::from(tx_checksum_offload));
+    state.metrics.tx_checksum_offload.set(i64::from(tx_checksum_offload));
     let peers = PeerView::new(&config, &own);
     let mut daemon = Daemon {
         node,
@@ -195,7 +195,7 @@ async fn run_with<S: LeaseStore + Clone>(
         vtep_macs,
         peers,
         reconciler,
-        metrics,
+        state,
         announced: false,
         tx_checksum_offload,
         reacquiring: None,
@@ -455,7 +455,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     /// stops being ready (with why): a restart with nothing to change still
     /// says it is up.
     fn say_readiness(&mut self) {
-        let ready = self.metrics.ready();
+        let ready = self.state.dataplane_ready();
         if ready == self.was_ready {
             return;
         }
@@ -467,7 +467,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             let peers = self.peers.count() - skipped;
             info!(subnet = %self.own.key, peers, entries, skipped, "ready: {peers} peers, {entries} entries");
         } else {
-            warn!("{}", self.metrics.readiness_detail().trim_end());
+            warn!("{}", self.state.readiness_detail().trim_end());
         }
     }
 
@@ -478,7 +478,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             Resource::Masquerade(_) => Cause::Nftables,
             _ => Cause::Kernel,
         };
-        self.metrics.repaired(cause, resource);
+        self.state.repaired(cause, resource);
     }
 
     /// Puts what the daemon holds into the status report: our lease, our
@@ -507,8 +507,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             .map(|(key, why)| crate::status::Skipped { lease: key.to_string(), reason: why.to_string() })
             .collect();
         let peers = self.peers.count() - skipped.len();
-        let lease = self.metrics.lease_held().then(|| self.own.key.to_string());
-        self.metrics.status.update(|r| {
+        let lease = self.state.lease_held().then(|| self.own.key.to_string());
+        self.state.status.update(|r| {
             r.lease = lease;
             r.vteps = vteps;
             r.peers = peers;
@@ -531,11 +531,11 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         while let Ok(more) = rx.try_recv() {
             events.extend(more);
         }
-        self.metrics.watch_events.inc_by(events.len() as u64);
-        self.metrics.lease_watch_event_now();
+        self.state.metrics.watch_events.inc_by(events.len() as u64);
+        self.state.metrics.lease_watch_event_now();
         let update = self.peers.apply(&self.own, events);
-        self.metrics.leases.set(self.peers.count() as i64 + 1);
-        self.metrics.peers_skipped.set(self.peers.skipped().count() as i64);
+        self.state.metrics.leases.set(self.peers.count() as i64 + 1);
+        self.state.metrics.peers_skipped.set(self.peers.skipped().count() as i64);
         self.publish_status();
         match update {
             Update::Unchanged => Ok(None),
@@ -629,7 +629,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
 
     /// Tells the store the network is up, once per renewal period, when the node is right.
     async fn announce(&mut self) {
-        if self.announced || !self.metrics.ready() {
+        if self.announced || !self.state.dataplane_ready() {
             return;
         }
         match tokio::time::timeout(ANNOUNCE_TIMEOUT, self.store.announce_ready()).await {
@@ -651,7 +651,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                         outage.recovered();
                     }
                     self.renew_failures = Throttle::new(SAY_FAILURES_EVERY);
-                    self.metrics.renewed_now();
+                    self.state.metrics.renewed_now();
                     // Re-assert readiness too: something else may have reset it.
                     self.announced = false;
                     self.announce().await;
@@ -663,7 +663,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 }
             },
             Renewal::Failed(e) => {
-                self.metrics.renewal_errors.inc();
+                self.state.metrics.renewal_errors.inc();
                 match self.store.outage() {
                     // An outage the store's other calls meet too: said once for all of them.
                     Some(outage) if !crate::lease::kube::is_refusal(&e) => {
@@ -754,7 +754,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             return;
         }
         if !restore_first {
-            self.metrics.set_lease_held(false);
+            self.state.set_lease_held(false);
         }
         let (mut store, config, own) = (self.store.clone(), self.config.clone(), self.own.clone());
         self.reacquiring = Some(Box::pin(async move {
@@ -792,8 +792,8 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         }
         self.own = own;
         self.announced = false;
-        self.metrics.set_lease_held(true);
-        self.metrics.renewed_now();
+        self.state.set_lease_held(true);
+        self.state.metrics.renewed_now();
         if let Some(attrs) = republish {
             self.own.attrs = attrs;
             self.claim_in_background(true);

@@ -16,15 +16,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::debug;
 
-use crate::metrics::Metrics;
+use crate::node_state::NodeState;
 
 /// Binds `addr` and serves the endpoints until the process exits.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, state: Arc<NodeState>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(serve_connection(stream, metrics.clone()));
+            tokio::spawn(serve_connection(stream, state.clone()));
         }
     });
     Ok(())
@@ -42,7 +42,7 @@ const SOCKET_NAME: &str = "overlayd.sock";
 /// Serves the endpoints on the Unix socket at `path` (root only: it is
 /// made 0600), replacing a socket an earlier daemon left there. The caller
 /// holds the node's lock, so no running daemon owns it.
-pub fn serve_unix(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub fn serve_unix(path: &Path, state: Arc<NodeState>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -54,18 +54,18 @@ pub fn serve_unix(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(serve_connection(stream, metrics.clone()));
+            tokio::spawn(serve_connection(stream, state.clone()));
         }
     });
     Ok(())
 }
 
-async fn serve_connection<S>(stream: S, metrics: Arc<Metrics>)
+async fn serve_connection<S>(stream: S, state: Arc<NodeState>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let response = respond(&metrics, &req);
+        let response = respond(&state, &req);
         async move { Ok::<_, std::convert::Infallible>(response) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -128,20 +128,16 @@ where
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(state: &NodeState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     let (status, kind, body) = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, TEXT, "ok\n".to_string()),
-        (&Method::GET | &Method::HEAD, "/readyz") if metrics.ready() && metrics.policy.ready() => {
-            (StatusCode::OK, TEXT, "ready\n".to_string())
-        }
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            (StatusCode::SERVICE_UNAVAILABLE, TEXT, metrics.readiness_detail())
-        }
-        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, OPENMETRICS, metrics.render()),
+        (&Method::GET | &Method::HEAD, "/readyz") if state.ready() => (StatusCode::OK, TEXT, "ready\n".to_string()),
+        (&Method::GET | &Method::HEAD, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, TEXT, state.readiness_detail()),
+        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, OPENMETRICS, state.metrics.render()),
         (&Method::GET | &Method::HEAD, "/status") => {
-            let body = serde_json::to_string_pretty(&metrics.report()).unwrap_or_default() + "\n";
+            let body = serde_json::to_string_pretty(&state.report()).unwrap_or_default() + "\n";
             (StatusCode::OK, "application/json", body)
         }
         (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, TEXT, "not found\n".to_string()),

@@ -15,6 +15,7 @@ mod lease;
 mod logging;
 mod metrics;
 mod nft;
+mod node_state;
 mod outage;
 mod peers;
 mod plan;

@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::dataplane::masq::{self, Masquerade};
 use crate::dataplane::subnet_file;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
-use crate::metrics::{Cause, Metrics, Resource};
+use crate::node_state::{Cause, NodeState, Resource};
 use crate::plan::{self, Delta, KernelState, Planned};
 
 /// What the node must hold, planned purely from what the daemon knows.
@@ -233,7 +233,7 @@ pub struct Reconciler {
     resync: Duration,
     applied: Applied,
     backoff: Backoff,
-    metrics: Arc<Metrics>,
+    state: Arc<NodeState>,
     /// The resources this reconcile had to change: on a resync, each was a repair.
     changed: Vec<Resource>,
     /// Whether the last reconcile failed: then the next requeue is its retry, not a resync.
@@ -245,7 +245,7 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// A reconciler for this network namespace.
-    pub fn new(nl: Netlink, subnet_file: PathBuf, resync: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(nl: Netlink, subnet_file: PathBuf, resync: Duration, state: Arc<NodeState>) -> anyhow::Result<Self> {
         let bulk = Bulk::open()?;
         Ok(Reconciler {
             nl,
@@ -255,7 +255,7 @@ impl Reconciler {
             applied: Applied::default(),
             refused: Default::default(),
             backoff: Backoff::with_max(Duration::from_secs(30).min(resync)),
-            metrics,
+            state,
             changed: Vec::new(),
             retrying: false,
         })
@@ -296,17 +296,17 @@ impl Reconciler {
             record(resource, result);
         }
         if let (Some(v4), Some(v6)) = (self.planned::<Ipv4Addr>(), self.planned::<Ipv6Addr>()) {
-            self.metrics.peers.set(v4.state.routes.len().max(v6.state.routes.len()) as i64);
+            self.state.metrics.peers.set(v4.state.routes.len().max(v6.state.routes.len()) as i64);
         }
 
-        self.metrics.reconciled(started.elapsed(), &outcomes);
+        self.state.reconciled(started.elapsed(), &outcomes);
         // The resync reads the node back: whatever it had to change had drifted
         // unnoticed. (A retry after a failure is a requeue too, but it finishes
         // its own work.)
         let resync = trigger == Trigger::Requeue && !self.retrying;
         for resource in std::mem::take(&mut self.changed) {
             if resync && failures.is_empty() {
-                self.metrics.repaired(Cause::Resync, resource);
+                self.state.repaired(Cause::Resync, resource);
             }
         }
         self.retrying = !failures.is_empty();
@@ -324,10 +324,10 @@ impl Reconciler {
     /// The one place failures are handled: said, counted, and retried with backoff.
     fn error_policy(&mut self, trigger: Trigger, failures: Vec<Failure>) -> Action {
         let retry_in = self.backoff.next_delay();
-        self.metrics.retries.inc();
+        self.state.metrics.retries.inc();
         if let Some(f) = failures.first() {
             let what = format!("{}: {:#}", f.resource.name(), f.error);
-            self.metrics.status.update(|r| r.last_error = Some(crate::status::Event::now(what)));
+            self.state.failed(what);
         }
         for f in &failures {
             error!(
@@ -404,7 +404,7 @@ impl Reconciler {
             return Ok(None);
         };
         let device = device::reconcile(&self.nl, spec).await?;
-        self.metrics.netlink_ops.inc_by(device.changes as u64);
+        self.state.metrics.netlink_ops.inc_by(device.changes as u64);
         if device.changes > 0 {
             self.changed.push(Resource::Device(A::FAMILY));
         }
@@ -474,8 +474,8 @@ impl Reconciler {
         let (bulk, planned, result) = joined.map_err(|e| anyhow::anyhow!("the entries worker failed: {e}"))?;
         self.bulk = Some(bulk);
         let (read_back, report) = result?;
-        self.metrics.netlink_ops.inc_by(report.sent as u64);
-        self.metrics.netlink_errors.inc_by(report.failed.len() as u64);
+        self.state.metrics.netlink_ops.inc_by(report.sent as u64);
+        self.state.metrics.netlink_errors.inc_by(report.failed.len() as u64);
         if report.sent > 0 {
             self.changed.push(Resource::Entries(family));
             info!(
@@ -498,7 +498,7 @@ impl Reconciler {
         report.unapplied(&mut planned.state);
         self.say_refused(family, &report, whole);
         let state = &planned.state;
-        self.metrics.entries_held(family, state.neighbours.len(), state.fdb.len(), state.routes.len());
+        self.state.metrics.entries_held(family, state.neighbours.len(), state.fdb.len(), state.routes.len());
         A::slot(&mut self.applied).entries = Some((index, planned));
         Ok(())
     }
@@ -520,7 +520,7 @@ impl Reconciler {
         } else {
             refused.extend(now);
         }
-        self.metrics.entries_refused.set(self.refused.iter().map(|r| r.len() as i64).sum());
+        self.state.metrics.entries_refused.set(self.refused.iter().map(|r| r.len() as i64).sum());
     }
 
     async fn masquerade<A: Slot>(&mut self, desired: Option<&Masquerade>, read: bool) -> anyhow::Result<()> {

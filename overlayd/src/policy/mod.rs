@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use self::compile::{ClusterView, Direction, Key, Problem, Ruleset};
 use self::watch::{Change, Kind};
 use crate::flags::KubeArgs;
-use crate::metrics::Metrics;
+use crate::node_state::NodeState;
 use crate::outage::Outage;
 
 /// How long a change waits for the rest of its burst before the ruleset is
@@ -43,9 +43,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
-pub fn start(args: &KubeArgs, metrics: Arc<Metrics>, outage: Arc<Outage>) -> anyhow::Result<()> {
+pub fn start(args: &KubeArgs, state: Arc<NodeState>, outage: Arc<Outage>) -> anyhow::Result<()> {
     let node = crate::lease::kube::node_name(args)?;
-    metrics.policy.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
     let args = args.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("policy".into()).spawn(move || {
@@ -57,7 +56,7 @@ pub fn start(args: &KubeArgs, metrics: Arc<Metrics>, outage: Arc<Outage>) -> any
                     return;
                 }
             };
-            run(client, node, metrics, outage).await
+            run(client, node, state, outage).await
         })
     })?;
     info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
@@ -111,14 +110,14 @@ struct Controller {
     /// How long the last sync took, and when it ended.
     last_sync: Duration,
     last_sync_end: Instant,
-    metrics: Arc<Metrics>,
+    state: Arc<NodeState>,
     /// The API server's outages, shared with the lease watch: said once for all.
     outage: Arc<Outage>,
     /// Watches the API server refused, said once until one works again.
     refused: BTreeSet<Kind>,
 }
 
-async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>, outage: Arc<Outage>) {
+async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: Arc<Outage>) {
     let changes = watch::watch_all(client);
     tokio::pin!(changes);
     let mut c = Controller {
@@ -135,7 +134,7 @@ async fn run(client: kube::Client, node: String, metrics: Arc<Metrics>, outage: 
         failed: false,
         last_sync: Duration::ZERO,
         last_sync_end: Instant::now(),
-        metrics,
+        state,
         outage,
         refused: BTreeSet::new(),
     };
@@ -305,8 +304,8 @@ impl Controller {
             }
         }
         self.said = compiled.problems.iter().cloned().collect();
-        let metrics = self.metrics.clone();
-        let m = &metrics.policy;
+        let state = self.state.clone();
+        let m = &state.metrics.policy;
         m.policies.set(self.view.policies.len() as i64);
         m.policies_in_effect.set(compiled.policies_in_effect as i64);
         m.selected_pods.set(compiled.selected_pods as i64);
@@ -318,7 +317,7 @@ impl Controller {
                     m.sync_seconds.observe(since.elapsed().as_secs_f64());
                     m.syncs.inc();
                 }
-                m.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+                state.set_policy_synced(true);
                 if applied {
                     info!(
                         rules = compiled.ruleset.rules.len(),
@@ -344,7 +343,7 @@ impl Controller {
             }
             Err(e) => {
                 m.errors.inc();
-                m.synced.store(false, std::sync::atomic::Ordering::Relaxed);
+                state.set_policy_synced(false);
                 warn!("{e}; retrying in {}s", RETRY_AFTER.as_secs());
                 Instant::now() + RETRY_AFTER
             }
@@ -370,7 +369,7 @@ impl Controller {
             return Ok(false);
         }
         if timer && !holds {
-            self.metrics.policy.repairs.inc();
+            self.state.metrics.policy.repairs.inc();
             let found_by = if trigger == Trigger::Kernel { "an nftables event" } else { "the periodic check" };
             warn!("the NetworkPolicy table was changed or removed by someone else ({found_by}); restoring it");
         }
@@ -380,7 +379,7 @@ impl Controller {
         self.failed = true;
         table::apply(ruleset, existing, rewrite_all).await?;
         self.failed = false;
-        self.metrics.policy.applies.inc();
+        self.state.metrics.policy.applies.inc();
         Ok(true)
     }
 
@@ -389,7 +388,7 @@ impl Controller {
     fn count_drops(&mut self, now: [u64; 2]) {
         for (i, direction) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
             let delta = now[i].checked_sub(self.drops[i]).unwrap_or(now[i]);
-            self.metrics.policy.drops(direction).inc_by(delta);
+            self.state.metrics.policy.drops(direction.name()).inc_by(delta);
         }
         self.drops = now;
     }

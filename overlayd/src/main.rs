@@ -7,22 +7,28 @@ mod backoff;
 mod cleanup;
 mod daemon;
 mod dataplane;
+mod drift;
 mod flags;
 mod health;
 mod install_cni;
 mod instance_lock;
+mod kubernetes;
 mod lease;
+mod list_watch;
 mod logging;
 mod metrics;
 mod nft;
+mod node_plan;
 mod node_state;
 mod outage;
 mod peers;
 mod plan;
 mod policy;
 mod reconcile;
+mod reflector;
 mod status;
 mod version;
+mod vtep;
 
 use std::process::ExitCode;
 
@@ -55,7 +61,8 @@ fn main() -> ExitCode {
         Some(flags::Command::InstallCni(args)) => install_cni::run(&args),
         Some(flags::Command::Status(args)) => runtime().and_then(|rt| rt.block_on(status::run(&cli.run, &args))),
         Some(flags::Command::Cleanup(args)) => runtime().and_then(|rt| rt.block_on(cleanup::run(&cli.run, &args))),
-        None => runtime().and_then(|rt| rt.block_on(daemon::run(cli.run))),
+        // The daemon's tasks that hold the lease store run beside its loop, on its one thread.
+        None => runtime().and_then(|rt| rt.block_on(tokio::task::LocalSet::new().run_until(daemon::run(cli.run)))),
     };
     exit_code(result)
 }

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub renewal_errors: Counter,
     /// Watch events received from the lease store.
     pub watch_events: Counter,
+    /// Times kernel events were lost (the socket overflowed) and the node was read back.
+    pub kernel_event_overflows: Counter,
     resource_ready: Labelled<ResourceLabel, Gauge>,
     resource_errors: Labelled<ResourceLabel, Counter>,
     repairs: Labelled<RepairLabel, Counter>,
@@ -106,6 +108,7 @@ impl Metrics {
             last_renewal: Gauge::default(),
             renewal_errors: Counter::default(),
             watch_events: Counter::default(),
+            kernel_event_overflows: Counter::default(),
             resource_ready: Labelled::default(),
             resource_errors: Labelled::default(),
             repairs: Labelled::default(),
@@ -144,6 +147,11 @@ impl Metrics {
         );
         r.register("overlay_lease_renewal_errors", "Failed lease renewals", m.renewal_errors.clone());
         r.register("overlay_watch_events", "Watch events received from the lease store", m.watch_events.clone());
+        r.register(
+            "overlay_kernel_event_overflows",
+            "Times kernel events were lost (the event socket overflowed) and the whole node was read back",
+            m.kernel_event_overflows.clone(),
+        );
         r.register(
             "overlay_resource_ready",
             "1 when the node held what was planned for this resource after the last reconcile",

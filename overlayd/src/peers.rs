@@ -13,6 +13,7 @@ pub use crate::admission::PeerLease;
 use crate::admission::{self, Claim, Lease, Outcome, Refusal, Rules};
 use crate::lease::{check_own, LeaseLost, OwnLease, WatchEvent};
 use crate::plan::{Peer, PeerChange};
+use crate::reflector::{Folded, Store};
 
 /// What a batch of watch events did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,17 +32,15 @@ pub struct PeerView {
     /// What config says a peer lease must be; our own part is set from our lease.
     config: NetConfig,
     rules: Rules,
-    /// Every peer lease the store holds.
-    leases: BTreeMap<LeaseKey, Lease>,
+    /// Every peer lease the store holds (ours is not one).
+    leases: Store<LeaseKey, Lease>,
     /// What became of each: a peer, or skipped and why.
     outcomes: BTreeMap<LeaseKey, Outcome>,
     /// How many leases that pass by themselves make each claim: a change
     /// that shares none is admitted alone, one that shares one admits anew.
     claimants: HashMap<Claim, u32>,
-    /// A listing in progress, and what it said of our own key.
-    listing: Option<(BTreeMap<LeaseKey, Lease>, Option<proto::LeaseAttrs>)>,
-    /// Whether a listing has completed: until then the view is not to be planned from.
-    listed: bool,
+    /// What the listing under way said of our own key.
+    own_listed: Option<proto::LeaseAttrs>,
     /// What changed since the changes were last taken.
     pending: Pending,
 }
@@ -76,11 +75,10 @@ impl PeerView {
         PeerView {
             config: config.clone(),
             rules: Rules::new(config, own),
-            leases: BTreeMap::new(),
+            leases: Store::default(),
             outcomes: BTreeMap::new(),
             claimants: HashMap::new(),
-            listing: None,
-            listed: false,
+            own_listed: None,
             pending: Pending::default(),
         }
     }
@@ -125,7 +123,7 @@ impl PeerView {
 
     /// Whether a first listing has completed.
     pub fn listed(&self) -> bool {
-        self.listed
+        self.leases.listed()
     }
 
     /// Takes our own lease as it is now (claimed anew, or publishing a new
@@ -137,7 +135,7 @@ impl PeerView {
         }
         self.rules = rules;
         // A key that became ours is no peer lease (a new lease may be an old peer's).
-        self.leases.remove(&own.key);
+        self.leases.apply(crate::reflector::WatchEvent::Delete(own.key));
         self.readmit()
     }
 
@@ -150,50 +148,45 @@ impl PeerView {
             }
         };
         for event in events {
-            match event {
-                WatchEvent::Init => self.listing = Some((BTreeMap::new(), None)),
-                WatchEvent::InitApply(key, attrs, created) => {
-                    let (listing, own_seen) = self.listing.get_or_insert_with(Default::default);
-                    if key == own.key {
-                        *own_seen = Some(attrs);
-                    } else {
-                        listing.insert(key, Lease::new(&key, &attrs, created));
-                    }
+            // Our own key is no peer's: it is held against what we published, not admitted.
+            let event = match event {
+                WatchEvent::Init => {
+                    self.own_listed = None;
+                    WatchEvent::Init
                 }
-                WatchEvent::InitDone => {
-                    let (listing, own_seen) = self.listing.take().unwrap_or_default();
-                    if let Err(lost) = check_own(own, own_seen.as_ref()) {
-                        note(Update::Lost(lost));
-                    }
-                    self.leases = listing;
-                    if self.readmit() || !self.listed {
-                        note(Update::Changed);
-                        self.pending = Pending::Whole;
-                    }
-                    self.listed = true;
+                WatchEvent::InitApply(key, (attrs, _)) if key == own.key => {
+                    self.own_listed = Some(attrs);
+                    continue;
                 }
-                WatchEvent::Apply(key, attrs, _) if key == own.key => {
+                WatchEvent::Apply(key, (attrs, _)) if key == own.key => {
                     if let Err(lost) = check_own(own, Some(&attrs)) {
                         note(Update::Lost(lost));
                     }
+                    continue;
                 }
                 WatchEvent::Delete(key) if key == own.key => {
                     if let Err(lost) = check_own(own, None) {
                         note(Update::Lost(lost));
                     }
+                    continue;
                 }
-                WatchEvent::Apply(key, attrs, created) => {
-                    let lease = Lease::new(&key, &attrs, created);
-                    let before = self.leases.insert(key, lease);
-                    if self.settle(key, before) {
+                other => other,
+            };
+            let first = !self.leases.listed();
+            match self.leases.apply(event.map(|key, (attrs, created)| Lease::new(key, &attrs, created))) {
+                Folded::Nothing => {}
+                Folded::Listed(_) => {
+                    if let Err(lost) = check_own(own, self.own_listed.take().as_ref()) {
+                        note(Update::Lost(lost));
+                    }
+                    if self.readmit() || first {
                         note(Update::Changed);
+                        self.pending = Pending::Whole;
                     }
                 }
-                WatchEvent::Delete(key) => {
-                    if let Some(before) = self.leases.remove(&key) {
-                        if self.settle(key, Some(before)) {
-                            note(Update::Changed);
-                        }
+                Folded::Changed(key, before) => {
+                    if self.settle(key, before) {
+                        note(Update::Changed);
                     }
                 }
             }
@@ -248,7 +241,7 @@ impl PeerView {
 
     /// Admits every lease anew; whether any peer changed.
     fn readmit(&mut self) -> bool {
-        let outcomes = admission::admit(&self.rules, &self.leases);
+        let outcomes = admission::admit(&self.rules, self.leases.iter());
         let claims: Vec<Claim> =
             self.leases.iter().filter_map(|(key, lease)| self.claims_of(key, lease)).flatten().collect();
         self.claimants.clear();
@@ -340,7 +333,7 @@ mod tests {
 
     fn listing(leases: &[(LeaseKey, LeaseAttrs)]) -> Vec<WatchEvent> {
         let mut events = vec![WatchEvent::Init];
-        events.extend(leases.iter().map(|(k, a)| WatchEvent::InitApply(*k, a.clone(), Created(1))));
+        events.extend(leases.iter().map(|(k, a)| WatchEvent::InitApply(*k, (a.clone(), Created(1)))));
         events.push(WatchEvent::InitDone);
         events
     }
@@ -358,7 +351,7 @@ mod tests {
         assert_eq!(view.apply(&own, [WatchEvent::Init]), Update::Unchanged);
         assert_eq!(view.count(), 1);
         assert_eq!(
-            view.apply(&own, [WatchEvent::InitApply(own.key, own.attrs.clone(), Created(1)), WatchEvent::InitDone]),
+            view.apply(&own, [WatchEvent::InitApply(own.key, (own.attrs.clone(), Created(1))), WatchEvent::InitDone]),
             Update::Changed
         );
         assert_eq!(view.count(), 0, "b was gone in the relist");
@@ -371,15 +364,15 @@ mod tests {
         view.apply(&own, listing(&[(own.key, own.attrs.clone())]));
         let k = key("10.244.2.0/24");
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1))]),
+            view.apply(&own, [WatchEvent::Apply(k, (attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1)))]),
             Update::Changed
         );
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1))]),
+            view.apply(&own, [WatchEvent::Apply(k, (attrs("192.168.1.2", "02:00:00:00:00:02"), Created(1)))]),
             Update::Unchanged
         );
         assert_eq!(
-            view.apply(&own, [WatchEvent::Apply(k, attrs("192.168.1.2", "02:00:00:00:00:03"), Created(1))]),
+            view.apply(&own, [WatchEvent::Apply(k, (attrs("192.168.1.2", "02:00:00:00:00:03"), Created(1)))]),
             Update::Changed
         );
         assert_eq!(view.apply(&own, [WatchEvent::Delete(k)]), Update::Changed);
@@ -404,9 +397,9 @@ mod tests {
         broken.backend_v6_data = proto::lease::BackendData::Other(r#"{"VNI":1}"#.into());
         let broken_key: LeaseKey = "10.244.4.0-24&fd00:0:0:4::-64".parse().unwrap();
         let events = [
-            WatchEvent::Apply(dual_key, dual, Created(1)),
-            WatchEvent::Apply(v4_key, v4_only, Created(1)),
-            WatchEvent::Apply(broken_key, broken, Created(1)),
+            WatchEvent::Apply(dual_key, (dual, Created(1))),
+            WatchEvent::Apply(v4_key, (v4_only, Created(1))),
+            WatchEvent::Apply(broken_key, (broken, Created(1))),
         ];
         assert_eq!(view.apply(&own, events), Update::Changed);
         let v4: Vec<String> = view.peers::<Ipv4Addr>().map(|p| p.subnet.to_string()).collect();
@@ -423,8 +416,8 @@ mod tests {
         let a = attrs("192.168.1.2", "02:00:00:00:00:02");
         view.apply(&own, listing(&[(own.key, own.attrs.clone()), (k3, attrs("192.168.1.3", "02:00:00:00:00:03"))]));
         assert!(matches!(view.take_changes(), Pending::Whole), "a listing is planned whole");
-        view.apply(&own, [WatchEvent::Apply(k2, a.clone(), Created(1)), WatchEvent::Delete(k3)]);
-        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1))]);
+        view.apply(&own, [WatchEvent::Apply(k2, (a.clone(), Created(1))), WatchEvent::Delete(k3)]);
+        view.apply(&own, [WatchEvent::Apply(k2, (attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1)))]);
         let Pending::Peers(pending) = view.take_changes() else { panic!("changes are peer by peer") };
         let changes: Vec<PeerChange<Ipv4Addr>> = view.changes(&pending).collect();
         let mac = |m: &str| m.parse::<MacAddr>().unwrap();
@@ -433,8 +426,8 @@ mod tests {
         assert_eq!((changes[1].before.map(|p| p.vtep_mac), changes[1].after), (Some(mac("02:00:00:00:00:03")), None));
         assert_eq!(view.changes::<Ipv6Addr>(&pending).count(), 0, "no IPv6 in these leases");
         // Taken: the next plan starts from here. A change undone is no change.
-        view.apply(&own, [WatchEvent::Apply(k2, a.clone(), Created(1))]);
-        view.apply(&own, [WatchEvent::Apply(k2, attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1))]);
+        view.apply(&own, [WatchEvent::Apply(k2, (a.clone(), Created(1)))]);
+        view.apply(&own, [WatchEvent::Apply(k2, (attrs("192.168.1.2", "02:00:00:00:00:22"), Created(1)))]);
         let Pending::Peers(pending) = view.take_changes() else { panic!() };
         assert_eq!(view.changes::<Ipv4Addr>(&pending).count(), 0);
     }
@@ -444,13 +437,13 @@ mod tests {
         let own = own();
         let mut view = view(&own);
         assert!(matches!(view.apply(&own, listing(&[])), Update::Lost(_)), "missing from the listing");
-        assert_eq!(view.apply(&own, [WatchEvent::Apply(own.key, own.attrs.clone(), Created(1))]), Update::Unchanged);
+        assert_eq!(view.apply(&own, [WatchEvent::Apply(own.key, (own.attrs.clone(), Created(1)))]), Update::Unchanged);
         let taken = attrs("192.168.1.9", "02:00:00:00:00:09");
-        assert!(matches!(view.apply(&own, [WatchEvent::Apply(own.key, taken, Created(1))]), Update::Lost(_)));
+        assert!(matches!(view.apply(&own, [WatchEvent::Apply(own.key, (taken, Created(1)))]), Update::Lost(_)));
         // Lost wins over a peer change in the same batch.
         let batch = [
             WatchEvent::Delete(own.key),
-            WatchEvent::Apply(key("10.244.3.0/24"), attrs("192.168.1.3", "02:00:00:00:00:03"), Created(1)),
+            WatchEvent::Apply(key("10.244.3.0/24"), (attrs("192.168.1.3", "02:00:00:00:00:03"), Created(1))),
         ];
         assert!(matches!(view.apply(&own, batch), Update::Lost(_)));
         assert_eq!(view.count(), 1, "the peer change was still taken");
@@ -475,13 +468,15 @@ mod tests {
                 let event = match lease {
                     Some((ip, mac, created)) => WatchEvent::Apply(
                         k,
-                        attrs(&format!("192.168.1.{}", 10 + ip), &format!("02:00:00:00:00:{:02x}", 0x10 + mac)),
-                        Created(created),
+                        (
+                            attrs(&format!("192.168.1.{}", 10 + ip), &format!("02:00:00:00:00:{:02x}", 0x10 + mac)),
+                            Created(created),
+                        ),
                     ),
                     None => WatchEvent::Delete(k),
                 };
                 view.apply(&own, [event]);
-                let whole = admission::admit(&view.rules, &view.leases);
+                let whole = admission::admit(&view.rules, view.leases.iter());
                 proptest::prop_assert_eq!(&view.outcomes, &whole);
                 let Pending::Peers(pending) = view.take_changes() else { panic!("no listing here") };
                 for (k, was) in &pending {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::IpNet;
 use overlay_netlink::{Bulk, KernelEvent, Netlink, NFPROTO_IPV4, NFPROTO_IPV6};
 use proto::{Address, Family, SubnetEnv};
 use tracing::{debug, error, info, warn};
@@ -20,59 +19,9 @@ use crate::backoff::Backoff;
 use crate::dataplane::masq::{self, Masquerade};
 use crate::dataplane::subnet_file;
 use crate::dataplane::{device, entries, sysctl, DeviceSpec};
+use crate::node_plan::{EntriesPlan, FamilyPlan, NodePlan};
 use crate::node_state::{Cause, NodeState, Resource};
-use crate::plan::{self, Delta, KernelState, Planned};
-
-/// What the node must hold, planned purely from what the daemon knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodePlan {
-    /// IPv4's part; a family that is off is planned too: as nothing (no
-    /// device, no entries, no table).
-    pub v4: FamilyPlan<Ipv4Addr>,
-    /// IPv6's part.
-    pub v6: FamilyPlan<Ipv6Addr>,
-    /// The subnet file's content.
-    pub subnet_env: SubnetEnv,
-}
-
-/// What one family needs on the node. The same resources, planned and
-/// reconciled by the same (generic) code, in both families.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FamilyPlan<A: Address> {
-    /// The VXLAN device's name (`overlay.1`, `overlay-v6.1`).
-    pub device_name: String,
-    /// The device; none: the family is off, and no device of that name may exist.
-    pub device: Option<DeviceSpec>,
-    /// Every peer's neighbour, FDB entry and route (none when off).
-    pub entries: EntriesPlan<A>,
-    /// The masquerade table; none: no table.
-    pub masquerade: Option<Masquerade>,
-    /// The underlay interface, when the family is on: forwarding must be on then.
-    pub forwarding: Option<String>,
-}
-
-impl<A: Address> FamilyPlan<A> {
-    /// A family that is off: nothing of it may remain on the node.
-    pub fn off(device_name: String) -> Self {
-        FamilyPlan {
-            device_name,
-            device: None,
-            entries: EntriesPlan::Whole(Planned::nothing()),
-            masquerade: None,
-            forwarding: None,
-        }
-    }
-}
-
-/// A family's peer entries, as planned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntriesPlan<A: Address> {
-    /// Every peer's entries: for every trigger but a watch event.
-    Whole(Planned<A>),
-    /// A change to the entries last applied, planned from the peers a watch
-    /// event changed: its cost is in proportion to them, not to every peer.
-    Delta(Delta<A>),
-}
+use crate::plan::{self, KernelState, Planned};
 
 /// Why a reconcile runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +36,19 @@ pub enum Trigger {
     Lease,
     /// The kernel reported a change that is not what we applied (drift).
     Kernel,
+    /// Kernel events were lost: anything may have changed, so the whole node is read back.
+    Resync,
+    /// A watch event's changes could not be applied one by one (two peers
+    /// claim one entry, or the entries were not applied): plan them whole,
+    /// trusting what was applied.
+    Replan,
 }
 
 impl Trigger {
     /// Whether the node is read back (drift is found), or the last successful
     /// apply is trusted: a watch event costs O(change), not a dump of every entry.
     fn reads_node(self) -> bool {
-        self != Trigger::Peers
+        !matches!(self, Trigger::Peers | Trigger::Replan)
     }
 }
 
@@ -104,6 +59,8 @@ pub enum Action {
     AwaitChange,
     /// Reconcile again, reading the whole node, after this long.
     Requeue(Duration),
+    /// Plan again at once, whole: the changes planned could not be applied one by one.
+    Replan,
 }
 
 /// The plan of each resource of one family after its last successful apply.
@@ -130,7 +87,8 @@ impl<A: Address> FamilyApplied<A> {
         let entries = self.entries.as_ref().map(|(_, planned)| &planned.state);
         let on_device = |ifindex: u32| device.is_some_and(|(_, ours)| ours == ifindex);
         let wrong = match event {
-            KernelEvent::Overflow => return device.map(|_| Resource::Device(family)),
+            // Lost events are no one resource's drift: the whole node is read back (`drift`).
+            KernelEvent::Overflow => return None,
             KernelEvent::Link { index, name, up, mtu, mac, gone } => {
                 let (spec, ours) = device?;
                 if *index != ours {
@@ -167,7 +125,7 @@ impl<A: Address> FamilyApplied<A> {
             }
         };
         let resource = match event {
-            KernelEvent::Link { .. } | KernelEvent::Address { .. } | KernelEvent::Overflow => Resource::Device(family),
+            KernelEvent::Link { .. } | KernelEvent::Address { .. } => Resource::Device(family),
             KernelEvent::Nft { .. } => Resource::Masquerade(family),
             _ => Resource::Entries(family),
         };
@@ -221,6 +179,14 @@ struct Failure {
     error: anyhow::Error,
 }
 
+/// How a family's entries came out.
+enum Entries {
+    /// The plan is what the node holds (but for entries the kernel refused).
+    Applied,
+    /// The changes planned could not be applied one by one: plan them whole.
+    PlanWhole,
+}
+
 /// A reconcile this large (operations, or entries read back) leaves megabytes of freed buffers behind.
 pub const TRIM_AFTER: usize = 256;
 
@@ -238,6 +204,8 @@ pub struct Reconciler {
     changed: Vec<Resource>,
     /// Whether the last reconcile failed: then the next requeue is its retry, not a resync.
     retrying: bool,
+    /// Changes of peers could not be applied one by one: the next plan must be whole.
+    plan_whole: bool,
     /// The entries the kernel refused at the last apply of each family (IPv4,
     /// IPv6), in words: each is said once, not at every resync that retries it.
     refused: [std::collections::BTreeSet<String>; 2],
@@ -258,6 +226,7 @@ impl Reconciler {
             state,
             changed: Vec::new(),
             retrying: false,
+            plan_whole: false,
         })
     }
 
@@ -267,10 +236,15 @@ impl Reconciler {
         self.applied.v4.drift(event).or_else(|| self.applied.v6.drift(event))
     }
 
-    /// The plan of the family's entries the node held after the last
-    /// successful apply: what a watch event's changes are planned against.
-    pub fn planned<A: Slot>(&self) -> Option<&Planned<A>> {
+    /// The plan of the family's entries the node held after the last successful apply.
+    fn planned<A: Slot>(&self) -> Option<&Planned<A>> {
         A::slot_ref(&self.applied).entries.as_ref().map(|(_, planned)| planned)
+    }
+
+    /// How many peer entries the node holds, both families, after the last apply.
+    pub fn entry_count(&self) -> usize {
+        self.planned::<Ipv4Addr>().map_or(0, |p| p.state.entry_count())
+            + self.planned::<Ipv6Addr>().map_or(0, |p| p.state.entry_count())
     }
 
     /// Makes the node hold `plan`. It takes the plan whole: what was applied
@@ -310,10 +284,14 @@ impl Reconciler {
             }
         }
         self.retrying = !failures.is_empty();
+        let plan_whole = std::mem::take(&mut self.plan_whole);
         if !failures.is_empty() {
             return self.error_policy(trigger, failures);
         }
         self.backoff.reset();
+        if plan_whole {
+            return Action::Replan;
+        }
         if read {
             Action::Requeue(self.resync)
         } else {
@@ -348,7 +326,11 @@ impl Reconciler {
         let FamilyPlan { device_name, device, entries, masquerade, forwarding } = plan;
         let forwarded = self.forwarding::<A>(forwarding, read);
         let (device_result, entries_result) = match self.device::<A>(&device_name, device.as_ref(), read).await {
-            Ok(index) => (Ok(()), self.entries::<A>(index, entries, read).await),
+            Ok(index) => {
+                let entries = self.entries::<A>(index, entries, read).await;
+                self.plan_whole |= matches!(entries, Ok(Entries::PlanWhole));
+                (Ok(()), entries.map(|_| ()))
+            }
             Err(e) => {
                 // The entries are not applied: the next plan of them must be whole, not a delta
                 // against a plan the node never got.
@@ -417,24 +399,34 @@ impl Reconciler {
         Ok(Some(device.index))
     }
 
-    async fn entries<A: Slot>(&mut self, index: Option<u32>, plan: EntriesPlan<A>, read: bool) -> anyhow::Result<()> {
+    async fn entries<A: Slot>(
+        &mut self,
+        index: Option<u32>,
+        plan: EntriesPlan<A>,
+        read: bool,
+    ) -> anyhow::Result<Entries> {
         let family = A::FAMILY;
         let applied = match A::slot(&mut self.applied).entries.take() {
             Some((at, planned)) if !read && at == index => Some(planned),
             _ => None,
         };
         // A whole plan is diffed with what the node holds: read back, or as
-        // last applied. A delta's operations are the diff of its own entries.
+        // last applied. Changes become a delta of what was applied, and its
+        // operations are the diff of its own entries.
         let (planned, assumed, delta_ops) = match (plan, applied) {
             (EntriesPlan::Whole(planned), assumed) => (planned, assumed.map(|p| p.state), None),
-            (EntriesPlan::Delta(delta), Some(mut planned)) => {
+            (EntriesPlan::Changes(local, changes), Some(mut planned)) => {
+                let Some(delta) = plan::delta(&local, &planned, changes) else {
+                    // Two peers claim one entry: only a whole plan can say who has it.
+                    A::slot(&mut self.applied).entries = Some((index, planned));
+                    return Ok(Entries::PlanWhole);
+                };
                 let ops = delta.ops();
                 delta.apply_to(&mut planned.state);
+                planned.local = Some(local);
                 (planned, None, Some(ops))
             }
-            (EntriesPlan::Delta(_), None) => {
-                anyhow::bail!("changes of peers were planned against entries that are not applied; planning them whole")
-            }
+            (EntriesPlan::Changes(..), None) => return Ok(Entries::PlanWhole),
         };
         let read_entries = assumed.is_none() && delta_ops.is_none();
         let whole = delta_ops.is_none();
@@ -500,7 +492,7 @@ impl Reconciler {
         let state = &planned.state;
         self.state.metrics.entries_held(family, state.neighbours.len(), state.fdb.len(), state.routes.len());
         A::slot(&mut self.applied).entries = Some((index, planned));
-        Ok(())
+        Ok(Entries::Applied)
     }
 
     /// Says each entry the kernel refused that it did not refuse before.
@@ -570,12 +562,6 @@ pub fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// The subnet's network address as a host address (`10.244.33.0/32`,
-/// `fd00:10:244:8::/128`): the VXLAN device's address, as flannel gives it.
-pub fn device_address(subnet: IpNet) -> IpNet {
-    Family::host(subnet.network())
 }
 
 #[cfg(test)]
@@ -671,7 +657,7 @@ mod tests {
             (link(7, "overlay.1", false, 1450, false), device),
             (link(7, "overlay.1", true, 1400, false), device),
             (KernelEvent::Address { index: 7, gone: true }, device),
-            (KernelEvent::Overflow, device),
+            (KernelEvent::Overflow, None),
             (
                 KernelEvent::Nft { family: NFPROTO_IPV4, table: "overlay".into(), gone: true },
                 Some(Resource::Masquerade(Family::V4)),
@@ -710,11 +696,5 @@ mod tests {
         // While a resource's apply is not recorded (failed, or under way), its retry is due anyway.
         let failed = FamilyApplied::<Ipv4Addr> { entries: None, ..applied_v4() };
         assert_eq!(failed.drift(&KernelEvent::Route { route, gone: true }), None);
-    }
-
-    #[test]
-    fn the_device_address_is_the_subnet_s_zero() {
-        assert_eq!(device_address("10.244.33.0/24".parse().unwrap()), "10.244.33.0/32".parse().unwrap());
-        assert_eq!(device_address("fd00:10:244:8::/64".parse().unwrap()), "fd00:10:244:8::/128".parse().unwrap());
     }
 }

@@ -20,9 +20,11 @@ use tracing::{debug, error, info, warn};
 
 use super::etcd_events::{self, KeyChange};
 use super::net_conf;
-use super::{EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Renewal, WatchEvent};
+use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::EtcdArgs;
+use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError};
+use crate::outage::Outage;
 
 /// Keys per page of a listing.
 const LIST_PAGE: i64 = 500;
@@ -171,6 +173,8 @@ pub struct EtcdLeases {
     lease_id: Option<i64>,
     /// The net-conf text the daemon started with.
     config_text: Option<String>,
+    /// etcd's outages, said once for every call that meets them.
+    outage: Arc<Outage>,
 }
 
 impl EtcdLeases {
@@ -223,6 +227,7 @@ impl EtcdLeases {
             ttl,
             lease_id: None,
             config_text: None,
+            outage: Arc::new(Outage::new("etcd", args.etcd_endpoints.join(","))),
         })
     }
 
@@ -551,124 +556,99 @@ impl EtcdLeases {
     }
 }
 
-/// Where the etcd watcher stands: kube-runtime's watcher, for etcd. A
-/// listing is sent as `Init`, `InitApply`..., `InitDone` and gives the
-/// revision to watch from; a compaction or a canceled watch relists; a broken
-/// stream is resumed from the last revision seen, so no event is lost.
-enum WatchState {
-    /// Nothing known: list everything.
-    Listing,
-    /// Listed (or seen) up to `revision`: watch from the one after it.
-    Watching { revision: i64 },
+/// etcd's leases as a list-watch source: the keys under `<prefix>/subnets/`.
+/// A listing comes page by page at one revision and gives the revision to
+/// watch from; a compaction or a canceled watch relists; a broken stream is
+/// resumed from the last revision seen, so no event is lost.
+pub struct LeaseWatch {
+    store: EtcdLeases,
+    prefix: String,
 }
 
-impl EtcdLeases {
-    /// Lists, then streams watch events, forever (until the daemon is gone).
-    async fn list_and_watch(mut self, tx: EventSender) {
-        let prefix = self.subnets_prefix();
-        let mut state = WatchState::Listing;
-        let mut backoff = Backoff::with_max(Duration::from_secs(5));
-        let mut say = Throttle::new(Duration::from_secs(30));
-        loop {
-            state = match state {
-                WatchState::Listing => match self.list_events(&prefix).await {
-                    Ok((events, revision)) => {
-                        if tx.send(events).is_err() {
-                            return;
-                        }
-                        backoff.reset();
-                        WatchState::Watching { revision }
-                    }
-                    Err(e) => {
-                        if say.ready() {
-                            warn!(error = %e, "cannot list leases; retrying");
-                        }
-                        backoff.wait().await;
-                        WatchState::Listing
-                    }
-                },
-                WatchState::Watching { revision } => {
-                    match self.watch_from(&prefix, revision, &tx, &mut backoff).await {
-                        Resume::From(revision) => {
-                            backoff.wait().await;
-                            WatchState::Watching { revision }
-                        }
-                        Resume::Relist => WatchState::Listing,
-                        Resume::Stop => return,
-                    }
-                }
-            };
+impl LeaseWatch {
+    fn failed(&self, e: EtcdError) -> WatchError {
+        if e.is_refusal() {
+            WatchError::Refused(e.into())
+        } else {
+            self.store.next_endpoint();
+            WatchError::Unreachable(e.into())
         }
     }
+}
 
-    /// Every lease as watch events, and the revision the listing is at.
-    async fn list_events(&mut self, prefix: &str) -> Result<(Vec<WatchEvent>, i64), EtcdError> {
-        let mut events = vec![WatchEvent::Init];
-        let revision = self
-            .list_prefix(prefix, |kv| {
-                etcd_events::listed(prefix, [(kv.key(), kv.value(), kv.create_revision())], &mut events)
-            })
-            .await?;
-        events.push(WatchEvent::InitDone);
-        Ok((events, revision))
+impl ListWatch for LeaseWatch {
+    type Key = LeaseKey;
+    type Value = (LeaseAttrs, Created);
+    type Version = i64;
+
+    fn what(&self) -> &'static str {
+        "etcd leases"
     }
 
-    /// Watches from the revision after `revision` until the stream ends; says how to go on.
-    async fn watch_from(&mut self, prefix: &str, mut revision: i64, tx: &EventSender, backoff: &mut Backoff) -> Resume {
+    async fn list(&mut self, sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>) -> Result<i64, Stop> {
+        let mut events = Vec::new();
+        let prefix = self.prefix.clone();
+        let listed = self
+            .store
+            .list_prefix(&prefix, |kv| {
+                etcd_events::listed(&prefix, [(kv.key(), kv.value(), kv.create_revision())], &mut events)
+            })
+            .await;
+        let revision = listed.map_err(|e| self.failed(e))?;
+        for event in events {
+            sink.push(event).await?;
+        }
+        Ok(revision)
+    }
+
+    async fn watch(
+        &mut self,
+        mut revision: i64,
+        sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>,
+    ) -> Result<i64, (i64, Stop)> {
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
-        let watched = match self.client().await {
+        let watched = match self.store.client().await {
             Ok(client) => client
                 .watch_client()
                 .max_decoding_message_size(RECEIVE_LIMIT)
-                .watch(prefix, Some(options))
+                .watch(self.prefix.as_str(), Some(options))
                 .await
                 .map_err(etcd("watch")),
             Err(e) => Err(e),
         };
-        let mut stream = match watched {
-            Ok(stream) => stream,
-            Err(e) => {
-                warn!(error = %e, "cannot watch etcd; retrying");
-                self.next_endpoint();
-                return Resume::From(revision);
-            }
-        };
-        let mut reconnects = self.reconnects.subscribe();
+        let mut stream = watched.map_err(|e| (revision, self.failed(e).into()))?;
+        sink.working();
+        let mut reconnects = self.store.reconnects.subscribe();
         loop {
             let message = tokio::select! {
                 message = stream.message() => message,
                 _ = reconnects.changed() => {
                     debug!(revision, "resuming the watch on a new connection");
-                    return Resume::From(revision);
+                    return Ok(revision);
                 }
             };
             match message {
                 Ok(Some(resp)) => {
-                    backoff.reset();
                     if resp.compact_revision() > 0 || resp.canceled() {
                         warn!(
                             compact_revision = resp.compact_revision(),
                             reason = resp.cancel_reason(),
                             "watch history lost; relisting"
                         );
-                        return Resume::Relist;
+                        return Err((revision, WatchError::Expired.into()));
                     }
-                    let (events, seen) = watch_events(prefix, &resp);
+                    let (events, seen) = watch_events(&self.prefix, &resp);
                     revision = revision.max(seen);
-                    if !events.is_empty() && tx.send(events).is_err() {
-                        return Resume::Stop;
+                    for event in events {
+                        sink.push(event).await.map_err(|c| (revision, c.into()))?;
                     }
+                    sink.flush().await.map_err(|c| (revision, c.into()))?;
                 }
                 Ok(None) => {
-                    warn!("etcd closed the watch; resuming");
-                    self.next_endpoint();
-                    return Resume::From(revision);
+                    self.store.next_endpoint();
+                    return Err((revision, WatchError::Unreachable(anyhow::anyhow!("etcd closed the watch")).into()));
                 }
-                Err(e) => {
-                    warn!(error = %e, revision, "etcd watch broke; resuming from the last revision seen");
-                    self.next_endpoint();
-                    return Resume::From(revision);
-                }
+                Err(e) => return Err((revision, self.failed(etcd("watch")(e)).into())),
             }
         }
     }
@@ -722,16 +702,6 @@ impl EtcdLeases {
     }
 }
 
-/// How the watcher goes on after a watch stream ended.
-enum Resume {
-    /// Watch again after this revision.
-    From(i64),
-    /// History is lost: list again.
-    Relist,
-    /// The daemon is gone.
-    Stop,
-}
-
 /// The events of one watch response, and the highest revision it shows.
 fn watch_events(prefix: &str, resp: &WatchResponse) -> (Vec<WatchEvent>, i64) {
     let mut revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -771,6 +741,7 @@ impl LeaseStore for EtcdLeases {
         loop {
             match self.config_text().await {
                 Ok(Some(text)) => {
+                    self.outage.recovered();
                     let config = net_conf::parse(&text, &path)
                         .with_context(|| format!("invalid network config at etcd key {path}"))?;
                     self.config_text = Some(text);
@@ -782,17 +753,14 @@ impl LeaseStore for EtcdLeases {
                 Ok(None) if say.ready() => {
                     info!(key = %path, "waiting for the network config: no such key in etcd yet")
                 }
-                Err(e) if say.ready() => {
+                // etcd answered, and said no (credentials, permission): a
+                // configuration error, retried all the same (etcd may be
+                // in the middle of a change), and said as such.
+                Err(e) if e.is_refusal() && say.ready() => {
                     let endpoints = self.endpoints.join(",");
-                    // etcd answered, and said no (credentials, permission): a
-                    // configuration error, retried all the same (etcd may be
-                    // in the middle of a change), and said as such.
-                    if e.is_refusal() {
-                        warn!(%endpoints, key = %path, error = %e, "etcd refuses to give the network config; retrying")
-                    } else {
-                        warn!(%endpoints, error = %e, "etcd unreachable; retrying")
-                    }
+                    warn!(%endpoints, key = %path, error = %e, "etcd refuses to give the network config; retrying")
                 }
+                Err(e) if !e.is_refusal() => self.outage.failed(&format!("reading the network config: {e}")),
                 _ => {}
             }
             backoff.wait().await;
@@ -810,13 +778,15 @@ impl LeaseStore for EtcdLeases {
         loop {
             match self.claim_subnet(config, attrs, previous).await {
                 Ok(claimed) => {
+                    self.outage.recovered();
                     self.lease_id = Some(claimed.lease_id);
                     return Ok(OwnLease { key: claimed.key, attrs: attrs.clone() });
                 }
                 Err(e @ (EtcdError::NetworkFull { .. } | EtcdError::Contended(_) | EtcdError::Ipv6Only)) => {
                     return Err(e.into())
                 }
-                Err(e) if say.ready() => warn!(error = %e, "cannot lease a subnet yet; retrying"),
+                Err(e) if e.is_refusal() && say.ready() => warn!(error = %e, "cannot lease a subnet yet; retrying"),
+                Err(e) if !e.is_refusal() => self.outage.failed(&format!("leasing a subnet: {e}")),
                 Err(_) => {}
             }
             backoff.wait().await;
@@ -824,7 +794,13 @@ impl LeaseStore for EtcdLeases {
     }
 
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
-        self.list_and_watch(tx)
+        let outage = self.outage.clone();
+        let prefix = self.subnets_prefix();
+        list_watch::run(LeaseWatch { store: self, prefix }, tx, outage)
+    }
+
+    fn outage(&self) -> Option<Arc<Outage>> {
+        Some(self.outage.clone())
     }
 
     fn watch_config(self) -> impl Future<Output = ()> + Send + 'static {

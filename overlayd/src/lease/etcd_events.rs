@@ -38,7 +38,7 @@ pub fn listed<'a>(prefix: &str, kvs: impl IntoIterator<Item = Kv<'a>>, events: &
             continue;
         };
         match parse(&lease, value) {
-            Some(attrs) => events.push(WatchEvent::InitApply(lease, attrs, Created(created))),
+            Some(attrs) => events.push(WatchEvent::InitApply(lease, (attrs, Created(created)))),
             None => continue,
         }
     }
@@ -79,7 +79,7 @@ pub fn change(prefix: &str, kind: KeyChange, (key, value, created): Kv<'_>) -> O
     Some(match kind {
         KeyChange::Delete => WatchEvent::Delete(lease),
         KeyChange::Put => match parse(&lease, value) {
-            Some(attrs) => WatchEvent::Apply(lease, attrs, Created(created)),
+            Some(attrs) => WatchEvent::Apply(lease, (attrs, Created(created))),
             None => WatchEvent::Delete(lease),
         },
     })
@@ -113,7 +113,7 @@ mod tests {
         let attrs = LeaseAttrs::from_json(VALUE).unwrap();
         assert_eq!(
             events,
-            [WatchEvent::Init, WatchEvent::InitApply(key("10.244.1.0-24"), attrs, Created(5)), WatchEvent::InitDone]
+            [WatchEvent::Init, WatchEvent::InitApply(key("10.244.1.0-24"), (attrs, Created(5))), WatchEvent::InitDone]
         );
         assert_eq!(listing(PREFIX, []), [WatchEvent::Init, WatchEvent::InitDone], "an empty network is a listing too");
     }
@@ -122,7 +122,7 @@ mod tests {
     fn puts_and_deletes_become_applies_and_deletes() {
         let k = b"/coreos.com/network/subnets/10.244.1.0-24";
         let attrs = LeaseAttrs::from_json(VALUE).unwrap();
-        let put = WatchEvent::Apply(key("10.244.1.0-24"), attrs, Created(3));
+        let put = WatchEvent::Apply(key("10.244.1.0-24"), (attrs, Created(3)));
         assert_eq!(change(PREFIX, KeyChange::Put, (k, VALUE, 3)), Some(put));
         assert_eq!(change(PREFIX, KeyChange::Delete, (k, b"", 0)), Some(WatchEvent::Delete(key("10.244.1.0-24"))));
         // A lease rewritten with garbage is gone, as far as peers can tell.

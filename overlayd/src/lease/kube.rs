@@ -4,7 +4,6 @@
 //! `NetworkUnavailable=False`. The API server is the only source of truth;
 //! nothing is claimed, so nothing can be contended.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,9 +16,8 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{ListParams, WatchParams};
 use kube::api::{Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::Event;
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use proto::node_annotations::pod_cidrs;
 use proto::{LeaseAttrs, LeaseKey, NetConfig, NodeAnnotations};
 use tracing::{info, warn};
@@ -29,6 +27,10 @@ use super::net_conf;
 use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, PublicIps, Renewal, WatchEvent};
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
+use crate::kubernetes::{
+    core_resource, is_refusal, keep, lean_metadata, watch_error, KubeContext, Refused, CALL_TIMEOUT, WATCH_TIMEOUT_S,
+};
+use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError};
 use crate::outage::Outage;
 
 /// The condition we own on our Node, and what we set it to.
@@ -36,21 +38,11 @@ const CONDITION: &str = "NetworkUnavailable";
 const CONDITION_REASON: &str = "OverlayIsUp";
 /// Who wrote our fields, in the Node's managedFields.
 const FIELD_MANAGER: &str = "overlayd";
-/// Who we are in the API server's audit log and to priority and fairness.
-const USER_AGENT: &str = concat!("overlayd/", env!("CARGO_PKG_VERSION"));
-/// Bound on one API call; a blackholed API server must not stall the daemon.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one watch request lasts before the server ends it and it is
-/// made again from the last resourceVersion seen (below the API server's
-/// own limit, as client-go's reflector does).
-const WATCH_TIMEOUT_S: u32 = 290;
 /// The watch already shows us changes to our own Node; this is a safety net,
 /// kept rare so 5,000 nodes do not load the API server.
 const RENEW_INTERVAL: Duration = Duration::from_secs(300);
 /// How often a lasting condition (no podCIDR yet, API server down) is said again.
 const SAY_EVERY: Duration = Duration::from_secs(30);
-/// Cap of the watch's retry delay: an outage is noticed within this once the server is back.
-const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A Node as the watch reads it: name, resourceVersion, annotations and
 /// podCIDR. A real Node carries kilobytes that overlayd never reads (the
@@ -59,11 +51,13 @@ const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// and memory of a listing.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 struct PeerNode {
-    #[serde(deserialize_with = "lean_metadata")]
+    #[serde(deserialize_with = "lean_metadata::<{ keep::ANNOTATIONS | keep::CREATED }, _>")]
     metadata: ObjectMeta,
     #[serde(default)]
     spec: Option<PeerNodeSpec>,
 }
+
+core_resource!(PeerNode, "Node", "nodes", k8s_openapi::ClusterResourceScope);
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 struct PeerNodeSpec {
@@ -71,121 +65,6 @@ struct PeerNodeSpec {
     pod_cidr: Option<String>,
     #[serde(rename = "podCIDRs", default)]
     pod_cidrs: Option<Vec<String>>,
-}
-
-/// The metadata fields the watch uses; the rest (managedFields above all) is skipped.
-fn lean_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Lean {
-        name: Option<String>,
-        resource_version: Option<String>,
-        annotations: Option<BTreeMap<String, String>>,
-        creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-    }
-    let lean = <Lean as serde::Deserialize>::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: lean.name,
-        resource_version: lean.resource_version,
-        annotations: lean.annotations,
-        creation_timestamp: lean.creation_timestamp,
-        ..ObjectMeta::default()
-    })
-}
-
-impl kube::Resource for PeerNode {
-    type DynamicType = ();
-    type Scope = k8s_openapi::ClusterResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("Node")
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("")
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("v1")
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("nodes")
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// This node's name in Kubernetes mode.
-pub fn node_name(args: &KubeArgs) -> anyhow::Result<String> {
-    args.node_name.clone().filter(|n| !n.trim().is_empty()).context(
-        "Kubernetes mode needs this node's name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)",
-    )
-}
-
-/// A client from `--kubeconfig`, `--kube-api-url`, or the in-cluster service account.
-pub async fn client(args: &KubeArgs) -> anyhow::Result<Client> {
-    Ok(client_and_url(args).await?.0)
-}
-
-/// A client as [`client`] builds it, and the API server's URL.
-async fn client_and_url(args: &KubeArgs) -> anyhow::Result<(Client, String)> {
-    let api_url = match &args.kube_api_url {
-        Some(url) => Some(
-            url.parse::<hyper::Uri>()
-                .ok()
-                .filter(|u| u.scheme().is_some() && u.host().is_some())
-                .with_context(|| format!("--kube-api-url {url:?} is not a URL such as https://10.96.0.1:443"))?,
-        ),
-        None => None,
-    };
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig =
-                Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => match Config::infer().await {
-            Ok(config) => config,
-            // flanneld's --kube-api-url alone: that server, with no credentials.
-            Err(_) if api_url.is_some() => Config::new(api_url.clone().unwrap_or_default()),
-            Err(e) => {
-                return Err(e).context(
-                    "finding the API server: not in a pod and no kubeconfig (use --kubeconfig or --kube-api-url)",
-                )
-            }
-        },
-    };
-    if let Some(url) = api_url {
-        config.cluster_url = url;
-    }
-    config.connect_timeout = Some(Duration::from_secs(5));
-    config.headers.push((hyper::header::USER_AGENT, hyper::header::HeaderValue::from_static(USER_AGENT)));
-    info!(server = %config.cluster_url, "API server");
-    let url = config.cluster_url.to_string();
-    Ok((Client::try_from(config).context("building the Kubernetes client")?, url))
-}
-
-/// The API server answered, and said no (a status such as 403): a
-/// configuration problem to say as such, not an outage.
-#[derive(Debug, thiserror::Error)]
-#[error("{status}: {body}")]
-pub struct Refused {
-    /// The HTTP status.
-    pub status: hyper::StatusCode,
-    /// The start of the answer.
-    pub body: String,
-}
-
-/// Whether `e` is the API server's refusal rather than a call that did not get through.
-pub fn is_refusal(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause.downcast_ref::<Refused>().is_some()
-            || matches!(cause.downcast_ref::<kube::Error>(), Some(kube::Error::Api(_)))
-    })
 }
 
 /// A connection to the API server, for one node.
@@ -215,22 +94,20 @@ pub struct KubeLeases {
 const CONFIG_POLL: Duration = Duration::from_secs(30);
 
 impl KubeLeases {
-    /// Builds a client from `--kubeconfig`, or the in-cluster service account.
-    pub async fn connect(args: &KubeArgs) -> anyhow::Result<Self> {
-        let node_name = node_name(args)?;
-        let (client, url) = client_and_url(args).await?;
-        info!(node = %node_name, "Kubernetes mode");
+    /// A store on the API server of `context`.
+    pub async fn connect(context: &KubeContext, args: &KubeArgs) -> anyhow::Result<Self> {
+        let client = context.client()?;
         Ok(KubeLeases {
             nodes: Api::all(client.clone()),
             peers: Api::all(client.clone()),
             client,
-            node_name,
+            node_name: context.node.clone(),
             annotations: NodeAnnotations::new(&args.kube_annotation_prefix),
             net_config_path: args.net_config_path.clone(),
             set_condition: args.set_node_network_unavailable,
             last_read: None,
             config_text: None,
-            outage: Arc::new(Outage::new("the Kubernetes API server", url)),
+            outage: context.outage.clone(),
         })
     }
 
@@ -279,45 +156,25 @@ impl KubeLeases {
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
         bounded(what, self.nodes.patch_status(&self.node_name, &params, &Patch::Strategic(patch))).await
     }
+}
 
-    /// Streams Node changes as watch events, forever: kube-runtime's
-    /// watcher, by hand, so that a (re)list can come from the watch cache
-    /// and be decoded one Node at a time. A listing goes to the daemon as
-    /// one batch, `Init` to `InitDone`, which it diffs like any other
-    /// change, so unchanged peers are not touched.
-    async fn watch_nodes(self, tx: EventSender) {
-        let mut nodes = NodeEvents::new(self.annotations.clone());
-        let mut state = NodeWatch::Listing;
-        let mut backoff = Backoff::with_max(WATCH_BACKOFF_MAX);
-        let mut failing = false;
-        loop {
-            state = match state {
-                NodeWatch::Listing => match self.list_nodes(&mut nodes).await {
-                    Ok((events, resource_version)) => {
-                        self.outage.recovered();
-                        if std::mem::take(&mut failing) {
-                            info!("watching nodes again");
-                        }
-                        if tx.send(events).is_err() {
-                            return;
-                        }
-                        backoff.reset();
-                        NodeWatch::Watching { resource_version }
-                    }
-                    Err(e) => {
-                        self.say_watch_failed(&e, &mut failing);
-                        backoff.wait().await;
-                        NodeWatch::Listing
-                    }
-                },
-                NodeWatch::Watching { resource_version } => {
-                    match self.watch_from(resource_version, &mut nodes, &tx, &mut backoff, &mut failing).await {
-                        Some(next) => next,
-                        None => return,
-                    }
-                }
-            };
-        }
+/// The API server's Nodes as a list-watch source of peer leases: each Node
+/// that carries our annotations and a podCIDR stands for a lease (see
+/// [`NodeEvents`]). A (re)list comes from the watch cache
+/// (`resourceVersion=0`) and is decoded one Node at a time, as it arrives.
+pub struct NodeWatch {
+    client: Client,
+    peers: Api<PeerNode>,
+    nodes: NodeEvents,
+}
+
+impl ListWatch for NodeWatch {
+    type Key = LeaseKey;
+    type Value = (LeaseAttrs, Created);
+    type Version = String;
+
+    fn what(&self) -> &'static str {
+        "nodes"
     }
 
     /// Every Node, from the API server's watch cache (`resourceVersion=0`):
@@ -326,123 +183,97 @@ impl KubeLeases {
     /// peers converge all the same, and no list is a quorum read of etcd.
     /// The cache answers with the whole list at once (5,000 real Nodes are
     /// ~45 MB of JSON): it is taken apart as it arrives, one Node at a time.
-    async fn list_nodes(&self, nodes: &mut NodeEvents) -> anyhow::Result<(Vec<WatchEvent>, String)> {
+    async fn list(&mut self, sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>) -> Result<String, Stop> {
         use http_body_util::BodyExt;
+        let unreachable = |e: anyhow::Error| Stop::Failed(WatchError::Unreachable(e));
         let request = kube::core::Request::new("/api/v1/nodes")
             .list(&ListParams::default().match_any())
-            .context("building the list request")?;
+            .map_err(|e| unreachable(anyhow::Error::new(e).context("building the list request")))?;
         let response = tokio::time::timeout(CALL_TIMEOUT, self.client.send(request.map(kube::client::Body::from)))
             .await
-            .map_err(|_| anyhow::anyhow!("listing nodes: no answer in {CALL_TIMEOUT:?}"))?
-            .context("listing nodes")?;
+            .map_err(|_| unreachable(anyhow::anyhow!("listing nodes: no answer in {CALL_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(anyhow::Error::new(e).context("listing nodes")))?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
             let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let body = String::from_utf8_lossy(&text[..text.len().min(512)]).into_owned();
-            return Err(anyhow::Error::new(Refused { status, body }).context("listing nodes"));
+            let refused = anyhow::Error::new(Refused { status, body }).context("listing nodes");
+            return Err(WatchError::Refused(refused).into());
         }
         let mut scanner = ListScanner::default();
-        let mut events = vec![WatchEvent::Init];
         loop {
             let frame = tokio::time::timeout(CALL_TIMEOUT, body.frame())
                 .await
-                .map_err(|_| anyhow::anyhow!("listing nodes: the answer stalled for {CALL_TIMEOUT:?}"))?;
+                .map_err(|_| unreachable(anyhow::anyhow!("listing nodes: the answer stalled for {CALL_TIMEOUT:?}")))?;
             let Some(frame) = frame else { break };
-            let Ok(data) = frame.context("reading the node list")?.into_data() else { continue };
-            scanner.feed(&data, |item| match serde_json::from_slice::<PeerNode>(item) {
-                Ok(node) => events.extend(nodes.on_event(Event::InitApply(node))),
-                Err(e) => warn!(error = %e, "skipping a listed node that does not decode"),
-            })?;
+            let frame = frame.map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            let mut events = Vec::new();
+            let nodes = &mut self.nodes;
+            scanner
+                .feed(&data, |item| match serde_json::from_slice::<PeerNode>(item) {
+                    Ok(node) => events.extend(nodes.on_event(Event::InitApply(node))),
+                    Err(e) => warn!(error = %e, "skipping a listed node that does not decode"),
+                })
+                .map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))?;
+            for event in events {
+                sink.push(event).await?;
+            }
         }
-        let resource_version = scanner.finish()?;
-        events.push(WatchEvent::InitDone);
-        Ok((events, resource_version))
+        scanner.finish().map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))
     }
 
-    /// Says that listing or watching Nodes failed: a refusal once until the
-    /// watch works again, an outage through the shared [`Outage`].
-    fn say_watch_failed(&self, e: &anyhow::Error, failing: &mut bool) {
-        if !is_refusal(e) {
-            self.outage.failed(&format!("{e:#}"));
-        } else if !std::mem::replace(failing, true) {
-            warn!(
-                error = format!("{e:#}"),
-                "the API server refuses the node watch; the dataplane is left as it is while retrying"
-            );
-        }
-    }
-
-    /// Watches from `resource_version` until the stream ends; says how to go
-    /// on (none: the daemon is gone).
-    async fn watch_from(
-        &self,
+    async fn watch(
+        &mut self,
         mut resource_version: String,
-        nodes: &mut NodeEvents,
-        tx: &EventSender,
-        backoff: &mut Backoff,
-        failing: &mut bool,
-    ) -> Option<NodeWatch> {
+        sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>,
+    ) -> Result<String, (String, Stop)> {
         let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
         let stream = match self.peers.watch(&params, &resource_version).await {
             Ok(stream) => stream,
-            Err(kube::Error::Api(status)) if status.code == 410 => return Some(NodeWatch::Listing),
-            Err(e) => {
-                self.say_watch_failed(&anyhow::Error::new(e).context("watching nodes"), failing);
-                backoff.wait().await;
-                return Some(NodeWatch::Watching { resource_version });
+            Err(kube::Error::Api(status)) if status.code == 410 => {
+                return Err((resource_version, WatchError::Expired.into()))
             }
+            Err(e) => return Err((resource_version, watch_error(e, "watching nodes").into())),
         };
         let mut stream = std::pin::pin!(stream);
+        sink.working();
         while let Some(item) = stream.next().await {
             let events = match item {
                 Ok(kube::core::WatchEvent::Added(node) | kube::core::WatchEvent::Modified(node)) => {
                     resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
-                    nodes.on_event(Event::Apply(node))
+                    self.nodes.on_event(Event::Apply(node))
                 }
                 Ok(kube::core::WatchEvent::Deleted(node)) => {
                     resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
-                    nodes.on_event(Event::Delete(node))
+                    self.nodes.on_event(Event::Delete(node))
                 }
                 Ok(kube::core::WatchEvent::Bookmark(bookmark)) => {
                     resource_version = bookmark.metadata.resource_version;
                     Vec::new()
                 }
                 Ok(kube::core::WatchEvent::Error(status)) if status.code == 410 => {
-                    info!("the node watch expired (410 Gone); listing again");
-                    return Some(NodeWatch::Listing);
+                    return Err((resource_version, WatchError::Expired.into()));
                 }
                 Ok(kube::core::WatchEvent::Error(status)) => {
-                    warn!(code = status.code, reason = %status.reason, message = %status.message, "the node watch failed; resuming");
-                    backoff.wait().await;
-                    return Some(NodeWatch::Watching { resource_version });
+                    let e = watch_error(kube::Error::Api(status), "the node watch failed");
+                    return Err((resource_version, e.into()));
                 }
-                Err(e) => {
-                    self.say_watch_failed(&anyhow::Error::new(e).context("watching nodes"), failing);
-                    backoff.wait().await;
-                    return Some(NodeWatch::Watching { resource_version });
-                }
+                Err(e) => return Err((resource_version, watch_error(e, "watching nodes").into())),
             };
-            self.outage.recovered();
-            if std::mem::take(failing) {
-                info!("watching nodes again");
+            for event in events {
+                if let Err(c) = sink.push(event).await {
+                    return Err((resource_version, c.into()));
+                }
             }
-            backoff.reset();
-            if !events.is_empty() && tx.send(events).is_err() {
-                return None;
+            if let Err(c) = sink.flush().await {
+                return Err((resource_version, c.into()));
             }
         }
         // The server ended the watch (its timeout): go on from where it stood.
-        Some(NodeWatch::Watching { resource_version })
+        Ok(resource_version)
     }
-}
-
-/// Where the Node watcher stands, as in kube-runtime's watcher.
-enum NodeWatch {
-    /// Nothing known, or history lost (410): list.
-    Listing,
-    /// Listed (or seen) up to this resourceVersion: watch from it.
-    Watching { resource_version: String },
 }
 
 /// Turns the watcher's Node events into lease watch events. Pure, so the
@@ -484,12 +315,12 @@ impl NodeEvents {
         match event {
             Event::Init => vec![WatchEvent::Init],
             Event::InitApply(node) => match self.lease(&node) {
-                Some((key, attrs)) => vec![WatchEvent::InitApply(key, attrs, created(&node))],
+                Some((key, attrs)) => vec![WatchEvent::InitApply(key, (attrs, created(&node)))],
                 None => Vec::new(),
             },
             Event::InitDone => vec![WatchEvent::InitDone],
             Event::Apply(node) => match (self.lease(&node), Self::key(&node)) {
-                (Some((key, attrs)), _) => vec![WatchEvent::Apply(key, attrs, created(&node))],
+                (Some((key, attrs)), _) => vec![WatchEvent::Apply(key, (attrs, created(&node)))],
                 // No longer (or not yet) a peer: whatever its podCIDR stood for goes.
                 (None, Some(key)) => vec![WatchEvent::Delete(key)],
                 (None, None) => Vec::new(),
@@ -654,7 +485,8 @@ impl LeaseStore for KubeLeases {
     }
 
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
-        self.watch_nodes(tx)
+        let source = NodeWatch { client: self.client, peers: self.peers, nodes: NodeEvents::new(self.annotations) };
+        list_watch::run(source, tx, self.outage)
     }
 
     fn renew_interval(&self) -> Duration {
@@ -778,9 +610,9 @@ mod tests {
             .iter()
             .map(|e| match e {
                 WatchEvent::Init => "init".to_string(),
-                WatchEvent::InitApply(k, a, _) => format!("listed {k} {}", a.public_ip),
+                WatchEvent::InitApply(k, (a, _)) => format!("listed {k} {}", a.public_ip),
                 WatchEvent::InitDone => "listed".to_string(),
-                WatchEvent::Apply(k, a, _) => format!("apply {k} {}", a.public_ip),
+                WatchEvent::Apply(k, (a, _)) => format!("apply {k} {}", a.public_ip),
                 WatchEvent::Delete(k) => format!("delete {k}"),
             })
             .collect()

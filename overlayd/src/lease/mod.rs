@@ -6,6 +6,7 @@
 
 pub mod etcd;
 mod etcd_events;
+pub mod keeper;
 pub mod kube;
 mod list_scanner;
 pub mod net_conf;
@@ -17,23 +18,9 @@ use std::time::Duration;
 use proto::{LeaseAttrs, LeaseKey, NetConfig};
 use tokio::sync::mpsc;
 
-/// One step of a store's list-then-watch, in kube-runtime's shape. A (re)list
-/// is `Init`, one `InitApply` per lease, then `InitDone`: the leases listed
-/// replace every lease known before, at once. After it, `Apply` and `Delete`
-/// follow the changes one by one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchEvent {
-    /// A (re)list begins.
-    Init,
-    /// A lease of the listing, and when it was first written.
-    InitApply(LeaseKey, LeaseAttrs, Created),
-    /// The listing is complete.
-    InitDone,
-    /// A lease was written: a new node, or a node's MAC or address changed.
-    Apply(LeaseKey, LeaseAttrs, Created),
-    /// A lease was removed, expired, or no longer parses: the node left.
-    Delete(LeaseKey),
-}
+/// One step of a lease store's list-then-watch (see `reflector`): a lease
+/// is its key, what it says, and when it was first written.
+pub type WatchEvent = crate::reflector::WatchEvent<LeaseKey, (LeaseAttrs, Created)>;
 
 /// When a lease was first written, in the store's own order: etcd's create
 /// revision, or a Node's creation time in seconds. Smaller is older; when two
@@ -41,9 +28,9 @@ pub enum WatchEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Created(pub i64);
 
-/// Watch events flow from a store's watch task to the daemon in batches:
-/// everything one read of the store brought.
-pub type EventSender = mpsc::UnboundedSender<Vec<WatchEvent>>;
+/// Watch events flow from a store's watch task to the daemon in batches,
+/// over a bounded channel (`list_watch`).
+pub type EventSender = mpsc::Sender<Vec<WatchEvent>>;
 
 /// The lease this node holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +94,14 @@ pub fn check_own(own: &OwnLease, seen: Option<&LeaseAttrs>) -> Result<(), LeaseL
         }),
         Some(_) => Ok(()),
     }
+}
+
+/// Whether `e` is a store's refusal (a 403, an etcd permission error)
+/// rather than a call that did not get through: a refusal is said as a
+/// configuration problem, not as an outage.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
+    crate::kubernetes::is_refusal(e)
+        || e.chain().any(|c| c.downcast_ref::<etcd::EtcdError>().is_some_and(|e| e.is_refusal()))
 }
 
 /// A source of leases. Used with static dispatch from the daemon's own

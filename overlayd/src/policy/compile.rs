@@ -35,6 +35,7 @@ use proto::family::value;
 use proto::Family;
 
 use super::selector::{Labels, Selector, Str};
+use crate::reflector::Store;
 
 /// A transport protocol a policy port names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,9 +94,9 @@ pub type Key = (String, String);
 /// Everything the watches hold.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
-    pub pods: BTreeMap<Key, PodInfo>,
-    pub namespaces: BTreeMap<String, Labels>,
-    pub policies: BTreeMap<Key, NetworkPolicySpec>,
+    pub pods: Store<Key, PodInfo>,
+    pub namespaces: Store<String, Labels>,
+    pub policies: Store<Key, NetworkPolicySpec>,
 }
 
 /// Which way a packet goes, seen from the pod a policy selects.

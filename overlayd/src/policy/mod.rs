@@ -18,19 +18,20 @@ pub mod selector;
 pub mod table;
 mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::time::sleep_until;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use self::compile::{ClusterView, Direction, Key, Problem, Ruleset};
-use self::watch::{Change, Kind};
-use crate::flags::KubeArgs;
+use self::compile::{ClusterView, Direction, Problem, Ruleset};
+use self::watch::Change;
+use crate::kubernetes::KubeContext;
 use crate::node_state::NodeState;
 use crate::outage::Outage;
+use crate::reflector::{Folded, Store, WatchEvent};
 
 /// How long a change waits for the rest of its burst before the ruleset is
 /// compiled: a Deployment's rollout or a relabel of a namespace is one apply.
@@ -43,20 +44,21 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
-pub fn start(args: &KubeArgs, state: Arc<NodeState>, outage: Arc<Outage>) -> anyhow::Result<()> {
-    let node = crate::lease::kube::node_name(args)?;
-    let args = args.clone();
+pub fn start(context: &KubeContext, state: Arc<NodeState>) -> anyhow::Result<()> {
+    let context = context.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("policy".into()).spawn(move || {
         runtime.block_on(async move {
-            let client = match crate::lease::kube::client(&args).await {
+            // A client of its own, on this thread's runtime: the policy's API
+            // traffic and compiling never wait on the dataplane's thread, nor it on them.
+            let client = match context.client() {
                 Ok(c) => c,
                 Err(e) => {
                     warn!("NetworkPolicy is not enforced: {e:#}");
                     return;
                 }
             };
-            run(client, node, state, outage).await
+            run(client, context.node, state, context.outage).await
         })
     })?;
     info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
@@ -89,10 +91,6 @@ enum Trigger {
 struct Controller {
     node: String,
     view: ClusterView,
-    /// Watches that have listed at least once.
-    listed: BTreeSet<Kind>,
-    /// Keys seen since a watch began to list again (the rest are gone at its end).
-    relisting: BTreeMap<Kind, BTreeSet<Key>>,
     /// When the first change not yet in the kernel arrived.
     pending_since: Option<Instant>,
     /// Label keys and values, node and port names, held once.
@@ -111,20 +109,28 @@ struct Controller {
     last_sync: Duration,
     last_sync_end: Instant,
     state: Arc<NodeState>,
-    /// The API server's outages, shared with the lease watch: said once for all.
-    outage: Arc<Outage>,
-    /// Watches the API server refused, said once until one works again.
-    refused: BTreeSet<Kind>,
+}
+
+/// Folds one watch's events into its store, each value mapped to what the
+/// compiler keeps; whether anything changed (a listing counts: it may have).
+fn fold<K: Ord + Clone, V, W: PartialEq>(
+    store: &mut Store<K, W>,
+    events: Vec<WatchEvent<K, V>>,
+    mut keep: impl FnMut(&K, V) -> W,
+) -> bool {
+    let mut changed = false;
+    for event in events {
+        changed |= !matches!(store.apply(event.map(&mut keep)), Folded::Nothing);
+    }
+    changed
 }
 
 async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: Arc<Outage>) {
-    let changes = watch::watch_all(client);
+    let changes = watch::watch_all(client, outage);
     tokio::pin!(changes);
     let mut c = Controller {
         node,
         view: ClusterView::default(),
-        listed: BTreeSet::new(),
-        relisting: BTreeMap::new(),
         pending_since: None,
         interner: selector::Interner::default(),
         said: BTreeSet::new(),
@@ -135,8 +141,6 @@ async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: 
         last_sync: Duration::ZERO,
         last_sync_end: Instant::now(),
         state,
-        outage,
-        refused: BTreeSet::new(),
     };
     let mut next_check = Instant::now() + CHECK_EVERY;
     // nftables events: a change to our table by someone else is repaired
@@ -198,95 +202,29 @@ async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: 
 }
 
 impl Controller {
+    /// Folds a batch of one watch into the view; a change (or a listing)
+    /// makes a sync due.
     fn take(&mut self, change: Change) {
-        if !matches!(change, Change::Failed(..)) {
-            // The watch that brought it works: an outage or a refusal is over.
-            self.outage.recovered();
-            self.refused.clear();
+        let interner = &mut self.interner;
+        let changed = match change {
+            Change::Pods(events) => fold(&mut self.view.pods, events, |_, pod| pod.info(interner)),
+            Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.labels(interner)),
+            Change::Policies(events) => fold(&mut self.view.policies, events, |_, spec| spec),
+        };
+        if changed {
+            self.pending_since.get_or_insert_with(Instant::now);
         }
-        match change {
-            Change::Pod(pod, present) => {
-                let key = pod.key();
-                self.seen(Kind::Pods, &key);
-                if present {
-                    let info = pod.info(&mut self.interner);
-                    self.view.pods.insert(key, info);
-                } else {
-                    self.view.pods.remove(&key);
-                }
-            }
-            Change::Namespace(ns, present) => {
-                let name = ns.name();
-                self.seen(Kind::Namespaces, &(String::new(), name.clone()));
-                if present {
-                    let labels = ns.labels(&mut self.interner);
-                    self.view.namespaces.insert(name, labels);
-                } else {
-                    self.view.namespaces.remove(&name);
-                }
-            }
-            Change::Policy(key, spec) => {
-                self.seen(Kind::Policies, &key);
-                match spec {
-                    Some(s) => {
-                        self.view.policies.insert(key, *s);
-                    }
-                    None => {
-                        self.view.policies.remove(&key);
-                    }
-                }
-            }
-            Change::Relisting(kind) => {
-                self.relisting.insert(kind, BTreeSet::new());
-                return;
-            }
-            Change::Listed(kind) => {
-                if let Some(seen) = self.relisting.remove(&kind) {
-                    match kind {
-                        Kind::Pods => self.view.pods.retain(|k, _| seen.contains(k)),
-                        Kind::Namespaces => {
-                            self.view.namespaces.retain(|n, _| seen.contains(&(String::new(), n.clone())))
-                        }
-                        Kind::Policies => self.view.policies.retain(|k, _| seen.contains(k)),
-                    }
-                }
-                if self.listed.insert(kind) {
-                    debug!(watch = kind.name(), "listed");
-                }
-            }
-            Change::Failed(kind, e) => {
-                if !watch::is_refusal(&e) {
-                    self.outage.failed(&format!("watching {} for NetworkPolicy: {e}", kind.name()));
-                } else if self.refused.insert(kind) {
-                    // Said once, until the watch works again.
-                    let hint = if watch::is_forbidden(&e) {
-                        " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
-                         as deploy/overlay.yaml does; or run with --network-policy=false)"
-                    } else {
-                        ""
-                    };
-                    warn!(
-                        watch = kind.name(),
-                        "watching {} for NetworkPolicy failed: {e}{hint}; retrying",
-                        kind.name()
-                    );
-                }
-                return;
-            }
-        }
-        self.pending_since.get_or_insert_with(Instant::now);
     }
 
-    fn seen(&mut self, kind: Kind, key: &Key) {
-        if let Some(seen) = self.relisting.get_mut(&kind) {
-            seen.insert(key.clone());
-        }
+    /// Whether every watch has listed once: until then nothing is applied.
+    fn listed(&self) -> bool {
+        self.view.pods.listed() && self.view.namespaces.listed() && self.view.policies.listed()
     }
 
     /// Compiles, reads the kernel's table, applies when they differ.
     /// Returns when to check again.
     async fn sync(&mut self, trigger: Trigger) -> Instant {
-        if self.listed.len() < 3 {
+        if !self.listed() {
             return Instant::now() + CHECK_EVERY;
         }
         let started = Instant::now();

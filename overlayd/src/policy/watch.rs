@@ -1,48 +1,30 @@
 //! The three watches NetworkPolicy needs: Pods, Namespaces and
-//! NetworkPolicies, each a kube-runtime watcher (list, then watch from the
-//! list's resourceVersion, relist on 410) decoding only the fields the
-//! compiler reads. A Pod in the API is several kilobytes (managedFields,
-//! status conditions, container statuses); what is kept of it is its
-//! labels, node, addresses and named ports, so 100,000 pods fit in tens of
-//! megabytes.
+//! NetworkPolicies, each a list-watch source (`list_watch`, listed in pages
+//! of 500, watched from the listing's resourceVersion, listed again on
+//! 410) decoding only the fields the compiler reads. A Pod in the API is
+//! several kilobytes (managedFields, status conditions, container
+//! statuses); what is kept of it is its labels, node, addresses and named
+//! ports, so 100,000 pods fit in tens of megabytes.
 
-use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use futures::Stream;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
+use tokio::sync::mpsc;
 
 use super::compile::{ContainerPort, Key, PodInfo, Protocol};
 use super::selector::{Interner, Labels};
-
-/// The metadata fields kept: name, namespace, labels, resourceVersion.
-fn lean_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Lean {
-        name: Option<String>,
-        namespace: Option<String>,
-        labels: Option<BTreeMap<String, String>>,
-        resource_version: Option<String>,
-    }
-    let lean = <Lean as serde::Deserialize>::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: lean.name,
-        namespace: lean.namespace,
-        labels: lean.labels,
-        resource_version: lean.resource_version,
-        ..ObjectMeta::default()
-    })
-}
+use crate::kubernetes::{core_resource, keep, lean_metadata, Collection};
+use crate::list_watch::{self, CHANNEL};
+use crate::outage::Outage;
+use crate::reflector::WatchEvent;
 
 /// A Pod as the watch reads it.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct LeanPod {
-    #[serde(deserialize_with = "lean_metadata")]
+    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS }, _>")]
     metadata: ObjectMeta,
     #[serde(default)]
     spec: LeanPodSpec,
@@ -94,40 +76,12 @@ struct LeanPodIp {
 /// A Namespace as the watch reads it: its name and labels.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct LeanNamespace {
-    #[serde(deserialize_with = "lean_metadata")]
+    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS }, _>")]
     metadata: ObjectMeta,
 }
 
-macro_rules! resource {
-    ($ty:ty, $kind:literal, $plural:literal, $scope:ty) => {
-        impl kube::Resource for $ty {
-            type DynamicType = ();
-            type Scope = $scope;
-
-            fn kind(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed($kind)
-            }
-            fn group(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed("")
-            }
-            fn version(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed("v1")
-            }
-            fn plural(_: &()) -> Cow<'_, str> {
-                Cow::Borrowed($plural)
-            }
-            fn meta(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-resource!(LeanPod, "Pod", "pods", k8s_openapi::NamespaceResourceScope);
-resource!(LeanNamespace, "Namespace", "namespaces", k8s_openapi::ClusterResourceScope);
+core_resource!(LeanPod, "Pod", "pods", k8s_openapi::NamespaceResourceScope);
+core_resource!(LeanNamespace, "Namespace", "namespaces", k8s_openapi::ClusterResourceScope);
 
 fn key(meta: &ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
@@ -179,113 +133,55 @@ impl LeanPod {
     }
 }
 
-/// One change from one of the watches.
+/// A batch of changes from one of the watches.
 #[derive(Debug)]
 pub enum Change {
-    /// A pod, present or deleted.
-    Pod(Box<LeanPod>, bool),
-    Namespace(Box<LeanNamespace>, bool),
-    Policy(Key, Option<Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>>),
-    /// A (re)list began: what follows until `Listed` is the whole collection.
-    Relisting(Kind),
-    /// The (re)list is complete: objects it did not name are gone.
-    Listed(Kind),
-    /// A watch failed; it is retried with backoff.
-    Failed(Kind, watcher::Error),
+    /// Pods, by namespace and name.
+    Pods(Vec<WatchEvent<Key, LeanPod>>),
+    /// Namespaces, by name.
+    Namespaces(Vec<WatchEvent<String, LeanNamespace>>),
+    /// NetworkPolicies, by namespace and name.
+    Policies(Vec<WatchEvent<Key, NetworkPolicySpec>>),
 }
 
-/// Which watch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
-    Pods,
-    Namespaces,
-    Policies,
-}
+/// What to do when the API server refuses a watch.
+const HINT: &str = " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
+                    as deploy/overlay.yaml does; or run with --network-policy=false)";
 
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Pods => "pods",
-            Kind::Namespaces => "namespaces",
-            Kind::Policies => "networkpolicies",
-        }
-    }
-}
-
-fn changes<K, F>(
-    kind: Kind,
-    stream: impl Stream<Item = Result<Event<K>, watcher::Error>>,
-    f: F,
-) -> impl Stream<Item = Change>
-where
-    F: Fn(K, bool) -> Change + Clone,
-{
-    stream.map(move |event| match event {
-        Ok(Event::Init) => Change::Relisting(kind),
-        Ok(Event::InitDone) => Change::Listed(kind),
-        Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) => f(o, true),
-        Ok(Event::Delete(o)) => f(o, false),
-        Err(e) => Change::Failed(kind, e),
-    })
-}
-
-/// Whether a watch failed because the API server said no (401, 403, ...)
-/// rather than because it could not be reached.
-pub fn is_refusal(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
-            matches!(e, kube::Error::Api(_))
-        }
-        watcher::Error::WatchError(_) | watcher::Error::NoResourceVersion => true,
-    }
-}
-
-/// Whether the API server refused for want of a grant (401, 403).
-pub fn is_forbidden(e: &watcher::Error) -> bool {
-    let status = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
-        watcher::Error::WatchError(s) => s.code,
-        _ => return false,
-    };
-    matches!(status, 401 | 403)
-}
-
-/// Every change of the three watches, merged.
-pub fn watch_all(client: Client) -> impl Stream<Item = Change> + Send {
-    // Lists in pages of 500. The watch cache (resourceVersion=0) would
-    // answer whole, and kube's watcher decodes a response at once: at
-    // 100,000 Pods, hundreds of megabytes. (The Node watch reads the cache's
-    // answer as a stream instead; Nodes are few and it needs only one list.)
-    let config = || watcher::Config::default().page_size(500);
-    let pods = changes(
-        Kind::Pods,
-        watcher(Api::<LeanPod>::all(client.clone()), config()).default_backoff(),
-        |p: LeanPod, present| Change::Pod(Box::new(p), present),
+/// Every change of the three watches, merged. Outages are said through
+/// `outage` (the lease watch's too), refusals once each with what to do.
+pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Change> + Send {
+    let pods =
+        Collection::new(Api::<LeanPod>::all(client.clone()), "pods", HINT, |p: LeanPod| (p.key(), p), |p| p.key());
+    let namespaces = Collection::new(
+        Api::<LeanNamespace>::all(client.clone()),
+        "namespaces",
+        HINT,
+        |n: LeanNamespace| (n.name(), n),
+        |n| n.name(),
     );
-    let namespaces = changes(
-        Kind::Namespaces,
-        watcher(Api::<LeanNamespace>::all(client.clone()), config()).default_backoff(),
-        |n: LeanNamespace, present| Change::Namespace(Box::new(n), present),
+    let policies = Collection::new(
+        Api::<NetworkPolicy>::all(client),
+        "networkpolicies",
+        HINT,
+        |p: NetworkPolicy| (key(&p.metadata), p.spec.unwrap_or_default()),
+        |p| key(&p.metadata),
     );
-    let policies = changes(
-        Kind::Policies,
-        watcher(Api::<NetworkPolicy>::all(client), config()).default_backoff(),
-        |p: NetworkPolicy, present| {
-            let k = key(&p.metadata);
-            Change::Policy(k, if present { Some(Box::new(p.spec.unwrap_or_default())) } else { None })
-        },
-    );
-    futures::stream::select(futures::stream::select(pods.boxed(), namespaces.boxed()), policies.boxed())
+    futures::stream::select(
+        futures::stream::select(follow(pods, &outage, Change::Pods), follow(namespaces, &outage, Change::Namespaces)),
+        follow(policies, &outage, Change::Policies),
+    )
 }
 
-fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
-{
-    watcher::watcher(api, config)
+/// Runs the list-watch of `source` and streams its batches as changes.
+fn follow<L: list_watch::ListWatch>(
+    source: L,
+    outage: &Arc<Outage>,
+    change: fn(list_watch::Batch<L>) -> Change,
+) -> impl Stream<Item = Change> + Send {
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    tokio::spawn(list_watch::run(source, tx, outage.clone()));
+    futures::stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|batch| (change(batch), rx)) })
 }
 
 #[cfg(test)]

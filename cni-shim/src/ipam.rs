@@ -8,7 +8,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -56,10 +55,8 @@ impl ContainerLock {
                 .write(true)
                 .open(&path)
                 .map_err(|e| CniError::io(format!("opening {}", path.display()), e))?;
-            // SAFETY: flock on a file descriptor we own; released when `file` closes.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(CniError::io(format!("locking {}", path.display()), std::io::Error::last_os_error()));
-            }
+            // flock(2), released when `file` closes.
+            file.lock().map_err(|e| CniError::io(format!("locking {}", path.display()), e))?;
             // A DEL that held it removed the file: the lock to take is the file there now.
             use std::os::unix::fs::MetadataExt;
             let held = file.metadata().map(|m| m.ino()).ok();
@@ -88,10 +85,8 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(|e| CniError::io(format!("opening {}", lock_path.display()), e))?;
-        // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(CniError::io(format!("locking {}", lock_path.display()), std::io::Error::last_os_error()));
-        }
+        // flock(2), released when `lock` closes.
+        lock.lock().map_err(|e| CniError::io(format!("locking {}", lock_path.display()), e))?;
         Ok(Store { dir, _lock: lock })
     }
 

@@ -51,18 +51,13 @@ pub fn open_netns(path: &str) -> Result<File, CniError> {
             format!("CNI_NETNS {path:?} is the plugin's own network namespace (the host's), not a container's"),
         ));
     }
-    // SAFETY: fstatfs fills a zeroed struct for an fd we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(bad(std::io::Error::last_os_error().to_string()));
-    }
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    if st.f_type as i64 != NSFS_MAGIC {
-        return Err(bad(format!("filesystem type {:#x} is not nsfs", st.f_type)));
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| bad(e.to_string()))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(bad(format!("filesystem type {:#x} is not nsfs", fs.filesystem_type().0)));
     }
     // NS_GET_NSTYPE: a mount or PID namespace is nsfs too.
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: an ioctl without arguments on an fd we own.
+    // SAFETY: an ioctl without arguments on an fd we own (nix has no wrapper for it).
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
         return Err(bad("a namespace, but not a network namespace".into()));
@@ -79,16 +74,11 @@ where
     F: FnOnce(Netlink) -> Fut + Send,
     Fut: Future<Output = Result<T, CniError>>,
 {
-    let fd = ns.as_raw_fd();
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns on a namespace fd only moves this (scoped) thread.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                return Err(CniError::io(
-                    "entering the container's network namespace",
-                    std::io::Error::last_os_error(),
-                ));
-            }
+            // Moves only this (scoped) thread into the namespace.
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| CniError::io("entering the container's network namespace", std::io::Error::from(e)))?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()

@@ -108,7 +108,8 @@ fn devices(links: &[Link], flag: Option<&str>, family: Family, include_flannel: 
 
 /// Our routes that are not on a device that goes (DirectRouting's live on the underlay).
 fn direct_routes<A: Address>(bulk: &mut Bulk, devices: &[u32]) -> Result<Vec<Op<A>>> {
-    let routes = match bulk.routes(entries::address_family(A::FAMILY)) {
+    let filter = overlay_netlink::RouteFilter::Protocol(entries::ROUTE_PROTOCOL);
+    let routes = match bulk.routes(entries::address_family(A::FAMILY), filter) {
         Ok(routes) => routes,
         Err(e) if A::FAMILY == Family::V6 => {
             debug!(error = %e, "no IPv6 routes to read");
@@ -118,7 +119,7 @@ fn direct_routes<A: Address>(bulk: &mut Bulk, devices: &[u32]) -> Result<Vec<Op<
     };
     Ok(routes
         .into_iter()
-        .filter(|r| r.protocol == entries::ROUTE_PROTOCOL && !r.oif.is_some_and(|i| devices.contains(&i)))
+        .filter(|r| !r.oif.is_some_and(|i| devices.contains(&i)))
         .filter_map(|r| {
             Some(Op::DelRoute(A::net_from(r.destination)?, RouteVia::Direct(r.gateway.and_then(A::from_ip)?)))
         })

@@ -27,6 +27,7 @@ mod policy;
 mod reconcile;
 mod reflector;
 mod status;
+mod status_command;
 mod version;
 mod vtep;
 
@@ -59,7 +60,9 @@ fn main() -> ExitCode {
     let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from);
     let result = match cli.command {
         Some(flags::Command::InstallCni(args)) => install_cni::run(&args),
-        Some(flags::Command::Status(args)) => runtime().and_then(|rt| rt.block_on(status::run(&cli.run, &args))),
+        Some(flags::Command::Status(args)) => {
+            runtime().and_then(|rt| rt.block_on(status_command::run(&cli.run, &args)))
+        }
         Some(flags::Command::Cleanup(args)) => runtime().and_then(|rt| rt.block_on(cleanup::run(&cli.run, &args))),
         // The daemon's tasks that hold the lease store run beside its loop, on its one thread.
         None => runtime().and_then(|rt| rt.block_on(tokio::task::LocalSet::new().run_until(daemon::run(cli.run)))),

@@ -324,7 +324,7 @@ impl Reconciler {
     async fn family<A: Slot>(&mut self, plan: FamilyPlan<A>, read: bool) -> [(Resource, anyhow::Result<()>); 4] {
         let family = A::FAMILY;
         let FamilyPlan { device_name, device, entries, masquerade, forwarding } = plan;
-        let forwarded = self.forwarding::<A>(forwarding, read);
+        let forwarded = self.forwarding::<A>(forwarding, read).await;
         let (device_result, entries_result) = match self.device::<A>(&device_name, device.as_ref(), read).await {
             Ok(index) => {
                 let entries = self.entries::<A>(index, entries, read).await;
@@ -348,14 +348,18 @@ impl Reconciler {
     }
 
     /// Forwarding of a family that is on (`forwarding`: the underlay); a family that is off leaves it as it is.
-    fn forwarding<A: Slot>(&mut self, forwarding: Option<String>, read: bool) -> anyhow::Result<()> {
+    async fn forwarding<A: Slot>(&mut self, forwarding: Option<String>, read: bool) -> anyhow::Result<()> {
         let applied = &mut A::slot(&mut self.applied).forwarding;
         if !read && applied.as_ref() == Some(&forwarding) {
             return Ok(());
         }
         *applied = None;
-        if let Some(underlay) = &forwarding {
-            if sysctl::ensure_forwarding(A::FAMILY, Some(underlay))? {
+        if let Some(underlay) = forwarding.clone() {
+            // /proc writes: on a blocking thread, not the runtime's.
+            let changed = tokio::task::spawn_blocking(move || sysctl::ensure_forwarding(A::FAMILY, Some(&underlay)))
+                .await
+                .map_err(|e| anyhow::anyhow!("the sysctl worker failed: {e}"))??;
+            if changed {
                 self.changed.push(Resource::Forwarding(A::FAMILY));
                 info!(family = %A::FAMILY, "turned on forwarding");
             }

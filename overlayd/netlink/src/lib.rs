@@ -17,7 +17,7 @@ mod events;
 mod handle;
 mod link;
 
-pub use bulk::Bulk;
+pub use bulk::{Bulk, RouteFilter};
 pub use entry::{Change, Entry, FdbEntry, Neighbour, Route, PROTOCOL_BOOT};
 pub use error::{Error, Result};
 pub use ethtool::{set_tx_checksum, tx_checksum};

@@ -184,7 +184,7 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
         let todo = diff(spec, link.as_ref(), &addresses);
         if todo.is_empty() {
             let index = link.map(|l| l.index).unwrap_or_default();
-            changes += settings(spec)?;
+            changes += settings(spec).await?;
             return Ok(Device { index, created, changes });
         }
         for change in &todo {
@@ -197,7 +197,7 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
     let link = nl.link(&spec.name).await.map_err(fail)?;
     match link {
         Some(link) => {
-            changes += settings(spec)?;
+            changes += settings(spec).await?;
             Ok(Device { index: link.index, created, changes })
         }
         None => Err(fail(overlay_netlink::Error::Protocol {
@@ -209,18 +209,24 @@ pub async fn reconcile(nl: &Netlink, spec: &DeviceSpec) -> Result<Device, Device
 
 /// The device's settings outside rtnetlink, once it exists: TX checksum
 /// offload, and for IPv6 no router advertisements. How many had to change.
-fn settings(spec: &DeviceSpec) -> Result<usize, DeviceError> {
+/// An ioctl and a /proc write: on a blocking thread, not the runtime's.
+async fn settings(spec: &DeviceSpec) -> Result<usize, DeviceError> {
+    let (name, family, offload) = (spec.name.clone(), spec.family, spec.tx_checksum_offload);
     let fail = |what: &str, e: std::io::Error| DeviceError {
         device: spec.name.clone(),
         source: overlay_netlink::Error::Protocol { what: what.into(), detail: e.to_string() },
     };
-    let mut changes = usize::from(
-        super::offload::ensure_tx_checksum(&spec.name, spec.tx_checksum_offload)
-            .map_err(|e| fail("setting TX checksum offload (ethtool)", e))?,
-    );
-    if spec.family == Family::V6 {
+    let (offload, ra) = tokio::task::spawn_blocking(move || {
+        let offload = super::offload::ensure_tx_checksum(&name, offload);
         // Router advertisements have no business on a VXLAN device (flannel turns them off too).
-        changes += usize::from(sysctl::ensure_accept_ra_off(&spec.name).map_err(|e| fail("turning accept_ra off", e))?);
+        let ra = (family == Family::V6).then(|| sysctl::ensure_accept_ra_off(&name));
+        (offload, ra)
+    })
+    .await
+    .map_err(|e| fail("setting the device up", std::io::Error::other(e)))?;
+    let mut changes = usize::from(offload.map_err(|e| fail("setting TX checksum offload (ethtool)", e))?);
+    if let Some(ra) = ra {
+        changes += usize::from(ra.map_err(|e| fail("turning accept_ra off", e))?);
     }
     Ok(changes)
 }

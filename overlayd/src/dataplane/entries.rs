@@ -3,7 +3,7 @@
 //! written in batches. Blocking (the bulk socket): the reconcile runs these on
 //! a blocking thread.
 
-use overlay_netlink::{AddressFamily, Bulk, Change, Entry, FdbEntry, Neighbour, Route};
+use overlay_netlink::{AddressFamily, Bulk, Change, Entry, FdbEntry, Neighbour, Route, RouteFilter};
 use proto::{Address, Family, MacAddr};
 use tracing::debug;
 
@@ -175,7 +175,14 @@ pub fn read<A: Address>(bulk: &mut Bulk, vxlan_index: Option<u32>) -> overlay_ne
             }
         }
     }
-    for r in bulk.routes(family)? {
+    // Ours, and whatever else is on our device (flanneld's, on the device we adopted).
+    let mut routes = bulk.routes(family, RouteFilter::Protocol(ROUTE_PROTOCOL))?;
+    if let Some(index) = vxlan_index {
+        routes.extend(
+            bulk.routes(family, RouteFilter::Device(index))?.into_iter().filter(|r| r.protocol != ROUTE_PROTOCOL),
+        );
+    }
+    for r in routes {
         if let (Some(subnet), Some(via)) = (A::net_from(r.destination), route_via(&r, vxlan_index)) {
             state.routes.insert(subnet, via);
         }

@@ -27,7 +27,7 @@ use crate::lease::{LeaseStore, OwnLease, WatchEvent};
 use crate::node_plan::{self, NodeFacts};
 use crate::node_state::{Cause, NodeState, Resource};
 use crate::peers::{PeerView, Update};
-use crate::reconcile::{self, Action, Reconciler, Trigger};
+use crate::reconcile::{Action, Reconciler, Trigger};
 use crate::vtep::{self, UnderlayFinder, Vteps};
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -167,7 +167,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         let (tx, mut leases) = mpsc::channel(crate::list_watch::CHANNEL);
         tokio::spawn(self.store.clone().watch(tx));
         tokio::spawn(self.store.clone().watch_config());
-        let mut kernel = drift::watch_kernel();
+        let mut kernel = drift::watch_kernel(self.node.kernel_event_buffer);
         // The first reconcile waits for the store's first listing: planning
         // from an empty peer set would delete every peer's entries.
         while !self.peers.listed() {
@@ -179,7 +179,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
                 _ = shutdown.requested() => return self.exit(),
             }
         }
-        reconcile::release_freed_memory();
+        crate::memory::release_freed_memory();
         let (mut trigger, mut requeue_at) = (Trigger::Start, Instant::now());
         loop {
             if let Some(at) = self.reconcile(&mut trigger).await {

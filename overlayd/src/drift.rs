@@ -20,23 +20,22 @@ use tracing::{info, warn};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::backoff::Throttle;
+use crate::memory::{release_freed_memory, TRIM_AFTER};
 use crate::node_state::Resource;
 
 /// How long a drift waits for the rest of its burst.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// How many events may wait for the daemon before the reader waits (and the kernel's buffer fills).
 const CHANNEL: usize = 4096;
-/// This many events checked leave megabytes of their buffers behind: once
-/// the queue is empty, they go back to the kernel.
-const TRIM_AFTER: usize = 256;
 /// How often an overflow that goes on is said again.
 const SAY_OVERFLOW_EVERY: Duration = Duration::from_secs(60);
 
-/// Follows the kernel's events (rtnetlink and nftables) on tasks of their
-/// own. Without them, the periodic resync still repairs drift, only later.
-pub fn watch_kernel() -> mpsc::Receiver<KernelEvent> {
+/// Follows the kernel's events (rtnetlink, its socket buffer `buffer`
+/// bytes, and nftables) on tasks of their own. Without them, the periodic
+/// resync still repairs drift, only later.
+pub fn watch_kernel(buffer: usize) -> mpsc::Receiver<KernelEvent> {
     let (tx, rx) = mpsc::channel(CHANNEL);
-    for (what, events) in [("rtnetlink", KernelEvents::route()), ("nftables", KernelEvents::nftables())] {
+    for (what, events) in [("rtnetlink", KernelEvents::route(buffer)), ("nftables", KernelEvents::nftables())] {
         let mut events = match events {
             Ok(events) => events,
             Err(e) => {
@@ -154,7 +153,7 @@ impl Drift {
         // once they are checked, their buffers go back to the kernel.
         self.checked += 1;
         if self.checked >= TRIM_AFTER && idle {
-            crate::reconcile::release_freed_memory();
+            release_freed_memory();
             self.checked = 0;
         }
     }

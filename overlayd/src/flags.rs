@@ -184,6 +184,11 @@ pub struct NodeArgs {
     /// (flannel's `ethtool -K flannel.1 tx-checksum-ip-generic off`), on after.
     #[arg(long, env = "OVERLAYD_VXLAN_TX_CHECKSUM_OFFLOAD", value_enum, default_value = "auto")]
     pub vxlan_tx_checksum_offload: crate::dataplane::offload::OffloadSetting,
+    /// Receive buffer of the kernel event socket, in bytes. A burst of
+    /// kernel events larger than this (and than what the daemon reads
+    /// meanwhile) is lost, and the whole node is read back.
+    #[arg(long, env = "OVERLAYD_KERNEL_EVENT_BUFFER", value_name = "BYTES", default_value_t = overlay_netlink::DEFAULT_BUFFER)]
+    pub kernel_event_buffer: usize,
     /// Address for /healthz, /readyz and /metrics, e.g. 127.0.0.1:8471. Off when unset.
     #[arg(long, env = "OVERLAYD_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,

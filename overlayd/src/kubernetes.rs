@@ -270,45 +270,72 @@ where
         }
     }
 
-    async fn watch(&mut self, mut version: String, sink: &mut Sink<K, V>) -> Result<String, (String, Stop)> {
-        let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
-        let stream = match self.api.watch(&params, &version).await {
-            Ok(stream) => stream,
+    async fn watch(&mut self, version: String, sink: &mut Sink<K, V>) -> Result<String, (String, Stop)> {
+        let (entry, key) = (self.entry, self.key);
+        watch_objects(&self.api, version, sink, |change| match change {
+            Watched::Applied(o) => {
+                let (k, v) = entry(o);
+                vec![WatchEvent::Apply(k, v)]
+            }
+            Watched::Deleted(o) => vec![WatchEvent::Delete(key(&o))],
+        })
+        .await
+    }
+}
+
+/// One object of a watch, as it changed.
+pub enum Watched<T> {
+    /// Created or changed.
+    Applied(T),
+    /// Deleted (as it was last).
+    Deleted(T),
+}
+
+/// Watches `api` from `version` until the server ends the watch (its
+/// timeout), turning each change into events with `translate` (none, one,
+/// or more) and sending them; bookmarks move the version on. Gives the
+/// version reached, or where it stopped and why.
+pub async fn watch_objects<T, K, V>(
+    api: &Api<T>,
+    mut version: String,
+    sink: &mut Sink<K, V>,
+    mut translate: impl FnMut(Watched<T>) -> Vec<WatchEvent<K, V>>,
+) -> Result<String, (String, Stop)>
+where
+    T: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
+    let stream = match api.watch(&params, &version).await {
+        Ok(stream) => stream,
+        Err(e) => return Err((version, watch_error(e, "watching").into())),
+    };
+    let mut stream = std::pin::pin!(stream);
+    sink.working();
+    while let Some(item) = stream.next().await {
+        let change = match item {
+            Ok(kube::core::WatchEvent::Added(o) | kube::core::WatchEvent::Modified(o)) => {
+                version = o.meta().resource_version.clone().unwrap_or(version);
+                Watched::Applied(o)
+            }
+            Ok(kube::core::WatchEvent::Deleted(o)) => {
+                version = o.meta().resource_version.clone().unwrap_or(version);
+                Watched::Deleted(o)
+            }
+            Ok(kube::core::WatchEvent::Bookmark(bookmark)) => {
+                version = bookmark.metadata.resource_version;
+                continue;
+            }
+            Ok(kube::core::WatchEvent::Error(status)) => {
+                return Err((version, watch_error(kube::Error::Api(status), "watching").into()))
+            }
             Err(e) => return Err((version, watch_error(e, "watching").into())),
         };
-        let mut stream = std::pin::pin!(stream);
-        sink.working();
-        while let Some(item) = stream.next().await {
-            let event = match item {
-                Ok(kube::core::WatchEvent::Added(o) | kube::core::WatchEvent::Modified(o)) => {
-                    version = o.meta().resource_version.clone().unwrap_or(version);
-                    let (key, value) = (self.entry)(o);
-                    WatchEvent::Apply(key, value)
-                }
-                Ok(kube::core::WatchEvent::Deleted(o)) => {
-                    version = o.meta().resource_version.clone().unwrap_or(version);
-                    WatchEvent::Delete((self.key)(&o))
-                }
-                Ok(kube::core::WatchEvent::Bookmark(bookmark)) => {
-                    version = bookmark.metadata.resource_version;
-                    continue;
-                }
-                Ok(kube::core::WatchEvent::Error(status)) => {
-                    return Err((version, watch_error(kube::Error::Api(status), "watching").into()))
-                }
-                Err(e) => return Err((version, watch_error(e, "watching").into())),
-            };
-            let sent = async {
-                sink.push(event).await?;
-                sink.flush().await
-            };
-            if let Err(closed) = sent.await {
-                return Err((version, closed.into()));
-            }
+        if let Err(closed) = sink.send_all(translate(change)).await {
+            return Err((version, closed.into()));
         }
-        // The server ended the watch (its timeout): go on from where it stood.
-        Ok(version)
     }
+    // The server ended the watch (its timeout): go on from where it stood.
+    Ok(version)
 }
 
 #[cfg(test)]

@@ -99,6 +99,14 @@ impl<K, V> Sink<K, V> {
         Ok(())
     }
 
+    /// Adds `events` (one watch message's) and sends the batch.
+    pub async fn send_all(&mut self, events: impl IntoIterator<Item = WatchEvent<K, V>>) -> Result<(), Closed> {
+        for event in events {
+            self.push(event).await?;
+        }
+        self.flush().await
+    }
+
     /// Sends what is batched: the end of a listing, or of one watch message.
     pub async fn flush(&mut self) -> Result<(), Closed> {
         if self.events.is_empty() {

@@ -16,6 +16,7 @@ mod kubernetes;
 mod lease;
 mod list_watch;
 mod logging;
+mod memory;
 mod metrics;
 mod nft;
 mod node_plan;

@@ -187,8 +187,7 @@ enum Entries {
     PlanWhole,
 }
 
-/// A reconcile this large (operations, or entries read back) leaves megabytes of freed buffers behind.
-pub const TRIM_AFTER: usize = 256;
+use crate::memory::{release_freed_memory, TRIM_AFTER};
 
 /// Owns the node's state: reads, diffs and applies it.
 pub struct Reconciler {
@@ -556,15 +555,6 @@ impl Reconciler {
         }
         self.applied.subnet_env = Some(env.clone());
         Ok(())
-    }
-}
-
-/// Hands freed heap back to the kernel. A big reconcile or listing peaks at a
-/// few MiB of transient buffers that glibc would otherwise keep for good.
-pub fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free memory of glibc's own heap.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

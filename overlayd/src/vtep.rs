@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use overlay_netlink::{KernelEvent, Netlink};
-use proto::{Family, LeaseAttrs, MacAddr, NetConfig, VxlanBackendData};
+use proto::{Address, Family, LeaseAttrs, MacAddr, NetConfig, VxlanBackendData};
 use tracing::{info, warn};
 
 use crate::dataplane::underlay::{self, NotUnderlay, Selector};
@@ -131,8 +131,8 @@ fn follow<T: PartialEq>(published: Option<T>, was: Option<T>, is: Option<T>) -> 
 /// The addresses peers should send to, as this node sees them: the flags, else the underlay's.
 pub fn detected(node: &NodeArgs, underlay: &Underlay) -> PublicIps {
     PublicIps {
-        v4: node.public_ip.or(underlay.v4.and_then(|a| v4(a.addr()))),
-        v6: node.public_ipv6.or(underlay.v6.and_then(|a| v6(a.addr()))),
+        v4: node.public_ip.or(underlay.v4.and_then(|a| Ipv4Addr::from_ip(a.addr()))),
+        v6: node.public_ipv6.or(underlay.v6.and_then(|a| Ipv6Addr::from_ip(a.addr()))),
     }
 }
 
@@ -206,20 +206,6 @@ fn vtep_mac(machine: &str, public_ip: Option<IpAddr>, vni: u32, family: Family) 
         Family::V6 => format!("overlay-v6|{}|{ip}|{vni}", machine.trim()),
     };
     MacAddr::from_seed(seed.as_bytes())
-}
-
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    }
-}
-
-fn v6(ip: IpAddr) -> Option<Ipv6Addr> {
-    match ip {
-        IpAddr::V6(a) => Some(a),
-        IpAddr::V4(_) => None,
-    }
 }
 
 #[cfg(test)]

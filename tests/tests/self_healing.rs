@@ -160,36 +160,36 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn a_flood_of_kernel_events_is_absorbed_in_bounded_memory_and_the_node_converges() {
     require_root();
-    let c = cluster();
+    // Node 1's event socket holds 64 KiB of events, so the flood overflows it for certain.
+    let mut c = Cluster::new(ClusterOptions { resync: "1h".into(), ..ClusterOptions::default() }).unwrap();
+    c.add_ready_node(&["--health-addr", HEALTH, "--kernel-event-buffer", "65536"], 1).unwrap();
+    c.add_ready_node(&["--health-addr", HEALTH], 1).unwrap();
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
     let pid = a.pid().unwrap();
     let peak_before = status_kib(pid, "VmHWM");
     // 50,000 routes that are not ours added and removed in one burst by another process, with
     // a peer's route deleted in the middle of it: drift the daemon must find in the flood.
-    let batch = c.dir.join("flood.batch");
-    let mut lines: String = (0..50_000u32)
-        .map(|i| {
-            format!("route add 172.{}.{}.{}/32 via 192.168.50.254\n", 16 + i / 62_500, (i / 250) % 250, i % 250 + 1)
-        })
-        .collect();
+    let route = |i: u32| format!("172.{}.{}.{}/32", 16 + i / 62_500, (i / 250) % 250, i % 250 + 1);
+    let mut lines: String = (0..50_000u32).map(|i| format!("route add {} via 192.168.50.254\n", route(i))).collect();
     lines += &format!("route del {}\n", b.subnet().unwrap());
-    lines += &(0..50_000u32)
-        .map(|i| format!("route del 172.{}.{}.{}/32\n", 16 + i / 62_500, (i / 250) % 250, i % 250 + 1))
-        .collect::<String>();
+    lines += &(0..50_000u32).map(|i| format!("route del {}\n", route(i))).collect::<String>();
+    let batch = c.dir.join("flood.batch");
     std::fs::write(&batch, lines).unwrap();
     a.ns.ip(&["-batch", batch.to_str().unwrap()]).unwrap();
-    // The node converges: the peer's route is back, and the pods talk.
+    // The node converges: the peer's route is back (found by reading the node
+    // back after the lost events, or by its own event), and the pods talk.
     assert_repaired(&c, "a peer's route deleted in a flood of 100,000 route events");
     assert!(ping_until(&a.pods[0].ns, b.pods[0].ip, Duration::from_secs(5)), "{}", a.log_text());
     let grew_mib = status_kib(pid, "VmHWM").saturating_sub(peak_before) / 1024;
     let overflows = metric_of(&c, 0, "overlay_kernel_event_overflows_total");
     let said = a.log_text().lines().filter(|l| l.contains("the kernel dropped events")).count();
-    eprintln!("flood: peak RSS grew {grew_mib} MiB, {overflows} overflows, said {said} times");
-    // Events wait in a bounded queue: a burst the daemon cannot keep up with overflows
-    // the kernel's socket buffer (then the whole node is read back), never the heap.
-    assert!(grew_mib < 16, "peak RSS grew {grew_mib} MiB in the flood");
-    assert!(said <= 1, "an overflow is said once a minute at most:\n{}", a.log_text());
-    assert_eq!(said > 0, overflows > 0, "every overflow is counted, and said");
+    // Lost events are counted, and said once (a minute), not once per loss.
+    assert!(overflows > 0, "a 64 KiB socket buffer cannot hold 100,000 events:\n{}", a.log_text());
+    assert_eq!(said, 1, "{}", a.log_text());
+    // Events wait in a bounded queue, and what overflows is the kernel's buffer, never
+    // the daemon's heap (an unbounded queue held the whole burst: tens of MiB).
+    assert!(grew_mib < 32, "peak RSS grew {grew_mib} MiB in the flood");
 }
 
 /// TX checksum offload of `device` in `node`'s namespace, read with the ethtool ioctl.

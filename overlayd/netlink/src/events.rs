@@ -77,10 +77,12 @@ enum Kind {
 }
 
 impl KernelEvents {
-    /// Links, addresses, routes, neighbours and FDB entries of this network namespace.
-    pub fn route() -> Result<Self> {
+    /// Links, addresses, routes, neighbours and FDB entries of this network
+    /// namespace, with a receive buffer of `buffer` bytes ([`DEFAULT_BUFFER`]).
+    pub fn route(buffer: usize) -> Result<Self> {
         let socket = subscribe(
             NETLINK_ROUTE,
+            buffer,
             &[
                 RTNLGRP_LINK,
                 RTNLGRP_NEIGH,
@@ -95,7 +97,7 @@ impl KernelEvents {
 
     /// Additions and deletions of nftables tables, chains and rules in this network namespace (needs CAP_NET_ADMIN).
     pub fn nftables() -> Result<Self> {
-        let socket = subscribe(NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])?;
+        let socket = subscribe(NETLINK_NETFILTER, DEFAULT_BUFFER, &[NFNLGRP_NFTABLES])?;
         Ok(KernelEvents { socket, kind: Kind::Nftables, buf: Vec::with_capacity(DATAGRAM) })
     }
 
@@ -113,14 +115,17 @@ impl KernelEvents {
     }
 }
 
-fn subscribe(protocol: isize, groups: &[u32]) -> Result<TokioSocket> {
+/// The receive buffer of an event socket: a burst (a flushed table of 5,000
+/// routes) must fit, or it is an overflow and a full resync.
+pub const DEFAULT_BUFFER: usize = 4 * 1024 * 1024;
+
+fn subscribe(protocol: isize, buffer: usize, groups: &[u32]) -> Result<TokioSocket> {
     let what = "subscribing to kernel events";
     let mut socket = TokioSocket::new(protocol).map_err(Error::socket(what))?;
     let raw = socket.socket_mut();
     raw.bind_auto().map_err(Error::socket(what))?;
-    // A burst (a flushed table of 5,000 routes) must fit, or it is an overflow and a full
-    // resync. SO_RCVBUFFORCE passes net.core.rmem_max, for a holder of CAP_NET_ADMIN.
-    let size: libc::c_int = 4 * 1024 * 1024;
+    // SO_RCVBUFFORCE passes net.core.rmem_max, for a holder of CAP_NET_ADMIN.
+    let size = libc::c_int::try_from(buffer).unwrap_or(libc::c_int::MAX);
     // SAFETY: setsockopt reads `size` (an int, as the option takes) during the call only.
     let forced = unsafe {
         libc::setsockopt(

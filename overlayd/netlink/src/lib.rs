@@ -21,7 +21,7 @@ pub use bulk::{Bulk, RouteFilter};
 pub use entry::{Change, Entry, FdbEntry, Neighbour, Route, PROTOCOL_BOOT};
 pub use error::{Error, Result};
 pub use ethtool::{set_tx_checksum, tx_checksum};
-pub use events::{KernelEvent, KernelEvents, NFPROTO_IPV4, NFPROTO_IPV6};
+pub use events::{KernelEvent, KernelEvents, DEFAULT_BUFFER, NFPROTO_IPV4, NFPROTO_IPV6};
 pub use handle::{Netlink, VxlanDevice};
 pub use link::{Link, VxlanSettings};
 pub use netlink_packet_route::AddressFamily;

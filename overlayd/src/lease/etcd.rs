@@ -639,10 +639,7 @@ impl ListWatch for LeaseWatch {
                     }
                     let (events, seen) = watch_events(&self.prefix, &resp);
                     revision = revision.max(seen);
-                    for event in events {
-                        sink.push(event).await.map_err(|c| (revision, c.into()))?;
-                    }
-                    sink.flush().await.map_err(|c| (revision, c.into()))?;
+                    sink.send_all(events).await.map_err(|c| (revision, c.into()))?;
                 }
                 Ok(None) => {
                     self.store.next_endpoint();

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{ListParams, WatchParams};
+use kube::api::ListParams;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::Event;
 use kube::{Api, Client};
@@ -28,7 +27,7 @@ use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Pub
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
 use crate::kubernetes::{
-    core_resource, is_refusal, keep, lean_metadata, watch_error, KubeContext, Refused, CALL_TIMEOUT, WATCH_TIMEOUT_S,
+    core_resource, is_refusal, keep, lean_metadata, watch_objects, KubeContext, Refused, Watched, CALL_TIMEOUT,
 };
 use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError};
 use crate::outage::Outage;
@@ -226,53 +225,15 @@ impl ListWatch for NodeWatch {
 
     async fn watch(
         &mut self,
-        mut resource_version: String,
+        resource_version: String,
         sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>,
     ) -> Result<String, (String, Stop)> {
-        let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
-        let stream = match self.peers.watch(&params, &resource_version).await {
-            Ok(stream) => stream,
-            Err(kube::Error::Api(status)) if status.code == 410 => {
-                return Err((resource_version, WatchError::Expired.into()))
-            }
-            Err(e) => return Err((resource_version, watch_error(e, "watching nodes").into())),
-        };
-        let mut stream = std::pin::pin!(stream);
-        sink.working();
-        while let Some(item) = stream.next().await {
-            let events = match item {
-                Ok(kube::core::WatchEvent::Added(node) | kube::core::WatchEvent::Modified(node)) => {
-                    resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
-                    self.nodes.on_event(Event::Apply(node))
-                }
-                Ok(kube::core::WatchEvent::Deleted(node)) => {
-                    resource_version = node.metadata.resource_version.clone().unwrap_or(resource_version);
-                    self.nodes.on_event(Event::Delete(node))
-                }
-                Ok(kube::core::WatchEvent::Bookmark(bookmark)) => {
-                    resource_version = bookmark.metadata.resource_version;
-                    Vec::new()
-                }
-                Ok(kube::core::WatchEvent::Error(status)) if status.code == 410 => {
-                    return Err((resource_version, WatchError::Expired.into()));
-                }
-                Ok(kube::core::WatchEvent::Error(status)) => {
-                    let e = watch_error(kube::Error::Api(status), "the node watch failed");
-                    return Err((resource_version, e.into()));
-                }
-                Err(e) => return Err((resource_version, watch_error(e, "watching nodes").into())),
-            };
-            for event in events {
-                if let Err(c) = sink.push(event).await {
-                    return Err((resource_version, c.into()));
-                }
-            }
-            if let Err(c) = sink.flush().await {
-                return Err((resource_version, c.into()));
-            }
-        }
-        // The server ended the watch (its timeout): go on from where it stood.
-        Ok(resource_version)
+        let nodes = &mut self.nodes;
+        watch_objects(&self.peers, resource_version, sink, |change| match change {
+            Watched::Applied(node) => nodes.on_event(Event::Apply(node)),
+            Watched::Deleted(node) => nodes.on_event(Event::Delete(node)),
+        })
+        .await
     }
 }
 

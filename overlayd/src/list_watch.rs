@@ -22,8 +22,10 @@ use crate::reflector::WatchEvent;
 /// How many events a batch holds before it is sent: a listing of 5,000
 /// leases goes as a few batches, not 5,000 sends.
 const BATCH: usize = 1024;
-/// How many batches may wait for the consumer before a source waits.
-pub const CHANNEL: usize = 16;
+/// How many batches may wait for the consumer before a source waits: a
+/// watch message is often one event, and the consumer takes all that wait
+/// at once, so a burst of 5,000 writes is a few reconciles, not thousands.
+pub const CHANNEL: usize = 256;
 /// The longest wait between retries.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 

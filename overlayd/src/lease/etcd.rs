@@ -118,7 +118,7 @@ impl EtcdError {
 
 /// One lease as listed.
 #[derive(Debug, Clone)]
-pub struct Listed {
+pub struct ListedLease {
     /// The subnet key.
     pub key: LeaseKey,
     /// The value, or why it did not parse.
@@ -135,7 +135,7 @@ pub struct Listed {
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
     /// Leases, whatever their value.
-    pub leases: Vec<Listed>,
+    pub leases: Vec<ListedLease>,
 }
 
 /// A subnet key this node holds, and the etcd lease it is attached to.
@@ -298,7 +298,7 @@ impl EtcdLeases {
             } else {
                 LeaseAttrs::from_json(kv.value()).map_err(|e| e.to_string())
             };
-            leases.push(Listed {
+            leases.push(ListedLease {
                 key,
                 attrs,
                 etcd_lease: kv.lease(),
@@ -378,9 +378,9 @@ impl EtcdLeases {
         let value = attrs.to_json();
         for attempt in 0..ATTEMPTS {
             let listing = self.list().await?;
-            let ours = |l: &&Listed| l.attrs.as_ref().is_ok_and(|a| a.public_ip == attrs.public_ip);
+            let ours = |l: &&ListedLease| l.attrs.as_ref().is_ok_and(|a| a.public_ip == attrs.public_ip);
             // 1. A lease that already names our address: take it back.
-            let mut mine: Vec<&Listed> = listing.leases.iter().filter(ours).filter(|l| fits(&l.key)).collect();
+            let mut mine: Vec<&ListedLease> = listing.leases.iter().filter(ours).filter(|l| fits(&l.key)).collect();
             mine.sort_by_key(|l| Some(l.key) != previous);
             if let Some(old) = mine.first() {
                 if let Some(own) = self.retake(old, &value, attrs).await? {
@@ -390,7 +390,7 @@ impl EtcdLeases {
                 continue;
             }
             // Our lease of another shape (IPv6 turned on or off since): its subnets are reused and it is replaced.
-            let reshaped: Option<&Listed> =
+            let reshaped: Option<&ListedLease> =
                 listing.leases.iter().filter(ours).find(|l| l.key.v4.is_some_and(|n| range4.contains(&n.into())));
             let taken = |family: Family| -> HashSet<IpNet> {
                 listing
@@ -451,7 +451,7 @@ impl EtcdLeases {
         }
         let listing = self.list().await?;
         let Some(ours) = listing.leases.iter().find(|l| l.key == claimed.key) else { return Ok(false) };
-        let shares = |l: &Listed| {
+        let shares = |l: &ListedLease| {
             Family::ALL.iter().any(|f| l.key.subnet(*f).is_some() && l.key.subnet(*f) == claimed.key.subnet(*f))
         };
         let older = listing
@@ -476,7 +476,7 @@ impl EtcdLeases {
         &mut self,
         key: &LeaseKey,
         value: &str,
-        replaces: Option<&Listed>,
+        replaces: Option<&ListedLease>,
     ) -> Result<Option<i64>, EtcdError> {
         let lease = self.client().await?.lease_grant(self.ttl, None).await.map_err(self.fail("grant lease"))?.id();
         let path = self.key_path(key);
@@ -501,7 +501,12 @@ impl EtcdLeases {
     /// Re-attaches to our old key, rewriting the value (new MAC) or the etcd
     /// lease (expired, or none) if needed, but only if nobody changed it since
     /// we listed it.
-    async fn retake(&mut self, old: &Listed, value: &str, attrs: &LeaseAttrs) -> Result<Option<Claimed>, EtcdError> {
+    async fn retake(
+        &mut self,
+        old: &ListedLease,
+        value: &str,
+        attrs: &LeaseAttrs,
+    ) -> Result<Option<Claimed>, EtcdError> {
         let lease_alive = old.etcd_lease != 0 && self.ttl_left(old.etcd_lease).await? > 0;
         let same_value = old.attrs.as_ref().is_ok_and(|a| a == attrs);
         if lease_alive && same_value {

@@ -79,7 +79,7 @@ fn warn_without_br_netfilter() {
 
 /// What made a sync run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trigger {
+enum SyncCause {
     /// Changes from the API.
     Change,
     /// The periodic check.
@@ -171,7 +171,7 @@ async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: 
                     let until = tokio::time::Instant::now() + DEBOUNCE;
                     while tokio::time::timeout_at(until, async { nft_events.as_mut()?.next().await.ok() }).await.is_ok() {}
                     if c.pending_since.is_none() {
-                        next_check = c.sync(Trigger::Kernel).await;
+                        next_check = c.sync(SyncCause::Kernel).await;
                     }
                 }
             }
@@ -193,10 +193,10 @@ async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: 
                     }
                 }
                 if c.pending_since.is_some() {
-                    next_check = c.sync(Trigger::Change).await;
+                    next_check = c.sync(SyncCause::Change).await;
                 }
             }
-            _ = sleep_until(next_check.into()) => next_check = c.sync(Trigger::Timer).await,
+            _ = sleep_until(next_check.into()) => next_check = c.sync(SyncCause::Timer).await,
         }
     }
 }
@@ -223,7 +223,7 @@ impl Controller {
 
     /// Compiles, reads the kernel's table, applies when they differ.
     /// Returns when to check again.
-    async fn sync(&mut self, trigger: Trigger) -> Instant {
+    async fn sync(&mut self, trigger: SyncCause) -> Instant {
         if !self.listed() {
             return Instant::now() + CHECK_EVERY;
         }
@@ -289,16 +289,16 @@ impl Controller {
     }
 
     /// Makes the table hold `ruleset`; returns whether it was written.
-    async fn reconcile(&mut self, ruleset: &Ruleset, trigger: Trigger) -> Result<bool, crate::nft::NftError> {
+    async fn reconcile(&mut self, ruleset: &Ruleset, trigger: SyncCause) -> Result<bool, crate::nft::NftError> {
         let listed = table::list().await?;
         // Every REWRITE_EVERY-th timer check rewrites every set: a terse
         // listing shows set names, not their elements, so an element deleted
         // by hand would otherwise stay deleted until that set's content changed.
-        if trigger == Trigger::Timer {
+        if trigger == SyncCause::Timer {
             self.checks = self.checks.wrapping_add(1);
         }
-        let safety_net = trigger == Trigger::Timer && self.checks.is_multiple_of(REWRITE_EVERY);
-        let timer = trigger != Trigger::Change;
+        let safety_net = trigger == SyncCause::Timer && self.checks.is_multiple_of(REWRITE_EVERY);
+        let timer = trigger != SyncCause::Change;
         let holds = listed.as_ref().is_some_and(|l| l.holds(ruleset));
         if let Some(l) = &listed {
             self.count_drops(l.drops);
@@ -308,7 +308,7 @@ impl Controller {
         }
         if timer && !holds {
             self.state.metrics.policy.repairs.inc();
-            let found_by = if trigger == Trigger::Kernel { "an nftables event" } else { "the periodic check" };
+            let found_by = if trigger == SyncCause::Kernel { "an nftables event" } else { "the periodic check" };
             warn!("the NetworkPolicy table was changed or removed by someone else ({found_by}); restoring it");
         }
         // After a failure, or when someone else changed the table, nothing in it is trusted.

@@ -336,7 +336,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
 
 /// What a terse listing (no set contents) says of the table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Listed {
+pub struct TableState {
     pub sets: Vec<String>,
     /// The fingerprint in the forward chain's first rule.
     pub fingerprint: Option<String>,
@@ -345,10 +345,10 @@ pub struct Listed {
     pub drops: [u64; 2],
 }
 
-impl Listed {
-    fn parse(listing: &Value) -> Listed {
+impl TableState {
+    fn parse(listing: &Value) -> TableState {
         let objects = listing.get("nftables").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-        let mut out = Listed::default();
+        let mut out = TableState::default();
         for o in objects {
             if let Some(set) = o.get("set") {
                 out.sets.extend(set["name"].as_str().map(str::to_string));
@@ -382,8 +382,8 @@ pub fn rule_count(ruleset: &Ruleset) -> usize {
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
-pub async fn list() -> Result<Option<Listed>, NftError> {
-    Ok(nft::list(ID, true).await?.map(|v| Listed::parse(&v)))
+pub async fn list() -> Result<Option<TableState>, NftError> {
+    Ok(nft::list(ID, true).await?.map(|v| TableState::parse(&v)))
 }
 
 /// Replaces what the table holds with `ruleset`, in one transaction.

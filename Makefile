@@ -10,12 +10,16 @@ APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libp
 KUBERNETES_VALIDATE := 1.37.0
 K8S_VERSION := 1.33.0
 PYTOOLS := $(CURDIR)/target/pytools
+# The Kubernetes release the real-control-plane tests run (tests/k8s/release),
+# built from its Go modules into a cache outside the clone (OVERLAY_K8S_CACHE).
+K8S_RELEASE := $(shell cat tests/k8s/release)
+K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl etcd
 
 # `make image`: the base. "debian" builds it from Debian's packages (no
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
 IMAGE_BASE ?= debian
 
-.PHONY: help deps build release image test bench demo demo-down fmt clippy clean validate-manifests
+.PHONY: help deps k8s build release image test bench demo demo-down fmt clippy clean validate-manifests
 .DEFAULT_GOAL := help
 
 ## help: list the targets (what plain `make` does)
@@ -38,6 +42,10 @@ deps:
 	  echo "make deps: installing kubernetes-validate $(KUBERNETES_VALIDATE) into $(PYTOOLS)"; \
 	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
 	fi
+
+## k8s: build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes at tests/k8s/release) and etcd (tests/k8s/etcd-release) into /var/cache/overlay-k8s (idempotent)
+k8s:
+	@tests/k8s/build $(K8S_RELEASE) $(K8S_COMPONENTS)
 
 ## validate-manifests: every document of deploy/overlay.yaml against the Kubernetes schemas, strictly
 validate-manifests: deps
@@ -64,7 +72,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## test: format and lint checks, then every test (unit and end-to-end, as root); fails if a test leaves anything behind
-test: deps validate-manifests
+test: deps k8s validate-manifests
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins

@@ -121,6 +121,9 @@ pub struct Cluster {
     /// Unique id of this cluster.
     pub id: String,
     options: ClusterOptions,
+    /// The index of the next node: never reused, so names and addresses of
+    /// nodes removed earlier in a run are not taken again.
+    next_index: u8,
 }
 
 impl Cluster {
@@ -152,12 +155,29 @@ impl Cluster {
         if let Some(config) = &options.config {
             etcd.put(&format!("{PREFIX}/config"), config)?;
         }
-        Ok(Cluster { nodes: Vec::new(), etcd, etcd_others: members, outside, underlay, kube: None, dir, id, options })
+        Ok(Cluster {
+            nodes: Vec::new(),
+            etcd,
+            etcd_others: members,
+            outside,
+            underlay,
+            kube: None,
+            dir,
+            id,
+            options,
+            next_index: 1,
+        })
+    }
+
+    /// The Kubernetes name the next node added gets.
+    pub fn next_node_name(&self) -> String {
+        format!("node-{}", self.next_index)
     }
 
     /// Adds node N+1 to the underlay (no daemon yet) and returns its index in `nodes`.
     pub fn add_node(&mut self, flags: &[&str]) -> Result<usize> {
-        let index = self.nodes.len() as u8 + 1;
+        let index = self.next_index;
+        self.next_index += 1;
         let ns = Netns::new(&format!("ov{}n{index}", self.id))?;
         let leg = format!("n{index}");
         self.underlay.ip(&["link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
@@ -234,7 +254,7 @@ impl Cluster {
     /// Adds node N+1 in Kubernetes mode: registered in the API (with a
     /// podCIDR when `allocate`), its daemon configured but not started.
     pub fn add_kube_node(&mut self, allocate: bool, extra: &[&str]) -> Result<usize> {
-        let name = format!("node-{}", self.nodes.len() + 1);
+        let name = self.next_node_name();
         let kubeconfig = self.dir.join("kubeconfig");
         let net_conf = self.dir.join("net-conf.json");
         let mut flags = vec![

@@ -8,6 +8,7 @@
 pub mod bulk;
 pub mod cluster;
 pub mod cni;
+pub mod control_plane;
 pub mod daemonset;
 pub mod etcd;
 pub mod kube_api;

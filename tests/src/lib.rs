@@ -19,6 +19,7 @@ pub mod pki;
 pub mod podman;
 pub mod probe;
 pub mod strict;
+pub mod truth_table;
 
 pub use cluster::{Cluster, ClusterOptions, Node, Pod};
 pub use etcd::Etcd;

@@ -19,10 +19,10 @@ use ipnet::IpNet;
 use overlay_tests::cluster::{ClusterOptions, DUAL_STACK_CONFIG, ETCD_IP};
 use overlay_tests::control_plane::{self, ControlPlane};
 use overlay_tests::probe::{http_get, ping_until, PingRun};
-use overlay_tests::{wait_until, Cluster};
+use overlay_tests::{truth_table, wait_until, Cluster};
 use serde_json::Value;
 
-const HEALTH: &str = "127.0.0.1:8471";
+const HEALTH: &str = truth_table::HEALTH;
 const PREFIX: &str = "flannel.alpha.coreos.com";
 const IPV4: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const IPV6_ONLY: &str =
@@ -371,6 +371,38 @@ fn api_citizenship_counted_from_the_audit_log(r: &mut Real) -> Result<()> {
     Ok(())
 }
 
+/// The NetworkPolicy truth table (44 cases and the dynamic ones, both
+/// families), its policies written with kubectl to the real API server.
+/// A policy the server's validation refuses never reaches the daemons.
+fn the_network_policy_truth_table_on_the_real_api_server(r: &mut Real) -> Result<()> {
+    r.nodes(DUAL_STACK_CONFIG, 3, 3)?;
+    let api = control_plane::KubectlApi(&r.cp);
+    let t = truth_table::Table::new(&r.c.nodes, &api)?;
+    truth_table::run(&t);
+    // Refused at admission, before overlayd could see it: a CIDR that is not one, a port out of range.
+    for (spec, says) in [
+        (
+            r#"{"podSelector":{},"ingress":[{"from":[{"ipBlock":{"cidr":"10.0.0.0/33"}}]}]}"#,
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (r#"{"podSelector":{},"ingress":[{"ports":[{"port":70000}]}]}"#, "spec.ingress[0].ports[0].port"),
+        (r#"{"podSelector":{"matchLabels":{"pod":"a b"}}}"#, "spec.podSelector"),
+    ] {
+        let object = format!(
+            r#"{{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{{"name":"bad","namespace":"x"}},"spec":{spec}}}"#
+        );
+        let out = r.cp.kubectl_output(&r.cp.admin_kubeconfig(), &["apply", "-f", "-"], Some(&object))?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && said.contains("Invalid value") && said.contains(says), "{spec}: {said}");
+    }
+    drop(t);
+    for ns in ["x", "y", "z"] {
+        r.cp.kubectl(&["delete", "namespace", ns, "--wait=false"])?;
+    }
+    r.clear();
+    Ok(())
+}
+
 type Scenario = fn(&mut Real) -> Result<()>;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
@@ -390,6 +422,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         after_compaction_and_a_watch_cache_restart_the_daemon_lists_again,
     ),
     ("api_citizenship_counted_from_the_audit_log", api_citizenship_counted_from_the_audit_log),
+    ("the_network_policy_truth_table_on_the_real_api_server", the_network_policy_truth_table_on_the_real_api_server),
 ];
 
 fn main() -> ExitCode {

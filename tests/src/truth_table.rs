@@ -733,7 +733,7 @@ pub fn run(t: &Table) {
     let cases = cases();
     assert!(cases.len() >= 40, "at least 40 upstream cases, got {}", cases.len());
     for c in &cases {
-        t.set_policies(&(c.policies)(&t));
+        t.set_policies(&(c.policies)(t));
         t.check(c.name, c.probes, &*c.expect);
     }
 

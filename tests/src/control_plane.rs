@@ -1,7 +1,8 @@
 //! A real Kubernetes control plane for the tests: kube-apiserver,
 //! kube-controller-manager and kube-scheduler built from Kubernetes' own Go
-//! modules at one release (`make k8s`, `tests/k8s/build`), on the etcd the
-//! cluster already runs, all inside the cluster's underlay namespace (the
+//! modules at one release (`make k8s`, `tests/k8s/build`), with an etcd of
+//! its own (the release Kubernetes is tested with, beside the overlay's etcd
+//! on the same address), all inside the cluster's underlay namespace (the
 //! API server on `192.168.50.2:6443`, where the nodes reach it; nothing in
 //! the root namespace).
 //!
@@ -545,6 +546,11 @@ impl ControlPlane {
     /// Where the control plane listens.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// kube-apiserver's process (`ip netns exec` execs it: the child is the server), for its CPU time.
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.as_ref().map(Child::id)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Kubernetes mode on a real control plane: kube-apiserver,
 //! kube-controller-manager and kube-scheduler built from Kubernetes' own Go
-//! modules (`make k8s`), sharing the cluster's etcd, inside the cluster's
+//! modules (`make k8s`), with an etcd of its own, inside the cluster's
 //! underlay namespace. One control plane serves every scenario of the run,
 //! in order; each scenario makes its own nodes (registered by the test as
 //! a kubelet registers itself), and removes them and its objects at its end.

@@ -792,6 +792,184 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
     })
 }
 
+/// Kubernetes mode on the real kube-apiserver (`make k8s`): N Nodes
+/// registered through the API, then one overlayd started.
+struct RealKubeRow {
+    n: u32,
+    /// Creating the N Nodes with kubectl (what the API server spent on them is not ours).
+    registered: Duration,
+    cold: Option<Duration>,
+    usage: Usage,
+    idle: Usage,
+    /// kube-apiserver's CPU seconds from the daemon's start until 3 s after
+    /// its cold start, less what it spends in as long a time without it.
+    apiserver_cpu_s: f64,
+    apiserver_baseline_s: f64,
+    /// overlayd's requests in that time, from the audit log: all, and lists.
+    requests: usize,
+    lists: usize,
+}
+
+fn real_kube_bench(n: u32) -> Result<RealKubeRow> {
+    use overlay_tests::control_plane::ControlPlane;
+    let mut c = Cluster::new(ClusterOptions { config: None, resync: "2s".into(), ..Default::default() })?;
+    std::fs::write(c.dir.join("net-conf.json"), config_for_bench())?;
+    let cp = ControlPlane::start(
+        &c.underlay,
+        overlay_tests::cluster::ETCD_IP.parse()?,
+        &c.dir.join("k8s"),
+        &["10.0.0.0/8".parse()?],
+    )?;
+    let manifest = overlay_tests::manifests::deploy_dir().join("overlay.yaml");
+    cp.kubectl(&["apply", "-f", manifest.to_str().unwrap_or_default()])?;
+    // The peers, as their kubelets and node IPAM would leave them: podCIDR,
+    // our annotations, a worker's status (Nodes may carry status on create).
+    let prefix = proto::node_annotations::DEFAULT_PREFIX;
+    let extra = realistic_node_extras();
+    let registering = Instant::now();
+    let ids: Vec<u32> = (1..=n).collect();
+    for chunk in ids.chunks(500) {
+        let items: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|&i| -> Result<serde_json::Value> {
+                let (subnet, value) = synthetic_lease(i);
+                let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
+                let annotations: std::collections::BTreeMap<String, String> = proto::NodeAnnotations::new(prefix)
+                    .publish(&attrs)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?)))
+                    .collect();
+                let name = format!("peer-{i}");
+                let mut labels = extra["metadata"]["labels"].clone();
+                labels["kubernetes.io/hostname"] = name.clone().into();
+                let mut status = extra["status"].clone();
+                status["addresses"] = serde_json::json!([{"type": "InternalIP", "address": attrs.public_ip.to_string()},
+                                                          {"type": "Hostname", "address": name}]);
+                Ok(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": name, "labels": labels, "annotations": annotations},
+                    "spec": {"podCIDR": subnet.to_string(), "podCIDRs": [subnet.to_string()]},
+                    "status": status,
+                }))
+            })
+            .collect::<Result<_>>()?;
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        cp.kubectl_input(&["create", "-f", "-", "-o", "name"], &list.to_string())?;
+    }
+    let registered = registering.elapsed();
+    let api_pid = cp.apiserver_pid().context("kube-apiserver's pid")?;
+    // The node is registered (and given its podCIDR) before the clock starts.
+    let i = c.add_real_kube_node(&cp, &[])?;
+    // What the control plane spends without overlayd (the controllers'
+    // resyncs, leases, the watch cache): first until the N creations have
+    // settled (under a tenth of a core, or a minute), then over 10 s.
+    let rate = |window: Duration| {
+        let before = usage(api_pid).cpu_s;
+        std::thread::sleep(window);
+        (usage(api_pid).cpu_s - before) / window.as_secs_f64()
+    };
+    // The node lifecycle controller marks every Node without a kubelet
+    // unknown 40 s after its creation, and taints it: that is over only
+    // a while after the last one was made.
+    let settling = Instant::now();
+    let mut last = f64::MAX;
+    while last > 0.1 && settling.elapsed() < Duration::from_secs(240) {
+        last = rate(Duration::from_secs(3));
+    }
+    eprintln!("bench: the API server at {last:.2} cores after {:.0} s of settling", settling.elapsed().as_secs_f64());
+    let baseline_rate = rate(Duration::from_secs(10));
+    let audit_before = cp.audit_events()?.len();
+    let api_before = usage(api_pid).cpu_s;
+    let start = Instant::now();
+    c.nodes[i].start()?;
+    let timeout = Duration::from_secs(120);
+    let cold = loop {
+        if route_count(&c.nodes[i].ns) >= n as usize {
+            break Some(start.elapsed());
+        }
+        if start.elapsed() > timeout || !c.nodes[i].running() {
+            eprintln!("real kube cold start n={n} failed:\n{}", c.nodes[i].log_text());
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let pid = c.nodes[i].pid().context("pid")?;
+    let usage_at_start = usage(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = usage(pid);
+    let api_spent = usage(api_pid).cpu_s - api_before;
+    let baseline = baseline_rate * start.elapsed().as_secs_f64();
+    let events = cp.audit_events()?;
+    let ours: Vec<&serde_json::Value> = events[audit_before..]
+        .iter()
+        .filter(|e| e["user"]["username"] == "system:serviceaccount:kube-overlay:overlay")
+        .collect();
+    let lists = ours.iter().filter(|e| e["verb"] == "list").count();
+    for e in ours.iter().filter(|e| e["verb"] == "list") {
+        eprintln!("bench: overlayd listed {}", e["requestURI"].as_str().unwrap_or_default());
+    }
+    c.nodes[i].stop()?;
+    drop(cp);
+    Ok(RealKubeRow {
+        n,
+        registered,
+        cold,
+        usage: usage_at_start,
+        idle,
+        apiserver_cpu_s: (api_spent - baseline).max(0.0),
+        apiserver_baseline_s: baseline,
+        requests: ours.len(),
+        lists,
+    })
+}
+
+/// The real API server's rows, at the sizes of 1,000 Nodes and more (below
+/// that the double's figures say all); none when the binaries are not built.
+fn real_kube_rows(sizes: &[u32], etcd_only: bool) -> Result<Vec<RealKubeRow>> {
+    if etcd_only {
+        return Ok(Vec::new());
+    }
+    if !overlay_tests::control_plane::built() {
+        eprintln!("bench: no Kubernetes binaries (`make k8s`): the real API server's rows are left out");
+        return Ok(Vec::new());
+    }
+    let mut rows = Vec::new();
+    for &n in sizes.iter().filter(|&&n| n >= 1000) {
+        eprintln!("bench: Kubernetes mode on the real API server, N={n} ...");
+        rows.push(real_kube_bench(n)?);
+    }
+    Ok(rows)
+}
+
+fn print_real_kube_rows(rows: &[RealKubeRow], double: &[KubeRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!("| N Nodes (real kube-apiserver) | Nodes created in | cold start (all N×3 entries) | on the double | RSS idle (of which heap) | peak RSS | overlayd CPU s (cold start) | kube-apiserver CPU s for overlayd (its idle, subtracted) | overlayd's requests (lists) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let on_double = double.iter().find(|d| d.n == r.n).map_or("-".into(), |d| ms(d.cold));
+        println!(
+            "| {} | {:.1} s | {} | {} | {} ({}) | {} | {:.2} | {:.2} ({:.2}) | {} ({}) |",
+            r.n,
+            r.registered.as_secs_f64(),
+            ms(r.cold),
+            on_double,
+            mib(r.idle.rss_kib),
+            mib(r.idle.anon_kib),
+            mib(r.usage.peak_kib.max(r.idle.peak_kib)),
+            r.usage.cpu_s,
+            r.apiserver_cpu_s,
+            r.apiserver_baseline_s,
+            r.requests,
+            r.lists
+        );
+    }
+    println!();
+    println!("real kube-apiserver: {} built from its Go modules (`make k8s`), its own etcd; N Nodes created through the API by kubectl with podCIDR, flannel annotations and a worker's status (~9 KiB each); one overlayd started with the manifest's ServiceAccount token; timed from its spawn until the kernel holds all N routes. The API server's CPU is read from /proc over the cold start and 3 s after, less its own rate over 10 s without overlayd once the creations settled (in brackets).", overlay_tests::control_plane::RELEASE);
+    println!();
+}
+
 /// Per pod: (ADD, DEL, ADD+DEL) wall times of one plugin, each list sorted.
 type Latencies = (Vec<Duration>, Vec<Duration>, Vec<Duration>);
 
@@ -1262,6 +1440,17 @@ fn main() -> Result<()> {
     if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "repair") {
         return repair_bench();
     }
+    // OVERLAY_BENCH_ONLY=kube-real: Kubernetes mode on the real API server alone.
+    if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "kube-real") {
+        let rows = real_kube_rows(&sizes, false)?;
+        let mut double = Vec::new();
+        for &n in sizes.iter().filter(|&&n| n >= 1000) {
+            eprintln!("bench: Kubernetes mode on the API double, N={n} ...");
+            double.push(kube_bench(n)?);
+        }
+        print_real_kube_rows(&rows, &double);
+        return Ok(());
+    }
     // OVERLAY_BENCH_ONLY=policy: NetworkPolicy at 1,000 policies over 10,000 pods.
     if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "policy") {
         return policy_bench();
@@ -1286,6 +1475,7 @@ fn main() -> Result<()> {
         eprintln!("bench: Kubernetes mode, N={n} ...");
         kube_rows.push(kube_bench(n)?);
     }
+    let real_rows = real_kube_rows(&sizes, etcd_only)?;
     println!();
     println!("| N | cold start (all N×3 entries) | ip -batch floor | cold/floor | burst add: last write → all programmed | missing | burst remove: last delete → all gone | stale left | RSS idle, 0 peers (heap) | RSS idle, N peers (heap) | peak RSS | CPU s (cold start) | CPU s (burst add+remove), of which kernel | /healthz during cold start: max (p50, answers) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -1368,6 +1558,7 @@ fn main() -> Result<()> {
     println!();
     println!("Kubernetes mode: N Node objects (podCIDR + flannel annotations) served by the in-process API test double over HTTP; timed from spawning overlayd until the kernel holds all N routes. The daemon lists from the double's watch cache (resourceVersion=0): one response, streamed, the Nodes kept encoded as a real watch cache keeps them.");
     println!();
+    print_real_kube_rows(&real_rows, &kube_rows);
     println!("| N Nodes (Kubernetes mode) | cold start: lists, GETs of own Node, patches | list bytes | relist after 410: time to watch again | lists | list bytes | peak RSS after it |");
     println!("|---|---|---|---|---|---|---|");
     for r in &kube_rows {

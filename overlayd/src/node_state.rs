@@ -81,6 +81,8 @@ pub enum Cause {
     Nftables,
     /// The periodic resync, reading the node back.
     Resync,
+    /// The node read back because the kernel dropped events we could not read in time.
+    LostEvents,
 }
 
 impl Cause {
@@ -90,6 +92,7 @@ impl Cause {
             Cause::Kernel => "kernel",
             Cause::Nftables => "nftables",
             Cause::Resync => "resync",
+            Cause::LostEvents => "lost_events",
         }
     }
 
@@ -98,6 +101,7 @@ impl Cause {
             Cause::Kernel => "a kernel event",
             Cause::Nftables => "an nftables event",
             Cause::Resync => "the resync",
+            Cause::LostEvents => "a read of the node after lost kernel events",
         }
     }
 }

@@ -273,13 +273,23 @@ impl Reconciler {
         }
 
         self.state.reconciled(started.elapsed(), &outcomes);
-        // The resync reads the node back: whatever it had to change had drifted
-        // unnoticed. (A retry after a failure is a requeue too, but it finishes
+        // A read of the node that no event asked for (the resync, or lost
+        // kernel events) found what drifted unreported: each change was a
+        // repair. (A retry after a failure is a requeue too, but it finishes
         // its own work.)
-        let resync = trigger == Trigger::Requeue && !self.retrying;
+        let unreported = match trigger {
+            Trigger::Requeue if !self.retrying => Some(Cause::Resync),
+            Trigger::Resync => Some(Cause::LostEvents),
+            _ => None,
+        };
         for resource in std::mem::take(&mut self.changed) {
-            if resync && failures.is_empty() {
-                self.state.repaired(Cause::Resync, resource);
+            if let (Some(cause), true) = (unreported, failures.is_empty()) {
+                info!(
+                    resource = resource.name(),
+                    cause = cause.name(),
+                    "the node drifted from what was applied; repaired"
+                );
+                self.state.repaired(cause, resource);
             }
         }
         self.retrying = !failures.is_empty();

@@ -84,8 +84,6 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Named container ports.
     pub ports: Vec<ContainerPort>,
-    /// Host-network pods have the node's address; policy does not apply to them.
-    pub host_network: bool,
 }
 
 /// A namespace and name.
@@ -401,7 +399,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
             .pods
             .range((namespace.clone(), String::new())..)
             .take_while(|((ns, _), _)| ns == namespace)
-            .filter(|(_, p)| &*p.node == node && !p.host_network && !p.ips.is_empty() && selector.matches(&p.labels))
+            .filter(|(_, p)| &*p.node == node && !p.ips.is_empty() && selector.matches(&p.labels))
             .collect();
         let directions = c.directions(&id, spec);
         if selected.is_empty() || directions.is_empty() {
@@ -554,7 +552,7 @@ impl<'a> Compiler<'a> {
                                 Direction::Ingress => selected.iter().map(|(_, p)| *p).collect(),
                                 Direction::Egress => match &peer_pods {
                                     Some(pods) => pods.to_vec(),
-                                    None => self.view.pods.values().filter(|p| !p.host_network).collect(),
+                                    None => self.view.pods.values().collect(),
                                 },
                             };
                             let mut missing = 0;
@@ -630,7 +628,7 @@ impl<'a> Compiler<'a> {
                 ),
             };
             for (key, p) in candidates {
-                if !p.host_network && pods.matches(&p.labels) && seen.insert(key) {
+                if pods.matches(&p.labels) && seen.insert(key) {
                     out.push(p);
                 }
             }

@@ -207,7 +207,9 @@ impl Controller {
     fn take(&mut self, change: Change) {
         let interner = &mut self.interner;
         let changed = match change {
-            Change::Pods(events) => fold(&mut self.view.pods, events, |_, pod| pod.info(interner)),
+            Change::Pods(events) => {
+                fold(&mut self.view.pods, watch::without_host_network(events), |_, pod| pod.info(interner))
+            }
             Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.labels(interner)),
             Change::Policies(events) => fold(&mut self.view.policies, events, |_, spec| spec),
         };

@@ -128,9 +128,29 @@ impl LeanPod {
             labels: Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner),
             ips,
             ports,
-            host_network: self.spec.host_network.unwrap_or(false),
         }
     }
+
+    fn host_network(&self) -> bool {
+        self.spec.host_network.unwrap_or(false)
+    }
+}
+
+/// The pods' events without host-network pods. Policy never applies to them
+/// (they have their node's address, not one of ours), and a pod cannot
+/// become one (`hostNetwork` is immutable): they are not kept at all. Every
+/// node runs a few (this DaemonSet's, kube-proxy's), so at 5,000 nodes they
+/// are most of a listing. A host-network pod's change is a deletion, which
+/// is nothing for a key the store does not hold.
+pub fn without_host_network(events: Vec<WatchEvent<Key, LeanPod>>) -> Vec<WatchEvent<Key, LeanPod>> {
+    events
+        .into_iter()
+        .filter_map(|event| match event {
+            WatchEvent::InitApply(_, pod) if pod.host_network() => None,
+            WatchEvent::Apply(key, pod) if pod.host_network() => Some(WatchEvent::Delete(key)),
+            event => Some(event),
+        })
+        .collect()
 }
 
 /// A batch of changes from one of the watches.
@@ -209,6 +229,35 @@ mod tests {
         assert_eq!(info.ports.len(), 2, "unnamed ports cannot be named in a policy");
         assert_eq!(info.ports[1], ContainerPort { name: "serve-81-udp".into(), protocol: Protocol::Udp, port: 81 });
         assert_eq!(info.labels.get("pod"), Some("a"));
+    }
+
+    #[test]
+    fn host_network_pods_are_not_kept() {
+        let pod = |name: &str, host_network: bool| -> LeanPod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "kube-overlay", "labels": {"app": "overlay"}},
+                "spec": {"nodeName": "node-1", "hostNetwork": host_network, "containers": []},
+                "status": {"phase": "Running", "podIPs": [{"ip": "192.168.50.11"}]}
+            }))
+            .unwrap()
+        };
+        let key = |name: &str| ("kube-overlay".to_string(), name.to_string());
+        let listed = without_host_network(vec![
+            WatchEvent::Init,
+            WatchEvent::InitApply(key("overlay-x2k"), pod("overlay-x2k", true)),
+            WatchEvent::InitApply(key("web"), pod("web", false)),
+            WatchEvent::InitDone,
+        ]);
+        assert_eq!(listed.len(), 3);
+        assert!(matches!(&listed[1], WatchEvent::InitApply(k, _) if k.1 == "web"));
+        let changed = without_host_network(vec![
+            WatchEvent::Apply(key("overlay-x2k"), pod("overlay-x2k", true)),
+            WatchEvent::Apply(key("web"), pod("web", false)),
+            WatchEvent::Delete(key("overlay-x2k")),
+        ]);
+        assert!(matches!(&changed[0], WatchEvent::Delete(k) if k.1 == "overlay-x2k"));
+        assert!(matches!(&changed[1], WatchEvent::Apply(k, _) if k.1 == "web"));
+        assert!(matches!(&changed[2], WatchEvent::Delete(_)));
     }
 
     #[test]

@@ -8,7 +8,6 @@ fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo {
         labels: Labels::from_pairs(labels.iter().copied(), &mut interner),
         ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         ports: vec![ContainerPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
-        host_network: false,
     }
 }
 

@@ -305,12 +305,13 @@ where
     T: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let params = WatchParams::default().timeout(WATCH_TIMEOUT_S);
+    let asked = std::time::Instant::now();
     let stream = match api.watch(&params, &version).await {
         Ok(stream) => stream,
         Err(e) => return Err((version, watch_error(e, "watching").into())),
     };
     let mut stream = std::pin::pin!(stream);
-    sink.working();
+    sink.working(asked);
     while let Some(item) = stream.next().await {
         let change = match item {
             Ok(kube::core::WatchEvent::Added(o) | kube::core::WatchEvent::Modified(o)) => {

@@ -10,7 +10,7 @@
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -68,9 +68,10 @@ impl<K, V> Sink<K, V> {
         Sink { tx, events: Vec::new(), outage, what, refused: false }
     }
 
-    /// The store answers: a listing came, or a watch is open. An outage or a refusal is over.
-    pub fn working(&mut self) {
-        self.outage.recovered();
+    /// The store answered a call made at `asked`: a listing came, or a
+    /// watch is open. An outage (begun before that call) or a refusal is over.
+    pub fn working(&mut self, asked: Instant) {
+        self.outage.answered(asked);
         if std::mem::take(&mut self.refused) {
             info!(watch = self.what, "watching {} again", self.what);
         }
@@ -197,9 +198,9 @@ pub async fn run<L: ListWatch>(
     let mut backoff = Backoff::with_max(BACKOFF_MAX);
     loop {
         let (next, result) = match state {
-            State::Listing => match list(&mut source, &mut sink).await {
-                Ok(version) => {
-                    sink.working();
+            State::Listing => match list(&mut source, &mut sink, Instant::now()).await {
+                Ok((version, asked)) => {
+                    sink.working(asked);
                     (State::Watching(version), Ok(()))
                 }
                 Err(stop) => (State::Listing, Err(stop)),
@@ -227,12 +228,17 @@ pub async fn run<L: ListWatch>(
 }
 
 /// One listing: `Init`, the source's `InitApply` events, `InitDone`, sent.
-async fn list<L: ListWatch>(source: &mut L, sink: &mut Sink<L::Key, L::Value>) -> Result<L::Version, Stop> {
+/// Lists `source` into `sink`; its version, and when the list was asked for.
+async fn list<L: ListWatch>(
+    source: &mut L,
+    sink: &mut Sink<L::Key, L::Value>,
+    asked: Instant,
+) -> Result<(L::Version, Instant), Stop> {
     sink.push(WatchEvent::Init).await?;
     let version = source.list(sink).await?;
     sink.push(WatchEvent::InitDone).await?;
     sink.flush().await?;
-    Ok(version)
+    Ok((version, asked))
 }
 
 #[cfg(test)]
@@ -276,7 +282,7 @@ mod tests {
         async fn watch(&mut self, version: u64, sink: &mut Sink<u32, u32>) -> Result<u64, (u64, Stop)> {
             match self.steps.pop_front() {
                 Some(Step::Watch(Ok(changes))) => {
-                    sink.working();
+                    sink.working(Instant::now());
                     for (k, v) in changes {
                         let event = match v {
                             Some(v) => WatchEvent::Apply(k, v),

@@ -82,6 +82,22 @@ impl Outage {
         self.recovered_at(Instant::now());
     }
 
+    /// A call made at `asked` was answered. It ends an outage only if it
+    /// was made after the outage began: a watch that opened just as the
+    /// server went away says nothing of the server now.
+    pub fn answered(&self, asked: Instant) {
+        self.answered_at(asked, Instant::now());
+    }
+
+    fn answered_at(&self, asked: Instant, now: Instant) -> Said {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.since.is_some_and(|since| asked < since) {
+            return Said::Nothing;
+        }
+        drop(state);
+        self.recovered_at(now)
+    }
+
     fn recovered_at(&self, now: Instant) -> Said {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let Some(since) = state.since.take() else { return Said::Nothing };
@@ -114,5 +130,17 @@ mod tests {
         assert_eq!(outage.recovered_at(at(70)), Said::Ended);
         assert_eq!(outage.recovered_at(at(71)), Said::Nothing, "said once");
         assert_eq!(outage.failed_at(at(80), &"timed out"), Said::Began, "a new outage is said anew");
+    }
+
+    #[test]
+    fn an_answer_to_a_call_made_before_the_outage_does_not_end_it() {
+        let outage = Outage::new("the Kubernetes API server", "https://10.96.0.1:443");
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A watch asked at 0 opens at 3; another failed at 1: the server went away between.
+        assert_eq!(outage.failed_at(at(1), &"connection refused"), Said::Began);
+        assert_eq!(outage.answered_at(at(0), at(3)), Said::Nothing);
+        assert_eq!(outage.failed_at(at(5), &"connection refused"), Said::Nothing, "said once");
+        assert_eq!(outage.answered_at(at(900), at(950)), Said::Ended);
     }
 }

@@ -612,6 +612,7 @@ impl ListWatch for LeaseWatch {
         sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>,
     ) -> Result<i64, (i64, Stop)> {
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
+        let asked = std::time::Instant::now();
         let watched = match self.store.client().await {
             Ok(client) => client
                 .watch_client()
@@ -622,7 +623,7 @@ impl ListWatch for LeaseWatch {
             Err(e) => Err(e),
         };
         let mut stream = watched.map_err(|e| (revision, self.failed(e).into()))?;
-        sink.working();
+        sink.working(asked);
         let mut reconnects = self.store.reconnects.subscribe();
         loop {
             let message = tokio::select! {

@@ -708,38 +708,54 @@ fn realistic_node_extras() -> serde_json::Value {
     })
 }
 
+/// Peer `i` as a Kubernetes Node carries it: its podCIDR, its lease, and
+/// the lease as flannel's annotations.
+fn synthetic_node(i: u32) -> Result<(ipnet::Ipv4Net, proto::LeaseAttrs, std::collections::BTreeMap<String, String>)> {
+    let (subnet, value) = synthetic_lease(i);
+    let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
+    let annotations = proto::NodeAnnotations::new(proto::node_annotations::DEFAULT_PREFIX)
+        .publish(&attrs)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    Ok((subnet, attrs, annotations))
+}
+
+/// How long after `start` the node held `n` routes; none if it died or `timeout` passed.
+fn until_routed(
+    node: &mut overlay_tests::Node,
+    n: u32,
+    start: Instant,
+    timeout: Duration,
+    what: &str,
+) -> Option<Duration> {
+    loop {
+        if route_count(&node.ns) >= n as usize {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout || !node.running() {
+            eprintln!("{what} cold start n={n} failed:\n{}", node.log_text());
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn kube_bench(n: u32) -> Result<KubeRow> {
     // A 2 s resync, so the idle figure, taken 3 s after start, includes a
     // full resync (a dump of every entry), as a long-running daemon's does.
     let mut c = Cluster::new(ClusterOptions { config: None, resync: "2s".into(), ..Default::default() })?;
     c.start_kube_api(config_for_bench())?;
-    let prefix = proto::node_annotations::DEFAULT_PREFIX;
     let extra = realistic_node_extras();
     for i in 1..=n {
-        let (subnet, value) = synthetic_lease(i);
-        let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
-        let annotations: std::collections::BTreeMap<String, String> = proto::NodeAnnotations::new(prefix)
-            .publish(&attrs)
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v?)))
-            .collect();
+        let (subnet, attrs, annotations) = synthetic_node(i)?;
         c.api().add_peer_node(&format!("peer-{i}"), attrs.public_ip, &[subnet.into()], &annotations, &extra)?;
     }
     let i = c.add_kube_node(true, &[])?;
     let before = c.api().stats();
     let start = Instant::now();
     c.nodes[i].start()?;
-    let timeout = Duration::from_secs(60);
-    let cold = loop {
-        if route_count(&c.nodes[i].ns) >= n as usize {
-            break Some(start.elapsed());
-        }
-        if start.elapsed() > timeout || !c.nodes[i].running() {
-            eprintln!("kube cold start n={n} failed:\n{}", c.nodes[i].log_text());
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let cold = until_routed(&mut c.nodes[i], n, start, Duration::from_secs(60), "kube");
     let pid = c.nodes[i].pid().context("pid")?;
     let usage_at_start = usage(pid);
     std::thread::sleep(Duration::from_secs(3));
@@ -755,7 +771,7 @@ fn kube_bench(n: u32) -> Result<KubeRow> {
         if now.watches > after.watches && now.lists > after.lists {
             break Some(expired.elapsed());
         }
-        if expired.elapsed() > timeout {
+        if expired.elapsed() > Duration::from_secs(60) {
             break None;
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -824,7 +840,6 @@ fn real_kube_bench(n: u32) -> Result<RealKubeRow> {
     cp.kubectl(&["apply", "-f", manifest.to_str().unwrap_or_default()])?;
     // The peers, as their kubelets and node IPAM would leave them: podCIDR,
     // our annotations, a worker's status (Nodes may carry status on create).
-    let prefix = proto::node_annotations::DEFAULT_PREFIX;
     let extra = realistic_node_extras();
     let registering = Instant::now();
     let ids: Vec<u32> = (1..=n).collect();
@@ -832,13 +847,7 @@ fn real_kube_bench(n: u32) -> Result<RealKubeRow> {
         let items: Vec<serde_json::Value> = chunk
             .iter()
             .map(|&i| -> Result<serde_json::Value> {
-                let (subnet, value) = synthetic_lease(i);
-                let attrs = proto::LeaseAttrs::from_json(value.as_bytes())?;
-                let annotations: std::collections::BTreeMap<String, String> = proto::NodeAnnotations::new(prefix)
-                    .publish(&attrs)
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((k, v?)))
-                    .collect();
+                let (subnet, attrs, annotations) = synthetic_node(i)?;
                 let name = format!("peer-{i}");
                 let mut labels = extra["metadata"]["labels"].clone();
                 labels["kubernetes.io/hostname"] = name.clone().into();
@@ -882,17 +891,7 @@ fn real_kube_bench(n: u32) -> Result<RealKubeRow> {
     let api_before = usage(api_pid).cpu_s;
     let start = Instant::now();
     c.nodes[i].start()?;
-    let timeout = Duration::from_secs(120);
-    let cold = loop {
-        if route_count(&c.nodes[i].ns) >= n as usize {
-            break Some(start.elapsed());
-        }
-        if start.elapsed() > timeout || !c.nodes[i].running() {
-            eprintln!("real kube cold start n={n} failed:\n{}", c.nodes[i].log_text());
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let cold = until_routed(&mut c.nodes[i], n, start, Duration::from_secs(120), "real kube");
     let pid = c.nodes[i].pid().context("pid")?;
     let usage_at_start = usage(pid);
     std::thread::sleep(Duration::from_secs(3));

@@ -3,7 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
-                podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables
+                podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables \
+                containerd gcc libc6-dev
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).
@@ -13,7 +14,7 @@ PYTOOLS := $(CURDIR)/target/pytools
 # The Kubernetes release the real-control-plane tests run (tests/k8s/release),
 # built from its Go modules into a cache outside the clone (OVERLAY_K8S_CACHE).
 K8S_RELEASE := $(shell cat tests/k8s/release)
-K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl etcd
+K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd
 
 # `make image`: the base. "debian" builds it from Debian's packages (no
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
@@ -43,9 +44,10 @@ deps:
 	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
 	fi
 
-## k8s: build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes at tests/k8s/release) and etcd (tests/k8s/etcd-release) into /var/cache/overlay-k8s (idempotent)
-k8s:
+## k8s: build the control plane, kubelet, kube-proxy, kubectl (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox) into /var/cache/overlay-k8s (idempotent)
+k8s: deps
 	@tests/k8s/build $(K8S_RELEASE) $(K8S_COMPONENTS)
+	@tests/k8s/images $(K8S_RELEASE)
 
 ## validate-manifests: every document of deploy/overlay.yaml against the Kubernetes schemas, strictly
 validate-manifests: deps

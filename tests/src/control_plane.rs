@@ -184,6 +184,15 @@ impl ControlPlane {
         cp.pki.client_kubeconfig("admin", "kubernetes-admin", Some("system:masters"), &server)?;
         cp.pki.client_kubeconfig("controller-manager", "system:kube-controller-manager", None, &server)?;
         cp.pki.client_kubeconfig("scheduler", "system:kube-scheduler", None, &server)?;
+        // What the API server shows a kubelet it calls (logs, exec, port-forward): a client of the CA, as
+        // kubeadm's apiserver-kubelet-client, here in system:masters so a kubelet's webhook authorizer lets it in.
+        cp.pki.issue(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            Some("system:masters"),
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         let started = Instant::now();
         cp.start_etcd()?;
         cp.started_in.push(("etcd", started.elapsed()));
@@ -284,6 +293,10 @@ impl ControlPlane {
             "--audit-log-format=json".into(),
             "--audit-log-mode=blocking".into(),
             "--allow-privileged=true".into(),
+            // Real kubelets: reached at their node's InternalIP (the names are not resolvable), with a client certificate.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
             format!("--cert-dir={}", self.dir.join("apiserver-certs").display()),
             "--profiling=false".into(),
             "--v=1".into(),
@@ -396,6 +409,11 @@ impl ControlPlane {
             Some("system:nodes"),
             &self.server(),
         )
+    }
+
+    /// A kubeconfig with a client certificate of the cluster's CA for `cn` in group `org`, named `name`.
+    pub fn client_kubeconfig(&self, name: &str, cn: &str, org: Option<&str>) -> Result<PathBuf> {
+        self.pki.client_kubeconfig(name, cn, org, &self.server())
     }
 
     /// A kubeconfig that reads the token of `token_file` at every request (as a

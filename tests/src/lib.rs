@@ -18,6 +18,8 @@ pub mod netpol;
 pub mod pki;
 pub mod podman;
 pub mod probe;
+pub mod real_node;
+pub mod scenarios;
 pub mod strict;
 pub mod truth_table;
 

@@ -255,6 +255,13 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
         Ok(())
     }
 
+    /// Writes image `tag` to `archive` in docker's format, which `ctr images import` reads too.
+    pub fn save_image(&self, tag: &str, archive: &Path) -> Result<()> {
+        let path = archive.to_str().context("non-UTF-8 test directory")?;
+        self.run(&["save", "--quiet", "--format", "docker-archive", "-o", path, tag])?;
+        Ok(())
+    }
+
     /// Starts container `name` on the overlay network serving the rootfs's
     /// `/www` over HTTP on port 80; returns its IPv4 address.
     pub fn serve_web(&self, name: &str) -> Result<String> {

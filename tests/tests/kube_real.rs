@@ -5,12 +5,11 @@
 //! in order; each scenario makes its own nodes (registered by the test as
 //! a kubelet registers itself), and removes them and its objects at its end.
 //!
-//! It has its own main (`harness = false`): the control plane is started
-//! once, and stopped (with every namespace and process) when the run ends,
-//! also when a scenario fails. It prints libtest's lines, so CI counts it.
+//! It has its own main (`harness = false`, `overlay_tests::scenarios`): the
+//! control plane is started once, and stopped (with every namespace and
+//! process) when the run ends, also when a scenario fails.
 
 use std::net::IpAddr;
-use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use ipnet::IpNet;
 use overlay_tests::cluster::{ClusterOptions, DUAL_STACK_CONFIG, ETCD_IP};
 use overlay_tests::control_plane::{self, ControlPlane};
 use overlay_tests::probe::{http_get, ping_until, PingRun};
+use overlay_tests::scenarios::{self, Scenario};
 use overlay_tests::{truth_table, wait_until, Cluster};
 use serde_json::Value;
 
@@ -403,9 +403,7 @@ fn the_network_policy_truth_table_on_the_real_api_server(r: &mut Real) -> Result
     Ok(())
 }
 
-type Scenario = fn(&mut Real) -> Result<()>;
-
-const SCENARIOS: &[(&str, Scenario)] = &[
+const SCENARIOS: &[(&str, Scenario<Real>)] = &[
     (
         "the_manifest_applies_and_its_service_account_runs_an_ipv4_mesh",
         the_manifest_applies_and_its_service_account_runs_an_ipv4_mesh,
@@ -426,29 +424,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 ];
 
 fn main() -> ExitCode {
-    let started = Instant::now();
-    // libtest's flags (--include-ignored, --test-threads, ...) are taken and ignored; a bare word filters.
-    let filter: Vec<String> =
-        std::env::args().skip(1).filter(|a| !a.starts_with('-') && !a.chars().all(|c| c.is_ascii_digit())).collect();
-    let chosen: Vec<&(&str, Scenario)> = SCENARIOS
-        .iter()
-        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
-        .collect();
-    println!("\nrunning {} tests", chosen.len());
-    let skip = |why: &str| {
-        for (name, _) in &chosen {
-            println!("test {name} ... ignored, {why}");
-        }
-        println!(
-            "\ntest result: ok. 0 passed; 0 failed; {} ignored; 0 measured; 0 filtered out; finished in 0.00s\n",
-            chosen.len()
-        );
-    };
-    if chosen.is_empty() {
-        skip("");
-        return ExitCode::SUCCESS;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let missing = if !overlay_tests::is_root() {
         Some("needs root (network namespaces): run by `make test`".to_string())
     } else if !control_plane::built() {
@@ -456,65 +431,6 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    if let Some(why) = missing {
-        if ci {
-            println!("test kube_real ... FAILED: under CI=true this must run: {why}");
-            println!(
-                "\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s\n"
-            );
-            return ExitCode::FAILURE;
-        }
-        skip(&why);
-        return ExitCode::SUCCESS;
-    }
-    let mut real = match Real::start() {
-        Ok(real) => real,
-        Err(e) => {
-            println!("test control_plane ... FAILED\n{e:#}");
-            println!("\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s\n", started.elapsed().as_secs_f64());
-            return ExitCode::FAILURE;
-        }
-    };
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, scenario) in chosen {
-        let began = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut real)));
-        let error = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(panic) => Some(
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default(),
-            ),
-        };
-        match error {
-            None => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", began.elapsed().as_secs_f64());
-            }
-            Some(e) => {
-                println!("test {name} ... FAILED ({:.1} s)", began.elapsed().as_secs_f64());
-                failed.push((name, e));
-                real.clear();
-            }
-        }
-    }
-    for (name, e) in &failed {
-        println!("\n---- {name} ----\n{e}");
-    }
-    let result = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {result}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s\n",
-        failed.len(),
-        started.elapsed().as_secs_f64()
-    );
-    drop(real);
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    let run = scenarios::Run { name: "kube_real", missing, start: Real::start, clear: Real::clear };
+    scenarios::main(run, SCENARIOS)
 }

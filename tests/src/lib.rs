@@ -105,3 +105,14 @@ pub fn remove_tree(dir: &std::path::Path) {
         }
     }
 }
+
+/// The processes in the mount namespace of `pid`, `pid` included.
+pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { return Vec::new() };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter(|p| std::fs::read_link(p.path().join("ns/mnt")).is_ok_and(|other| other == ns))
+        .filter_map(|p| p.file_name().to_str()?.parse().ok())
+        .collect()
+}

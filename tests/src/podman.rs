@@ -287,18 +287,6 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
     }
 }
 
-/// How many processes share the mount namespace of `pid` (itself included).
-/// The processes in the mount namespace of `pid`, `pid` included.
-fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { return Vec::new() };
-    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
-    procs
-        .flatten()
-        .filter(|p| std::fs::read_link(p.path().join("ns/mnt")).is_ok_and(|other| other == ns))
-        .filter_map(|p| p.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 impl Drop for Podman {
     fn drop(&mut self) {
         // Containers go first, so their network is torn down through the plugin.
@@ -307,19 +295,21 @@ impl Drop for Podman {
         // with the last process in it the namespace and its tmpfs mounts.
         let holder = self.holder.id();
         let settled = crate::wait_until(std::time::Duration::from_secs(20), || {
-            processes_in_mount_namespace_of(holder).len() <= 1
+            crate::processes_in_mount_namespace_of(holder).len() <= 1
         });
         if !settled {
             // Whatever still runs there (a slow `podman container cleanup`)
             // would write into this podman's directory after the test removed
             // it: it goes now, so nothing outlives the test.
-            for pid in processes_in_mount_namespace_of(holder) {
+            for pid in crate::processes_in_mount_namespace_of(holder) {
                 if pid != holder as i32 {
                     // SAFETY: kill(2) with a pid read from /proc.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
-            crate::wait_until(std::time::Duration::from_secs(5), || processes_in_mount_namespace_of(holder).len() <= 1);
+            crate::wait_until(std::time::Duration::from_secs(5), || {
+                crate::processes_in_mount_namespace_of(holder).len() <= 1
+            });
         }
         let _ = self.holder.kill();
         let _ = self.holder.wait();

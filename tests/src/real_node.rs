@@ -334,13 +334,13 @@ impl Drop for RealNode {
         stop(&mut self.kubelet);
         kill_cgroup_root(&self.cgroup_root);
         let holder = self.holder.id();
-        for pid in processes_in_mount_namespace_of(holder) {
+        for pid in crate::processes_in_mount_namespace_of(holder) {
             if pid != holder as i32 {
                 // SAFETY: kill(2) with a pid read from /proc.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        crate::wait_until(Duration::from_secs(10), || processes_in_mount_namespace_of(holder).len() <= 1);
+        crate::wait_until(Duration::from_secs(10), || crate::processes_in_mount_namespace_of(holder).len() <= 1);
         if let Some(mut c) = self.containerd.take() {
             let _ = c.wait();
         }
@@ -476,17 +476,6 @@ fn hold_mount_namespace() -> Result<Child> {
         bail!("a node's mount namespace could not be set up: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(holder)
-}
-
-/// The processes in the mount namespace of `pid`, `pid` included.
-fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { return Vec::new() };
-    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
-    procs
-        .flatten()
-        .filter(|p| std::fs::read_link(p.path().join("ns/mnt")).is_ok_and(|other| other == ns))
-        .filter_map(|p| p.file_name().to_str()?.parse().ok())
-        .collect()
 }
 
 /// The Node's `Ready` condition status (`True`, `False`, `Unknown`) and its message.

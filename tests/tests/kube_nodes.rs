@@ -24,7 +24,7 @@ use overlay_tests::podman::Podman;
 use overlay_tests::real_node::{self, RealNode};
 use overlay_tests::scenarios::{self, Scenario};
 use overlay_tests::{workspace_bin, Cluster};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The namespace of the scenarios' own pods.
 const NS: &str = "net";
@@ -103,11 +103,15 @@ impl Nodes {
         let _ = self.cp.kubectl(&["delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=60s"]);
     }
 
-    /// A pod of agnhost `args` on node `node`, in [`NS`]; waits until it runs, gives its IPs.
+    /// A pod of agnhost `args` on node `node`, in [`NS`], labelled `labels`; waits until it runs, gives its IPs.
     fn pod(&self, name: &str, node: &str, args: &[&str]) -> Result<Vec<IpAddr>> {
+        self.labelled_pod(name, node, args, json!({"app": "netexec"}))
+    }
+
+    fn labelled_pod(&self, name: &str, node: &str, args: &[&str], labels: Value) -> Result<Vec<IpAddr>> {
         let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": "netexec"}},
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
             "spec": {
                 "nodeName": node,
                 "terminationGracePeriodSeconds": 1,
@@ -116,35 +120,88 @@ impl Nodes {
             },
         });
         self.cp.kubectl_input(&["apply", "-f", "-"], &pod.to_string())?;
-        let running = wait_some(Duration::from_secs(60), || {
-            let p = self.cp.get(&["pod", name, "-n", NS]).ok()?;
-            (p["status"]["phase"] == "Running").then_some(p)
-        });
-        let Some(p) = running else {
-            bail!(
-                "pod {name} on {node} not running: {}\n{}",
-                self.cp.kubectl(&["describe", "pod", name, "-n", NS]).unwrap_or_default(),
-                self.real.iter().find(|r| r.name == node).map(|r| r.log_tail("kubelet")).unwrap_or_default()
-            );
-        };
-        Ok(p["status"]["podIPs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip["ip"].as_str()?.parse().ok())
-            .collect())
+        let p = self.wait_phase(name, node, &["Running"], Duration::from_secs(60))?;
+        Ok(pod_ips(&p))
     }
 
-    /// `kubectl exec` in `pod`: fetches `http://<to>:<port><path>` with busybox's wget.
+    /// Waits until pod `name` (on `node`) is in one of `phases`; gives the pod.
+    fn wait_phase(&self, name: &str, node: &str, phases: &[&str], timeout: Duration) -> Result<Value> {
+        let found = wait_some(timeout, || {
+            let p = self.cp.get(&["pod", name, "-n", NS]).ok()?;
+            phases.iter().any(|phase| p["status"]["phase"] == *phase).then_some(p)
+        });
+        found.with_context(|| {
+            format!(
+                "pod {name} on {node} not {phases:?} after {timeout:?}: {}\n{}",
+                self.cp.kubectl(&["describe", "pod", name, "-n", NS]).unwrap_or_default(),
+                self.real.iter().find(|r| r.name == node).map(|r| r.log_tail("kubelet")).unwrap_or_default()
+            )
+        })
+    }
+
+    /// Starts a pod on `node` that pings each of `targets` every 10 ms, `count` times, from a container of
+    /// its own per target (busybox's ping); [`ping_losses`](Self::ping_losses) reads what they saw.
+    fn start_pinger(&self, name: &str, node: &str, targets: &[IpAddr], count: u32) -> Result<()> {
+        let image = self.agnhost.clone();
+        let containers: Vec<Value> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, to)| {
+                json!({"name": format!("ping{i}"), "image": image, "command": ["ping"],
+                       "args": ["-q", "-i", "0.01", "-c", count.to_string(), "-W", "5", to.to_string()]})
+            })
+            .collect();
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node, "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                     "containers": containers},
+        });
+        self.cp.kubectl_input(&["apply", "-f", "-"], &pod.to_string())?;
+        self.wait_phase(name, node, &["Running"], Duration::from_secs(60))?;
+        Ok(())
+    }
+
+    /// Waits for pinger `name` to end; gives (target, sent, lost) for each of its containers.
+    fn ping_losses(&self, name: &str, node: &str, timeout: Duration) -> Result<Vec<(String, u32, u32)>> {
+        let p = self.wait_phase(name, node, &["Succeeded", "Failed"], timeout)?;
+        let mut out = Vec::new();
+        for c in p["spec"]["containers"].as_array().into_iter().flatten() {
+            let container = c["name"].as_str().unwrap_or_default();
+            let target = c["args"].as_array().and_then(|a| a.last()).and_then(Value::as_str).unwrap_or_default();
+            let log = self.cp.kubectl(&["logs", "-n", NS, name, "-c", container])?;
+            // busybox: "3000 packets transmitted, 3000 packets received, 0% packet loss"
+            let counts: Vec<u32> = log
+                .lines()
+                .find(|l| l.contains("packets transmitted"))
+                .map(|l| l.split(',').filter_map(|part| part.split_whitespace().next()?.parse().ok()).collect())
+                .unwrap_or_default();
+            let [sent, received, ..] = counts[..] else { bail!("{name}/{container} said no summary:\n{log}") };
+            out.push((target.to_string(), sent, sent - received));
+        }
+        Ok(out)
+    }
+
+    /// `kubectl exec` in `pod`: fetches `http://<to>:<port><path>` with busybox's wget, within 5 s.
     fn fetch(&self, pod: &str, to: IpAddr, port: u16, path: &str) -> Result<String> {
+        self.fetch_within(pod, to, port, path, 5)
+    }
+
+    fn fetch_within(&self, pod: &str, to: IpAddr, port: u16, path: &str, seconds: u32) -> Result<String> {
         let host = match to {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
         };
         let url = format!("http://{host}:{port}{path}");
         // busybox 1.35's wget (Debian's static build) crashes on its own -T: timeout(1) bounds it instead.
-        self.cp.kubectl(&["exec", "-n", NS, pod, "--", "timeout", "5", "wget", "-q", "-O", "-", &url])
+        let seconds = seconds.to_string();
+        self.cp.kubectl(&["exec", "-n", NS, pod, "--", "timeout", &seconds, "wget", "-q", "-O", "-", &url])
     }
+}
+
+/// A pod's addresses, from its status.
+fn pod_ips(p: &Value) -> Vec<IpAddr> {
+    p["status"]["podIPs"].as_array().into_iter().flatten().filter_map(|ip| ip["ip"].as_str()?.parse().ok()).collect()
 }
 
 fn wait_some<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
@@ -287,6 +344,166 @@ fn a_cluster_ip_service_reaches_pods_on_every_node(n: &mut Nodes) -> Result<()> 
     Ok(())
 }
 
+/// The web pods of [`pods_made_by_kubelets_reach_each_other_across_nodes_in_both_families`], one per node
+/// (made again when that scenario did not run first): (pod, its node, its addresses).
+fn web_pods(n: &mut Nodes) -> Result<Vec<(String, String, Vec<IpAddr>)>> {
+    if n.cp.get(&["namespace", NS]).is_err() {
+        pods_made_by_kubelets_reach_each_other_across_nodes_in_both_families(n)?;
+    }
+    let mut out = Vec::new();
+    for r in &n.real {
+        let name = format!("web-{}", r.name);
+        out.push((name.clone(), r.name.clone(), pod_ips(&n.cp.get(&["pod", &name, "-n", NS])?)));
+    }
+    Ok(out)
+}
+
+/// The web Service's ClusterIPs (both families), made when missing.
+fn web_service(n: &mut Nodes) -> Result<Vec<IpAddr>> {
+    if n.cp.get(&["service", "web", "-n", NS]).is_err() {
+        a_cluster_ip_service_reaches_pods_on_every_node(n)?;
+    }
+    let svc = n.cp.get(&["service", "web", "-n", NS])?;
+    Ok(svc["spec"]["clusterIPs"].as_array().into_iter().flatten().filter_map(|ip| ip.as_str()?.parse().ok()).collect())
+}
+
+/// NetworkPolicy holds behind kube-proxy's DNAT, as the upstream suite
+/// probes it (through each Service's ClusterIP): with a policy that admits
+/// only pods labelled `access=allowed` to the web pods, a pod so labelled
+/// reaches every backend through both ClusterIPs, and a pod without the
+/// label reaches none, through the Service or directly.
+fn network_policy_holds_behind_a_service_cluster_ip(n: &mut Nodes) -> Result<()> {
+    let webs = web_pods(n)?;
+    let cluster_ips = web_service(n)?;
+    let node = n.real[0].name.clone();
+    n.labelled_pod("allowed", &node, &["pause"], json!({"access": "allowed"}))?;
+    n.labelled_pod("denied", &node, &["pause"], json!({"access": "none"}))?;
+    let policy = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web-from-allowed", "namespace": NS},
+        "spec": {"podSelector": {"matchLabels": {"app": "netexec"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"access": "allowed"}}}],
+                              "ports": [{"port": NETEXEC_PORT, "protocol": "TCP"}]}]},
+    });
+    n.cp.kubectl_input(&["apply", "-f", "-"], &policy.to_string())?;
+    let all: BTreeSet<String> = webs.iter().map(|(name, _, _)| name.clone()).collect();
+    // The denied pod loses its way in once every node enforces: until then, wait.
+    for (web, _, ips) in &webs {
+        for ip in ips {
+            let cut = wait_some(Duration::from_secs(30), || {
+                n.fetch_within("denied", *ip, NETEXEC_PORT, "/hostname", 2).is_err().then_some(())
+            });
+            ensure!(cut.is_some(), "denied still reaches {web} at {ip} directly");
+        }
+    }
+    for ip in &cluster_ips {
+        let mut seen = BTreeSet::new();
+        for _ in 0..60 {
+            if let Ok(name) = n.fetch("allowed", *ip, 80, "/hostname") {
+                seen.insert(name.trim().to_string());
+            }
+            if seen == all {
+                break;
+            }
+        }
+        ensure!(seen == all, "through {ip} the allowed pod reached only {seen:?}");
+        // Each backend was checked directly above; these check the way through the ClusterIP.
+        for _ in 0..6 {
+            if let Ok(name) = n.fetch_within("denied", *ip, 80, "/hostname", 2) {
+                bail!("the denied pod reached {} through the ClusterIP {ip}", name.trim());
+            }
+        }
+    }
+    n.cp.kubectl(&["delete", "networkpolicy", "web-from-allowed", "-n", NS])?;
+    n.cp.kubectl(&["delete", "pod", "allowed", "denied", "-n", NS, "--wait=false"])?;
+    Ok(())
+}
+
+/// Runs `action` while a pod on the first node pings a web pod on the second
+/// in both families every 10 ms, `count` times; not one ping may be lost.
+fn no_ping_lost_while(
+    n: &mut Nodes,
+    pinger: &str,
+    count: u32,
+    action: impl FnOnce(&mut Nodes) -> Result<()>,
+) -> Result<()> {
+    let webs = web_pods(n)?;
+    let (from, to) = (n.real[0].name.clone(), &webs[1]);
+    n.start_pinger(pinger, &from, &to.2, count)?;
+    std::thread::sleep(Duration::from_secs(1));
+    action(n)?;
+    let still = n.cp.get(&["pod", pinger, "-n", NS])?;
+    ensure!(still["status"]["phase"] == "Running", "the pings ended before the action did: make them more");
+    let losses = n.ping_losses(pinger, &from, Duration::from_secs(u64::from(count) / 50 + 60))?;
+    n.cp.kubectl(&["delete", "pod", pinger, "-n", NS, "--wait=false"])?;
+    for (target, sent, lost) in &losses {
+        eprintln!("{pinger}: {sent} pings to {target} ({}), {lost} lost", to.0);
+        ensure!(*sent == count && *lost == 0, "{pinger}: {lost} of {sent} pings to {target} lost");
+    }
+    Ok(())
+}
+
+/// Waits until the overlay DaemonSet has an up-to-date, ready pod on every node.
+fn wait_daemonset_ready(n: &Nodes, timeout: Duration) -> Result<()> {
+    let done = wait_some(timeout, || {
+        let ds = n.cp.get(&["daemonset", "overlay", "-n", "kube-overlay"]).ok()?;
+        let st = &ds["status"];
+        let want = n.real.len() as u64;
+        (st["observedGeneration"] == ds["metadata"]["generation"]
+            && st["updatedNumberScheduled"].as_u64() == Some(want)
+            && st["numberReady"].as_u64() == Some(want)
+            && st["numberAvailable"].as_u64() == Some(want))
+        .then_some(())
+    });
+    done.with_context(|| format!("the overlay DaemonSet not ready on every node after {timeout:?}"))
+}
+
+/// The kubelets of the pinging and the pinged node restart (SIGTERM, start
+/// again): pods keep running and overlay's entries stay, so no ping is lost.
+fn a_kubelet_restart_loses_no_ping(n: &mut Nodes) -> Result<()> {
+    no_ping_lost_while(n, "ping-kubelet", 3000, |n| {
+        for i in [1, 0] {
+            n.real[i].restart_kubelet()?;
+            let name = n.real[i].name.clone();
+            std::thread::sleep(Duration::from_secs(2));
+            wait_some(Duration::from_secs(30), || real_node::node_ready(&n.cp, &name).filter(|(s, _)| s == "True"))
+                .with_context(|| format!("{name} not Ready after its kubelet restarted"))?;
+        }
+        Ok(())
+    })
+}
+
+/// The overlay pod of the pinged node is deleted; the DaemonSet makes a new
+/// one, which adopts the kernel state the old one left: no ping is lost.
+fn deleting_a_nodes_overlay_pod_loses_no_ping(n: &mut Nodes) -> Result<()> {
+    no_ping_lost_while(n, "ping-delete", 3000, |n| {
+        let node = n.real[1].name.clone();
+        let pods = n.cp.get(&[
+            "pods",
+            "-n",
+            "kube-overlay",
+            "-l",
+            "app=overlay",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ])?;
+        let name = pods["items"][0]["metadata"]["name"].as_str().context("no overlay pod on the node")?.to_string();
+        n.cp.kubectl(&["delete", "pod", &name, "-n", "kube-overlay", "--wait=false"])?;
+        std::thread::sleep(Duration::from_secs(1));
+        wait_daemonset_ready(n, Duration::from_secs(25))
+    })
+}
+
+/// `kubectl rollout restart` of the overlay DaemonSet replaces its pod on
+/// every node, one at a time: no ping is lost.
+fn a_rollout_restart_of_overlay_loses_no_ping(n: &mut Nodes) -> Result<()> {
+    no_ping_lost_while(n, "ping-rollout", 9000, |n| {
+        n.cp.kubectl(&["rollout", "restart", "daemonset/overlay", "-n", "kube-overlay"])?;
+        n.cp.kubectl(&["rollout", "status", "daemonset/overlay", "-n", "kube-overlay", "--timeout=80s"])?;
+        wait_daemonset_ready(n, Duration::from_secs(10))
+    })
+}
+
 const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
     (
         "nodes_are_ready_only_once_overlay_installs_its_cni_config",
@@ -297,6 +514,10 @@ const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
         pods_made_by_kubelets_reach_each_other_across_nodes_in_both_families,
     ),
     ("a_cluster_ip_service_reaches_pods_on_every_node", a_cluster_ip_service_reaches_pods_on_every_node),
+    ("network_policy_holds_behind_a_service_cluster_ip", network_policy_holds_behind_a_service_cluster_ip),
+    ("a_kubelet_restart_loses_no_ping", a_kubelet_restart_loses_no_ping),
+    ("deleting_a_nodes_overlay_pod_loses_no_ping", deleting_a_nodes_overlay_pod_loses_no_ping),
+    ("a_rollout_restart_of_overlay_loses_no_ping", a_rollout_restart_of_overlay_loses_no_ping),
 ];
 
 fn main() -> ExitCode {

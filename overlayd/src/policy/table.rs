@@ -68,6 +68,10 @@ fn addr_type(family: Family) -> SetType {
     }
 }
 
+/// The ICMPv6 types of neighbour and router discovery (RFC 4861), never policed.
+const NEIGHBOUR_DISCOVERY: [&str; 5] =
+    ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"];
+
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
         protocol: Cow::Borrowed(protocol),
@@ -308,6 +312,27 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
         ],
         Some(fingerprint(ruleset)),
     ));
+    // IPv6 neighbour and router discovery is the link's own plumbing, which NetworkPolicy
+    // does not speak of. Policed, an isolated pod's neighbour advertisements to a pod
+    // of its node (bridged, so they meet this hook) are dropped, and that pod can no
+    // longer answer anyone it has not heard from first: IPv4's ARP never comes here.
+    objects.push(rule(
+        FORWARD,
+        vec![
+            Statement::Match(Match {
+                left: payload("icmpv6", "type"),
+                right: Expression::Named(NamedExpression::Set(
+                    NEIGHBOUR_DISCOVERY
+                        .iter()
+                        .map(|t| SetItem::Element(Expression::String(Cow::Borrowed(*t))))
+                        .collect(),
+                )),
+                op: Operator::EQ,
+            }),
+            Statement::Accept(None),
+        ],
+        None,
+    ));
     for direction in [Direction::Egress, Direction::Ingress] {
         for family in Family::ALL {
             let (pod, _) = fields(direction);
@@ -377,8 +402,8 @@ impl TableState {
 
 /// Rules the table holds for `ruleset`.
 pub fn rule_count(ruleset: &Ruleset) -> usize {
-    // established + 4 jumps + 2 drops.
-    7 + ruleset.rules.len()
+    // established + neighbour discovery + 4 jumps + 2 drops.
+    8 + ruleset.rules.len()
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
@@ -394,4 +419,42 @@ pub async fn apply(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
 /// Removes the table (`overlayd cleanup`), if present.
 pub async fn remove() -> Result<(), NftError> {
     nft::delete(ID).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward chain's rules, as `nft -j` receives them.
+    fn forward_rules(ruleset: &Ruleset) -> Vec<Value> {
+        let json = serde_json::to_value(transaction(ruleset, &[], true)).unwrap();
+        json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == FORWARD)
+            .map(|r| Value::Object(r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn neighbour_discovery_is_accepted_before_any_pod_is_policed() {
+        let ruleset = Ruleset { isolated: ["i4".into(), "i6".into(), "e4".into(), "e6".into()], ..Ruleset::default() };
+        let rules = forward_rules(&ruleset);
+        let text: Vec<String> = rules.iter().map(|r| r["expr"].to_string()).collect();
+        let nd =
+            text.iter().position(|t| t.contains("nd-neighbor-advert") && t.contains("icmpv6")).expect("an ND rule");
+        let first_jump = text.iter().position(|t| t.contains("jump")).expect("jumps");
+        assert!(nd < first_jump, "{text:#?}");
+        assert!(text[nd].contains("nd-neighbor-solicit") && text[nd].contains("accept"), "{}", text[nd]);
+    }
+
+    #[test]
+    fn the_rule_count_is_what_the_transaction_adds() {
+        let ruleset = Ruleset::default();
+        let json = serde_json::to_value(transaction(&ruleset, &[], true)).unwrap();
+        let added = json["nftables"].as_array().unwrap().iter().filter(|o| o["add"]["rule"].is_object()).count();
+        assert_eq!(added, rule_count(&ruleset));
+    }
 }

@@ -274,12 +274,13 @@ impl<S: LeaseStore + Clone> Daemon<S> {
         if let Some((resource, event)) = &settled.drifted {
             self.drifted(*resource, event);
         }
-        if settled.underlay {
-            self.underlay_changed().await;
-        }
+        let moved = settled.underlay && self.underlay_changed().await;
         match settled {
             _ if settled.overflow => Some(Trigger::Resync),
-            _ if settled.drifted.is_some() || settled.underlay => Some(Trigger::Kernel),
+            _ if settled.drifted.is_some() || moved => Some(Trigger::Kernel),
+            // A read that finds drift here says so: in a flood of route events via the
+            // underlay, the event of a peer's deleted route may be the one lost.
+            _ if settled.underlay => Some(Trigger::Recheck),
             _ => None,
         }
     }
@@ -287,9 +288,9 @@ impl<S: LeaseStore + Clone> Daemon<S> {
     /// Finds the underlay again after news of it. A new address means new
     /// public addresses (unless pinned by a flag or the store) and VTEP
     /// MACs: the keeper publishes them, and the next reconcile rebuilds the
-    /// devices on the new addresses.
-    async fn underlay_changed(&mut self) {
-        let Some(found) = self.finder.again(&self.vteps.underlay).await else { return };
+    /// devices on the new addresses. Whether the underlay changed at all.
+    async fn underlay_changed(&mut self) -> bool {
+        let Some(found) = self.finder.again(&self.vteps.underlay).await else { return false };
         let moved = self.vteps.follow(found, &self.node, &self.config);
         if moved.reconnect {
             // Connections from the old address are dead: new ones now, not after a timeout.
@@ -301,6 +302,7 @@ impl<S: LeaseStore + Clone> Daemon<S> {
             self.publish_status();
             self.keeper.publish(attrs).await;
         }
+        true
     }
 
     /// Says when the node becomes ready (with what it holds) and when it

@@ -38,6 +38,9 @@ pub enum Trigger {
     Kernel,
     /// Kernel events were lost: anything may have changed, so the whole node is read back.
     Resync,
+    /// News of the underlay that left it as it was (a route via it added or
+    /// removed): the node is read back, and whatever differs drifted.
+    Recheck,
     /// A watch event's changes could not be applied one by one (two peers
     /// claim one entry, or the entries were not applied): plan them whole,
     /// trusting what was applied.
@@ -280,6 +283,7 @@ impl Reconciler {
         let unreported = match trigger {
             Trigger::Requeue if !self.retrying => Some(Cause::Resync),
             Trigger::Resync => Some(Cause::LostEvents),
+            Trigger::Recheck => Some(Cause::Kernel),
             _ => None,
         };
         for resource in std::mem::take(&mut self.changed) {
@@ -577,7 +581,8 @@ mod tests {
     #[test]
     fn only_watch_events_trust_the_last_apply() {
         assert!(!Trigger::Peers.reads_node());
-        for t in [Trigger::Start, Trigger::Requeue, Trigger::Lease] {
+        for t in [Trigger::Start, Trigger::Requeue, Trigger::Lease, Trigger::Kernel, Trigger::Resync, Trigger::Recheck]
+        {
             assert!(t.reads_node(), "{t:?}");
         }
     }

@@ -4,7 +4,8 @@ CARGO ?= cargo
 # Everything the build and the tests use on a fresh Debian machine.
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
                 podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables \
-                containerd gcc libc6-dev
+                containerd gcc libc6-dev curl bind9-dnsutils \
+                netcat-openbsd socat iperf
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).
@@ -14,13 +15,13 @@ PYTOOLS := $(CURDIR)/target/pytools
 # The Kubernetes release the real-control-plane tests run (tests/k8s/release),
 # built from its Go modules into a cache outside the clone (OVERLAY_K8S_CACHE).
 K8S_RELEASE := $(shell cat tests/k8s/release)
-K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd
+K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy e2e.test etcd
 
 # `make image`: the base. "debian" builds it from Debian's packages (no
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
 IMAGE_BASE ?= debian
 
-.PHONY: help deps k8s build release image test bench demo demo-down fmt clippy clean validate-manifests
+.PHONY: help deps k8s e2e build release image test bench demo demo-down fmt clippy clean validate-manifests
 .DEFAULT_GOAL := help
 
 ## help: list the targets (what plain `make` does)
@@ -44,10 +45,15 @@ deps:
 	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
 	fi
 
-## k8s: build the control plane, kubelet, kube-proxy, kubectl (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox) into /var/cache/overlay-k8s (idempotent)
+## k8s: build the control plane, kubelet, kube-proxy, kubectl, e2e.test (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox, CoreDNS) into /var/cache/overlay-k8s (idempotent)
 k8s: deps
 	@tests/k8s/build $(K8S_RELEASE) $(K8S_COMPONENTS)
 	@tests/k8s/images $(K8S_RELEASE)
+
+## e2e: the whole upstream sig-network selection (tests/k8s/e2e/full.txt less skip.txt) on three real dual-stack nodes; writes docs/conformance.md
+e2e: deps k8s
+	$(CARGO) build --workspace --bins
+	OVERLAY_E2E=full OVERLAY_E2E_REPORT=$(CURDIR)/docs/conformance.md $(CARGO) test -p overlay-tests --test kube_nodes -- --include-ignored the_upstream_sig_network_e2e_tests_pass
 
 ## validate-manifests: every document of deploy/overlay.yaml against the Kubernetes schemas, strictly
 validate-manifests: deps

@@ -178,7 +178,10 @@ impl RealNode {
         }
         eprintln!("{}: images imported in {:.1} s", real.name, started.elapsed().as_secs_f64());
 
-        std::fs::write(dir.join("resolv.conf"), "# a test node: no upstream resolver\n")?;
+        // The node's upstream resolver, for pods with dnsPolicy Default (CoreDNS forwards to it): the test's
+        // outside host, inside the test, where nothing answers DNS; names outside the cluster do not resolve.
+        let upstream = format!("nameserver {}\n", crate::cluster::OUTSIDE_UNDERLAY_IP);
+        std::fs::write(dir.join("resolv.conf"), upstream)?;
         let kubelet_config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -361,19 +364,30 @@ fn stop(child: &mut Option<Child>) {
     let _ = c.wait();
 }
 
-/// The images of the release's cache (`tests/k8s/images --names`): (archive, name).
-pub fn release_images() -> Result<Vec<(PathBuf, String)>> {
+/// `tests/k8s/images <flag> RELEASE`: what it prints.
+fn images_script(flag: &str) -> Result<String> {
     let script = crate::manifests::deploy_dir().join("../tests/k8s/images");
-    let out = Command::new(&script).args(["--names", control_plane::RELEASE]).output()?;
+    let out = Command::new(&script).args([flag, control_plane::RELEASE]).output()?;
     if !out.status.success() {
         bail!("{}: {}", script.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    let images: Vec<(PathBuf, String)> = String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Where the release's images and the CoreDNS addon (`coredns.yaml`) are.
+pub fn release_images_dir() -> Result<PathBuf> {
+    Ok(PathBuf::from(images_script("--dir")?.trim()))
+}
+
+/// The images of the release's cache (`tests/k8s/images --names`): (archive, name).
+pub fn release_images() -> Result<Vec<(PathBuf, String)>> {
+    let images: Vec<(PathBuf, String)> = images_script("--names")?
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(a, n)| (PathBuf::from(a), n.to_string()))
         .collect();
-    if let Some((missing, _)) = images.iter().find(|(a, _)| !a.is_file()) {
+    let addon = release_images_dir()?.join("coredns.yaml");
+    if let Some(missing) = images.iter().map(|(a, _)| a).chain([&addon]).find(|a| !a.is_file()) {
         bail!("no {} (run `make k8s`)", missing.display());
     }
     Ok(images)

@@ -35,8 +35,8 @@ struct Nodes {
     // Dropped in this order: the nodes' processes, then the control plane, then the namespaces.
     real: Vec<RealNode>,
     cp: ControlPlane,
-    /// Held for its Drop: the namespaces go last.
-    _c: Cluster,
+    /// The namespaces (underlay, nodes); dropped last.
+    c: Cluster,
     /// The Ready condition's message of each node before overlay was installed.
     before_install: Vec<(String, String)>,
     /// How long the install took, from `kubectl apply` to every node Ready.
@@ -62,7 +62,12 @@ impl Nodes {
             let cluster_cidrs = "10.244.0.0/16,fd00:10:244::/56";
             real.push(RealNode::start(&cp, &c.nodes[i], &c.dir, cluster_cidrs, std::slice::from_ref(&image))?);
         }
-        let mut nodes = Nodes { real, cp, _c: c, before_install: Vec::new(), install_took: Duration::ZERO, agnhost };
+        // The API server's host is not a node here (a control-plane host usually is, with the pod network on
+        // it): it reaches pods (the `pods/proxy` the e2e suite reads results through) by way of the first node.
+        let (first, first6) = (c.nodes[0].ip.to_string(), c.nodes[0].ip6.to_string());
+        c.underlay.ip(&["route", "add", "10.244.0.0/16", "via", &first])?;
+        c.underlay.ip(&["-6", "route", "add", "fd00:10:244::/56", "via", &first6])?;
+        let mut nodes = Nodes { real, cp, c, before_install: Vec::new(), install_took: Duration::ZERO, agnhost };
         // Registered by its kubelet, and NotReady: no CNI config yet.
         for r in &nodes.real {
             let state = wait_some(Duration::from_secs(60), || real_node::node_ready(&nodes.cp, &r.name))
@@ -86,6 +91,15 @@ impl Nodes {
         }
         nodes.install_took = started.elapsed();
         eprintln!("install: every node Ready {:.1} s after kubectl apply", nodes.install_took.as_secs_f64());
+        // Then the cluster's DNS, as a cluster gets it: the release's own CoreDNS addon.
+        let started = Instant::now();
+        let coredns = real_node::release_images_dir()?.join("coredns.yaml");
+        nodes.cp.kubectl(&["apply", "-f", &coredns.display().to_string()])?;
+        nodes
+            .cp
+            .kubectl(&["rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=90s"])
+            .with_context(|| nodes.cp.kubectl(&["describe", "pods", "-n", "kube-system"]).unwrap_or_default())?;
+        eprintln!("CoreDNS available {:.1} s after kubectl apply", started.elapsed().as_secs_f64());
         Ok(nodes)
     }
 
@@ -419,6 +433,31 @@ fn network_policy_holds_behind_a_service_cluster_ip(n: &mut Nodes) -> Result<()>
     Ok(())
 }
 
+/// CoreDNS, run by the release's own addon manifest on overlay, answers a
+/// pod (ClusterFirst, through the kube-dns ClusterIP that kube-proxy sends
+/// to a CoreDNS pod, maybe on another node) with both ClusterIPs of a
+/// dual-stack Service and a pod's name; `dig` is Debian's, in agnhost.
+fn dns_names_resolve_for_services_and_pods_in_both_families(n: &mut Nodes) -> Result<()> {
+    let webs = web_pods(n)?;
+    let cluster_ips = web_service(n)?;
+    let from = &webs[0].0;
+    let dig = |name: &str, kind: &str| -> Result<BTreeSet<IpAddr>> {
+        let out = n
+            .cp
+            .kubectl(&["exec", "-n", NS, from, "--", "dig", "+short", "+search", "+time=2", "+tries=3", name, kind])?;
+        Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    };
+    let want: BTreeSet<IpAddr> = cluster_ips.iter().copied().collect();
+    let mut got = dig("web.net.svc.cluster.local", "A")?;
+    got.extend(dig("web", "AAAA")?);
+    ensure!(got == want, "the web Service resolved to {got:?}, not its ClusterIPs {want:?}");
+    let target = webs[1].2.iter().find(|ip| ip.is_ipv4()).context("an IPv4 pod address")?;
+    let name = format!("{}.net.pod.cluster.local", target.to_string().replace('.', "-"));
+    let got = dig(&name, "A")?;
+    ensure!(got == BTreeSet::from([*target]), "{name} resolved to {got:?}");
+    Ok(())
+}
+
 /// Runs `action` while a pod on the first node pings a web pod on the second
 /// in both families every 10 ms, `count` times; not one ping may be lost.
 fn no_ping_lost_while(
@@ -504,6 +543,168 @@ fn a_rollout_restart_of_overlay_loses_no_ping(n: &mut Nodes) -> Result<()> {
     })
 }
 
+/// The regular expressions of `tests/k8s/e2e/<name>.txt`: one a line, `#` lines and ` # reason`s left out.
+fn e2e_list(name: &str) -> Result<Vec<String>> {
+    let path = overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e").join(name);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split(" # ").next().unwrap_or_default().trim().to_string())
+        .collect())
+}
+
+/// What one run of the e2e suite said: ran, passed, failed, skipped, and its summary lines.
+#[derive(Debug)]
+struct E2eOutcome {
+    ran: u32,
+    passed: u32,
+    failed: u32,
+    skipped: u32,
+    summary: String,
+}
+
+/// Runs Kubernetes' own e2e suite (`e2e.test` of the release, `--provider=skeleton`) against the real
+/// nodes, from the underlay namespace, focused on the selection `selection` (`ci.txt` or `full.txt`)
+/// less `skip.txt`; its output goes to `<test dir>/e2e-<selection>.log`.
+fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
+    let bin = control_plane::bin_dir();
+    let e2e = bin.join("e2e.test");
+    ensure!(e2e.is_file(), "no {} (run `make k8s`)", e2e.display());
+    let focus = e2e_list(selection)?.join("|");
+    let skip = e2e_list("skip.txt")?.join("|");
+    let name = selection.trim_end_matches(".txt");
+    let report = n.c.dir.join(format!("e2e-{name}"));
+    std::fs::create_dir_all(&report)?;
+    let log_path = n.c.dir.join(format!("e2e-{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let status =
+        n.c.underlay
+            .command(&e2e.display().to_string(), &[])
+            .arg(format!("--kubeconfig={}", n.cp.admin_kubeconfig().display()))
+            .arg("--provider=skeleton")
+            .arg(format!("--kubectl-path={}", bin.join("kubectl").display()))
+            .arg(format!("--report-dir={}", report.display()))
+            .arg(format!("--ginkgo.focus={focus}"))
+            .arg(format!("--ginkgo.skip={skip}"))
+            .args(["--ginkgo.no-color", "--ginkgo.timeout=2h", "--ginkgo.v"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("running e2e.test")?;
+    let text = std::fs::read_to_string(&log_path)?;
+    // "Ran 7 of 7412 Specs in 301.2 seconds" / "SUCCESS! -- 7 Passed | 0 Failed | 0 Pending | 7405 Skipped"
+    let number_before = |line: &str, word: &str| -> u32 {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
+    };
+    let ran_line = text.lines().rev().find(|l| l.starts_with("Ran ")).unwrap_or_default();
+    let result_line = text.lines().rev().find(|l| l.contains(" Passed | ")).unwrap_or_default();
+    let failures: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("[FAIL]")).collect();
+    let outcome = E2eOutcome {
+        ran: ran_line.split_whitespace().nth(1).and_then(|w| w.parse().ok()).unwrap_or(0),
+        passed: number_before(result_line, "Passed"),
+        failed: number_before(result_line, "Failed"),
+        skipped: number_before(result_line, "Skipped"),
+        summary: format!("{ran_line}\n{result_line}\n{}", failures.join("\n")),
+    };
+    eprintln!("e2e {name}: {}", outcome.summary);
+    ensure!(
+        status.success() && outcome.failed == 0 && outcome.passed > 0,
+        "e2e.test ({selection}) ended {status}: {}\nits log: {}",
+        outcome.summary,
+        log_path.display()
+    );
+    Ok(outcome)
+}
+
+/// The suites docs/conformance.md reports, by the start of a spec's name.
+const SUITES: [(&str, &str); 5] = [
+    ("Networking", "[sig-network] Networking"),
+    ("NetworkPolicy", "[sig-network] Netpol"),
+    ("Services", "[sig-network] Services"),
+    ("DNS", "[sig-network] DNS"),
+    ("IPv6DualStack", "[sig-network] [Feature:IPv6DualStack]"),
+];
+
+/// Each suite's (passed, failed, skipped) from ginkgo's JUnit report: the specs of the selection,
+/// those skip.txt takes out and those that skipped themselves (a provider they are not for) as skipped.
+fn suite_counts(report_dir: &std::path::Path) -> Result<Vec<(&'static str, [u32; 3])>> {
+    let xml = std::fs::read_to_string(report_dir.join("junit_01.xml")).context("ginkgo's JUnit report")?;
+    let mut counts: Vec<(&str, [u32; 3])> = SUITES.iter().map(|(name, _)| (*name, [0; 3])).collect();
+    for case in xml.split("<testcase ").skip(1) {
+        let attr = |key: &str| -> String {
+            case.split(&format!(" {key}=\""))
+                .nth(1)
+                .or_else(|| case.strip_prefix(&format!("{key}=\"")))
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .replace("&#39;", "'")
+                .replace("&quot;", "\"")
+                .replace("&amp;", "&")
+        };
+        let name = attr("name");
+        // Specs the focus left out are listed as skipped too: only the selection counts.
+        let Some(suite) = SUITES.iter().position(|(_, prefix)| name.contains(prefix)) else { continue };
+        let focus = e2e_list("full.txt")?;
+        if !focus.iter().any(|f| name.contains(&f.replace('\\', ""))) {
+            continue;
+        }
+        let slot = match attr("status").as_str() {
+            "passed" => 0,
+            "failed" | "panicked" | "interrupted" | "timedout" => 1,
+            _ => 2,
+        };
+        counts[suite].1[slot] += 1;
+    }
+    Ok(counts)
+}
+
+/// docs/conformance.md: the release, the date, the wall time, each suite's counts, the skip list.
+fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took: Duration) -> Result<()> {
+    let counts = suite_counts(report_dir)?;
+    let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout)
+        .trim()
+        .to_string();
+    let skip = std::fs::read_to_string(overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e/skip.txt"))?;
+    let mut md = format!(
+        "# Conformance: Kubernetes' own e2e suites on overlay\n\n\
+         Written by `make e2e` on {date}: `e2e.test` of Kubernetes **{}** (built from its module, `--provider=skeleton`) \
+         against three real dual-stack nodes (containerd, runc, the release's kubelet and kube-proxy in nftables mode; \
+         CoreDNS from the release's addon), overlay installed with `kubectl apply -f deploy/overlay.yaml` \
+         (docs/testing.md, \"Real nodes\"). The selection is `tests/k8s/e2e/full.txt`, less `tests/k8s/e2e/skip.txt`. \
+         Wall time of the suite: {:.0} minutes.\n\n| suite | passed | failed | skipped |\n|---|---|---|---|\n",
+        control_plane::RELEASE,
+        took.as_secs_f64() / 60.0
+    );
+    for (suite, [passed, failed, skipped]) in &counts {
+        md.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
+    }
+    md.push_str("\nSkipped counts the specs `skip.txt` takes out and those that skip themselves here (a test for one cloud provider).\n\n## The skip list\n\n```text\n");
+    md.push_str(&skip);
+    md.push_str("```\n");
+    std::fs::write(path, md)?;
+    Ok(())
+}
+
+/// sig-network's own e2e tests pass on overlay: the selection `make test`
+/// runs (`tests/k8s/e2e/ci.txt`: the Networking conformance tests, a dozen
+/// of the NetworkPolicy suite, one Services and one DNS test), or with
+/// `OVERLAY_E2E=full` the whole selection (`full.txt`), as `make e2e` runs it.
+fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
+    n.clear();
+    let selection = if std::env::var("OVERLAY_E2E").is_ok_and(|v| v == "full") { "full.txt" } else { "ci.txt" };
+    let started = Instant::now();
+    let outcome = run_e2e(n, selection)?;
+    if let Ok(path) = std::env::var("OVERLAY_E2E_REPORT") {
+        let report = n.c.dir.join(format!("e2e-{}", selection.trim_end_matches(".txt")));
+        write_conformance(std::path::Path::new(&path), &report, started.elapsed())?;
+    }
+    ensure!(outcome.ran == outcome.passed, "{outcome:?}");
+    ensure!(outcome.skipped > 0, "{outcome:?}");
+    Ok(())
+}
+
 const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
     (
         "nodes_are_ready_only_once_overlay_installs_its_cni_config",
@@ -515,9 +716,14 @@ const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
     ),
     ("a_cluster_ip_service_reaches_pods_on_every_node", a_cluster_ip_service_reaches_pods_on_every_node),
     ("network_policy_holds_behind_a_service_cluster_ip", network_policy_holds_behind_a_service_cluster_ip),
+    (
+        "dns_names_resolve_for_services_and_pods_in_both_families",
+        dns_names_resolve_for_services_and_pods_in_both_families,
+    ),
     ("a_kubelet_restart_loses_no_ping", a_kubelet_restart_loses_no_ping),
     ("deleting_a_nodes_overlay_pod_loses_no_ping", deleting_a_nodes_overlay_pod_loses_no_ping),
     ("a_rollout_restart_of_overlay_loses_no_ping", a_rollout_restart_of_overlay_loses_no_ping),
+    ("the_upstream_sig_network_e2e_tests_pass", the_upstream_sig_network_e2e_tests_pass),
 ];
 
 fn main() -> ExitCode {

@@ -447,14 +447,21 @@ fn dns_names_resolve_for_services_and_pods_in_both_families(n: &mut Nodes) -> Re
             .kubectl(&["exec", "-n", NS, from, "--", "dig", "+short", "+search", "+time=2", "+tries=3", name, kind])?;
         Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
     };
+    // CoreDNS is available as soon as its Deployment says so, but kube-proxy on the asking node
+    // may program the kube-dns ClusterIP's endpoints a moment later: the answers must come within 30 s.
     let want: BTreeSet<IpAddr> = cluster_ips.iter().copied().collect();
-    let mut got = dig("web.net.svc.cluster.local", "A")?;
-    got.extend(dig("web", "AAAA")?);
-    ensure!(got == want, "the web Service resolved to {got:?}, not its ClusterIPs {want:?}");
+    let services = || -> Result<BTreeSet<IpAddr>> {
+        let mut got = dig("web.net.svc.cluster.local", "A")?;
+        got.extend(dig("web", "AAAA")?);
+        Ok(got)
+    };
+    let got = wait_some(Duration::from_secs(30), || services().ok().filter(|got| *got == want));
+    ensure!(got.is_some(), "the web Service resolved to {:?}, not its ClusterIPs {want:?}", services());
     let target = webs[1].2.iter().find(|ip| ip.is_ipv4()).context("an IPv4 pod address")?;
     let name = format!("{}.net.pod.cluster.local", target.to_string().replace('.', "-"));
-    let got = dig(&name, "A")?;
-    ensure!(got == BTreeSet::from([*target]), "{name} resolved to {got:?}");
+    let want = BTreeSet::from([*target]);
+    let got = wait_some(Duration::from_secs(30), || dig(&name, "A").ok().filter(|got| *got == want));
+    ensure!(got.is_some(), "{name} resolved to {:?}", dig(&name, "A"));
     Ok(())
 }
 

@@ -116,3 +116,35 @@ pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
         .filter_map(|p| p.file_name().to_str()?.parse().ok())
         .collect()
 }
+
+/// Starts a process in a private mount namespace (`unshare --mount`) that
+/// runs `script` (sh, with `args`) to set up its mounts, then holds the
+/// namespace open for others to enter (`nsenter --target`). The script
+/// prints `ready` when its mounts are in place; anything else, or its exit,
+/// is an error naming `what`, with what the script said.
+pub fn hold_mount_namespace(
+    what: &str,
+    script: &str,
+    args: &[std::ffi::OsString],
+) -> anyhow::Result<std::process::Child> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what} (unshare, from util-linux)"))?;
+    let mut line = String::new();
+    if let Some(out) = holder.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    if line.trim() != "ready" {
+        let _ = holder.kill();
+        let out = holder.wait_with_output()?;
+        anyhow::bail!("{what} could not be set up: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(holder)
+}

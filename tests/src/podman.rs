@@ -9,9 +9,8 @@
 //! those three places: the state lives as long as the test and never lands
 //! on the host.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use anyhow::{bail, Context, Result};
 
@@ -46,23 +45,7 @@ exec sleep infinity";
         args.push(dir.clone().into());
         args.push(at.into());
     }
-    let mut holder = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", SCRIPT, "sh"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting podman's mount namespace (unshare, from util-linux)")?;
-    let mut line = String::new();
-    if let Some(out) = holder.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    if line.trim() != "ready" {
-        let _ = holder.kill();
-        let _ = holder.wait();
-        bail!("podman's mount namespace could not be set up");
-    }
-    Ok(holder)
+    crate::hold_mount_namespace("podman's mount namespace", SCRIPT, &args)
 }
 
 /// A busybox rootfs with the applets the tests use.

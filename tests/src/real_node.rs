@@ -20,7 +20,6 @@
 //! made in every v1 hierarchy before it starts and removed, with every
 //! process in it, when the node goes.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,7 +135,7 @@ impl RealNode {
         node.ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
         let cgroup_root = node.ns.name.clone();
         make_cgroup_root(&cgroup_root)?;
-        let holder = hold_mount_namespace()?;
+        let holder = crate::hold_mount_namespace("a node's mount namespace", MOUNT_NAMESPACE, &[])?;
         let mut real = RealNode {
             name: node.name.clone(),
             dir: dir.clone(),
@@ -469,27 +468,6 @@ fn remove_cgroup_root(root: &str) {
             }
         }
     }
-}
-
-/// Starts the process that holds a node's mount namespace, once its mounts are in place.
-fn hold_mount_namespace() -> Result<Child> {
-    let mut holder = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", MOUNT_NAMESPACE])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting a node's mount namespace (unshare, from util-linux)")?;
-    let mut line = String::new();
-    if let Some(out) = holder.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    if line.trim() != "ready" {
-        let _ = holder.kill();
-        let out = holder.wait_with_output()?;
-        bail!("a node's mount namespace could not be set up: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(holder)
 }
 
 /// The Node's `Ready` condition status (`True`, `False`, `Unknown`) and its message.

@@ -95,11 +95,19 @@ impl Nodes {
         let started = Instant::now();
         let coredns = real_node::release_images_dir()?.join("coredns.yaml");
         nodes.cp.kubectl(&["apply", "-f", &coredns.display().to_string()])?;
-        nodes
-            .cp
-            .kubectl(&["rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=90s"])
-            .with_context(|| nodes.cp.kubectl(&["describe", "pods", "-n", "kube-system"]).unwrap_or_default())?;
-        eprintln!("CoreDNS available {:.1} s after kubectl apply", started.elapsed().as_secs_f64());
+        // Its Deployment (one replica, maxUnavailable 1) says Available at once: wait for a ready pod instead.
+        let ready = wait_some(Duration::from_secs(90), || {
+            let d = nodes.cp.get(&["deployment", "coredns", "-n", "kube-system"]).ok()?;
+            let want = d["spec"]["replicas"].as_u64()?;
+            (want > 0 && d["status"]["readyReplicas"].as_u64() == Some(want)).then_some(())
+        });
+        if ready.is_none() {
+            bail!(
+                "CoreDNS not ready 90 s after kubectl apply:\n{}",
+                nodes.cp.kubectl(&["describe", "pods", "-n", "kube-system"]).unwrap_or_default()
+            );
+        }
+        eprintln!("CoreDNS ready {:.1} s after kubectl apply", started.elapsed().as_secs_f64());
         Ok(nodes)
     }
 
@@ -456,13 +464,36 @@ fn dns_names_resolve_for_services_and_pods_in_both_families(n: &mut Nodes) -> Re
         Ok(got)
     };
     let got = wait_some(Duration::from_secs(30), || services().ok().filter(|got| *got == want));
-    ensure!(got.is_some(), "the web Service resolved to {:?}, not its ClusterIPs {want:?}", services());
+    ensure!(
+        got.is_some(),
+        "the web Service resolved to {:?}, not its ClusterIPs {want:?}\n{}",
+        services(),
+        dns_diagnosis(n, from)
+    );
     let target = webs[1].2.iter().find(|ip| ip.is_ipv4()).context("an IPv4 pod address")?;
     let name = format!("{}.net.pod.cluster.local", target.to_string().replace('.', "-"));
     let want = BTreeSet::from([*target]);
     let got = wait_some(Duration::from_secs(30), || dig(&name, "A").ok().filter(|got| *got == want));
-    ensure!(got.is_some(), "{name} resolved to {:?}", dig(&name, "A"));
+    ensure!(got.is_some(), "{name} resolved to {:?}\n{}", dig(&name, "A"), dns_diagnosis(n, from));
     Ok(())
+}
+
+/// What a failed DNS question needs to be understood: dig's whole answer, CoreDNS's pods, endpoints and
+/// logs, and what kube-proxy on the asking pod's node programmed for kube-dns.
+fn dns_diagnosis(n: &Nodes, from: &str) -> String {
+    let run = |args: &[&str]| n.cp.kubectl(args).unwrap_or_else(|e| format!("{e:#}"));
+    let node = n.cp.get(&["pod", from, "-n", NS]).ok().and_then(|p| p["spec"]["nodeName"].as_str().map(String::from));
+    let proxy = n.real.iter().find(|r| Some(&r.name) == node.as_ref());
+    format!(
+        "dig:\n{}\nresolv.conf:\n{}\nCoreDNS:\n{}\n{}\nits log:\n{}\nkube-proxy on {node:?}:\n{}\n{}",
+        run(&["exec", "-n", NS, from, "--", "dig", "+search", "+time=2", "+tries=1", "web.net.svc.cluster.local", "A"]),
+        run(&["exec", "-n", NS, from, "--", "cat", "/etc/resolv.conf"]),
+        run(&["get", "pods,endpointslices", "-n", "kube-system", "-o", "wide"]),
+        run(&["describe", "pods", "-n", "kube-system", "-l", "k8s-app=kube-dns"]),
+        run(&["logs", "-n", "kube-system", "-l", "k8s-app=kube-dns", "--tail=40"]),
+        proxy.map(|r| r.log_tail("kube-proxy")).unwrap_or_default(),
+        proxy.and_then(|r| r.sh("nft list ruleset | grep -i -e dns -e 10.96.0.10 | head -40").ok()).unwrap_or_default(),
+    )
 }
 
 /// Runs `action` while a pod on the first node pings a web pod on the second
@@ -569,12 +600,15 @@ struct E2eOutcome {
     failed: u32,
     skipped: u32,
     summary: String,
+    /// Why the run failed, with the end of its log; `None` when it passed.
+    failure: Option<String>,
 }
 
 /// Runs Kubernetes' own e2e suite (`e2e.test` of the release, `--provider=skeleton`) against the real
 /// nodes, from the underlay namespace, focused on the selection `selection` (`ci.txt` or `full.txt`)
 /// less `skip.txt`; its output goes to `<test dir>/e2e-<selection>.log`.
 fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
+    let started = Instant::now();
     let bin = control_plane::bin_dir();
     let e2e = bin.join("e2e.test");
     ensure!(e2e.is_file(), "no {} (run `make k8s`)", e2e.display());
@@ -585,7 +619,10 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
     std::fs::create_dir_all(&report)?;
     let log_path = n.c.dir.join(format!("e2e-{name}.log"));
     let log = std::fs::File::create(&log_path)?;
-    let status =
+    // ginkgo interrupts the specs at its timeout and cleans up; the run is killed if that cleaning hangs too.
+    // The CI subset takes 4 minutes here: 20 leaves room for a slow machine and keeps CI under its hour.
+    let timeout = Duration::from_secs(if selection == "ci.txt" { 20 * 60 } else { 4 * 3600 });
+    let mut child =
         n.c.underlay
             .command(&e2e.display().to_string(), &[])
             .arg(format!("--kubeconfig={}", n.cp.admin_kubeconfig().display()))
@@ -594,11 +631,25 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
             .arg(format!("--report-dir={}", report.display()))
             .arg(format!("--ginkgo.focus={focus}"))
             .arg(format!("--ginkgo.skip={skip}"))
-            .args(["--ginkgo.no-color", "--ginkgo.timeout=2h", "--ginkgo.v"])
+            .arg(format!("--ginkgo.timeout={}s", timeout.as_secs()))
+            .args(["--ginkgo.no-color", "--ginkgo.v"])
             .stdout(log.try_clone()?)
             .stderr(log)
-            .status()
+            .spawn()
             .context("running e2e.test")?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout + Duration::from_secs(300) {
+            let _ = child.kill();
+            bail!(
+                "e2e.test ({selection}) still ran 5 minutes after its timeout of {timeout:?}; killed:\n{}",
+                tail(&log_path, 80)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     let text = std::fs::read_to_string(&log_path)?;
     // "Ran 7 of 7412 Specs in 301.2 seconds" / "SUCCESS! -- 7 Passed | 0 Failed | 0 Pending | 7405 Skipped"
     let number_before = |line: &str, word: &str| -> u32 {
@@ -614,15 +665,25 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
         failed: number_before(result_line, "Failed"),
         skipped: number_before(result_line, "Skipped"),
         summary: format!("{ran_line}\n{result_line}\n{}", failures.join("\n")),
+        failure: None,
     };
     eprintln!("e2e {name}: {}", outcome.summary);
-    ensure!(
-        status.success() && outcome.failed == 0 && outcome.passed > 0,
-        "e2e.test ({selection}) ended {status}: {}\nits log: {}",
-        outcome.summary,
-        log_path.display()
-    );
-    Ok(outcome)
+    let failure = (!status.success() || outcome.failed > 0 || outcome.passed == 0).then(|| {
+        format!(
+            "e2e.test ({selection}) ended {status}: {}\nthe end of its log ({}):\n{}",
+            outcome.summary,
+            log_path.display(),
+            tail(&log_path, 80)
+        )
+    });
+    Ok(E2eOutcome { failure, ..outcome })
+}
+
+/// The last `lines` lines of the file at `path`.
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The suites docs/conformance.md reports, by the start of a spec's name.
@@ -705,7 +766,11 @@ fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     let outcome = run_e2e(n, selection)?;
     if let Ok(path) = std::env::var("OVERLAY_E2E_REPORT") {
         let report = n.c.dir.join(format!("e2e-{}", selection.trim_end_matches(".txt")));
+        // Written also when specs failed: the report says which suites they were in.
         write_conformance(std::path::Path::new(&path), &report, started.elapsed())?;
+    }
+    if let Some(failure) = &outcome.failure {
+        bail!("{failure}");
     }
     ensure!(outcome.ran == outcome.passed, "{outcome:?}");
     ensure!(outcome.skipped > 0, "{outcome:?}");

@@ -87,12 +87,30 @@ fn read_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     })
 }
 
+/// How long ADD waits for the daemon's subnet file. The DaemonSet's init container installs the conflist a moment
+/// before the daemon writes that file, and a runtime that reads only the conflist (containerd 1.6 has no CNI STATUS)
+/// may send a pod in between; waiting a little spares it a failed sandbox and the kubelet's backoff.
+const SUBNET_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The subnet file, waited for up to [`SUBNET_FILE_WAIT`] while it is not there or not whole yet.
+async fn wait_for_subnet_env(conf: &NetConf) -> Result<SubnetEnv, CniError> {
+    let deadline = tokio::time::Instant::now() + SUBNET_FILE_WAIT;
+    loop {
+        match read_subnet_env(conf) {
+            Err(e) if tokio::time::Instant::now() < deadline && e.code == code::TRY_AGAIN => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// ADD: an address per family, a veth into the pod, the routes; rolled back on any failure.
 pub async fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.check_container_id()?;
     env.check_ifname()?;
     let ns = link::open_netns(&env.netns)?;
-    let subnet_env = read_subnet_env(conf)?;
+    let subnet_env = wait_for_subnet_env(conf).await?;
     // Held until the interface exists (or is rolled back): see ContainerLock.
     let _container = ContainerLock::take(&conf.data_dir, &conf.name, &env.container_id)?;
     let mtu = conf.mtu.unwrap_or(subnet_env.mtu);

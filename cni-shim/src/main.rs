@@ -53,6 +53,7 @@ fn about() -> String {
 fn block_on<T>(work: impl std::future::Future<Output = Result<T, CniError>>) -> Result<T, CniError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| CniError::io("starting the netlink runtime", e))?
         .block_on(work)

@@ -287,7 +287,7 @@ impl ControlPlane {
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDRS}"),
+            format!("--service-cluster-ip-range={}", self.service_cidrs()),
             format!("--audit-policy-file={}", self.dir.join("audit-policy.json").display()),
             format!("--audit-log-path={}", self.audit_log_path().display()),
             "--audit-log-format=json".into(),
@@ -322,6 +322,14 @@ impl ControlPlane {
         bail!("kube-apiserver not ready after {timeout:?}:\n{}", self.log_tail("kube-apiserver"))
     }
 
+    /// The ranges of [`SERVICE_CIDRS`] of the families the cluster's pods have: a single-stack cluster
+    /// has single-stack Services.
+    fn service_cidrs(&self) -> String {
+        let ranges = SERVICE_CIDRS.split(',');
+        let has = |range: &str| self.cluster_cidrs.iter().any(|c| c.addr().is_ipv6() == range.contains(':'));
+        ranges.filter(|r| has(r)).collect::<Vec<_>>().join(",")
+    }
+
     fn start_controller_manager(&mut self) -> Result<()> {
         let p = |n: &str| self.pki.path(n).display().to_string();
         let cidrs: Vec<String> = self.cluster_cidrs.iter().map(|c| c.to_string()).collect();
@@ -334,7 +342,7 @@ impl ControlPlane {
             "--leader-elect=false".into(),
             "--allocate-node-cidrs=true".into(),
             format!("--cluster-cidr={}", cidrs.join(",")),
-            format!("--service-cluster-ip-range={SERVICE_CIDRS}"),
+            format!("--service-cluster-ip-range={}", self.service_cidrs()),
             format!("--service-account-private-key-file={}", p("sa.key")),
             format!("--root-ca-file={}", p("ca.crt")),
             "--use-service-account-credentials=true".into(),

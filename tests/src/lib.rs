@@ -117,6 +117,23 @@ pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// The start of every private mount namespace's setup. Under a chroot (the fresh root `fresh-machine` runs CI in)
+/// a new mount namespace's root is still the host's, only the process's root is the chroot. A container runtime's
+/// `pivot_root` then puts a container's rootfs where the chroot's root was, not at the namespace's root: the
+/// container's own process sees its image, but everything that joins its mount namespace later (`kubectl exec`,
+/// exec probes, `podman exec`) gets the namespace's root, the host's whole filesystem. So the chroot is made the
+/// namespace's root first, as it is on a machine that boots into it.
+const ROOT_OF_THE_NAMESPACE: &str = r#"set -e
+if [ "$(stat -c %d:%i /)" != "$(stat -L -c %d:%i /proc/1/root)" ]; then
+  newroot=$(mktemp -d /tmp/.namespace-root.XXXXXX)
+  mount -n --rbind / "$newroot"
+  cd "$newroot"
+  pivot_root . .
+  umount -l .
+  cd /
+  rmdir "$newroot"
+fi"#;
+
 /// Starts a process in a private mount namespace (`unshare --mount`) that
 /// runs `script` (sh, with `args`) to set up its mounts, then holds the
 /// namespace open for others to enter (`nsenter --target`). The script
@@ -129,8 +146,9 @@ pub fn hold_mount_namespace(
 ) -> anyhow::Result<std::process::Child> {
     use anyhow::Context;
     use std::io::BufRead;
+    let script = format!("{ROOT_OF_THE_NAMESPACE}\n{script}");
     let mut holder = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

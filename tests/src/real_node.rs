@@ -217,7 +217,12 @@ impl RealNode {
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--cert-dir={}", dir.join("kubelet-pki").display()),
             format!("--hostname-override={}", node.name),
-            format!("--node-ip={},{}", node.ip, node.ip6),
+            // A node has an address of each family the cluster's pods have, as kubeadm's docs ask.
+            if cluster_cidrs.contains(':') {
+                format!("--node-ip={},{}", node.ip, node.ip6)
+            } else {
+                format!("--node-ip={}", node.ip)
+            },
             "--v=1".into(),
         ];
         real.start_kubelet()?;

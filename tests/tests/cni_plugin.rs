@@ -184,6 +184,26 @@ fn before_the_daemon_is_ready_status_is_50_and_add_is_try_again() {
     assert!(call(&host.ns, "STATUS", "", "", "", &conf).unwrap().ok);
 }
 
+/// The DaemonSet's init container installs the conflist a moment before the daemon writes its subnet file; a pod
+/// the runtime sends in between is wired once the file comes, not failed (and backed off by the kubelet).
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn an_add_just_before_the_daemon_is_ready_waits_for_it() {
+    require_root();
+    let host = Host::new(false);
+    let conf = host.conf("1.1.0");
+    let pod = host.pod(0);
+    let add = std::thread::scope(|s| {
+        let add = s.spawn(|| call(&host.ns, "ADD", "c0", &pod.path(), "eth0", &conf).unwrap());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        host.write_subnet_file();
+        add.join().unwrap()
+    });
+    assert!(add.ok, "{:?}", add.json);
+    assert_eq!(host.allocations(), 1);
+    assert!(call(&host.ns, "DEL", "c0", &pod.path(), "eth0", &conf).unwrap().ok);
+}
+
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn bad_input_gets_its_cni_error_code_and_leaves_nothing() {

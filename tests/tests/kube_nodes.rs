@@ -43,12 +43,16 @@ struct Nodes {
     install_took: Duration,
     /// The agnhost image's name.
     agnhost: String,
+    /// Dual stack (the default), or IPv4 alone (`OVERLAY_FAMILIES=ipv4`).
+    dual: bool,
 }
 
 impl Nodes {
     fn start() -> Result<Nodes> {
         let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() })?;
-        let cidrs: Vec<IpNet> = ["10.244.0.0/16", "fd00:10:244::/56"].iter().map(|c| c.parse().unwrap()).collect();
+        let dual = dual_stack();
+        let cluster_cidrs = if dual { "10.244.0.0/16,fd00:10:244::/56" } else { "10.244.0.0/16" };
+        let cidrs: Vec<IpNet> = cluster_cidrs.split(',').map(|c| c.parse().unwrap()).collect();
         let cp = ControlPlane::start(&c.underlay, ETCD_IP.parse()?, &c.dir.join("k8s"), &cidrs)?;
         let image = overlay_image(&mut c)?;
         let agnhost = real_node::release_images()?
@@ -59,15 +63,17 @@ impl Nodes {
         let mut real = Vec::new();
         for _ in 0..3 {
             let i = c.add_node(&[])?;
-            let cluster_cidrs = "10.244.0.0/16,fd00:10:244::/56";
             real.push(RealNode::start(&cp, &c.nodes[i], &c.dir, cluster_cidrs, std::slice::from_ref(&image))?);
         }
         // The API server's host is not a node here (a control-plane host usually is, with the pod network on
         // it): it reaches pods (the `pods/proxy` the e2e suite reads results through) by way of the first node.
         let (first, first6) = (c.nodes[0].ip.to_string(), c.nodes[0].ip6.to_string());
         c.underlay.ip(&["route", "add", "10.244.0.0/16", "via", &first])?;
-        c.underlay.ip(&["-6", "route", "add", "fd00:10:244::/56", "via", &first6])?;
-        let mut nodes = Nodes { real, cp, c, before_install: Vec::new(), install_took: Duration::ZERO, agnhost };
+        if dual {
+            c.underlay.ip(&["-6", "route", "add", "fd00:10:244::/56", "via", &first6])?;
+        }
+        let before_install = Vec::new();
+        let mut nodes = Nodes { real, cp, c, before_install, install_took: Duration::ZERO, agnhost, dual };
         // Registered by its kubelet, and NotReady: no CNI config yet.
         for r in &nodes.real {
             let state = wait_some(Duration::from_secs(60), || real_node::node_ready(&nodes.cp, &r.name))
@@ -111,14 +117,26 @@ impl Nodes {
         Ok(nodes)
     }
 
-    /// `kubectl apply -f deploy/overlay.yaml`, its net-conf.json made dual stack as a user edits it.
+    /// `kubectl apply -f deploy/overlay.yaml`, its net-conf.json made dual stack as a user edits it (or as it
+    /// is, IPv4, for a single-stack cluster).
     fn install(&self) -> Result<()> {
         let mut docs = overlay_tests::manifests::load(&overlay_tests::manifests::deploy_dir().join("overlay.yaml"))?;
         let config_map = docs.iter_mut().find(|d| d["kind"] == "ConfigMap").context("no ConfigMap")?;
-        config_map["data"]["net-conf.json"] = DUAL_STACK_CONFIG.into();
+        if self.dual {
+            config_map["data"]["net-conf.json"] = DUAL_STACK_CONFIG.into();
+        }
         let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
         self.cp.kubectl_input(&["apply", "--validate=strict", "-f", "-"], &list.to_string())?;
         Ok(())
+    }
+
+    /// How many address families the pods have.
+    fn families(&self) -> usize {
+        if self.dual {
+            2
+        } else {
+            1
+        }
     }
 
     fn clear(&mut self) {
@@ -221,6 +239,11 @@ impl Nodes {
     }
 }
 
+/// Whether the run is dual stack (the default) or IPv4 alone (`OVERLAY_FAMILIES=ipv4`).
+fn dual_stack() -> bool {
+    !std::env::var("OVERLAY_FAMILIES").is_ok_and(|v| v == "ipv4")
+}
+
 /// A pod's addresses, from its status.
 fn pod_ips(p: &Value) -> Vec<IpAddr> {
     p["status"]["podIPs"].as_array().into_iter().flatten().filter_map(|ip| ip["ip"].as_str()?.parse().ok()).collect()
@@ -281,7 +304,8 @@ fn nodes_are_ready_only_once_overlay_installs_its_cni_config(n: &mut Nodes) -> R
             conditions.iter().any(|c| c["type"] == "NetworkUnavailable" && c["status"] == "False").then_some(node)
         })
         .with_context(|| format!("{}: NetworkUnavailable never False", r.name))?;
-        ensure!(node["spec"]["podCIDRs"].as_array().is_some_and(|c| c.len() == 2), "{}: {}", r.name, node["spec"]);
+        let want = n.families();
+        ensure!(node["spec"]["podCIDRs"].as_array().is_some_and(|c| c.len() == want), "{}: {}", r.name, node["spec"]);
     }
     // Ready once its readiness probe (every 5 s) found /readyz answering.
     let ready = |n: &Nodes| -> Option<usize> {
@@ -311,10 +335,14 @@ fn pods_made_by_kubelets_reach_each_other_across_nodes_in_both_families(n: &mut 
             .flatten()
             .filter_map(|c| c.as_str()?.parse().ok())
             .collect();
-        ensure!(ips.len() == 2, "{name} has {ips:?}, not one address per family");
+        ensure!(ips.len() == n.families(), "{name} has {ips:?}, not one address per family");
         for ip in &ips {
             ensure!(cidrs.iter().any(|c| c.contains(ip)), "{name}'s {ip} is outside {}'s {cidrs:?}", r.name);
         }
+        // What runs in a pod sees the pod's files, not the node's: its resolver is the cluster's DNS.
+        let resolv = n.cp.kubectl(&["exec", "-n", NS, &name, "--", "cat", "/etc/resolv.conf"])?;
+        let want = format!("nameserver {}", real_node::CLUSTER_DNS);
+        ensure!(resolv.lines().any(|l| l.trim() == want), "{name}'s /etc/resolv.conf:\n{resolv}");
         pods.push((name, ips));
     }
     for (from, _) in &pods {
@@ -341,14 +369,14 @@ fn a_cluster_ip_service_reaches_pods_on_every_node(n: &mut Nodes) -> Result<()> 
     let service = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": NS},
-        "spec": {"selector": {"app": "netexec"}, "ipFamilyPolicy": "RequireDualStack",
+        "spec": {"selector": {"app": "netexec"}, "ipFamilyPolicy": "PreferDualStack",
                  "ports": [{"port": 80, "targetPort": NETEXEC_PORT, "protocol": "TCP"}]},
     });
     n.cp.kubectl_input(&["apply", "-f", "-"], &service.to_string())?;
     let svc = n.cp.get(&["service", "web", "-n", NS])?;
     let cluster_ips: Vec<IpAddr> =
         svc["spec"]["clusterIPs"].as_array().into_iter().flatten().filter_map(|ip| ip.as_str()?.parse().ok()).collect();
-    ensure!(cluster_ips.len() == 2, "{svc}");
+    ensure!(cluster_ips.len() == n.families(), "{svc}");
     let from = format!("web-{}", n.real[0].name);
     let all: BTreeSet<String> = n.real.iter().map(|r| format!("web-{}", r.name)).collect();
     for ip in cluster_ips {
@@ -460,7 +488,9 @@ fn dns_names_resolve_for_services_and_pods_in_both_families(n: &mut Nodes) -> Re
     let want: BTreeSet<IpAddr> = cluster_ips.iter().copied().collect();
     let services = || -> Result<BTreeSet<IpAddr>> {
         let mut got = dig("web.net.svc.cluster.local", "A")?;
-        got.extend(dig("web", "AAAA")?);
+        if n.dual {
+            got.extend(dig("web", "AAAA")?);
+        }
         Ok(got)
     };
     let got = wait_some(Duration::from_secs(30), || services().ok().filter(|got| *got == want));
@@ -581,6 +611,66 @@ fn a_rollout_restart_of_overlay_loses_no_ping(n: &mut Nodes) -> Result<()> {
     })
 }
 
+/// A node's podCIDRs, as node IPAM gave them.
+fn pod_cidrs(n: &Nodes, node: &str) -> Result<Vec<IpNet>> {
+    let node = n.cp.get(&["node", node])?;
+    Ok(node["spec"]["podCIDRs"].as_array().into_iter().flatten().filter_map(|c| c.as_str()?.parse().ok()).collect())
+}
+
+/// A node leaves and comes back, as an operator replaces one: drained, its
+/// Node deleted (node IPAM takes its podCIDRs back), its kubelet started
+/// again, so it registers anew and gets podCIDRs again. The overlay pod that
+/// ran on through it takes the node's new podCIDRs: a new pod there gets an
+/// address in them and reaches the other nodes' pods both ways in both
+/// families, and the peers no longer route the old podCIDRs.
+fn a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use(n: &mut Nodes) -> Result<()> {
+    let webs = web_pods(n)?;
+    let i = n.real.len() - 1;
+    let node = n.real[i].name.clone();
+    let before = pod_cidrs(n, &node)?;
+    n.cp.kubectl(&[
+        "drain",
+        &node,
+        "--ignore-daemonsets",
+        "--force",
+        "--delete-emptydir-data",
+        "--grace-period=1",
+        "--timeout=60s",
+    ])?;
+    n.cp.kubectl(&["delete", "node", &node, "--timeout=60s"])?;
+    n.real[i].restart_kubelet()?;
+    let after = wait_some(Duration::from_secs(90), || {
+        let ready = real_node::node_ready(&n.cp, &node).is_some_and(|(s, _)| s == "True");
+        pod_cidrs(n, &node).ok().filter(|c| ready && c.len() == n.families())
+    })
+    .with_context(|| format!("{node} not Ready with podCIDRs again:\n{}", n.real[i].log_tail("kubelet")))?;
+    eprintln!("{node}: podCIDRs {before:?} before it left, {after:?} after it came back");
+    n.cp.kubectl(&["uncordon", &node])?;
+    wait_daemonset_ready(n, Duration::from_secs(60))?;
+    let web = format!("web-{node}");
+    let ips = n.pod(&web, &node, &["netexec", &format!("--http-port={NETEXEC_PORT}")])?;
+    ensure!(ips.len() == n.families(), "{web} has {ips:?}, not one address per family");
+    for ip in &ips {
+        ensure!(after.iter().any(|c| c.contains(ip)), "{web}'s {ip} is outside {node}'s podCIDRs {after:?}");
+    }
+    let (peer, _, peer_ips) = &webs[0];
+    for (from, to, targets) in [(peer, &web, &ips), (&web, peer, peer_ips)] {
+        for ip in targets {
+            let answer = wait_some(Duration::from_secs(30), || n.fetch(from, *ip, NETEXEC_PORT, "/hostname").ok())
+                .with_context(|| format!("{from} never reached {to} at {ip}"))?;
+            ensure!(answer.trim() == to, "{from} fetched {ip} and {answer:?} answered, not {to}");
+        }
+    }
+    for old in before.iter().filter(|c| !after.contains(c)) {
+        for r in &n.real[..i] {
+            let family = if old.addr().is_ipv4() { "-4" } else { "-6" };
+            let routes = r.sh(&format!("ip {family} route show {old}"))?;
+            ensure!(routes.trim().is_empty(), "{} still routes {node}'s old podCIDR: {routes}", r.name);
+        }
+    }
+    Ok(())
+}
+
 /// The regular expressions of `tests/k8s/e2e/<name>.txt`: one a line, `#` lines and ` # reason`s left out.
 fn e2e_list(name: &str) -> Result<Vec<String>> {
     let path = overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e").join(name);
@@ -613,7 +703,11 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
     let e2e = bin.join("e2e.test");
     ensure!(e2e.is_file(), "no {} (run `make k8s`)", e2e.display());
     let focus = e2e_list(selection)?.join("|");
-    let skip = e2e_list("skip.txt")?.join("|");
+    let mut skip = e2e_list("skip.txt")?;
+    if !n.dual {
+        skip.extend(e2e_list("skip-ipv4.txt")?);
+    }
+    let skip = skip.join("|");
     let name = selection.trim_end_matches(".txt");
     let report = n.c.dir.join(format!("e2e-{name}"));
     std::fs::create_dir_all(&report)?;
@@ -728,31 +822,83 @@ fn suite_counts(report_dir: &std::path::Path) -> Result<Vec<(&'static str, [u32;
     Ok(counts)
 }
 
-/// docs/conformance.md: the release, the date, the wall time, each suite's counts, the skip list.
-fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took: Duration) -> Result<()> {
+/// docs/conformance.md: the release, and for each run (dual stack, IPv4) its date, wall time, each suite's
+/// counts and the specs that failed; then the skip lists. A run replaces its own section and keeps the other's.
+fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took: Duration, dual: bool) -> Result<()> {
     let counts = suite_counts(report_dir)?;
     let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout)
         .trim()
         .to_string();
-    let skip = std::fs::read_to_string(overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e/skip.txt"))?;
-    let mut md = format!(
-        "# Conformance: Kubernetes' own e2e suites on overlay\n\n\
-         Written by `make e2e` on {date}: `e2e.test` of Kubernetes **{}** (built from its module, `--provider=skeleton`) \
-         against three real dual-stack nodes (containerd, runc, the release's kubelet and kube-proxy in nftables mode; \
-         CoreDNS from the release's addon), overlay installed with `kubectl apply -f deploy/overlay.yaml` \
-         (docs/testing.md, \"Real nodes\"). The selection is `tests/k8s/e2e/full.txt`, less `tests/k8s/e2e/skip.txt`. \
-         Wall time of the suite: {:.0} minutes.\n\n| suite | passed | failed | skipped |\n|---|---|---|---|\n",
-        control_plane::RELEASE,
+    let e2e_dir = overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e");
+    let (key, title) = if dual { ("dual", "Dual stack (IPv4 and IPv6)") } else { ("ipv4", "IPv4") };
+    let mut section = format!(
+        "<!-- run:{key} -->\n## {title}\n\nRun on {date}; wall time {:.0} minutes.\n\n\
+         | suite | passed | failed | skipped |\n|---|---|---|---|\n",
         took.as_secs_f64() / 60.0
     );
     for (suite, [passed, failed, skipped]) in &counts {
-        md.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
+        section.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
     }
-    md.push_str("\nSkipped counts the specs `skip.txt` takes out and those that skip themselves here (a test for one cloud provider).\n\n## The skip list\n\n```text\n");
-    md.push_str(&skip);
-    md.push_str("```\n");
+    let failed = failed_specs(report_dir)?;
+    if !failed.is_empty() {
+        section.push_str("\nFailed:\n\n");
+        for spec in failed {
+            section.push_str(&format!("- {spec}\n"));
+        }
+    }
+    section.push_str(&format!("<!-- /run:{key} -->\n"));
+    // The other run's section, as the last `make e2e` left it.
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let kept = |key: &str| -> String {
+        let (open, close) = (format!("<!-- run:{key} -->"), format!("<!-- /run:{key} -->\n"));
+        match (old.find(&open), old.find(&close)) {
+            (Some(a), Some(b)) if a < b => old[a..b + close.len()].to_string(),
+            _ => String::new(),
+        }
+    };
+    let (dual_section, ipv4_section) = if dual { (section, kept("ipv4")) } else { (kept("dual"), section) };
+    let mut md = format!(
+        "# Conformance: Kubernetes' own e2e suites on overlay\n\n\
+         Written by `make e2e`: `e2e.test` of Kubernetes **{}** (built from its module, `--provider=skeleton`) \
+         against three real nodes (containerd, runc, the release's kubelet and kube-proxy in nftables mode; \
+         CoreDNS from the release's addon), overlay installed with `kubectl apply -f deploy/overlay.yaml` \
+         (docs/testing.md, \"Real nodes\"), once dual stack and once IPv4 alone. The selection is \
+         `tests/k8s/e2e/full.txt`, less `tests/k8s/e2e/skip.txt` (and, IPv4 alone, `skip-ipv4.txt`). Skipped counts \
+         the specs the skip lists take out and those that skip themselves here (a test for one cloud provider).\n\n",
+        control_plane::RELEASE,
+    );
+    md.push_str(&dual_section);
+    md.push('\n');
+    md.push_str(&ipv4_section);
+    for list in ["skip.txt", "skip-ipv4.txt"] {
+        let text = std::fs::read_to_string(e2e_dir.join(list))?;
+        md.push_str(&format!("\n## {list}\n\n```text\n{text}```\n"));
+    }
     std::fs::write(path, md)?;
     Ok(())
+}
+
+/// The names of the specs ginkgo's JUnit report lists as failed.
+fn failed_specs(report_dir: &std::path::Path) -> Result<Vec<String>> {
+    let xml = std::fs::read_to_string(report_dir.join("junit_01.xml")).context("ginkgo's JUnit report")?;
+    let mut out = Vec::new();
+    for case in xml.split("<testcase ").skip(1) {
+        let head = case.split('>').next().unwrap_or_default();
+        let failed =
+            ["failed", "panicked", "interrupted", "timedout"].iter().any(|s| head.contains(&format!("status=\"{s}\"")));
+        if failed {
+            let name = head.split(" name=\"").nth(1).or_else(|| head.strip_prefix("name=\"")).unwrap_or_default();
+            out.push(
+                name.split('"')
+                    .next()
+                    .unwrap_or_default()
+                    .replace("&#39;", "'")
+                    .replace("&quot;", "\"")
+                    .replace("&amp;", "&"),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// sig-network's own e2e tests pass on overlay: the selection `make test`
@@ -767,7 +913,7 @@ fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     if let Ok(path) = std::env::var("OVERLAY_E2E_REPORT") {
         let report = n.c.dir.join(format!("e2e-{}", selection.trim_end_matches(".txt")));
         // Written also when specs failed: the report says which suites they were in.
-        write_conformance(std::path::Path::new(&path), &report, started.elapsed())?;
+        write_conformance(std::path::Path::new(&path), &report, started.elapsed(), n.dual)?;
     }
     if let Some(failure) = &outcome.failure {
         bail!("{failure}");
@@ -795,6 +941,10 @@ const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
     ("a_kubelet_restart_loses_no_ping", a_kubelet_restart_loses_no_ping),
     ("deleting_a_nodes_overlay_pod_loses_no_ping", deleting_a_nodes_overlay_pod_loses_no_ping),
     ("a_rollout_restart_of_overlay_loses_no_ping", a_rollout_restart_of_overlay_loses_no_ping),
+    (
+        "a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use",
+        a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use,
+    ),
     ("the_upstream_sig_network_e2e_tests_pass", the_upstream_sig_network_e2e_tests_pass),
 ];
 

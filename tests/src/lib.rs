@@ -122,17 +122,17 @@ pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
 /// `pivot_root` then puts a container's rootfs where the chroot's root was, not at the namespace's root: the
 /// container's own process sees its image, but everything that joins its mount namespace later (`kubectl exec`,
 /// exec probes, `podman exec`) gets the namespace's root, the host's whole filesystem. So the chroot is made the
-/// namespace's root first, as it is on a machine that boots into it.
+/// namespace's root first, as it is on a machine that boots into it. Outside a chroot this changes nothing (the
+/// root is bound onto itself), and it is done there too: one way, run by every test (whether the process is in a
+/// chroot cannot be told from inside without ptrace rights on PID 1, which these machines' root lacks).
 const ROOT_OF_THE_NAMESPACE: &str = r#"set -e
-if [ "$(stat -c %d:%i /)" != "$(stat -L -c %d:%i /proc/1/root)" ]; then
-  newroot=$(mktemp -d /tmp/.namespace-root.XXXXXX)
-  mount -n --rbind / "$newroot"
-  cd "$newroot"
-  pivot_root . .
-  umount -l .
-  cd /
-  rmdir "$newroot"
-fi"#;
+newroot=$(mktemp -d /tmp/.namespace-root.XXXXXX)
+mount -n --rbind / "$newroot"
+cd "$newroot"
+pivot_root . .
+umount -l .
+cd /
+rmdir "$newroot""#;
 
 /// Starts a process in a private mount namespace (`unshare --mount`) that
 /// runs `script` (sh, with `args`) to set up its mounts, then holds the

@@ -63,6 +63,16 @@ done
 echo ready
 exec sleep infinity"#;
 
+/// Runs its arguments again a second after they exit, as systemd's `Restart=always` does; SIGTERM stops both.
+const SUPERVISE: &str = r#"trap 'kill "$child" 2>/dev/null; wait "$child"; exit 0' TERM
+while :; do
+  "$@" &
+  child=$!
+  wait "$child" || true
+  echo "supervise: $1 exited; starting it again in 1 s" >&2
+  sleep 1
+done"#;
+
 /// containerd's configuration: state and socket in the namespace's `/run`,
 /// images on disk in the node's directory with the `native` snapshotter
 /// (overlayfs cannot stack on the overlayfs a fresh root may run on).
@@ -241,11 +251,12 @@ impl RealNode {
             "metricsBindAddress": "127.0.0.1:10249",
         });
         std::fs::write(dir.join("kube-proxy.json"), serde_json::to_string_pretty(&proxy_config)?)?;
-        real.kube_proxy = Some(real.spawn(
-            &bin.join("kube-proxy"),
-            &[format!("--config={}", dir.join("kube-proxy.json").display()), "--v=1".into()],
-            "kube-proxy",
-        )?);
+        // kube-proxy exits when its Node is deleted or changes its addresses, for its supervisor (a DaemonSet,
+        // or systemd) to start it again: here a shell loop is that supervisor.
+        let proxy = bin.join("kube-proxy").display().to_string();
+        let config = format!("--config={}", dir.join("kube-proxy.json").display());
+        let args = ["-c".into(), SUPERVISE.into(), "supervise".into(), proxy, config, "--v=1".into()];
+        real.kube_proxy = Some(real.spawn(Path::new("sh"), &args, "kube-proxy")?);
         Ok(real)
     }
 

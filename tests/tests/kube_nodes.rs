@@ -380,15 +380,22 @@ fn a_cluster_ip_service_reaches_pods_on_every_node(n: &mut Nodes) -> Result<()> 
     let from = format!("web-{}", n.real[0].name);
     let all: BTreeSet<String> = n.real.iter().map(|r| format!("web-{}", r.name)).collect();
     for ip in cluster_ips {
-        let mut seen = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while seen != all {
-            if Instant::now() > deadline {
-                bail!("through {ip} {from} reached only {seen:?}:\n{}", n.real[0].log_tail("kube-proxy"));
-            }
-            if let Ok(name) = n.fetch(&from, ip, 80, "/hostname") {
-                seen.insert(name.trim().to_string());
-            }
+        reach_every_backend(n, &from, ip, &all, &n.real[0])?;
+    }
+    Ok(())
+}
+
+/// Pod `from` (on node `on`) fetches `/hostname` through the web Service's ClusterIP `ip` until every pod of
+/// `all` has answered, within 60 s.
+fn reach_every_backend(n: &Nodes, from: &str, ip: IpAddr, all: &BTreeSet<String>, on: &RealNode) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen != *all {
+        if Instant::now() > deadline {
+            bail!("through {ip} {from} reached only {seen:?}:\n{}", on.log_tail("kube-proxy"));
+        }
+        if let Ok(name) = n.fetch(from, ip, 80, "/hostname") {
+            seen.insert(name.trim().to_string());
         }
     }
     Ok(())
@@ -661,6 +668,12 @@ fn a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use(n: &mut N
             ensure!(answer.trim() == to, "{from} fetched {ip} and {answer:?} answered, not {to}");
         }
     }
+    // kube-proxy there exited when the Node was deleted, and its supervisor started it again: the Service's
+    // rules on the node follow the endpoints that changed meanwhile.
+    let all: BTreeSet<String> = n.real.iter().map(|r| format!("web-{}", r.name)).collect();
+    for ip in web_service(n)? {
+        reach_every_backend(n, &web, ip, &all, &n.real[i])?;
+    }
     for old in before.iter().filter(|c| !after.contains(c)) {
         for r in &n.real[..i] {
             let family = if old.addr().is_ipv4() { "-4" } else { "-6" };
@@ -763,10 +776,12 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
     };
     eprintln!("e2e {name}: {}", outcome.summary);
     let failure = (!status.success() || outcome.failed > 0 || outcome.passed == 0).then(|| {
+        // The test's directory goes with the cluster: the whole log is kept where cargo keeps test output.
+        let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kube_nodes-e2e-{name}.log"));
+        let kept = std::fs::copy(&log_path, &kept).map(|_| kept.display().to_string()).unwrap_or_default();
         format!(
-            "e2e.test ({selection}) ended {status}: {}\nthe end of its log ({}):\n{}",
+            "e2e.test ({selection}) ended {status}: {}\nthe end of its log ({kept}):\n{}",
             outcome.summary,
-            log_path.display(),
             tail(&log_path, 80)
         )
     });

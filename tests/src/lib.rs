@@ -117,22 +117,42 @@ pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
-/// The start of every private mount namespace's setup. Under a chroot (the fresh root `fresh-machine` runs CI in)
-/// a new mount namespace's root is still the host's, only the process's root is the chroot. A container runtime's
-/// `pivot_root` then puts a container's rootfs where the chroot's root was, not at the namespace's root: the
-/// container's own process sees its image, but everything that joins its mount namespace later (`kubectl exec`,
-/// exec probes, `podman exec`) gets the namespace's root, the host's whole filesystem. So the chroot is made the
-/// namespace's root first, as it is on a machine that boots into it. Outside a chroot this changes nothing (the
-/// root is bound onto itself), and it is done there too: one way, run by every test (whether the process is in a
-/// chroot cannot be told from inside without ptrace rights on PID 1, which these machines' root lacks).
-const ROOT_OF_THE_NAMESPACE: &str = r#"set -e
-newroot=$(mktemp -d /tmp/.namespace-root.XXXXXX)
-mount -n --rbind / "$newroot"
-cd "$newroot"
-pivot_root . .
-umount -l .
-cd /
-rmdir "$newroot""#;
+/// Under a chroot (the fresh root `fresh-machine` runs CI in) a new mount namespace's root is still the host's;
+/// only the process's root is the chroot. A container runtime's `pivot_root` from there moves the container's
+/// rootfs to where the chroot's root was, not to the namespace's root: the container's own process sees its image,
+/// but everything that joins its mount namespace later (`kubectl exec`, exec probes) gets the namespace's root, the
+/// host's whole filesystem. That failed the DNS test and every e2e netpol probe in the fresh root only.
+///
+/// So a namespace's holder first leaves the chroot (perl, from perl-base, which every Debian has: a chroot into a
+/// subdirectory keeps the working directory outside it, whence `..` climbs to the namespace's root) and exec's
+/// the setup script, which starts with [`CHROOT_BECOMES_ROOT`]. Outside a chroot this leaves the root as it was.
+const LEAVE_CHROOT: &str = r#"use strict;
+my @root = stat("/") or die "stat /: $!";
+$ENV{OVERLAY_CHROOT} = "$root[0]:$root[1]";
+$ENV{OVERLAY_CHROOT_EXIT} = "/tmp/.leave-chroot.$$";
+chdir "/" or die "chdir /: $!";
+mkdir $ENV{OVERLAY_CHROOT_EXIT} or die "mkdir $ENV{OVERLAY_CHROOT_EXIT}: $!";
+chroot $ENV{OVERLAY_CHROOT_EXIT} or die "chroot: $!";
+chdir ".." for 1 .. 256;
+chroot "." or die "chroot to the namespace's root: $!";
+exec @ARGV or die "exec: $!";"#;
+
+/// The start of the setup script, at the namespace's root after [`LEAVE_CHROOT`]: the mount that was the
+/// chroot's root (found by its device and inode) becomes the namespace's root, by `pivot_root`.
+const CHROOT_BECOMES_ROOT: &str = r#"set -e
+chroot_at=
+while read -r _ _ _ _ at _; do
+  if [ "$(stat -c %d:%i "$at" 2>/dev/null)" = "$OVERLAY_CHROOT" ]; then chroot_at=$at; break; fi
+done </proc/self/mountinfo
+[ -n "$chroot_at" ] || { echo "the mount of the root we left is not found" >&2; exit 1; }
+if [ "$chroot_at" != / ]; then
+  cd "$chroot_at"
+  pivot_root . .
+  umount -l .
+  cd /
+fi
+rmdir "$OVERLAY_CHROOT_EXIT"
+unset OVERLAY_CHROOT OVERLAY_CHROOT_EXIT"#;
 
 /// Starts a process in a private mount namespace (`unshare --mount`) that
 /// runs `script` (sh, with `args`) to set up its mounts, then holds the
@@ -146,9 +166,9 @@ pub fn hold_mount_namespace(
 ) -> anyhow::Result<std::process::Child> {
     use anyhow::Context;
     use std::io::BufRead;
-    let script = format!("{ROOT_OF_THE_NAMESPACE}\n{script}");
+    let script = format!("{CHROOT_BECOMES_ROOT}\n{script}");
     let mut holder = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
+        .args(["--mount", "--propagation", "private", "perl", "-e", LEAVE_CHROOT, "sh", "-c", &script, "sh"])
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

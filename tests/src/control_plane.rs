@@ -564,9 +564,7 @@ impl ControlPlane {
 
     /// The last lines a component logged.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        crate::tail_of(&self.dir.join(format!("{name}.log")), 30)
     }
 
     /// Where the control plane listens.

@@ -117,6 +117,13 @@ pub fn processes_in_mount_namespace_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// The last `lines` lines of the file at `path` (nothing when it cannot be read): the end of a log, for an error.
+pub fn tail_of(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Under a chroot (the fresh root `fresh-machine` runs CI in) a new mount namespace's root is still the host's;
 /// only the process's root is the chroot. A container runtime's `pivot_root` from there moves the container's
 /// rootfs to where the chroot's root was, not to the namespace's root: the container's own process sees its image,

@@ -325,9 +325,7 @@ impl RealNode {
 
     /// The last lines of one of the node's logs (`kubelet`, `containerd`, `kube-proxy`).
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        crate::tail_of(&self.dir.join(format!("{name}.log")), 40)
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, mut ready: impl FnMut(&Self) -> bool) -> Result<()> {

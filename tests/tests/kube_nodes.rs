@@ -23,7 +23,7 @@ use overlay_tests::control_plane::{self, ControlPlane};
 use overlay_tests::podman::Podman;
 use overlay_tests::real_node::{self, RealNode};
 use overlay_tests::scenarios::{self, Scenario};
-use overlay_tests::{workspace_bin, Cluster};
+use overlay_tests::{tail_of, workspace_bin, Cluster};
 use serde_json::{json, Value};
 
 /// The namespace of the scenarios' own pods.
@@ -328,13 +328,7 @@ fn pods_made_by_kubelets_reach_each_other_across_nodes_in_both_families(n: &mut 
     for r in &n.real {
         let name = format!("web-{}", r.name);
         let ips = n.pod(&name, &r.name, &["netexec", &format!("--http-port={port}")])?;
-        let node = n.cp.get(&["node", &r.name])?;
-        let cidrs: Vec<IpNet> = node["spec"]["podCIDRs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.as_str()?.parse().ok())
-            .collect();
+        let cidrs = pod_cidrs(n, &r.name)?;
         ensure!(ips.len() == n.families(), "{name} has {ips:?}, not one address per family");
         for ip in &ips {
             ensure!(cidrs.iter().any(|c| c.contains(ip)), "{name}'s {ip} is outside {}'s {cidrs:?}", r.name);
@@ -752,7 +746,7 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
             let _ = child.kill();
             bail!(
                 "e2e.test ({selection}) still ran 5 minutes after its timeout of {timeout:?}; killed:\n{}",
-                tail(&log_path, 80)
+                tail_of(&log_path, 80)
             );
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -782,17 +776,10 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
         format!(
             "e2e.test ({selection}) ended {status}: {}\nthe end of its log ({kept}):\n{}",
             outcome.summary,
-            tail(&log_path, 80)
+            tail_of(&log_path, 80)
         )
     });
     Ok(E2eOutcome { failure, ..outcome })
-}
-
-/// The last `lines` lines of the file at `path`.
-fn tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The suites docs/conformance.md reports, by the start of a spec's name.
@@ -807,34 +794,45 @@ const SUITES: [(&str, &str); 5] = [
 /// Each suite's (passed, failed, skipped) from ginkgo's JUnit report: the specs of the selection,
 /// those skip.txt takes out and those that skipped themselves (a provider they are not for) as skipped.
 fn suite_counts(report_dir: &std::path::Path) -> Result<Vec<(&'static str, [u32; 3])>> {
-    let xml = std::fs::read_to_string(report_dir.join("junit_01.xml")).context("ginkgo's JUnit report")?;
+    let focus = e2e_list("full.txt")?;
     let mut counts: Vec<(&str, [u32; 3])> = SUITES.iter().map(|(name, _)| (*name, [0; 3])).collect();
-    for case in xml.split("<testcase ").skip(1) {
+    for (name, status) in junit_cases(report_dir)? {
+        // Specs the focus left out are listed as skipped too: only the selection counts.
+        let Some(suite) = SUITES.iter().position(|(_, prefix)| name.contains(prefix)) else { continue };
+        if !focus.iter().any(|f| name.contains(&f.replace('\\', ""))) {
+            continue;
+        }
+        let slot = match status.as_str() {
+            "passed" => 0,
+            s if FAILED.contains(&s) => 1,
+            _ => 2,
+        };
+        counts[suite].1[slot] += 1;
+    }
+    Ok(counts)
+}
+
+/// The statuses ginkgo's JUnit report gives a spec that did not pass and was not skipped.
+const FAILED: [&str; 4] = ["failed", "panicked", "interrupted", "timedout"];
+
+/// Each spec of ginkgo's JUnit report: its name and status, unescaped.
+fn junit_cases(report_dir: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let xml = std::fs::read_to_string(report_dir.join("junit_01.xml")).context("ginkgo's JUnit report")?;
+    let cases = xml.split("<testcase ").skip(1).map(|case| {
+        let head = case.split('>').next().unwrap_or_default();
         let attr = |key: &str| -> String {
-            case.split(&format!(" {key}=\""))
+            head.split(&format!(" {key}=\""))
                 .nth(1)
-                .or_else(|| case.strip_prefix(&format!("{key}=\"")))
+                .or_else(|| head.strip_prefix(&format!("{key}=\"")))
                 .and_then(|rest| rest.split('"').next())
                 .unwrap_or_default()
                 .replace("&#39;", "'")
                 .replace("&quot;", "\"")
                 .replace("&amp;", "&")
         };
-        let name = attr("name");
-        // Specs the focus left out are listed as skipped too: only the selection counts.
-        let Some(suite) = SUITES.iter().position(|(_, prefix)| name.contains(prefix)) else { continue };
-        let focus = e2e_list("full.txt")?;
-        if !focus.iter().any(|f| name.contains(&f.replace('\\', ""))) {
-            continue;
-        }
-        let slot = match attr("status").as_str() {
-            "passed" => 0,
-            "failed" | "panicked" | "interrupted" | "timedout" => 1,
-            _ => 2,
-        };
-        counts[suite].1[slot] += 1;
-    }
-    Ok(counts)
+        (attr("name"), attr("status"))
+    });
+    Ok(cases.collect())
 }
 
 /// docs/conformance.md: the release, and for each run (dual stack, IPv4) its date, wall time, each suite's
@@ -854,7 +852,8 @@ fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took:
     for (suite, [passed, failed, skipped]) in &counts {
         section.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
     }
-    let failed = failed_specs(report_dir)?;
+    let failed: Vec<String> =
+        junit_cases(report_dir)?.into_iter().filter(|(_, s)| FAILED.contains(&s.as_str())).map(|(n, _)| n).collect();
     if !failed.is_empty() {
         section.push_str("\nFailed:\n\n");
         for spec in failed {
@@ -891,29 +890,6 @@ fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took:
     }
     std::fs::write(path, md)?;
     Ok(())
-}
-
-/// The names of the specs ginkgo's JUnit report lists as failed.
-fn failed_specs(report_dir: &std::path::Path) -> Result<Vec<String>> {
-    let xml = std::fs::read_to_string(report_dir.join("junit_01.xml")).context("ginkgo's JUnit report")?;
-    let mut out = Vec::new();
-    for case in xml.split("<testcase ").skip(1) {
-        let head = case.split('>').next().unwrap_or_default();
-        let failed =
-            ["failed", "panicked", "interrupted", "timedout"].iter().any(|s| head.contains(&format!("status=\"{s}\"")));
-        if failed {
-            let name = head.split(" name=\"").nth(1).or_else(|| head.strip_prefix("name=\"")).unwrap_or_default();
-            out.push(
-                name.split('"')
-                    .next()
-                    .unwrap_or_default()
-                    .replace("&#39;", "'")
-                    .replace("&quot;", "\"")
-                    .replace("&amp;", "&"),
-            );
-        }
-    }
-    Ok(out)
 }
 
 /// sig-network's own e2e tests pass on overlay: the selection `make test`

@@ -15,7 +15,7 @@ PYTOOLS := $(CURDIR)/target/pytools
 # The Kubernetes release the real-control-plane tests run (tests/k8s/release),
 # built from its Go modules into a cache outside the clone (OVERLAY_K8S_CACHE).
 K8S_RELEASE := $(shell cat tests/k8s/release)
-K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy e2e.test etcd
+K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy e2e.test ginkgo etcd
 
 # `make image`: the base. "debian" builds it from Debian's packages (no
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
@@ -45,7 +45,7 @@ deps:
 	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
 	fi
 
-## k8s: build the control plane, kubelet, kube-proxy, kubectl, e2e.test (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox, CoreDNS) into /var/cache/overlay-k8s (idempotent)
+## k8s: build the control plane, kubelet, kube-proxy, kubectl, e2e.test and its ginkgo (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox, CoreDNS) into /var/cache/overlay-k8s (idempotent)
 k8s: deps
 	@tests/k8s/build $(K8S_RELEASE) $(K8S_COMPONENTS)
 	@tests/k8s/images $(K8S_RELEASE)

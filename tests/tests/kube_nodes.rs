@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -696,6 +697,10 @@ struct E2eOutcome {
     passed: u32,
     failed: u32,
     skipped: u32,
+    /// How many ginkgo processes ran the specs.
+    procs: u32,
+    /// The wall time of the run.
+    took: Duration,
     summary: String,
     /// Why the run failed, with the end of its log; `None` when it passed.
     failure: Option<String>,
@@ -723,27 +728,51 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
     // ginkgo interrupts the specs at its timeout and cleans up; the run is killed if that cleaning hangs too.
     // The CI subset takes 4 minutes here: 20 leaves room for a slow machine and keeps CI under its hour.
     let timeout = Duration::from_secs(if selection == "ci.txt" { 20 * 60 } else { 4 * 3600 });
+    let suite_flags = [
+        format!("--kubeconfig={}", n.cp.admin_kubeconfig().display()),
+        "--provider=skeleton".to_string(),
+        format!("--kubectl-path={}", bin.join("kubectl").display()),
+        format!("--report-dir={}", report.display()),
+    ];
+    let ginkgo_flags = [
+        format!("focus={focus}"),
+        format!("skip={skip}"),
+        format!("timeout={}s", timeout.as_secs()),
+        "no-color".to_string(),
+        "v".to_string(),
+    ];
+    // The whole selection runs on parallel processes, as the release's hack/ginkgo-e2e.sh runs it: its specs
+    // mostly wait (for pods, for probes' timeouts), and [Serial] ones run alone at the end. The CI subset
+    // stays on one process, the form it has passed in the fresh root.
+    let procs: u32 = match std::env::var("OVERLAY_E2E_PROCS") {
+        Ok(v) => v.parse().with_context(|| format!("OVERLAY_E2E_PROCS={v:?} is not a number"))?,
+        Err(_) if selection == "ci.txt" => 1,
+        Err(_) => 3,
+    };
+    let mut command = if procs > 1 {
+        let ginkgo = bin.join("ginkgo");
+        ensure!(ginkgo.is_file(), "no {} (run `make k8s`)", ginkgo.display());
+        let mut c = n.c.underlay.command(&ginkgo.display().to_string(), &[]);
+        c.arg(format!("--procs={procs}"));
+        c.args(ginkgo_flags.iter().map(|f| format!("--{f}")));
+        c.arg(&e2e).arg("--").args(&suite_flags);
+        c
+    } else {
+        let mut c = n.c.underlay.command(&e2e.display().to_string(), &[]);
+        c.args(&suite_flags).args(ginkgo_flags.iter().map(|f| format!("--ginkgo.{f}")));
+        c
+    };
+    // Its own process group: a kill at the deadline reaches ginkgo's e2e.test processes too.
     let mut child =
-        n.c.underlay
-            .command(&e2e.display().to_string(), &[])
-            .arg(format!("--kubeconfig={}", n.cp.admin_kubeconfig().display()))
-            .arg("--provider=skeleton")
-            .arg(format!("--kubectl-path={}", bin.join("kubectl").display()))
-            .arg(format!("--report-dir={}", report.display()))
-            .arg(format!("--ginkgo.focus={focus}"))
-            .arg(format!("--ginkgo.skip={skip}"))
-            .arg(format!("--ginkgo.timeout={}s", timeout.as_secs()))
-            .args(["--ginkgo.no-color", "--ginkgo.v"])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("running e2e.test")?;
+        command.process_group(0).stdout(log.try_clone()?).stderr(log).spawn().context("running e2e.test")?;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
         if started.elapsed() > timeout + Duration::from_secs(300) {
-            let _ = child.kill();
+            // SAFETY: kill(2) on the process group of a child this test started, which has not been reaped.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
             bail!(
                 "e2e.test ({selection}) still ran 5 minutes after its timeout of {timeout:?}; killed:\n{}",
                 tail_of(&log_path, 80)
@@ -765,6 +794,8 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
         passed: number_before(result_line, "Passed"),
         failed: number_before(result_line, "Failed"),
         skipped: number_before(result_line, "Skipped"),
+        procs,
+        took: started.elapsed(),
         summary: format!("{ran_line}\n{result_line}\n{}", failures.join("\n")),
         failure: None,
     };
@@ -837,7 +868,7 @@ fn junit_cases(report_dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 
 /// docs/conformance.md: the release, and for each run (dual stack, IPv4) its date, wall time, each suite's
 /// counts and the specs that failed; then the skip lists. A run replaces its own section and keeps the other's.
-fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took: Duration, dual: bool) -> Result<()> {
+fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, run: &E2eOutcome, dual: bool) -> Result<()> {
     let counts = suite_counts(report_dir)?;
     let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout)
         .trim()
@@ -845,9 +876,10 @@ fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took:
     let e2e_dir = overlay_tests::manifests::deploy_dir().join("../tests/k8s/e2e");
     let (key, title) = if dual { ("dual", "Dual stack (IPv4 and IPv6)") } else { ("ipv4", "IPv4") };
     let mut section = format!(
-        "<!-- run:{key} -->\n## {title}\n\nRun on {date}; wall time {:.0} minutes.\n\n\
+        "<!-- run:{key} -->\n## {title}\n\nRun on {date}; wall time {:.0} minutes, on {} ginkgo processes.\n\n\
          | suite | passed | failed | skipped |\n|---|---|---|---|\n",
-        took.as_secs_f64() / 60.0
+        run.took.as_secs_f64() / 60.0,
+        run.procs,
     );
     for (suite, [passed, failed, skipped]) in &counts {
         section.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
@@ -899,12 +931,11 @@ fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, took:
 fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     n.clear();
     let selection = if std::env::var("OVERLAY_E2E").is_ok_and(|v| v == "full") { "full.txt" } else { "ci.txt" };
-    let started = Instant::now();
     let outcome = run_e2e(n, selection)?;
     if let Ok(path) = std::env::var("OVERLAY_E2E_REPORT") {
         let report = n.c.dir.join(format!("e2e-{}", selection.trim_end_matches(".txt")));
         // Written also when specs failed: the report says which suites they were in.
-        write_conformance(std::path::Path::new(&path), &report, started.elapsed(), n.dual)?;
+        write_conformance(std::path::Path::new(&path), &report, &outcome, n.dual)?;
     }
     if let Some(failure) = &outcome.failure {
         bail!("{failure}");

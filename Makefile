@@ -5,7 +5,7 @@ CARGO ?= cargo
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
                 podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables \
                 containerd gcc libc6-dev curl bind9-dnsutils \
-                netcat-openbsd socat iperf
+                netcat-openbsd socat iperf wget
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).

@@ -731,6 +731,9 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
     let suite_flags = [
         format!("--kubeconfig={}", n.cp.admin_kubeconfig().display()),
         "--provider=skeleton".to_string(),
+        // As hack/ginkgo-e2e.sh passes it: without it the count is unknown (-1), and the specs that need two
+        // nodes (the Granular Checks of Services among them) skip themselves.
+        format!("--num-nodes={}", n.real.len()),
         format!("--kubectl-path={}", bin.join("kubectl").display()),
         format!("--report-dir={}", report.display()),
     ];

@@ -708,4 +708,21 @@ impl crate::truth_table::PolicyApi for KubectlApi<'_> {
         }
         Ok(changed)
     }
+
+    fn set_cluster_policies(&self, policies: &[(&str, Value)]) -> Result<bool> {
+        let out = self.0.kubectl(&["delete", "clusternetworkpolicies", "--all", "--wait=false"])?;
+        let changed = !policies.is_empty() || out.contains("deleted");
+        if !policies.is_empty() {
+            let items: Vec<Value> = policies
+                .iter()
+                .map(|(name, spec)| {
+                    serde_json::json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                                       "metadata": {"name": name}, "spec": spec})
+                })
+                .collect();
+            let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+            self.0.kubectl_input(&["apply", "-f", "-"], &list.to_string())?;
+        }
+        Ok(changed)
+    }
 }

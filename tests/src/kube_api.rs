@@ -103,6 +103,8 @@ struct State {
     user_agents: BTreeSet<String>,
     /// When set, only these (verb, resource) pairs are allowed (403 otherwise).
     rbac: Option<BTreeSet<(String, String)>>,
+    /// Whether ClusterNetworkPolicy's CRD is installed (until it is, its path is a 404).
+    cluster_policy_crd: bool,
 }
 
 struct Shared {
@@ -224,6 +226,7 @@ impl KubeApi {
                 used: BTreeSet::new(),
                 user_agents: BTreeSet::new(),
                 rbac: None,
+                cluster_policy_crd: false,
             }),
             changed: watch::channel(1).0,
             expire: watch::channel(0).0,
@@ -448,10 +451,15 @@ impl KubeApi {
         match resource {
             "pods" => drop(serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(object.clone())?),
             "namespaces" => drop(serde_json::from_value::<k8s_openapi::api::core::v1::Namespace>(object.clone())?),
+            CLUSTER_POLICIES => {
+                anyhow::ensure!(self.lock().cluster_policy_crd, "ClusterNetworkPolicy's CRD is not installed");
+                anyhow::ensure!(object["spec"].is_object(), "a ClusterNetworkPolicy without a spec: {object}");
+            }
             _ => drop(serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(object.clone())?),
         }
         let key = object_key(&object);
-        if key.1.is_empty() || (resource != "namespaces" && key.0.is_empty()) {
+        let cluster_scoped = matches!(resource, "namespaces" | CLUSTER_POLICIES);
+        if key.1.is_empty() || (!cluster_scoped && key.0.is_empty()) {
             anyhow::bail!("{resource} object without a name or namespace: {object}");
         }
         let mut s = self.lock();
@@ -478,7 +486,27 @@ impl KubeApi {
         Ok(())
     }
 
-    /// Deletes a Pod, Namespace or NetworkPolicy (`namespace` is "" for a Namespace).
+    /// Installs ClusterNetworkPolicy's CRD: from now on its collection is served.
+    pub fn install_cluster_policy_crd(&self) {
+        self.lock().cluster_policy_crd = true;
+    }
+
+    /// Deletes ClusterNetworkPolicy's CRD, and with it every ClusterNetworkPolicy (as the API server does).
+    pub fn delete_cluster_policy_crd(&self) -> Result<()> {
+        let names: Vec<String> =
+            self.lock().objects.get(CLUSTER_POLICIES).into_iter().flatten().map(|((_, n), _)| n.clone()).collect();
+        for name in names {
+            self.remove(CLUSTER_POLICIES, "", &name)?;
+        }
+        let mut s = self.lock();
+        s.cluster_policy_crd = false;
+        // Wakes the open watches, which end.
+        self.shared.changed.send_replace(s.rv);
+        Ok(())
+    }
+
+    /// Deletes a Pod, Namespace, NetworkPolicy or ClusterNetworkPolicy
+    /// (`namespace` is "" for the cluster-scoped ones).
     pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> Result<()> {
         let resource = served(resource).with_context(|| format!("the double does not serve {resource}"))?;
         let mut s = self.lock();
@@ -584,9 +612,11 @@ fn continued_at(s: &State, rv: u64) -> Result<u64, ApiError> {
     Ok(rv)
 }
 
+const CLUSTER_POLICIES: &str = "clusternetworkpolicies";
+
 /// The resources besides Nodes that the double serves (list and watch).
 fn served(resource: &str) -> Option<&'static str> {
-    ["pods", "namespaces", "networkpolicies"].into_iter().find(|r| *r == resource)
+    ["pods", "namespaces", "networkpolicies", CLUSTER_POLICIES].into_iter().find(|r| *r == resource)
 }
 
 fn kind_of(resource: &str) -> (&'static str, &'static str) {
@@ -594,6 +624,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "pods" => ("Pod", "v1"),
         "namespaces" => ("Namespace", "v1"),
         "networkpolicies" => ("NetworkPolicy", "networking.k8s.io/v1"),
+        CLUSTER_POLICIES => ("ClusterNetworkPolicy", "policy.networking.k8s.io/v1alpha2"),
         _ => ("Node", "v1"),
     }
 }
@@ -738,6 +769,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         "/api/v1/pods" => Some("pods"),
         "/api/v1/namespaces" => Some("namespaces"),
         "/apis/networking.k8s.io/v1/networkpolicies" => Some("networkpolicies"),
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => Some(CLUSTER_POLICIES),
         _ => None,
     };
     if let Some(resource) = collection {
@@ -762,6 +794,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
             ));
         }
         s.used.insert((verb, resource));
+        // As a real API server: authorized first, then found or not.
+        if resource == CLUSTER_POLICIES && !s.cluster_policy_crd {
+            return Err(err(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            ));
+        }
         drop(s);
         return serve_collection(shared, resource, watching, &query);
     }
@@ -1049,6 +1089,10 @@ async fn stream_events(
             if tx.send(line).await.is_err() {
                 return;
             }
+        }
+        // A CRD deleted ends the watches of its resource, as a real API server does.
+        if resource == CLUSTER_POLICIES && !lock(&shared).cluster_policy_crd {
+            return;
         }
         tokio::select! {
             _ = changed.changed() => {}

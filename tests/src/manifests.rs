@@ -31,16 +31,19 @@ pub fn one<'a>(docs: &'a [Value], kind: &str) -> Result<&'a Value> {
 
 /// Every (verb, resource) the ClusterRole of `deploy/overlay.yaml` grants,
 /// expanded rule by rule; wildcards and other groups than the core one
-/// (and networking.k8s.io for networkpolicies) are refused.
+/// (and networking.k8s.io for networkpolicies, policy.networking.k8s.io for
+/// clusternetworkpolicies) are refused.
 pub fn cluster_role_grants() -> Result<BTreeSet<(String, String)>> {
     let docs = load(&deploy_dir().join("overlay.yaml"))?;
     let role: ClusterRole = crate::strict::decode(one(&docs, "ClusterRole")?).map_err(anyhow::Error::msg)?;
     let mut grants = BTreeSet::new();
     for rule in role.rules.unwrap_or_default() {
-        // The core group, and networking.k8s.io for NetworkPolicies alone.
+        // The core group, networking.k8s.io for NetworkPolicies alone, and
+        // policy.networking.k8s.io for ClusterNetworkPolicies alone.
         let group = rule.api_groups.as_deref().unwrap_or_default();
-        let networking =
-            group == ["networking.k8s.io"] && rule.resources.as_deref().unwrap_or_default() == ["networkpolicies"];
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        let networking = (group == ["networking.k8s.io"] && resources == ["networkpolicies"])
+            || (group == ["policy.networking.k8s.io"] && resources == ["clusternetworkpolicies"]);
         if group != [String::new()] && !networking {
             bail!("rule outside the core API group: {rule:?}");
         }

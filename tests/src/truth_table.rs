@@ -29,6 +29,8 @@ pub trait PolicyApi: Sync {
     /// Makes the API hold exactly `policies` (namespace, name, spec) among
     /// the table's namespaces; whether anything changed.
     fn set_policies(&self, namespaces: &[&str], policies: &[(&str, &str, Value)]) -> Result<bool>;
+    /// Makes the API hold exactly `policies` (name, spec) of ClusterNetworkPolicy; whether anything changed.
+    fn set_cluster_policies(&self, policies: &[(&str, Value)]) -> Result<bool>;
 }
 
 impl PolicyApi for crate::kube_api::KubeApi {
@@ -48,7 +50,25 @@ impl PolicyApi for crate::kube_api::KubeApi {
         }
         Ok(changed)
     }
+
+    fn set_cluster_policies(&self, policies: &[(&str, Value)]) -> Result<bool> {
+        let mut changed = !policies.is_empty();
+        for name in CLUSTER_POLICY_NAMES {
+            changed |= self.remove("clusternetworkpolicies", "", name).is_ok();
+        }
+        for (name, spec) in policies {
+            anyhow::ensure!(
+                CLUSTER_POLICY_NAMES.contains(name),
+                "the table names its ClusterNetworkPolicies {CLUSTER_POLICY_NAMES:?}"
+            );
+            self.put("clusternetworkpolicies", json!({"metadata": {"name": name}, "spec": spec}))?;
+        }
+        Ok(changed)
+    }
 }
+
+/// The names the table gives its ClusterNetworkPolicies.
+pub const CLUSTER_POLICY_NAMES: [&str; 3] = ["cnp-1", "cnp-2", "cnp-3"];
 
 /// The policy syncs of every node, from its metrics.
 pub fn syncs(nodes: &[Node]) -> Vec<u64> {
@@ -114,6 +134,17 @@ impl<'a> Table<'a> {
     pub fn set_policies(&self, policies: &[(&str, &str, Value)]) {
         let before = syncs(self.nodes);
         if self.api.set_policies(&NAMESPACES, policies).expect("policies written") {
+            self.settle(&before);
+        }
+    }
+
+    /// Makes the API hold exactly `policies` and the ClusterNetworkPolicies
+    /// `cluster` (name, spec), and waits until every node has applied them.
+    pub fn set_all_policies(&self, policies: &[(&str, &str, Value)], cluster: &[(&str, Value)]) {
+        let before = syncs(self.nodes);
+        let np = self.api.set_policies(&NAMESPACES, policies).expect("policies written");
+        let cnp = self.api.set_cluster_policies(cluster).expect("ClusterNetworkPolicies written");
+        if np || cnp {
             self.settle(&before);
         }
     }
@@ -777,4 +808,89 @@ pub fn run(t: &Table) {
     // The policy deleted: open again.
     t.set_policies(&[]);
     t.check("policy deleted", TCP80, &|_, _, _, _| true);
+}
+
+/// ClusterNetworkPolicy with NetworkPolicy, on the same pods: each tier's
+/// place in the order, Pass, priorities and their reordering, egress to
+/// networks and pods, named ports. Needs the ClusterNetworkPolicy CRD.
+pub fn run_cluster(t: &Table) {
+    let ns = |name: &str| json!({"namespaces": {"matchLabels": {"ns": name}}});
+    let all_ns = json!({"namespaces": {}});
+    let admin_on_x = |priority: i32, ingress: Value| json!({"tier": "Admin", "priority": priority, "subject": {"namespaces": {"matchLabels": {"ns": "x"}}}, "ingress": ingress});
+    let rule = |action: &str, from: Value| json!({"action": action, "from": [from]});
+    let allow_all_into_x = ("x", "p1", json!({"podSelector": {}, "ingress": [{}]}));
+
+    t.set_all_policies(
+        std::slice::from_ref(&allow_all_into_x),
+        &[("cnp-1", admin_on_x(10, json!([rule("Deny", ns("y"))])))],
+    );
+    t.check("Admin Deny from y beats x's NetworkPolicy allowing all", TCP80, &|f, to, _, _| {
+        !(to.ns == "x" && f.ns == "y")
+    });
+
+    let pass_then_deny = [
+        ("cnp-1", admin_on_x(10, json!([rule("Pass", ns("y"))]))),
+        ("cnp-2", admin_on_x(20, json!([rule("Deny", all_ns.clone())]))),
+    ];
+    t.set_all_policies(&[], &pass_then_deny);
+    t.check("Admin Pass from y, then Deny all: y reaches x by the default", TCP80, &|f, to, _, _| {
+        to.ns != "x" || f.ns == "y"
+    });
+    let from_z_only = (
+        "x",
+        "p1",
+        json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
+    );
+    t.set_all_policies(&[from_z_only], &pass_then_deny);
+    t.check("Admin Pass from y hands y to x's NetworkPolicy, which allows z only", TCP80, &|_, to, _, _| to.ns != "x");
+
+    let baseline_deny_all = json!({"tier": "Baseline", "priority": 1, "subject": {"namespaces": {}},
+                                   "ingress": [rule("Deny", all_ns.clone())]});
+    let x_a_open = ("x", "p1", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{}]}));
+    t.set_all_policies(&[x_a_open], &[("cnp-1", baseline_deny_all)]);
+    t.check("Baseline Deny only where no NetworkPolicy selects the pod", TCP80, &|_, to, _, _| is(to, "x", "a"));
+
+    t.set_all_policies(
+        &[],
+        &[
+            ("cnp-1", admin_on_x(10, json!([rule("Accept", ns("y"))]))),
+            ("cnp-2", admin_on_x(20, json!([rule("Deny", all_ns.clone())]))),
+        ],
+    );
+    t.check("Admin Accept from y at 10 before Deny all at 20", TCP80, &|f, to, _, _| to.ns != "x" || f.ns == "y");
+    t.set_all_policies(
+        &[],
+        &[
+            ("cnp-1", admin_on_x(30, json!([rule("Accept", ns("y"))]))),
+            ("cnp-2", admin_on_x(20, json!([rule("Deny", all_ns.clone())]))),
+        ],
+    );
+    t.check("reordered: Deny all at 20 before Accept from y at 30", TCP80, &|_, to, _, _| to.ns != "x");
+
+    // Egress from x/a: to z/a by its addresses, and to y's pods, on TCP 80 only.
+    let networks = json!([format!("{}/32", t.ip("z", "a", 4)), format!("{}/128", t.ip("z", "a", 6))]);
+    let egress = json!({"tier": "Admin", "priority": 5,
+        "subject": {"pods": {"namespaceSelector": {"matchLabels": {"ns": "x"}}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+        "egress": [{"action": "Deny", "to": [{"networks": networks}, {"pods": {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {}}}],
+                    "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]});
+    t.set_all_policies(std::slice::from_ref(&allow_all_into_x), &[("cnp-1", egress)]);
+    t.check("Admin Deny of x/a's egress to a network and to y's pods, TCP 80 only", TCP80_81, &|f, to, _, port| {
+        !(is(f, "x", "a") && port == 80 && (is(to, "z", "a") || to.ns == "y"))
+    });
+
+    // A named port: the destination's own.
+    let named = json!({"tier": "Baseline", "priority": 1, "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+        "ingress": [{"action": "Deny", "from": [all_ns.clone()], "protocols": [{"destinationNamedPort": "serve-81-tcp"}]}]});
+    t.set_all_policies(&[], &[("cnp-1", named)]);
+    t.check("Baseline Deny into x's port named serve-81-tcp", TCP80_81, &|_, to, _, port| {
+        !(to.ns == "x" && port == 81)
+    });
+
+    t.set_all_policies(&[], &[]);
+    check_open(t);
+}
+
+/// Checks that every pod reaches every other (TCP 80).
+pub fn check_open(t: &Table) {
+    t.check("no policy", TCP80, &|_, _, _, _| true);
 }

@@ -72,6 +72,8 @@ fn metric(c: &Cluster, node: usize, name: &str) -> u64 {
 fn kube_nodes_publish_flannel_annotations_and_clear_network_unavailable() {
     require_root();
     let mut c = kube_cluster();
+    // Installed, so the daemons list and watch ClusterNetworkPolicies too (the role check below).
+    c.api().install_cluster_policy_crd();
     for _ in 0..2 {
         ready_node(&mut c, 0, &[]);
     }

@@ -40,15 +40,18 @@ fn cluster_role_is_what_the_daemon_uses_and_nothing_else() {
     // daemons really made; here: exactly the documented set. No patch on
     // Nodes themselves: everything is written through nodes/status.
     // NetworkPolicy grew it by exactly list and watch on pods, namespaces
-    // and networkpolicies.
+    // and networkpolicies; ClusterNetworkPolicy by list and watch on
+    // clusternetworkpolicies.
     let grants = cluster_role_grants().unwrap();
     let expected: Vec<(String, String)> = [
         ("get", "nodes"),
+        ("list", "clusternetworkpolicies"),
         ("list", "namespaces"),
         ("list", "networkpolicies"),
         ("list", "nodes"),
         ("list", "pods"),
         ("patch", "nodes/status"),
+        ("watch", "clusternetworkpolicies"),
         ("watch", "namespaces"),
         ("watch", "networkpolicies"),
         ("watch", "nodes"),

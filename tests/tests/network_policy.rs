@@ -24,6 +24,36 @@ fn network_policy_truth_table_in_both_families() {
     truth_table::run(&t);
 }
 
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn cluster_network_policy_truth_table_in_both_families() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
+    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
+    for _ in 0..3 {
+        c.add_ready_kube_node(&["--health-addr", HEALTH], 3).expect("node");
+    }
+    let absent = "the ClusterNetworkPolicy API (policy.networking.k8s.io/v1alpha2) is not served";
+    assert!(c.nodes.iter().all(|n| n.log_text().contains(absent)), "{}", c.nodes[0].log_text());
+    // Installed after the daemons started: they begin enforcing it without a restart.
+    c.api().install_cluster_policy_crd();
+    let t = Table::new(&c.nodes, c.api()).expect("the table");
+    let found = wait_until(Duration::from_secs(75), || {
+        c.nodes.iter().all(|n| n.log_text().contains("enforcing ClusterNetworkPolicy"))
+    });
+    assert!(found, "every daemon finds the CRD within its 60 s poll:\n{}", c.nodes[0].log_text());
+    truth_table::run_cluster(&t);
+    // The CRD deleted: its policies go with it, and the daemons say so.
+    let deny_all = json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                          "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]});
+    t.set_all_policies(&[], &[("cnp-1", deny_all)]);
+    c.api().delete_cluster_policy_crd().unwrap();
+    let said =
+        wait_until(Duration::from_secs(10), || c.nodes.iter().all(|n| n.log_text().matches(absent).count() == 2));
+    assert!(said, "{}", c.nodes[0].log_text());
+    truth_table::check_open(&t);
+}
+
 fn echo_server(netns: String) -> std::thread::JoinHandle<anyhow::Result<()>> {
     overlay_tests::probe::in_netns_path(&netns, || {
         let l = std::net::TcpListener::bind(("0.0.0.0", 8080))?;

@@ -34,6 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proto::family::value;
 use proto::Family;
 
+use super::cluster_policy;
 use super::selector::{Labels, Selector, Str};
 use crate::reflector::Store;
 
@@ -89,12 +90,53 @@ pub struct PodInfo {
 /// A namespace and name.
 pub type Key = (String, String);
 
+/// What ClusterNetworkPolicy's `nodes` peer needs of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub labels: Labels,
+    /// `status.addresses` that are addresses (InternalIP, ExternalIP).
+    pub ips: Vec<IpAddr>,
+}
+
 /// Everything the watches hold.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     pub pods: Store<Key, PodInfo>,
     pub namespaces: Store<String, Labels>,
     pub policies: Store<Key, NetworkPolicySpec>,
+    /// ClusterNetworkPolicies, by name (listed empty when the CRD is absent).
+    pub cluster_policies: Store<String, cluster_policy::Spec>,
+    pub nodes: Store<String, NodeInfo>,
+}
+
+/// Where a rule stands in the order of evaluation: the Admin tier, then
+/// NetworkPolicy, then the Baseline tier, then the default (allow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    Admin,
+    NetworkPolicy,
+    Baseline,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Admin => "Admin",
+            Tier::NetworkPolicy => "NetworkPolicy",
+            Tier::Baseline => "Baseline",
+        }
+    }
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    /// Allowed: no later rule of any tier is asked.
+    Accept,
+    /// Dropped: no later rule of any tier is asked.
+    Deny,
+    /// The rest of this tier is skipped: on to the next tier.
+    Pass,
 }
 
 /// Which way a packet goes, seen from the pod a policy selects.
@@ -203,7 +245,10 @@ fn group(rules: Vec<Rule>) -> Vec<Rule> {
 pub struct Rule {
     pub direction: Direction,
     pub family: Family,
-    /// `namespace/name`, for the rule's comment.
+    pub tier: Tier,
+    /// Always `Accept` in the NetworkPolicy tier.
+    pub action: Action,
+    /// `namespace/name`, or the ClusterNetworkPolicy and rule, for the rule's comment.
     pub policy: String,
     pub pods: String,
     pub peers: Option<String>,
@@ -215,18 +260,33 @@ pub struct Rule {
 pub struct Ruleset {
     pub sets: Vec<AddrSet>,
     pub port_sets: Vec<PortSet>,
-    /// In order: policies sorted by namespace and name, rules as written.
+    /// In order: the Admin tier's (by priority, then name, rules as
+    /// written); NetworkPolicy's (policies sorted by namespace and name,
+    /// rules as written); the Baseline tier's.
     pub rules: Vec<Rule>,
-    /// The sets of this node's pods isolated for ingress (IPv4, IPv6), then egress.
+    /// The sets of this node's pods that NetworkPolicy isolates for ingress
+    /// (IPv4, IPv6), then egress.
     pub isolated: [String; 4],
+    /// The sets of this node's pods any policy applies to (NetworkPolicy's
+    /// isolated pods, and ClusterNetworkPolicy's subjects), same order: only
+    /// their packets are checked at all.
+    pub policed: [String; 4],
 }
 
 impl Ruleset {
     /// The name of the set of this node's pods isolated for a direction, in a family.
     pub fn isolated_set(&self, direction: Direction, family: Family) -> &str {
-        let i = 2 * usize::from(direction == Direction::Egress) + usize::from(family == Family::V6);
-        &self.isolated[i]
+        &self.isolated[set_index(direction, family)]
     }
+
+    /// The name of the set of this node's pods that some policy applies to, for a direction, in a family.
+    pub fn policed_set(&self, direction: Direction, family: Family) -> &str {
+        &self.policed[set_index(direction, family)]
+    }
+}
+
+fn set_index(direction: Direction, family: Family) -> usize {
+    2 * usize::from(direction == Direction::Egress) + usize::from(family == Family::V6)
 }
 
 fn family_suffix(family: Family) -> &'static str {
@@ -236,17 +296,25 @@ fn family_suffix(family: Family) -> &'static str {
     }
 }
 
+/// The kinds of policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    NetworkPolicy,
+    ClusterNetworkPolicy,
+}
+
 /// A part of a policy that could not be compiled, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Problem {
-    /// `namespace/name`.
+    pub kind: Kind,
+    /// `namespace/name`, or a ClusterNetworkPolicy's name.
     pub policy: String,
     pub what: String,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NetworkPolicy {}: {}", self.policy, self.what)
+        write!(f, "{:?} {}: {}", self.kind, self.policy, self.what)
     }
 }
 
@@ -262,13 +330,13 @@ pub struct Compiled {
 }
 
 /// A policy peer, checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Peer {
     Pods { namespaces: Namespaces, pods: Selector },
     Block { ranges: Vec<(u128, u128)>, family: Family },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Namespaces {
     /// The policy's own namespace (no namespaceSelector).
     Own,
@@ -382,7 +450,7 @@ fn subtract(range: (u128, u128), except: &[(u128, u128)]) -> Vec<(u128, u128)> {
 pub fn compile(view: &ClusterView, node: &str) -> Compiled {
     let mut c =
         Compiler { view, sets: Sets::default(), problems: Vec::new(), rules: Vec::new(), peers: HashMap::new() };
-    let mut isolated: BTreeMap<(Direction, Family), BTreeSet<u128>> = BTreeMap::new();
+    let mut isolated: Isolation = BTreeMap::new();
     let mut selected_pods: BTreeSet<&Key> = BTreeSet::new();
     let mut policies_in_effect = 0;
     for ((namespace, name), spec) in &view.policies {
@@ -420,24 +488,30 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
             c.policy_rules(&id, namespace, spec, direction, &selected);
         }
     }
+    let network_policy_rules = group(std::mem::take(&mut c.rules));
+    let mut policed = isolated.clone();
+    let cluster = c.cluster_policies(node, &mut policed);
+    policies_in_effect += cluster.in_effect;
     // The isolation sets always exist: the base chain refers to them.
-    let mut names: [String; 4] = Default::default();
-    for (i, (direction, family)) in
-        Direction::ALL.into_iter().flat_map(|d| Family::ALL.into_iter().map(move |f| (d, f))).enumerate()
-    {
-        let ranges = isolated.remove(&(direction, family)).unwrap_or_default().into_iter().map(|v| (v, v)).collect();
-        names[i] = c.sets.addr(family, merge(ranges));
-    }
+    let isolated = c.isolation_sets(isolated);
+    let policed = c.isolation_sets(policed);
+    let selected_pods = selected_pods.len() + cluster.subjects.iter().filter(|k| !selected_pods.contains(**k)).count();
+    let mut rules = cluster.admin;
+    rules.extend(network_policy_rules);
+    rules.extend(cluster.baseline);
     let sets = std::mem::take(&mut c.sets);
     c.problems.sort();
     c.problems.dedup();
     Compiled {
-        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules: group(c.rules), isolated: names },
+        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules, isolated, policed },
         problems: c.problems,
         policies_in_effect,
-        selected_pods: selected_pods.len(),
+        selected_pods,
     }
 }
+
+/// Addresses of this node's pods, by direction and family.
+type Isolation = BTreeMap<(Direction, Family), BTreeSet<u128>>;
 
 struct Compiler<'a> {
     view: &'a ClusterView,
@@ -451,7 +525,20 @@ struct Compiler<'a> {
 
 impl<'a> Compiler<'a> {
     fn problem(&mut self, policy: &str, what: String) {
-        self.problems.push(Problem { policy: policy.to_string(), what });
+        self.problems.push(Problem { kind: Kind::NetworkPolicy, policy: policy.to_string(), what });
+    }
+
+    /// The four sets of `addresses`, in [`Ruleset::isolated`]'s order.
+    fn isolation_sets(&mut self, mut addresses: Isolation) -> [String; 4] {
+        let mut names: [String; 4] = Default::default();
+        for direction in Direction::ALL {
+            for family in Family::ALL {
+                let ranges =
+                    addresses.remove(&(direction, family)).unwrap_or_default().into_iter().map(|v| (v, v)).collect();
+                names[set_index(direction, family)] = self.sets.addr(family, merge(ranges));
+            }
+        }
+        names
     }
 
     /// `policyTypes`, or its default.
@@ -592,6 +679,8 @@ impl<'a> Compiler<'a> {
                     self.rules.push(Rule {
                         direction,
                         family,
+                        tier: Tier::NetworkPolicy,
+                        action: Action::Accept,
                         policy: id.to_string(),
                         pods: pods_set.clone(),
                         peers,
@@ -736,6 +825,8 @@ enum PortSpec {
     Match(PortMatch),
     Named(String, Protocol),
 }
+
+mod cluster;
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,4 @@
-//! NetworkPolicy enforcement (Kubernetes mode): the watches fill a
+//! NetworkPolicy and ClusterNetworkPolicy enforcement (Kubernetes mode): the watches fill a
 //! [`compile::ClusterView`]; after each burst of changes the pure compiler
 //! plans the ruleset, which is compared with what the kernel holds and
 //! applied in one nftables transaction when it differs. The same
@@ -9,10 +9,11 @@
 //! compiling thousands of policies is CPU work that must never delay the
 //! dataplane's reconcile.
 //!
-//! Nothing is applied until all three watches have listed once: a
+//! Nothing is applied until every watch has listed once: a
 //! restarted daemon leaves the previous table enforcing until the new one
 //! replaces it, never an empty one in between.
 
+pub mod cluster_policy;
 pub mod compile;
 pub mod selector;
 pub mod table;
@@ -212,6 +213,8 @@ impl Controller {
             }
             Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.labels(interner)),
             Change::Policies(events) => fold(&mut self.view.policies, events, |_, spec| spec),
+            Change::Nodes(events) => fold(&mut self.view.nodes, events, |_, node| node.info(interner)),
+            Change::ClusterPolicies(events) => fold(&mut self.view.cluster_policies, events, |_, spec| spec),
         };
         if changed {
             self.pending_since.get_or_insert_with(Instant::now);
@@ -220,7 +223,12 @@ impl Controller {
 
     /// Whether every watch has listed once: until then nothing is applied.
     fn listed(&self) -> bool {
-        self.view.pods.listed() && self.view.namespaces.listed() && self.view.policies.listed()
+        let v = &self.view;
+        v.pods.listed()
+            && v.namespaces.listed()
+            && v.policies.listed()
+            && v.nodes.listed()
+            && v.cluster_policies.listed()
     }
 
     /// Compiles, reads the kernel's table, applies when they differ.

@@ -1,16 +1,25 @@
-//! The NetworkPolicy ruleset in the kernel: `table inet overlay_policy`,
-//! one table for both families, so one transaction changes both.
+//! The policy ruleset in the kernel: `table inet overlay_policy`, one
+//! table for both families, so one transaction changes both. NetworkPolicy
+//! and ClusterNetworkPolicy share it, in the order the API evaluates them.
 //!
 //! ```text
 //! chain forward (filter, forward hook, policy accept)
 //!     ct state established,related accept   -- replies and existing connections
-//!     ip  saddr @egress_v4  jump egress     -- from an egress-isolated pod of ours
-//!     ip6 saddr @egress_v6  jump egress
-//!     ip  daddr @ingress_v4 jump ingress    -- to an ingress-isolated pod of ours
-//!     ip6 daddr @ingress_v6 jump ingress
-//! chain egress:  one rule per (pods, peers) and its ports, `return` (go on to ingress); then count and drop
-//! chain ingress: one rule per (pods, peers) and its ports, `accept`; then count and drop
+//!     icmpv6 neighbour discovery accept
+//!     ip  saddr @policed_egress_v4  jump egress    -- from a pod of ours some policy applies to
+//!     ip6 saddr @policed_egress_v6  jump egress
+//!     ip  daddr @policed_ingress_v4 jump ingress   -- to a pod of ours some policy applies to
+//!     ip6 daddr @policed_ingress_v6 jump ingress
+//! chain egress:     the Admin tier's rules; then goto egress_np
+//! chain egress_np:  NetworkPolicy's rules; count and drop what it isolates; the Baseline tier's rules
+//! (ingress, ingress_np: the same)
 //! ```
+//!
+//! Actions: in egress, allowing is `return` (on to the destination's
+//! ingress check); in ingress, `accept`. Deny counts and drops. `Pass` in
+//! the Admin tier is `goto <direction>_np`; in the Baseline tier it allows
+//! (the default). What no rule decides falls through to the chain's end:
+//! allowed.
 //!
 //! Only the forward hook: the host's own traffic to its pods (kubelet
 //! probes) goes through output, never forward, so it is never policed.
@@ -36,12 +45,32 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use proto::Family;
 use serde_json::Value;
 
-use super::compile::{AddrSet, Direction, PortMatch, PortSet, Rule, Ruleset};
+use super::compile::{Action, AddrSet, Direction, PortMatch, PortSet, Rule, Ruleset, Tier};
 use crate::nft::{self, NftError, TableId};
 
 /// `table inet overlay_policy`.
 pub const TABLE: &str = "overlay_policy";
 const FORWARD: &str = "forward";
+
+/// The chain of a direction's NetworkPolicy and Baseline tiers.
+fn np_chain(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "ingress_np",
+        Direction::Egress => "egress_np",
+    }
+}
+
+/// The chain a rule goes in.
+fn chain_of(rule: &Rule) -> &'static str {
+    match rule.tier {
+        Tier::Admin => rule.direction.name(),
+        Tier::NetworkPolicy | Tier::Baseline => np_chain(rule.direction),
+    }
+}
+
+fn count_and_drop(direction: Direction) -> [Statement<'static>; 2] {
+    [Statement::Counter(CounterStmt::Named(Cow::Borrowed(drop_counter(direction)))), Statement::Drop(None)]
+}
 
 /// The drop counter of a direction.
 pub fn drop_counter(direction: Direction) -> &'static str {
@@ -157,11 +186,18 @@ fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
             set,
         )),
     }
-    out.push(match rule.direction {
+    let allow = match rule.direction {
         // Allowed out: on to the ingress check of the destination.
         Direction::Egress => Statement::Return(None),
         Direction::Ingress => Statement::Accept(None),
-    });
+    };
+    match (rule.action, rule.tier) {
+        (Action::Accept, _) | (Action::Pass, Tier::Baseline | Tier::NetworkPolicy) => out.push(allow),
+        (Action::Deny, _) => out.extend(count_and_drop(rule.direction)),
+        (Action::Pass, Tier::Admin) => {
+            out.push(Statement::Goto(JumpTarget { target: Cow::Borrowed(np_chain(rule.direction)) }))
+        }
+    }
     out
 }
 
@@ -233,7 +269,7 @@ pub fn fingerprint(ruleset: &Ruleset) -> String {
     // Set names are hashes of their contents: the names and the rules say it all.
     let names: Vec<&str> =
         ruleset.sets.iter().map(|s| s.name.as_str()).chain(ruleset.port_sets.iter().map(|s| s.name.as_str())).collect();
-    let text = format!("{names:?}{:?}{:?}", ruleset.rules, ruleset.isolated);
+    let text = format!("{names:?}{:?}{:?}{:?}", ruleset.rules, ruleset.isolated, ruleset.policed);
     format!("overlay-policy {:016x}", proto::hash::fnv1a(text.as_bytes()))
 }
 
@@ -265,8 +301,10 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
         policy: Some(NfChainPolicy::Accept),
         ..chain(FORWARD)
     })));
-    objects.push(add(NfListObject::Chain(chain("ingress"))));
-    objects.push(add(NfListObject::Chain(chain("egress"))));
+    for direction in Direction::ALL {
+        objects.push(add(NfListObject::Chain(chain(direction.name()))));
+        objects.push(add(NfListObject::Chain(chain(np_chain(direction)))));
+    }
     // Rules first, then the sets they referred to: one transaction.
     objects.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Table(table()))));
     for name in existing_sets.iter().filter(|n| !keep(n)) {
@@ -339,22 +377,37 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
             objects.push(rule(
                 FORWARD,
                 vec![
-                    in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family)),
+                    in_set(payload(proto_name(family), pod), ruleset.policed_set(direction, family)),
                     Statement::Jump(JumpTarget { target: Cow::Borrowed(direction.name()) }),
                 ],
                 None,
             ));
         }
     }
-    for r in &ruleset.rules {
-        objects.push(rule(r.direction.name(), rule_statements(r), Some(r.policy.chars().take(120).collect())));
-    }
+    let comment = |r: &Rule| Some(r.policy.chars().take(120).collect());
     for direction in [Direction::Egress, Direction::Ingress] {
+        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::Admin) {
+            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
+        }
         objects.push(rule(
             direction.name(),
-            vec![Statement::Counter(CounterStmt::Named(Cow::Borrowed(drop_counter(direction)))), Statement::Drop(None)],
+            vec![Statement::Goto(JumpTarget { target: Cow::Borrowed(np_chain(direction)) })],
             None,
         ));
+        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::NetworkPolicy) {
+            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
+        }
+        // What NetworkPolicy isolates and did not allow is dropped here: the
+        // Baseline tier is only for the pods no NetworkPolicy selects.
+        for family in Family::ALL {
+            let (pod, _) = fields(direction);
+            let mut expr = vec![in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family))];
+            expr.extend(count_and_drop(direction));
+            objects.push(rule(np_chain(direction), expr, None));
+        }
+        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::Baseline) {
+            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
+        }
     }
     Nftables { objects: Cow::Owned(objects) }
 }
@@ -402,8 +455,8 @@ impl TableState {
 
 /// Rules the table holds for `ruleset`.
 pub fn rule_count(ruleset: &Ruleset) -> usize {
-    // established + neighbour discovery + 4 jumps + 2 drops.
-    8 + ruleset.rules.len()
+    // established + neighbour discovery + 4 jumps + 2 gotos + 4 isolation drops.
+    12 + ruleset.rules.len()
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
@@ -440,7 +493,11 @@ mod tests {
 
     #[test]
     fn neighbour_discovery_is_accepted_before_any_pod_is_policed() {
-        let ruleset = Ruleset { isolated: ["i4".into(), "i6".into(), "e4".into(), "e6".into()], ..Ruleset::default() };
+        let ruleset = Ruleset {
+            isolated: ["i4".into(), "i6".into(), "e4".into(), "e6".into()],
+            policed: ["i4".into(), "i6".into(), "e4".into(), "e6".into()],
+            ..Ruleset::default()
+        };
         let rules = forward_rules(&ruleset);
         let text: Vec<String> = rules.iter().map(|r| r["expr"].to_string()).collect();
         let nd =

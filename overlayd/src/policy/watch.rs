@@ -1,5 +1,6 @@
-//! The three watches NetworkPolicy needs: Pods, Namespaces and
-//! NetworkPolicies, each a list-watch source (`list_watch`, listed in pages
+//! The watches policy needs: Pods, Namespaces, NetworkPolicies, Nodes (for
+//! ClusterNetworkPolicy's `nodes` peer) and ClusterNetworkPolicies (when
+//! their CRD is installed), each a list-watch source (`list_watch`, listed in pages
 //! of 500, watched from the listing's resourceVersion, listed again on
 //! 410) decoding only the fields the compiler reads. A Pod in the API is
 //! several kilobytes (managedFields, status conditions, container
@@ -9,15 +10,20 @@
 use std::sync::Arc;
 
 use futures::Stream;
+use futures::StreamExt;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::ListParams;
 use kube::{Api, Client};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tracing::{info, warn};
 
-use super::compile::{ContainerPort, Key, PodInfo, Protocol};
+use super::cluster_policy::{self, ClusterNetworkPolicy};
+use super::compile::{ContainerPort, Key, NodeInfo, PodInfo, Protocol};
 use super::selector::{Interner, Labels};
 use crate::kubernetes::{core_resource, keep, lean_metadata, Collection};
-use crate::list_watch::{self, CHANNEL};
+use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError, CHANNEL};
 use crate::outage::Outage;
 use crate::reflector::WatchEvent;
 
@@ -80,8 +86,45 @@ pub struct LeanNamespace {
     metadata: ObjectMeta,
 }
 
+/// A Node as the policy watch reads it: its labels and addresses.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct LeanNode {
+    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS }, _>")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: LeanNodeStatus,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct LeanNodeStatus {
+    #[serde(default)]
+    addresses: Vec<LeanNodeAddress>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct LeanNodeAddress {
+    #[serde(default)]
+    address: String,
+}
+
 core_resource!(LeanPod, "Pod", "pods", k8s_openapi::NamespaceResourceScope);
 core_resource!(LeanNamespace, "Namespace", "namespaces", k8s_openapi::ClusterResourceScope);
+core_resource!(LeanNode, "Node", "nodes", k8s_openapi::ClusterResourceScope);
+
+impl LeanNode {
+    pub fn name(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    /// Its labels and the addresses among `status.addresses` (a Hostname is not one).
+    pub fn info(self, interner: &mut Interner) -> NodeInfo {
+        let mut ips: Vec<std::net::IpAddr> =
+            self.status.addresses.iter().filter_map(|a| a.address.parse().ok()).collect();
+        ips.sort();
+        ips.dedup();
+        NodeInfo { labels: Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner), ips }
+    }
+}
 
 fn key(meta: &ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
@@ -162,13 +205,21 @@ pub enum Change {
     Namespaces(Vec<WatchEvent<String, LeanNamespace>>),
     /// NetworkPolicies, by namespace and name.
     Policies(Vec<WatchEvent<Key, NetworkPolicySpec>>),
+    /// Nodes, by name.
+    Nodes(Vec<WatchEvent<String, LeanNode>>),
+    /// ClusterNetworkPolicies, by name; an empty listing while their CRD is absent.
+    ClusterPolicies(Vec<WatchEvent<String, cluster_policy::Spec>>),
 }
 
 /// What to do when the API server refuses a watch.
 const HINT: &str = " (the ClusterRole must grant list and watch on pods, namespaces and networkpolicies, \
                     as deploy/overlay.yaml does; or run with --network-policy=false)";
 
-/// Every change of the three watches, merged. Outages are said through
+/// What to do when the API server refuses the ClusterNetworkPolicy watch.
+const CLUSTER_HINT: &str = " (the ClusterRole must grant list and watch on \
+                            clusternetworkpolicies.policy.networking.k8s.io, as deploy/overlay.yaml does)";
+
+/// Every change of the watches, merged. Outages are said through
 /// `outage` (the lease watch's too), refusals once each with what to do.
 pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Change> + Send {
     let pods =
@@ -181,16 +232,144 @@ pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Chan
         |n| n.name(),
     );
     let policies = Collection::new(
-        Api::<NetworkPolicy>::all(client),
+        Api::<NetworkPolicy>::all(client.clone()),
         "networkpolicies",
         HINT,
         |p: NetworkPolicy| (key(&p.metadata), p.spec.unwrap_or_default()),
         |p| key(&p.metadata),
     );
-    futures::stream::select(
-        futures::stream::select(follow(pods, &outage, Change::Pods), follow(namespaces, &outage, Change::Namespaces)),
-        follow(policies, &outage, Change::Policies),
-    )
+    let nodes =
+        Collection::new(Api::<LeanNode>::all(client.clone()), "nodes", HINT, |n: LeanNode| (n.name(), n), |n| n.name());
+    let api = Api::<ClusterNetworkPolicy>::all(client);
+    let cluster_policies = OptionalCollection {
+        probe: api.clone(),
+        inner: Collection::new(
+            api,
+            "clusternetworkpolicies",
+            CLUSTER_HINT,
+            |p: ClusterNetworkPolicy| (p.name(), p.spec),
+            |p| p.name(),
+        ),
+        available: None,
+    };
+    futures::stream::select_all([
+        follow(pods, &outage, Change::Pods).boxed(),
+        follow(namespaces, &outage, Change::Namespaces).boxed(),
+        follow(policies, &outage, Change::Policies).boxed(),
+        follow(nodes, &outage, Change::Nodes).boxed(),
+        follow(cluster_policies, &outage, Change::ClusterPolicies).boxed(),
+    ])
+}
+
+/// How often an API that is not served (or refused) is asked again: the
+/// role grants no watch on CRDs, so this is how a CRD installed later is
+/// found. Once a minute keeps an idle node's requests near one a minute.
+const ABSENT_POLL: Duration = Duration::from_secs(60);
+/// The version an absent API's (empty) listing gives: its watch waits for the API.
+const ABSENT: &str = "absent";
+
+/// The ClusterNetworkPolicy collection, whose CRD is optional: while the
+/// API server does not serve it (404), or refuses it (403: RBAC not yet
+/// updated), it lists as empty, so NetworkPolicy is enforced alone, and is
+/// asked again every [`ABSENT_POLL`]; once served, it is listed and watched
+/// like any other collection, with no restart. Said once each way.
+struct OptionalCollection<L> {
+    probe: Api<ClusterNetworkPolicy>,
+    inner: L,
+    /// Whether it was served at the last listing (none before the first).
+    available: Option<bool>,
+}
+
+/// The API server's code when it does not serve or refuses a collection.
+fn unavailable(stop: &Stop) -> Option<u16> {
+    let Stop::Failed(WatchError::Refused(e)) = stop else { return None };
+    match e.downcast_ref::<kube::Error>() {
+        Some(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => Some(status.code),
+        _ => None,
+    }
+}
+
+impl<L: ListWatch<Version = String>> OptionalCollection<L> {
+    fn say_unavailable(&mut self, code: u16) {
+        if self.available == Some(false) {
+            return;
+        }
+        let api = format!("{}/{}", cluster_policy::GROUP, cluster_policy::VERSION);
+        if code == 404 {
+            info!(
+                "the ClusterNetworkPolicy API ({api}) is not served: enforcing NetworkPolicy alone, and asking \
+                 again every {}s (deploy/cluster-network-policy-crds.yaml installs it)",
+                ABSENT_POLL.as_secs()
+            );
+        } else {
+            warn!(
+                "listing clusternetworkpolicies ({api}) is refused: ClusterNetworkPolicy is not enforced{CLUSTER_HINT}; \
+                 asking again every {}s",
+                ABSENT_POLL.as_secs()
+            );
+        }
+        self.available = Some(false);
+    }
+}
+
+impl<L: ListWatch<Version = String>> ListWatch for OptionalCollection<L> {
+    type Key = L::Key;
+    type Value = L::Value;
+    type Version = String;
+
+    fn what(&self) -> &'static str {
+        self.inner.what()
+    }
+
+    fn refusal_hint(&self) -> &'static str {
+        self.inner.refusal_hint()
+    }
+
+    async fn list(&mut self, sink: &mut Sink<L::Key, L::Value>) -> Result<String, Stop> {
+        match self.inner.list(sink).await {
+            Ok(version) => {
+                if self.available != Some(true) {
+                    info!("enforcing ClusterNetworkPolicy ({}/{})", cluster_policy::GROUP, cluster_policy::VERSION);
+                }
+                self.available = Some(true);
+                Ok(version)
+            }
+            Err(stop) => match unavailable(&stop) {
+                Some(code) => {
+                    self.say_unavailable(code);
+                    Ok(ABSENT.to_string())
+                }
+                None => Err(stop),
+            },
+        }
+    }
+
+    async fn watch(&mut self, version: String, sink: &mut Sink<L::Key, L::Value>) -> Result<String, (String, Stop)> {
+        if version != ABSENT {
+            return match self.inner.watch(version, sink).await {
+                // No longer served (the CRD was deleted): list again, which says so.
+                Err((v, stop)) if unavailable(&stop).is_some() => Err((v, Stop::Failed(WatchError::Expired))),
+                other => other,
+            };
+        }
+        loop {
+            tokio::time::sleep(ABSENT_POLL).await;
+            if let Err(kube::Error::Api(status)) = self.probe.list(&ListParams::default().limit(1)).await {
+                if matches!(status.code, 403 | 404) {
+                    continue;
+                }
+            }
+            // Served now (or the server is away, which the listing will say): list it.
+            let listed = async {
+                sink.push(WatchEvent::Init).await?;
+                let version = self.list(sink).await?;
+                sink.push(WatchEvent::InitDone).await?;
+                sink.flush().await?;
+                Ok::<_, Stop>(version)
+            };
+            return listed.await.map_err(|stop| (ABSENT.to_string(), stop));
+        }
+    }
 }
 
 /// Runs the list-watch of `source` and streams its batches as changes.

@@ -27,10 +27,12 @@ use super::{Created, EventSender, LeaseLost, LeaseStore, LostKind, OwnLease, Pub
 use crate::backoff::{Backoff, Throttle};
 use crate::flags::KubeArgs;
 use crate::kubernetes::{
-    core_resource, is_refusal, keep, lean_metadata, watch_objects, KubeContext, Refused, Watched, CALL_TIMEOUT,
+    core_resource, is_refusal, keep, lean_metadata, watch_objects, KubeContext, NodeDirectory, NodeFacts, Refused,
+    Watched, CALL_TIMEOUT,
 };
 use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError};
 use crate::outage::Outage;
+use crate::reflector::WatchEvent as ReflectorEvent;
 
 /// The condition we own on our Node, and what we set it to.
 const CONDITION: &str = "NetworkUnavailable";
@@ -50,10 +52,41 @@ const SAY_EVERY: Duration = Duration::from_secs(30);
 /// and memory of a listing.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 struct PeerNode {
-    #[serde(deserialize_with = "lean_metadata::<{ keep::ANNOTATIONS | keep::CREATED }, _>")]
+    #[serde(deserialize_with = "lean_metadata::<{ keep::ANNOTATIONS | keep::CREATED | keep::LABELS }, _>")]
     metadata: ObjectMeta,
     #[serde(default)]
     spec: Option<PeerNodeSpec>,
+    /// Its addresses, for the policy's `nodes` peers ([`NodeDirectory`]).
+    #[serde(default)]
+    status: Option<PeerNodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct PeerNodeStatus {
+    #[serde(default)]
+    addresses: Vec<PeerNodeAddress>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct PeerNodeAddress {
+    #[serde(default)]
+    address: String,
+}
+
+impl PeerNode {
+    fn name(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    /// Its labels and the addresses among `status.addresses` (a Hostname is not one).
+    fn facts(&self) -> NodeFacts {
+        let labels = self.metadata.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut ips: Vec<std::net::IpAddr> =
+            self.status.iter().flat_map(|s| &s.addresses).filter_map(|a| a.address.parse().ok()).collect();
+        ips.sort();
+        ips.dedup();
+        NodeFacts { labels, ips }
+    }
 }
 
 core_resource!(PeerNode, "Node", "nodes", k8s_openapi::ClusterResourceScope);
@@ -87,6 +120,8 @@ pub struct KubeLeases {
     config_text: Option<String>,
     /// The API server's outages, said once for every call that meets them.
     outage: Arc<Outage>,
+    /// Every Node's labels and addresses, for policy (filled by the watch).
+    directory: NodeDirectory,
 }
 
 /// How often the net-conf file is read again to see whether it changed.
@@ -107,6 +142,7 @@ impl KubeLeases {
             last_read: None,
             config_text: None,
             outage: context.outage.clone(),
+            directory: context.nodes.clone(),
         })
     }
 
@@ -165,6 +201,8 @@ pub struct NodeWatch {
     client: Client,
     peers: Api<PeerNode>,
     nodes: NodeEvents,
+    /// Where every Node's labels and addresses go, for policy.
+    directory: NodeDirectory,
 }
 
 impl ListWatch for NodeWatch {
@@ -201,6 +239,7 @@ impl ListWatch for NodeWatch {
             return Err(WatchError::Refused(refused).into());
         }
         let mut scanner = ListScanner::default();
+        self.directory.apply([ReflectorEvent::Init]);
         loop {
             let frame = tokio::time::timeout(CALL_TIMEOUT, body.frame())
                 .await
@@ -209,18 +248,26 @@ impl ListWatch for NodeWatch {
             let frame = frame.map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))?;
             let Ok(data) = frame.into_data() else { continue };
             let mut events = Vec::new();
+            let mut facts = Vec::new();
             let nodes = &mut self.nodes;
             scanner
                 .feed(&data, |item| match serde_json::from_slice::<PeerNode>(item) {
-                    Ok(node) => events.extend(nodes.on_event(Event::InitApply(node))),
+                    Ok(node) => {
+                        facts.push(ReflectorEvent::InitApply(node.name(), node.facts()));
+                        events.extend(nodes.on_event(Event::InitApply(node)))
+                    }
                     Err(e) => warn!(error = %e, "skipping a listed node that does not decode"),
                 })
                 .map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))?;
+            self.directory.apply(facts);
             for event in events {
                 sink.push(event).await?;
             }
         }
-        scanner.finish().map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))
+        let version =
+            scanner.finish().map_err(|e| unreachable(anyhow::Error::new(e).context("reading the node list")))?;
+        self.directory.apply([ReflectorEvent::InitDone]);
+        Ok(version)
     }
 
     async fn watch(
@@ -228,10 +275,16 @@ impl ListWatch for NodeWatch {
         resource_version: String,
         sink: &mut Sink<LeaseKey, (LeaseAttrs, Created)>,
     ) -> Result<String, (String, Stop)> {
-        let nodes = &mut self.nodes;
+        let (nodes, directory) = (&mut self.nodes, &self.directory);
         watch_objects(&self.peers, resource_version, sink, |change| match change {
-            Watched::Applied(node) => nodes.on_event(Event::Apply(node)),
-            Watched::Deleted(node) => nodes.on_event(Event::Delete(node)),
+            Watched::Applied(node) => {
+                directory.apply([ReflectorEvent::Apply(node.name(), node.facts())]);
+                nodes.on_event(Event::Apply(node))
+            }
+            Watched::Deleted(node) => {
+                directory.apply([ReflectorEvent::Delete(node.name())]);
+                nodes.on_event(Event::Delete(node))
+            }
         })
         .await
     }
@@ -446,7 +499,12 @@ impl LeaseStore for KubeLeases {
     }
 
     fn watch(self, tx: EventSender) -> impl Future<Output = ()> + Send + 'static {
-        let source = NodeWatch { client: self.client, peers: self.peers, nodes: NodeEvents::new(self.annotations) };
+        let source = NodeWatch {
+            client: self.client,
+            peers: self.peers,
+            nodes: NodeEvents::new(self.annotations),
+            directory: self.directory,
+        };
         list_watch::run(source, tx, self.outage)
     }
 
@@ -550,12 +608,21 @@ mod tests {
         let json = serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "a", "resourceVersion": "7", "annotations": {"x": "y"},
+                         "labels": {"kubernetes.io/os": "linux"},
                          "creationTimestamp": "2026-12-06T10:00:00Z",
                          "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
             "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"], "taints": []},
-            "status": {"images": [{"names": ["registry/x:1"], "sizeBytes": 1}]},
+            "status": {"images": [{"names": ["registry/x:1"], "sizeBytes": 1}],
+                       "addresses": [{"type": "InternalIP", "address": "192.168.50.11"}, {"type": "Hostname", "address": "a"},
+                                     {"type": "InternalIP", "address": "fd00:50::11"}]},
         });
         let n: PeerNode = serde_json::from_value(json).unwrap();
+        let facts = n.facts();
+        assert_eq!(facts.labels, vec![("kubernetes.io/os".to_string(), "linux".to_string())]);
+        assert_eq!(
+            facts.ips,
+            vec!["192.168.50.11".parse::<std::net::IpAddr>().unwrap(), "fd00:50::11".parse().unwrap()]
+        );
         assert_eq!(n.metadata.name.as_deref(), Some("a"));
         assert_eq!(n.metadata.resource_version.as_deref(), Some("7"));
         assert_eq!(n.metadata.annotations.as_ref().unwrap()["x"], "y");

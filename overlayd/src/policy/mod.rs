@@ -27,7 +27,8 @@ use futures::StreamExt;
 use tokio::time::sleep_until;
 use tracing::{info, warn};
 
-use self::compile::{ClusterView, Direction, Problem, Ruleset};
+use self::compile::{ClusterView, Direction, NodeInfo, Problem, Ruleset};
+use self::selector::Labels;
 use self::watch::Change;
 use crate::kubernetes::KubeContext;
 use crate::node_state::NodeState;
@@ -59,7 +60,7 @@ pub fn start(context: &KubeContext, state: Arc<NodeState>) -> anyhow::Result<()>
                     return;
                 }
             };
-            run(client, context.node, state, context.outage).await
+            run(client, context.node, state, context.outage, context.nodes).await
         })
     })?;
     info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
@@ -126,8 +127,14 @@ fn fold<K: Ord + Clone, V, W: PartialEq>(
     changed
 }
 
-async fn run(client: kube::Client, node: String, state: Arc<NodeState>, outage: Arc<Outage>) {
-    let changes = watch::watch_all(client, outage);
+async fn run(
+    client: kube::Client,
+    node: String,
+    state: Arc<NodeState>,
+    outage: Arc<Outage>,
+    nodes: crate::kubernetes::NodeDirectory,
+) {
+    let changes = watch::watch_all(client, outage, nodes);
     tokio::pin!(changes);
     let mut c = Controller {
         node,
@@ -213,7 +220,21 @@ impl Controller {
             }
             Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.labels(interner)),
             Change::Policies(events) => fold(&mut self.view.policies, events, |_, spec| spec),
-            Change::Nodes(events) => fold(&mut self.view.nodes, events, |_, node| node.info(interner)),
+            Change::Nodes(nodes) => {
+                let mut events = vec![WatchEvent::Init];
+                events.extend(nodes.iter().map(|(name, facts)| {
+                    let labels = Labels::from_pairs(facts.labels.iter().map(|(k, v)| (k, v)), interner);
+                    WatchEvent::InitApply(name.clone(), NodeInfo { labels, ips: facts.ips.clone() })
+                }));
+                if nodes.listed() {
+                    events.push(WatchEvent::InitDone);
+                }
+                let before = self.view.nodes.clone();
+                for event in events {
+                    self.view.nodes.apply(event);
+                }
+                *before != *self.view.nodes || before.listed() != self.view.nodes.listed()
+            }
             Change::ClusterPolicies(events) => fold(&mut self.view.cluster_policies, events, |_, spec| spec),
         };
         if changed {

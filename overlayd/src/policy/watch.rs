@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::cluster_policy::{self, ClusterNetworkPolicy};
-use super::compile::{ContainerPort, Key, NodeInfo, PodInfo, Protocol};
+use super::compile::{ContainerPort, Key, PodInfo, Protocol};
 use super::selector::{Interner, Labels};
-use crate::kubernetes::{core_resource, keep, lean_metadata, Collection};
+use crate::kubernetes::{core_resource, keep, lean_metadata, Collection, NodeDirectory, NodeFacts};
 use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError, CHANNEL};
 use crate::outage::Outage;
-use crate::reflector::WatchEvent;
+use crate::reflector::{Store, WatchEvent};
 
 /// A Pod as the watch reads it.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
@@ -86,45 +86,8 @@ pub struct LeanNamespace {
     metadata: ObjectMeta,
 }
 
-/// A Node as the policy watch reads it: its labels and addresses.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct LeanNode {
-    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS }, _>")]
-    metadata: ObjectMeta,
-    #[serde(default)]
-    status: LeanNodeStatus,
-}
-
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-struct LeanNodeStatus {
-    #[serde(default)]
-    addresses: Vec<LeanNodeAddress>,
-}
-
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-struct LeanNodeAddress {
-    #[serde(default)]
-    address: String,
-}
-
 core_resource!(LeanPod, "Pod", "pods", k8s_openapi::NamespaceResourceScope);
 core_resource!(LeanNamespace, "Namespace", "namespaces", k8s_openapi::ClusterResourceScope);
-core_resource!(LeanNode, "Node", "nodes", k8s_openapi::ClusterResourceScope);
-
-impl LeanNode {
-    pub fn name(&self) -> String {
-        self.metadata.name.clone().unwrap_or_default()
-    }
-
-    /// Its labels and the addresses among `status.addresses` (a Hostname is not one).
-    pub fn info(self, interner: &mut Interner) -> NodeInfo {
-        let mut ips: Vec<std::net::IpAddr> =
-            self.status.addresses.iter().filter_map(|a| a.address.parse().ok()).collect();
-        ips.sort();
-        ips.dedup();
-        NodeInfo { labels: Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner), ips }
-    }
-}
 
 fn key(meta: &ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
@@ -205,8 +168,8 @@ pub enum Change {
     Namespaces(Vec<WatchEvent<String, LeanNamespace>>),
     /// NetworkPolicies, by namespace and name.
     Policies(Vec<WatchEvent<Key, NetworkPolicySpec>>),
-    /// Nodes, by name.
-    Nodes(Vec<WatchEvent<String, LeanNode>>),
+    /// Every Node's labels and addresses, as the lease watch holds them now.
+    Nodes(Store<String, NodeFacts>),
     /// ClusterNetworkPolicies, by name; an empty listing while their CRD is absent.
     ClusterPolicies(Vec<WatchEvent<String, cluster_policy::Spec>>),
 }
@@ -221,7 +184,7 @@ const CLUSTER_HINT: &str = " (the ClusterRole must grant list and watch on \
 
 /// Every change of the watches, merged. Outages are said through
 /// `outage` (the lease watch's too), refusals once each with what to do.
-pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Change> + Send {
+pub fn watch_all(client: Client, outage: Arc<Outage>, nodes: NodeDirectory) -> impl Stream<Item = Change> + Send {
     let pods =
         Collection::new(Api::<LeanPod>::all(client.clone()), "pods", HINT, |p: LeanPod| (p.key(), p), |p| p.key());
     let namespaces = Collection::new(
@@ -238,8 +201,6 @@ pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Chan
         |p: NetworkPolicy| (key(&p.metadata), p.spec.unwrap_or_default()),
         |p| key(&p.metadata),
     );
-    let nodes =
-        Collection::new(Api::<LeanNode>::all(client.clone()), "nodes", HINT, |n: LeanNode| (n.name(), n), |n| n.name());
     let api = Api::<ClusterNetworkPolicy>::all(client);
     let cluster_policies = OptionalCollection {
         probe: api.clone(),
@@ -256,7 +217,7 @@ pub fn watch_all(client: Client, outage: Arc<Outage>) -> impl Stream<Item = Chan
         follow(pods, &outage, Change::Pods).boxed(),
         follow(namespaces, &outage, Change::Namespaces).boxed(),
         follow(policies, &outage, Change::Policies).boxed(),
-        follow(nodes, &outage, Change::Nodes).boxed(),
+        follow_nodes(nodes).boxed(),
         follow(cluster_policies, &outage, Change::ClusterPolicies).boxed(),
     ])
 }
@@ -370,6 +331,16 @@ impl<L: ListWatch<Version = String>> ListWatch for OptionalCollection<L> {
             return listed.await.map_err(|stop| (ABSENT.to_string(), stop));
         }
     }
+}
+
+/// The Nodes the lease watch holds, each time they change: no watch of
+/// Nodes of its own.
+fn follow_nodes(directory: NodeDirectory) -> impl Stream<Item = Change> + Send {
+    let rx = directory.subscribe();
+    futures::stream::unfold((rx, directory), |(mut rx, directory)| async move {
+        rx.changed().await.ok()?;
+        Some((Change::Nodes(directory.snapshot()), (rx, directory)))
+    })
 }
 
 /// Runs the list-watch of `source` and streams its batches as changes.

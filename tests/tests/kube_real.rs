@@ -395,6 +395,38 @@ fn the_network_policy_truth_table_on_the_real_api_server(r: &mut Real) -> Result
         let said = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success() && said.contains("Invalid value") && said.contains(says), "{spec}: {said}");
     }
+
+    // ClusterNetworkPolicy: its CRD applied from deploy/ while the daemons run; they find it within their
+    // minute's poll and enforce it with no restart.
+    let crds = overlay_tests::manifests::deploy_dir().join("cluster-network-policy-crds.yaml");
+    r.cp.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
+    r.cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/clusternetworkpolicies.policy.networking.k8s.io",
+    ])?;
+    let found = wait_until(Duration::from_secs(75), || {
+        r.c.nodes.iter().all(|n| n.log_text().contains("enforcing ClusterNetworkPolicy"))
+    });
+    ensure!(found, "the daemons did not find the CRD:\n{}", r.c.nodes[0].log_text());
+    truth_table::run_cluster(&t);
+    // Refused at admission by the CRD's validation: a priority out of range, an unknown action.
+    for (spec, says) in [
+        (r#"{"tier":"Admin","priority":1001,"subject":{"namespaces":{}}}"#, "spec.priority"),
+        (
+            r#"{"tier":"Admin","priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Log","from":[{"namespaces":{}}]}]}"#,
+            "spec.ingress[0].action",
+        ),
+    ] {
+        let object = format!(
+            r#"{{"apiVersion":"policy.networking.k8s.io/v1alpha2","kind":"ClusterNetworkPolicy","metadata":{{"name":"bad"}},"spec":{spec}}}"#
+        );
+        let out = r.cp.kubectl_output(&r.cp.admin_kubeconfig(), &["apply", "-f", "-"], Some(&object))?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && said.contains(says), "{spec}: {said}");
+    }
+    r.cp.kubectl(&["delete", "-f", &crds.display().to_string(), "--wait=true"])?;
     drop(t);
     for ns in ["x", "y", "z"] {
         r.cp.kubectl(&["delete", "namespace", ns, "--wait=false"])?;

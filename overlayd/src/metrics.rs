@@ -216,9 +216,26 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
+/// A rule of a policy, as labels: which policy accepts or drops traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    pub kind: &'static str,
+    /// "" for a ClusterNetworkPolicy.
+    pub namespace: String,
+    pub name: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// Its index among the policy's rules of that direction.
+    pub rule: String,
+    /// `accept`, `deny` or `pass`.
+    pub action: &'static str,
+}
+
 /// What NetworkPolicy enforcement reports.
 pub struct PolicyMetrics {
     drops: Labelled<DirectionLabel, Counter>,
+    rule_packets: Labelled<RuleLabels, Counter>,
     /// NetworkPolicies in the cluster.
     pub policies: Gauge,
     /// NetworkPolicies that select at least one pod of this node.
@@ -245,6 +262,7 @@ impl Default for PolicyMetrics {
     fn default() -> Self {
         PolicyMetrics {
             drops: Labelled::default(),
+            rule_packets: Labelled::default(),
             policies: Gauge::default(),
             policies_in_effect: Gauge::default(),
             selected_pods: Gauge::default(),
@@ -265,7 +283,23 @@ impl PolicyMetrics {
         self.drops.get_or_create(&DirectionLabel { direction }).clone()
     }
 
+    /// The packet counter of a policy rule.
+    pub fn rule_packets(&self, labels: &RuleLabels) -> Counter {
+        self.rule_packets.get_or_create(labels).clone()
+    }
+
+    /// Forgets a policy rule's counter (the rule is gone).
+    pub fn forget_rule(&self, labels: &RuleLabels) {
+        self.rule_packets.remove(labels);
+    }
+
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "overlay_policy_rule_packets",
+            "Packets each policy rule decided (new connections: replies and established flows are not counted), \
+             by policy kind, namespace, name, direction, rule index and action",
+            self.rule_packets.clone(),
+        );
         r.register(
             "overlay_policy_dropped_packets",
             "Packets dropped by NetworkPolicy, by direction (ingress to or egress from this node's pods)",

@@ -250,6 +250,8 @@ pub struct Rule {
     pub action: Action,
     /// `namespace/name`, or the ClusterNetworkPolicy and rule, for the rule's comment.
     pub policy: String,
+    /// The policy rule it comes from (the first, when rules were merged).
+    pub origin: Origin,
     pub pods: String,
     pub peers: Option<String>,
     pub ports: PortMatch,
@@ -297,10 +299,29 @@ fn family_suffix(family: Family) -> &'static str {
 }
 
 /// The kinds of policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     NetworkPolicy,
     ClusterNetworkPolicy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+        }
+    }
+}
+
+/// A rule of a policy: its kind, namespace ("" for a ClusterNetworkPolicy),
+/// name, and its index among the policy's rules of its direction.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub index: usize,
 }
 
 /// A part of a policy that could not be compiled, and why.
@@ -485,7 +506,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
                     .collect();
                 isolated.entry((direction, family)).or_default().extend(&ips);
             }
-            c.policy_rules(&id, namespace, spec, direction, &selected);
+            c.policy_rules(&id, (namespace, name), spec, direction, &selected);
         }
     }
     let network_policy_rules = group(std::mem::take(&mut c.rules));
@@ -570,7 +591,7 @@ impl<'a> Compiler<'a> {
     fn policy_rules(
         &mut self,
         id: &str,
-        namespace: &str,
+        (namespace, name): (&str, &str),
         spec: &NetworkPolicySpec,
         direction: Direction,
         selected: &[(&Key, &PodInfo)],
@@ -579,7 +600,8 @@ impl<'a> Compiler<'a> {
             Direction::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.as_ref(), r.ports.as_ref())).collect(),
             Direction::Egress => spec.egress.iter().flatten().map(|r| (r.to.as_ref(), r.ports.as_ref())).collect(),
         };
-        for (peers, ports) in rules {
+        for (index, (peers, ports)) in rules.into_iter().enumerate() {
+            let origin = Origin { kind: Kind::NetworkPolicy, namespace: namespace.into(), name: name.into(), index };
             let peers: Option<Vec<Peer>> =
                 peers.filter(|p| !p.is_empty()).map(|p| p.iter().filter_map(|peer| self.peer(id, peer)).collect());
             let peer_pods = peers.as_ref().map(|peers| {
@@ -682,6 +704,7 @@ impl<'a> Compiler<'a> {
                         tier: Tier::NetworkPolicy,
                         action: Action::Accept,
                         policy: id.to_string(),
+                        origin: origin.clone(),
                         pods: pods_set.clone(),
                         peers,
                         ports,

@@ -101,6 +101,8 @@ struct Controller {
     said: BTreeSet<Problem>,
     /// Drop counters as last read from the kernel.
     drops: [u64; 2],
+    /// The rules of the ruleset the kernel was last made to hold, for their counters.
+    counted: Option<Counted>,
     /// The last ruleset compiled, for the timer's check when nothing changed.
     compiled: Option<compile::Compiled>,
     /// Timer checks made (for the periodic rewrite of every set).
@@ -143,6 +145,7 @@ async fn run(
         interner: selector::Interner::default(),
         said: BTreeSet::new(),
         drops: [0; 2],
+        counted: None,
         compiled: None,
         checks: 0,
         failed: false,
@@ -333,6 +336,14 @@ impl Controller {
         let holds = listed.as_ref().is_some_and(|l| l.holds(ruleset));
         if let Some(l) = &listed {
             self.count_drops(l.drops);
+            self.count_rules(l);
+            // Found holding it (a restarted daemon): its counters are counted from here on.
+            let fingerprint = table::fingerprint(ruleset);
+            if holds && self.counted.as_ref().is_none_or(|c| c.fingerprint != fingerprint) {
+                let mut counted = Counted::new(ruleset, self.counted.take(), &self.state.metrics.policy);
+                counted.last = l.rule_packets(&counted.layout);
+                self.counted = Some(counted);
+            }
         }
         if holds && !safety_net {
             return Ok(false);
@@ -346,10 +357,28 @@ impl Controller {
         let rewrite_all = timer || self.failed;
         let existing = listed.as_ref().map(|l| l.sets.as_slice()).unwrap_or_default();
         self.failed = true;
+        let previous = self.counted.take();
         table::apply(ruleset, existing, rewrite_all).await?;
         self.failed = false;
+        self.counted = Some(Counted::new(ruleset, previous, &self.state.metrics.policy));
         self.state.metrics.policy.applies.inc();
         Ok(true)
+    }
+
+    /// Adds what each rule's kernel counter grew by since the last read to its metric.
+    fn count_rules(&mut self, listed: &table::TableState) {
+        let Some(counted) = &mut self.counted else { return };
+        if listed.fingerprint.as_deref() != Some(counted.fingerprint.as_str()) {
+            return;
+        }
+        let now = listed.rule_packets(&counted.layout);
+        for ((labels, last), now) in counted.labels.iter().zip(&mut counted.last).zip(now) {
+            let delta = now.checked_sub(*last).unwrap_or(now);
+            if delta > 0 {
+                self.state.metrics.policy.rule_packets(labels).inc_by(delta);
+            }
+            *last = now;
+        }
     }
 
     /// Adds what the kernel's counters grew by since the last read (a
@@ -360,6 +389,50 @@ impl Controller {
             self.state.metrics.policy.drops(direction.name()).inc_by(delta);
         }
         self.drops = now;
+    }
+}
+
+/// The rules of a ruleset in the kernel, for their counters: every
+/// transaction adds its rules anew, so each starts from 0.
+struct Counted {
+    fingerprint: String,
+    layout: Vec<(&'static str, usize)>,
+    labels: Vec<crate::metrics::RuleLabels>,
+    /// Each rule's counter as last read.
+    last: Vec<u64>,
+}
+
+impl Counted {
+    /// The rules of `ruleset`, just applied; the counters of rules gone with `previous` are forgotten.
+    fn new(ruleset: &Ruleset, previous: Option<Counted>, metrics: &crate::metrics::PolicyMetrics) -> Counted {
+        let labels: Vec<crate::metrics::RuleLabels> = ruleset
+            .rules
+            .iter()
+            .map(|r| crate::metrics::RuleLabels {
+                kind: r.origin.kind.name(),
+                namespace: r.origin.namespace.clone(),
+                name: r.origin.name.clone(),
+                direction: r.direction.name(),
+                rule: r.origin.index.to_string(),
+                action: match r.action {
+                    compile::Action::Accept => "accept",
+                    compile::Action::Deny => "deny",
+                    compile::Action::Pass => "pass",
+                },
+            })
+            .collect();
+        if let Some(previous) = previous {
+            let kept: std::collections::HashSet<&crate::metrics::RuleLabels> = labels.iter().collect();
+            for gone in previous.labels.iter().filter(|l| !kept.contains(l)) {
+                metrics.forget_rule(gone);
+            }
+        }
+        Counted {
+            fingerprint: table::fingerprint(ruleset),
+            layout: table::layout(ruleset),
+            last: vec![0; labels.len()],
+            labels,
+        }
     }
 }
 

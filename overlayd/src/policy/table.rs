@@ -186,6 +186,8 @@ fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
             set,
         )),
     }
+    // Every rule counts what it decides: `overlay_policy_rule_packets_total`.
+    out.push(Statement::Counter(CounterStmt::Anonymous(None)));
     let allow = match rule.direction {
         // Allowed out: on to the ingress check of the destination.
         Direction::Egress => Statement::Return(None),
@@ -321,17 +323,38 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
     for set in ruleset.port_sets.iter().filter(|s| !keep(&s.name)) {
         objects.push(add(NfListObject::Set(Box::new(port_set(set)))));
     }
-    let rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: Option<String>| {
-        add(NfListObject::Rule(NfRule {
+    for planned in planned_rules(ruleset) {
+        objects.push(add(NfListObject::Rule(NfRule {
             family: NfFamily::INet,
             table: Cow::Borrowed(TABLE),
-            chain: Cow::Borrowed(chain),
-            expr: Cow::Owned(expr),
-            comment: comment.map(Cow::Owned),
+            chain: Cow::Borrowed(planned.chain),
+            expr: Cow::Owned(planned.expr),
+            comment: planned.comment.map(Cow::Owned),
             ..NfRule::default()
-        }))
+        })));
+    }
+    Nftables { objects: Cow::Owned(objects) }
+}
+
+/// A rule of the table, as the transaction adds it.
+struct PlannedRule {
+    chain: &'static str,
+    expr: Vec<Statement<'static>>,
+    comment: Option<String>,
+    /// Its index in [`Ruleset::rules`], if it is one of them.
+    index: Option<usize>,
+}
+
+/// Every rule of the table, in the order the transaction adds them.
+fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
+    let mut out = Vec::new();
+    let rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: Option<String>| PlannedRule {
+        chain,
+        expr,
+        comment,
+        index: None,
     };
-    objects.push(rule(
+    out.push(rule(
         FORWARD,
         vec![
             Statement::Match(Match {
@@ -354,7 +377,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
     // does not speak of. Policed, an isolated pod's neighbour advertisements to a pod
     // of its node (bridged, so they meet this hook) are dropped, and that pod can no
     // longer answer anyone it has not heard from first: IPv4's ARP never comes here.
-    objects.push(rule(
+    out.push(rule(
         FORWARD,
         vec![
             Statement::Match(Match {
@@ -374,7 +397,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
     for direction in [Direction::Egress, Direction::Ingress] {
         for family in Family::ALL {
             let (pod, _) = fields(direction);
-            objects.push(rule(
+            out.push(rule(
                 FORWARD,
                 vec![
                     in_set(payload(proto_name(family), pod), ruleset.policed_set(direction, family)),
@@ -385,31 +408,62 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
         }
     }
     let comment = |r: &Rule| Some(r.policy.chars().take(120).collect());
+    let of = |(i, r): (usize, &Rule)| PlannedRule {
+        chain: chain_of(r),
+        expr: rule_statements(r),
+        comment: comment(r),
+        index: Some(i),
+    };
     for direction in [Direction::Egress, Direction::Ingress] {
-        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::Admin) {
-            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
-        }
-        objects.push(rule(
+        out.extend(
+            ruleset.rules.iter().enumerate().filter(|(_, r)| r.direction == direction && r.tier == Tier::Admin).map(of),
+        );
+        out.push(rule(
             direction.name(),
             vec![Statement::Goto(JumpTarget { target: Cow::Borrowed(np_chain(direction)) })],
             None,
         ));
-        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::NetworkPolicy) {
-            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
-        }
+        out.extend(
+            ruleset
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.direction == direction && r.tier == Tier::NetworkPolicy)
+                .map(of),
+        );
         // What NetworkPolicy isolates and did not allow is dropped here: the
         // Baseline tier is only for the pods no NetworkPolicy selects.
         for family in Family::ALL {
             let (pod, _) = fields(direction);
             let mut expr = vec![in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family))];
             expr.extend(count_and_drop(direction));
-            objects.push(rule(np_chain(direction), expr, None));
+            out.push(rule(np_chain(direction), expr, None));
         }
-        for r in ruleset.rules.iter().filter(|r| r.direction == direction && r.tier == Tier::Baseline) {
-            objects.push(rule(chain_of(r), rule_statements(r), comment(r)));
-        }
+        out.extend(
+            ruleset
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.direction == direction && r.tier == Tier::Baseline)
+                .map(of),
+        );
     }
-    Nftables { objects: Cow::Owned(objects) }
+    out
+}
+
+/// Where each of `ruleset`'s rules stands in the table: its chain, and its
+/// position among that chain's rules; by index in [`Ruleset::rules`].
+pub fn layout(ruleset: &Ruleset) -> Vec<(&'static str, usize)> {
+    let mut out = vec![("", 0); ruleset.rules.len()];
+    let mut positions: std::collections::HashMap<&'static str, usize> = std::collections::HashMap::new();
+    for planned in planned_rules(ruleset) {
+        let position = positions.entry(planned.chain).or_default();
+        if let Some(i) = planned.index {
+            out[i] = (planned.chain, *position);
+        }
+        *position += 1;
+    }
+    out
 }
 
 /// What a terse listing (no set contents) says of the table.
@@ -421,17 +475,28 @@ pub struct TableState {
     pub rules: usize,
     /// Packets dropped, by direction (ingress, egress).
     pub drops: [u64; 2],
+    /// The packet counter of each rule that has one, by chain and position in it.
+    pub rule_packets: std::collections::HashMap<(String, usize), u64>,
 }
 
 impl TableState {
     fn parse(listing: &Value) -> TableState {
         let objects = listing.get("nftables").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         let mut out = TableState::default();
+        let mut positions: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for o in objects {
             if let Some(set) = o.get("set") {
                 out.sets.extend(set["name"].as_str().map(str::to_string));
             } else if let Some(rule) = o.get("rule") {
                 out.rules += 1;
+                let chain = rule["chain"].as_str().unwrap_or_default().to_string();
+                let position = positions.entry(chain.clone()).or_default();
+                let counted =
+                    rule["expr"].as_array().into_iter().flatten().find_map(|e| e["counter"]["packets"].as_u64());
+                if let Some(packets) = counted {
+                    out.rule_packets.insert((chain, *position), packets);
+                }
+                *position += 1;
                 if rule["chain"] == FORWARD && out.fingerprint.is_none() {
                     out.fingerprint = rule["comment"].as_str().map(str::to_string);
                 }
@@ -445,6 +510,14 @@ impl TableState {
             }
         }
         out
+    }
+
+    /// The packets each rule of the ruleset laid out as `layout` has counted, by index.
+    pub fn rule_packets(&self, layout: &[(&'static str, usize)]) -> Vec<u64> {
+        layout
+            .iter()
+            .map(|(chain, pos)| self.rule_packets.get(&(chain.to_string(), *pos)).copied().unwrap_or(0))
+            .collect()
     }
 
     /// Whether the kernel holds exactly `ruleset` (as far as a terse listing tells).

@@ -21,8 +21,8 @@ use proto::family::value;
 use proto::Family;
 
 use super::{
-    merge, range_of, Action, Compiler, Direction, Isolation, Key, Kind, Namespaces, Peer, PodInfo, PortMatch, Problem,
-    Protocol, Rule, Tier,
+    merge, range_of, Action, Compiler, Direction, Isolation, Key, Kind, Namespaces, Origin, Peer, PodInfo, PortMatch,
+    Problem, Protocol, Rule, Tier,
 };
 use crate::policy::cluster_policy::{self as api, Spec};
 use crate::policy::selector::{Labels, Selector};
@@ -156,7 +156,13 @@ impl<'a> Compiler<'a> {
                         direction.name(),
                         if rule.name.is_empty() { String::new() } else { format!(" {}", rule.name) }
                     );
-                    let compiled = self.cluster_rule(name, &label, tier, direction, rule, &pods);
+                    let origin = Origin {
+                        kind: Kind::ClusterNetworkPolicy,
+                        namespace: String::new(),
+                        name: name.to_string(),
+                        index,
+                    };
+                    let compiled = self.cluster_rule(name, (&label, &origin), tier, direction, rule, &pods);
                     match tier {
                         Tier::Admin => out.admin.extend(compiled),
                         _ => out.baseline.extend(compiled),
@@ -289,7 +295,7 @@ impl<'a> Compiler<'a> {
     fn cluster_rule(
         &mut self,
         name: &str,
-        label: &str,
+        (label, origin): (&str, &Origin),
         tier: Tier,
         direction: Direction,
         rule: &RuleView<'_>,
@@ -360,6 +366,7 @@ impl<'a> Compiler<'a> {
                 tier,
                 action,
                 policy: label.to_string(),
+                origin: origin.clone(),
                 pods: pods_set.clone(),
                 peers,
                 ports,

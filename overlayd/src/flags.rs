@@ -62,6 +62,10 @@ pub enum Command {
     /// its peers and the leases it skipped (and why), each resource's
     /// readiness, the last repair and the last error.
     Status(StatusArgs),
+    /// Ask the running daemon whether policy allows a new connection from
+    /// SRC to DST, and which rule decides: the Admin tier, NetworkPolicy,
+    /// the Baseline tier, or the default, from the model the kernel holds.
+    Explain(ExplainArgs),
     /// Install the CNI plugin and the network config list onto the host,
     /// each through a rename, so a container runtime never reads half a
     /// file. The DaemonSet's init container runs this.
@@ -88,6 +92,26 @@ pub struct StatusArgs {
     #[arg(long, value_name = "ADDRESS")]
     pub address: Option<SocketAddr>,
     /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `explain` asks, and where.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExplainArgs {
+    /// The sender: a pod as namespace/name, or an address.
+    pub src: String,
+    /// The receiver: a pod as namespace/name, or an address.
+    pub dst: String,
+    /// The port and protocol: 80/tcp, 53/udp, 9000/sctp (TCP when no protocol is given).
+    pub port: String,
+    /// The family, when both ends have both (4 or 6; default 4).
+    #[arg(long)]
+    pub family: Option<u8>,
+    /// The daemon's health address (as for `status`).
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<SocketAddr>,
+    /// Print the answer as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -64,9 +64,15 @@ async fn serve_connection<S>(stream: S, state: Arc<NodeState>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
-        let response = respond(&state, &req);
-        async move { Ok::<_, std::convert::Infallible>(response) }
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            let response = match (req.method(), req.uri().path()) {
+                (&Method::GET, "/explain") => explain(&state, req.uri().query().unwrap_or("")).await,
+                _ => respond(&state, &req),
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .header_read_timeout(std::time::Duration::from_secs(5))
@@ -126,6 +132,37 @@ where
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `/explain?src=x/a&dst=y/b&port=80/tcp[&family=6]`: the policy thread's
+/// answer, as JSON ([`Explanation`](crate::policy::explain::Explanation)).
+async fn explain(state: &NodeState, query: &str) -> Response<Full<Bytes>> {
+    use crate::policy::explain::{Query, Request as Question};
+    let params: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or_default();
+    let answer = async {
+        let query = Query::parse(get("src"), get("dst"), get("port"), params.get("family").map(String::as_str))
+            .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+        let asked = state.explainer.get().ok_or_else(|| {
+            (StatusCode::NOT_FOUND, "this node enforces no policy (etcd mode, or --network-policy=false)".to_string())
+        })?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || (StatusCode::SERVICE_UNAVAILABLE, "the policy thread is not answering".to_string());
+        asked.send(Question { query, reply }).await.map_err(|_| gone())?;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), answer).await.map_err(|_| gone())?;
+        answer.map_err(|_| gone())?.map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
+    };
+    let (status, kind, body) = match answer.await {
+        Ok(explanation) => {
+            (StatusCode::OK, "application/json", serde_json::to_string_pretty(&explanation).unwrap_or_default() + "\n")
+        }
+        Err((status, e)) => (status, "text/plain; charset=utf-8", e + "\n"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    response
 }
 
 fn respond(state: &NodeState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         Some(flags::Command::Status(args)) => {
             runtime().and_then(|rt| rt.block_on(status_command::run(&cli.run, &args)))
         }
+        Some(flags::Command::Explain(args)) => {
+            runtime().and_then(|rt| rt.block_on(status_command::explain(&cli.run, &args)))
+        }
         Some(flags::Command::Cleanup(args)) => runtime().and_then(|rt| rt.block_on(cleanup::run(&cli.run, &args))),
         // The daemon's tasks that hold the lease store run beside its loop, on its one thread.
         None => runtime().and_then(|rt| rt.block_on(tokio::task::LocalSet::new().run_until(daemon::run(cli.run)))),

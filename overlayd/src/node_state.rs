@@ -123,6 +123,8 @@ pub struct NodeState {
     policy_enabled: bool,
     /// Whether the kernel held the compiled ruleset after the last sync.
     policy_synced: AtomicBool,
+    /// Where `/explain` asks the policy thread, once it runs.
+    pub explainer: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::policy::explain::Request>>,
 }
 
 impl Default for NodeState {
@@ -143,6 +145,7 @@ impl NodeState {
             families: AtomicU8::new(0b11),
             policy_enabled: enforces_policy,
             policy_synced: AtomicBool::new(false),
+            explainer: std::sync::OnceLock::new(),
         }
     }
 

@@ -129,6 +129,32 @@ pub fn tcp_source_seen_ip(server: &Netns, server_ip: IpAddr, client: &Netns) -> 
 }
 
 /// A plain HTTP GET from inside `ns`; returns (status code, body).
+/// GETs each of `paths` from `addr` in `ns`, one connection each, at once:
+/// status and body of each, in order (for many quick questions).
+pub fn http_get_many(ns: &Netns, addr: SocketAddr, paths: Vec<String>) -> Result<Vec<(u16, String)>> {
+    in_netns(ns, move || {
+        use std::io::{Read, Write};
+        paths
+            .iter()
+            .map(|path| {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text)?;
+                let status = text
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| anyhow!("bad response {text:?}"))?;
+                Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+            })
+            .collect()
+    })
+    .join()
+    .map_err(|_| anyhow!("http thread panicked"))?
+}
+
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let path = path.to_string();
     in_netns(ns, move || {

@@ -158,6 +158,35 @@ impl<'a> Table<'a> {
 
     /// Checks the matrix of every probe in both families; a mismatch is
     /// looked at again for up to 3 s (a change that came in two watch bursts).
+    /// Asks node 1's daemon to explain every pair (`/explain`, as `overlayd
+    /// explain` does) and checks that it agrees with the connections made.
+    fn check_explain(&self, case: &str, proto: Proto, port: u16, family: u8, want: &Matrix) {
+        let proto_name = match proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let pairs: Vec<(&PodName, &PodName)> = want.keys().map(|(f, t)| (f, t)).collect();
+        let paths = pairs
+            .iter()
+            .map(|(f, t)| format!("/explain?src={f}&dst={t}&port={port}/{proto_name}&family={family}"))
+            .collect();
+        let answers = crate::probe::http_get_many(&self.nodes[0].ns, HEALTH.parse().unwrap(), paths).expect("explain");
+        let mut wrong = Vec::new();
+        for ((f, t), (code, body)) in pairs.iter().zip(answers) {
+            let answer: Value = serde_json::from_str(&body).unwrap_or_default();
+            let allowed = want[&((*f).clone(), (*t).clone())];
+            if code != 200 || answer["allowed"].as_bool() != Some(allowed) {
+                wrong.push(format!("{f} -> {t}: connected {allowed}, explained {code} {}", answer["summary"]));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "case {case:?}, {proto:?} {port}, IPv{family}: explain disagrees with {} connections:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+
     fn check(&self, case: &str, probes: &[(Proto, u16)], expect: &dyn Fn(&PodName, &PodName, Proto, u16) -> bool) {
         for &(proto, port) in probes {
             let mut want = Matrix::new();
@@ -183,6 +212,7 @@ impl<'a> Table<'a> {
                     };
                     let diff = differences(&want, &got);
                     if diff.is_empty() {
+                        self.check_explain(case, proto, port, family, &want);
                         break;
                     }
                     if Instant::now() > deadline {
@@ -771,7 +801,7 @@ pub fn run(t: &Table) {
     // SCTP is compiled into the table even though this kernel cannot carry it.
     t.set_policies(&[("x", "p1", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}]}))]);
     let table = t.nodes[0].ns.exec("nft", &["list", "table", "inet", "overlay_policy"]).unwrap();
-    assert!(table.contains("sctp dport 80 accept"), "{table}");
+    assert!(table.contains("sctp dport 80 counter packets 0 bytes 0 accept"), "{table}");
 
     // Dynamic cases: updates, relabels and deletions, each applied in place.
     let allow_from =

@@ -852,4 +852,4 @@ enum PortSpec {
 mod cluster;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

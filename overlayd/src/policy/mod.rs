@@ -15,6 +15,7 @@
 
 pub mod cluster_policy;
 pub mod compile;
+pub mod explain;
 pub mod selector;
 pub mod table;
 mod watch;
@@ -101,6 +102,8 @@ struct Controller {
     said: BTreeSet<Problem>,
     /// Drop counters as last read from the kernel.
     drops: [u64; 2],
+    /// Rulesets compiled for `explain`, by node, for the current view.
+    explained: std::collections::HashMap<String, compile::Compiled>,
     /// The rules of the ruleset the kernel was last made to hold, for their counters.
     counted: Option<Counted>,
     /// The last ruleset compiled, for the timer's check when nothing changed.
@@ -138,6 +141,8 @@ async fn run(
 ) {
     let changes = watch::watch_all(client, outage, nodes);
     tokio::pin!(changes);
+    let (explain_tx, mut questions) = tokio::sync::mpsc::channel(16);
+    let _ = state.explainer.set(explain_tx);
     let mut c = Controller {
         node,
         view: ClusterView::default(),
@@ -145,6 +150,7 @@ async fn run(
         interner: selector::Interner::default(),
         said: BTreeSet::new(),
         drops: [0; 2],
+        explained: std::collections::HashMap::new(),
         counted: None,
         compiled: None,
         checks: 0,
@@ -207,6 +213,7 @@ async fn run(
                     next_check = c.sync(SyncCause::Change).await;
                 }
             }
+            Some(question) = questions.recv() => c.answer(question),
             _ = sleep_until(next_check.into()) => next_check = c.sync(SyncCause::Timer).await,
         }
     }
@@ -242,7 +249,25 @@ impl Controller {
         };
         if changed {
             self.pending_since.get_or_insert_with(Instant::now);
+            self.explained.clear();
         }
+    }
+
+    /// Answers `overlayd explain` from the view, with each node's ruleset
+    /// compiled as that node compiles it (kept until the view changes).
+    fn answer(&mut self, question: explain::Request) {
+        let answer = if !self.listed() {
+            Err("the policy watches have not listed yet".to_string())
+        } else {
+            let (view, cache) = (&self.view, &mut self.explained);
+            explain::nodes(view, &question.query).and_then(|nodes| {
+                for node in nodes {
+                    cache.entry(node.clone()).or_insert_with(|| compile::compile(view, &node));
+                }
+                explain::explain(view, &question.query, |node| cache.get(node))
+            })
+        };
+        let _ = question.reply.send(answer);
     }
 
     /// Whether every watch has listed once: until then nothing is applied.

@@ -1,7 +1,7 @@
 use super::*;
 use serde_json::json;
 
-pub(super) fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo {
+pub(crate) fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo {
     let mut interner = super::super::selector::Interner::default();
     PodInfo {
         node: node.into(),
@@ -11,7 +11,7 @@ pub(super) fn pod(node: &str, labels: &[(&str, &str)], ips: &[&str]) -> PodInfo 
     }
 }
 
-pub(super) fn view(policies: &[(&str, serde_json::Value)]) -> ClusterView {
+pub(crate) fn view(policies: &[(&str, serde_json::Value)]) -> ClusterView {
     let mut v = ClusterView::default();
     v.pods.insert(("x".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.2", "fd00::1:2"]));
     v.pods.insert(("x".into(), "b".into()), pod("n2", &[("pod", "b")], &["10.0.2.2", "fd00::2:2"]));

@@ -1143,6 +1143,7 @@ fn policy_bench() -> Result<()> {
     use serde_json::json;
     let mut c = Cluster::new(ClusterOptions { config: None, ..Default::default() })?;
     c.start_kube_api(config_for_bench())?;
+    c.api().install_cluster_policy_crd();
     let health = "127.0.0.1:8471";
     let i = c.add_kube_node(true, &["--health-addr", health])?;
     c.nodes[i].start()?;
@@ -1241,6 +1242,60 @@ fn policy_bench() -> Result<()> {
         mib(rss.rss_kib),
         mib(rss.anon_kib),
     );
+    // 100 ClusterNetworkPolicies beside the 1,000 NetworkPolicies, half in each tier.
+    let cluster_policy = |j: u32, port: u32| {
+        let action = ["Accept", "Deny", "Pass"][j as usize % 3];
+        json!({"metadata": {"name": format!("c{j:03}")},
+               "spec": {"tier": if j.is_multiple_of(2) { "Admin" } else { "Baseline" }, "priority": j,
+                        "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+                        "ingress": [{"action": action,
+                                     "from": [{"pods": {"namespaceSelector": {"matchLabels": {"ns": format!("ns{}", j % 10)}},
+                                                        "podSelector": {"matchLabels": {"app": format!("app{}", j % 100)}}}}],
+                                     "protocols": [{"tcp": {"destinationPort": {"number": port}}}]}]}})
+    };
+    let start = Instant::now();
+    for j in 0..100 {
+        c.api().put("clusternetworkpolicies", cluster_policy(j, 5000 + j))?;
+    }
+    if !overlay_tests::wait_until(Duration::from_secs(120), || in_effect(&c) == 1_100) {
+        bail!("100 ClusterNetworkPolicies not in effect after 120 s");
+    }
+    let cluster_initial = start.elapsed();
+    std::thread::sleep(Duration::from_secs(6));
+    let (mut cluster_latencies, mut cluster_compile, mut cluster_apply) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..10u32 {
+        let before = syncs(&c);
+        let t = Instant::now();
+        c.api().put("clusternetworkpolicies", cluster_policy(round, 25_000 + round))?;
+        if !overlay_tests::wait_until(Duration::from_secs(30), || syncs(&c) > before) {
+            bail!("no sync after a ClusterNetworkPolicy update");
+        }
+        cluster_latencies.push(t.elapsed());
+        if let Some((cm, am)) = last_apply(&c.nodes[0].log_text()) {
+            cluster_compile.push(cm);
+            cluster_apply.push(am);
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    cluster_latencies.sort();
+    cluster_compile.sort();
+    cluster_apply.sort();
+    println!();
+    println!("The same node with 100 ClusterNetworkPolicies added (50 Admin, 50 Baseline; Accept, Deny and Pass) beside the 1,000 NetworkPolicies:");
+    println!("| initial: 100 put → all in effect | update of one: API → kernel, p50 (max) | compile p50 | nft apply p50 (max) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {} | {} ({}) | {} ms | {} ms ({} ms) |",
+        ms(Some(cluster_initial)),
+        ms(Some(percentile(&cluster_latencies, 0.5))),
+        ms(cluster_latencies.last().copied()),
+        cluster_compile.get(cluster_compile.len() / 2).copied().unwrap_or(0),
+        cluster_apply.get(cluster_apply.len() / 2).copied().unwrap_or(0),
+        cluster_apply.last().copied().unwrap_or(0),
+    );
+    for j in 0..100 {
+        c.api().remove("clusternetworkpolicies", "", &format!("c{j:03}"))?;
+    }
     // 100,000 pods watched: the daemon's memory once it holds them all.
     for j in 9_998..100_000u32 {
         let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 245, 0, 0)) + j).to_string();
@@ -1323,6 +1378,7 @@ fn policy_latency_bench() -> Result<()> {
     use serde_json::json;
     let mut c = Cluster::new(ClusterOptions { config: None, ..Default::default() })?;
     c.start_kube_api(config_for_bench())?;
+    c.api().install_cluster_policy_crd();
     let health = "127.0.0.1:8471";
     for _ in 0..2 {
         let i = c.add_kube_node(true, &["--health-addr", health])?;
@@ -1365,6 +1421,7 @@ fn policy_latency_bench() -> Result<()> {
     mean_rtt_ms(from, to)?;
     let (mut none, mut with) = (Vec::new(), Vec::new());
     let (mut connect_none, mut connect_with) = (Vec::new(), Vec::new());
+    let (mut cluster, mut connect_cluster) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         for j in 0..100 {
             let _ = c.api().remove("networkpolicies", "x", &format!("p{j:02}"));
@@ -1389,36 +1446,77 @@ fn policy_latency_bench() -> Result<()> {
         if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 100) {
             bail!("policies not in effect");
         }
+        // The gauge is set as the ruleset is compiled: let its apply end.
+        std::thread::sleep(Duration::from_secs(1));
         with.push(mean_rtt_ms(from, to)?);
         connect_with.push(mean_connect_ms(from, to)?);
+        // 100 ClusterNetworkPolicies in the Admin tier instead: 99 deny other ports, the last accepts.
+        for j in 0..100 {
+            let _ = c.api().remove("networkpolicies", "x", &format!("p{j:02}"));
+        }
+        if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 0) {
+            bail!("policies not removed");
+        }
+        for j in 0..100 {
+            let from_b = json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}});
+            let rule = if j == 99 {
+                json!({"action": "Accept", "from": [from_b]})
+            } else {
+                json!({"action": "Deny", "from": [from_b], "protocols": [{"tcp": {"destinationPort": {"number": 1000 + j}}}]})
+            };
+            c.api().put(
+                "clusternetworkpolicies",
+                json!({"metadata": {"name": format!("c{j:02}")},
+                       "spec": {"tier": "Admin", "priority": j, "subject": {"pods": {"namespaceSelector": {},
+                                "podSelector": {"matchLabels": {"pod": "a"}}}}, "ingress": [rule]}}),
+            )?;
+        }
+        if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 100) {
+            bail!("cluster policies not in effect");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        cluster.push(mean_rtt_ms(from, to)?);
+        connect_cluster.push(mean_connect_ms(from, to)?);
+        for j in 0..100 {
+            let _ = c.api().remove("clusternetworkpolicies", "", &format!("c{j:02}"));
+        }
+        if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c) == 0) {
+            bail!("cluster policies not removed");
+        }
     }
     STOP.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = server.join();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!();
     println!("Pod-to-pod ping across two nodes (1,000 pings 2 ms apart, 5 runs each, alternated):");
-    println!("| no policy: mean RTT (runs) | 100 policies on the destination: mean RTT (runs) | added |");
-    println!("|---|---|---|");
+    println!("| no policy: mean RTT (runs) | 100 NetworkPolicies on the destination: mean RTT (runs) | added | 100 Admin ClusterNetworkPolicies instead (runs) | added |");
+    println!("|---|---|---|---|---|");
     let runs = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
     println!(
-        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % |",
+        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % | {:.3} ms ({}) | {:+.1} % |",
         mean(&none),
         runs(&none),
         mean(&with),
         runs(&with),
-        (mean(&with) / mean(&none) - 1.0) * 100.0
+        (mean(&with) / mean(&none) - 1.0) * 100.0,
+        mean(&cluster),
+        runs(&cluster),
+        (mean(&cluster) / mean(&none) - 1.0) * 100.0
     );
     println!();
     println!("TCP connect (handshake, a new flow each: its first packet walks the 100 rules), 1,000 one after another, 5 runs each:");
-    println!("| no policy: mean connect (runs) | 100 policies: mean connect (runs) | added |");
-    println!("|---|---|---|");
+    println!("| no policy: mean connect (runs) | 100 NetworkPolicies: mean connect (runs) | added | 100 Admin ClusterNetworkPolicies (runs) | added |");
+    println!("|---|---|---|---|---|");
     println!(
-        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % |",
+        "| {:.3} ms ({}) | {:.3} ms ({}) | {:+.1} % | {:.3} ms ({}) | {:+.1} % |",
         mean(&connect_none),
         runs(&connect_none),
         mean(&connect_with),
         runs(&connect_with),
-        (mean(&connect_with) / mean(&connect_none) - 1.0) * 100.0
+        (mean(&connect_with) / mean(&connect_none) - 1.0) * 100.0,
+        mean(&connect_cluster),
+        runs(&connect_cluster),
+        (mean(&connect_cluster) / mean(&connect_none) - 1.0) * 100.0
     );
     Ok(())
 }

@@ -170,6 +170,8 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
+        out.admin = merge_runs(std::mem::take(&mut out.admin));
+        out.baseline = merge_runs(std::mem::take(&mut out.baseline));
         out
     }
 
@@ -454,6 +456,48 @@ impl<'a> Compiler<'a> {
         }
         out
     }
+}
+
+/// Merges each rule into the one before it in its chain (same direction and
+/// family: rules of other families never see its packets) when both do the
+/// same to the same pods and peers and differ only in ports: a packet that
+/// either matches gets the same verdict, so the order is kept. A hundred
+/// policies that deny a port each to the same peers are one rule, and a new
+/// flow walks one rule, not a hundred. Counters and comments name the first.
+fn merge_runs(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut out: Vec<Rule> = Vec::with_capacity(rules.len());
+    let mut merged: Vec<usize> = Vec::with_capacity(rules.len());
+    let mut last: std::collections::HashMap<(Direction, Family), usize> = std::collections::HashMap::new();
+    for rule in rules {
+        let chain = (rule.direction, rule.family);
+        if let Some(&i) = last.get(&chain) {
+            let before = &mut out[i];
+            let same = before.action == rule.action && before.pods == rule.pods && before.peers == rule.peers;
+            let ports = match (&before.ports, &rule.ports) {
+                (PortMatch::Any, PortMatch::Any | PortMatch::Ports(_)) | (PortMatch::Ports(_), PortMatch::Any) => {
+                    Some(PortMatch::Any)
+                }
+                (PortMatch::Ports(a), PortMatch::Ports(b)) => {
+                    Some(PortMatch::Ports(super::merge_ports(a.iter().chain(b).copied().collect())))
+                }
+                _ => None,
+            };
+            if let (true, Some(ports)) = (same, ports) {
+                before.ports = ports;
+                merged[i] += 1;
+                continue;
+            }
+        }
+        last.insert(chain, out.len());
+        merged.push(0);
+        out.push(rule);
+    }
+    for (rule, more) in out.iter_mut().zip(merged) {
+        if more > 0 {
+            rule.policy = format!("{} and {more} more", rule.policy);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -24,9 +24,15 @@ fn addr_set<'a>(c: &'a Compiled, name: &str) -> &'a AddrSet {
 
 #[test]
 fn tiers_are_in_the_order_the_api_evaluates_them() {
+    // Each from another namespace, so no two merge.
     let deny_y = |tier: &str, priority: i32| {
+        let from = if priority == 7 {
+            json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}})
+        } else {
+            json!({"namespaces": {"matchLabels": {"ns": "y"}}})
+        };
         json!({"tier": tier, "priority": priority, "subject": {"namespaces": {}},
-               "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"ns": "y"}}}]}]})
+               "ingress": [{"action": "Deny", "from": [from]}]})
     };
     let c = compile(
         &with_cluster(
@@ -180,9 +186,11 @@ fn what_cannot_be_read_fails_closed() {
 
 #[test]
 fn one_priority_twice_is_ordered_by_name_and_said() {
-    let spec = json!({"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
-                      "ingress": [{"action": "Accept", "from": [{"namespaces": {}}]}]});
-    let c = compile(&with_cluster(&[], &[("beta", spec.clone()), ("alpha", spec)]), "n1");
+    let spec = |from: &str| {
+        json!({"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+               "ingress": [{"action": "Accept", "from": [{"namespaces": {"matchLabels": {"ns": from}}}]}]})
+    };
+    let c = compile(&with_cluster(&[], &[("beta", spec("x")), ("alpha", spec("y"))]), "n1");
     let r = rules(&c, Family::V4);
     assert!(r[0].policy.contains("alpha") && r[1].policy.contains("beta"), "{r:#?}");
     assert_eq!(c.problems.len(), 1);
@@ -190,7 +198,7 @@ fn one_priority_twice_is_ordered_by_name_and_said() {
 }
 
 #[test]
-fn a_thousand_policies_are_a_rule_each() {
+fn a_thousand_policies_that_deny_ports_to_the_same_peers_are_one_rule_per_tier() {
     let policies: Vec<(String, serde_json::Value)> = (0..1000)
         .map(|i| {
             (
@@ -204,7 +212,37 @@ fn a_thousand_policies_are_a_rule_each() {
         .collect();
     let refs: Vec<(&str, serde_json::Value)> = policies.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
     let c = compile(&with_cluster(&[], &refs), "n1");
-    assert_eq!(c.ruleset.rules.len(), 2000, "one per policy and family");
+    assert_eq!(c.ruleset.rules.len(), 4, "one per tier and family: each tier's rules deny ports to the same peers");
+    let admin = c.ruleset.rules.iter().find(|r| r.tier == Tier::Admin && r.family == Family::V4).unwrap();
+    let PortMatch::Ports(ports) = &admin.ports else { panic!("{admin:?}") };
+    assert_eq!(ports.len(), 500, "every Admin policy's port, each its own");
+    assert!(admin.policy.ends_with("and 499 more"), "{}", admin.policy);
     assert!(c.ruleset.sets.len() < 10, "the same subjects and peers: shared sets ({})", c.ruleset.sets.len());
     assert!(c.problems.is_empty());
+}
+
+#[test]
+fn rules_merge_only_with_the_rule_before_them_in_their_chain() {
+    let rule = |action: &str, port: i32| json!({"action": action, "from": [{"namespaces": {}}], "protocols": [{"tcp": {"destinationPort": {"number": port}}}]});
+    let admin = |priority: i32, ingress: serde_json::Value| json!({"tier": "Admin", "priority": priority, "subject": {"namespaces": {"matchLabels": {"ns": "x"}}}, "ingress": ingress});
+    let c = compile(
+        &with_cluster(
+            &[],
+            &[
+                ("a", admin(1, json!([rule("Deny", 81), rule("Deny", 82)]))),
+                ("b", admin(2, json!([rule("Accept", 82), rule("Deny", 83)]))),
+            ],
+        ),
+        "n1",
+    );
+    let r: Vec<(Action, &PortMatch)> = rules(&c, Family::V4).iter().map(|r| (r.action, &r.ports)).collect();
+    assert_eq!(
+        r,
+        vec![
+            (Action::Deny, &PortMatch::Ports(vec![(Protocol::Tcp, 81, 82)])),
+            (Action::Accept, &PortMatch::Ports(vec![(Protocol::Tcp, 82, 82)])),
+            (Action::Deny, &PortMatch::Ports(vec![(Protocol::Tcp, 83, 83)])),
+        ],
+        "the Accept between keeps the second Deny apart"
+    );
 }

@@ -704,6 +704,8 @@ struct E2eOutcome {
     summary: String,
     /// Why the run failed, with the end of its log; `None` when it passed.
     failure: Option<String>,
+    /// Where ginkgo wrote its reports (`junit_01.xml`).
+    report_dir: PathBuf,
 }
 
 /// Runs Kubernetes' own e2e suite (`e2e.test` of the release, `--provider=skeleton`) against the real
@@ -801,6 +803,7 @@ fn run_e2e(n: &Nodes, selection: &str) -> Result<E2eOutcome> {
         took: started.elapsed(),
         summary: format!("{ran_line}\n{result_line}\n{}", failures.join("\n")),
         failure: None,
+        report_dir: report.clone(),
     };
     eprintln!("e2e {name}: {}", outcome.summary);
     let failure = (!status.success() || outcome.failed > 0 || outcome.passed == 0).then(|| {
@@ -827,10 +830,10 @@ const SUITES: [(&str, &str); 5] = [
 
 /// Each suite's (passed, failed, skipped) from ginkgo's JUnit report: the specs of the selection,
 /// those skip.txt takes out and those that skipped themselves (a provider they are not for) as skipped.
-fn suite_counts(report_dir: &std::path::Path) -> Result<Vec<(&'static str, [u32; 3])>> {
+fn suite_counts(cases: &[(String, String)]) -> Result<Vec<(&'static str, [u32; 3])>> {
     let focus = e2e_list("full.txt")?;
     let mut counts: Vec<(&str, [u32; 3])> = SUITES.iter().map(|(name, _)| (*name, [0; 3])).collect();
-    for (name, status) in junit_cases(report_dir)? {
+    for (name, status) in cases {
         // Specs the focus left out are listed as skipped too: only the selection counts.
         let Some(suite) = SUITES.iter().position(|(_, prefix)| name.contains(prefix)) else { continue };
         if !focus.iter().any(|f| name.contains(&f.replace('\\', ""))) {
@@ -871,8 +874,9 @@ fn junit_cases(report_dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 
 /// docs/conformance.md: the release, and for each run (dual stack, IPv4) its date, wall time, each suite's
 /// counts and the specs that failed; then the skip lists. A run replaces its own section and keeps the other's.
-fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, run: &E2eOutcome, dual: bool) -> Result<()> {
-    let counts = suite_counts(report_dir)?;
+fn write_conformance(path: &std::path::Path, run: &E2eOutcome, dual: bool) -> Result<()> {
+    let cases = junit_cases(&run.report_dir)?;
+    let counts = suite_counts(&cases)?;
     let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout)
         .trim()
         .to_string();
@@ -887,8 +891,7 @@ fn write_conformance(path: &std::path::Path, report_dir: &std::path::Path, run: 
     for (suite, [passed, failed, skipped]) in &counts {
         section.push_str(&format!("| {suite} | {passed} | {failed} | {skipped} |\n"));
     }
-    let failed: Vec<String> =
-        junit_cases(report_dir)?.into_iter().filter(|(_, s)| FAILED.contains(&s.as_str())).map(|(n, _)| n).collect();
+    let failed: Vec<String> = cases.into_iter().filter(|(_, s)| FAILED.contains(&s.as_str())).map(|(n, _)| n).collect();
     if !failed.is_empty() {
         section.push_str("\nFailed:\n\n");
         for spec in failed {
@@ -936,9 +939,8 @@ fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     let selection = if std::env::var("OVERLAY_E2E").is_ok_and(|v| v == "full") { "full.txt" } else { "ci.txt" };
     let outcome = run_e2e(n, selection)?;
     if let Ok(path) = std::env::var("OVERLAY_E2E_REPORT") {
-        let report = n.c.dir.join(format!("e2e-{}", selection.trim_end_matches(".txt")));
         // Written also when specs failed: the report says which suites they were in.
-        write_conformance(std::path::Path::new(&path), &report, &outcome, n.dual)?;
+        write_conformance(std::path::Path::new(&path), &outcome, n.dual)?;
     }
     if let Some(failure) = &outcome.failure {
         bail!("{failure}");

@@ -62,17 +62,26 @@ pub struct NodeFacts {
 pub struct NodeDirectory {
     store: Arc<std::sync::Mutex<Store<String, NodeFacts>>>,
     version: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Off until policy runs: without a reader, nothing is kept.
+    kept: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for NodeDirectory {
     fn default() -> Self {
-        NodeDirectory { store: Arc::default(), version: Arc::new(tokio::sync::watch::Sender::new(0)) }
+        NodeDirectory {
+            store: Arc::default(),
+            version: Arc::new(tokio::sync::watch::Sender::new(0)),
+            kept: Arc::default(),
+        }
     }
 }
 
 impl NodeDirectory {
     /// Folds `events` in; readers are told when anything changed (or a listing ended).
     pub fn apply(&self, events: impl IntoIterator<Item = WatchEvent<String, NodeFacts>>) {
+        if !self.kept.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut changed = false;
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,6 +97,12 @@ impl NodeDirectory {
     /// A copy of what it holds now.
     pub fn snapshot(&self) -> Store<String, NodeFacts> {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts keeping what the lease watch sees: called before that watch
+    /// starts, so its first listing is kept.
+    pub fn keep(&self) {
+        self.kept.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Told of every change; marked changed, so a reader's first wait returns at once.

@@ -48,6 +48,8 @@ const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
 pub fn start(context: &KubeContext, state: Arc<NodeState>) -> anyhow::Result<()> {
+    // Before the lease watch starts (the daemon starts it after this), so its first listing is kept.
+    context.nodes.keep();
     let context = context.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("policy".into()).spawn(move || {
@@ -259,6 +261,10 @@ impl Controller {
         let answer = if !self.listed() {
             Err("the policy watches have not listed yet".to_string())
         } else {
+            // At most a few nodes' rulesets are kept: explaining pods all over a big cluster must not hold one per node.
+            if self.explained.len() > 16 {
+                self.explained.clear();
+            }
             let (view, cache) = (&self.view, &mut self.explained);
             explain::nodes(view, &question.query).and_then(|nodes| {
                 for node in nodes {

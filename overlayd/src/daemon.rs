@@ -50,7 +50,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let context = KubeContext::new(&args.kube).await?;
         let store = KubeLeases::connect(&context, &args.kube).await?;
         if args.kube.network_policy {
-            crate::policy::start(&context, state.clone())?;
+            crate::policy::start(&context, state.clone(), args.kube.log_policy_drops)?;
         }
         start(store, args.node, nl, state).await?.main_loop().await
     } else {

@@ -326,6 +326,13 @@ pub struct KubeArgs {
     #[arg(long, env = "OVERLAYD_NETWORK_POLICY", num_args = 0..=1, require_equals = true,
           default_value = "true", default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
     pub network_policy: bool,
+    /// Log each flow that policy drops (NetworkPolicy and ClusterNetworkPolicy):
+    /// one line naming the source and destination pods, the protocol and port,
+    /// and the policy and tier that decided. The kernel hands at most 100
+    /// dropped packets a second per direction to overlayd (NFLOG group 2718).
+    #[arg(long, env = "OVERLAYD_LOG_POLICY_DROPS", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
+    pub log_policy_drops: bool,
 }
 
 /// flanneld's flags that overlayd has no name of its own for: each is

@@ -31,7 +31,7 @@ fn cluster_network_policy_truth_table_in_both_families() {
     let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
     c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
     for _ in 0..3 {
-        c.add_ready_kube_node(&["--health-addr", HEALTH], 3).expect("node");
+        c.add_ready_kube_node(&["--health-addr", HEALTH, "--log-policy-drops"], 3).expect("node");
     }
     let absent = "the ClusterNetworkPolicy API (policy.networking.k8s.io/v1alpha2) is not served";
     assert!(c.nodes.iter().all(|n| n.log_text().contains(absent)), "{}", c.nodes[0].log_text());
@@ -43,6 +43,19 @@ fn cluster_network_policy_truth_table_in_both_families() {
     });
     assert!(found, "every daemon finds the CRD within its 60 s poll:\n{}", c.nodes[0].log_text());
     truth_table::run_cluster(&t);
+    // Each dropped flow was said once, naming its pods and the rule that dropped it.
+    let logs: String = c.nodes.iter().map(|n| n.log_text()).collect();
+    let drops: Vec<&str> = logs.lines().filter(|l| l.contains("policy dropped")).collect();
+    let by_admin = drops.iter().find(|l| {
+        l.contains("policy dropped TCP 80 y/")
+            && l.contains("-> x/")
+            && l.contains("denied by ClusterNetworkPolicy cnp-1 (Admin, priority 10), ingress rule 0")
+    });
+    assert!(by_admin.is_some(), "no drop by the Admin Deny said:\n{}", drops.join("\n"));
+    let by_isolation = drops.iter().find(|l| l.contains("NetworkPolicy: policies select it for ingress"));
+    assert!(by_isolation.is_some(), "no drop by NetworkPolicy's isolation said:\n{}", drops.join("\n"));
+    let egress = drops.iter().find(|l| l.contains("egress of x/a") && l.contains("(Admin, priority 5), egress rule 0"));
+    assert!(egress.is_some(), "no egress drop said:\n{}", drops.join("\n"));
     // The CRD deleted: its policies go with it, and the daemons say so.
     let deny_all = json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
                           "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]});

@@ -16,6 +16,7 @@ mod ethtool;
 mod events;
 mod handle;
 mod link;
+mod nflog;
 
 pub use bulk::{Bulk, RouteFilter};
 pub use entry::{Change, Entry, FdbEntry, Neighbour, Route, PROTOCOL_BOOT};
@@ -25,3 +26,4 @@ pub use events::{KernelEvent, KernelEvents, DEFAULT_BUFFER, NFPROTO_IPV4, NFPROT
 pub use handle::{Netlink, VxlanDevice};
 pub use link::{Link, VxlanSettings};
 pub use netlink_packet_route::AddressFamily;
+pub use nflog::{LoggedPacket, PacketLog};

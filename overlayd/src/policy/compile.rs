@@ -273,6 +273,8 @@ pub struct Ruleset {
     /// isolated pods, and ClusterNetworkPolicy's subjects), same order: only
     /// their packets are checked at all.
     pub policed: [String; 4],
+    /// Whether dropped packets are logged (NFLOG, rate-limited): `--log-policy-drops`.
+    pub log_drops: bool,
 }
 
 impl Ruleset {
@@ -524,7 +526,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
     c.problems.sort();
     c.problems.dedup();
     Compiled {
-        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules, isolated, policed },
+        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules, isolated, policed, log_drops: false },
         problems: c.problems,
         policies_in_effect,
         selected_pods,

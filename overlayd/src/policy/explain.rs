@@ -159,7 +159,8 @@ pub fn explain<'c>(
     for (direction, pod, peer) in [(Direction::Egress, &src, &dst), (Direction::Ingress, &dst, &src)] {
         let Some(node) = &pod.node else { continue };
         let ruleset = &compiled(node).ok_or_else(|| format!("no ruleset of node {node}"))?.ruleset;
-        let (allowed, why) = decide(ruleset, direction, pod.addr, peer.addr, dst.addr, query.protocol, query.port);
+        let port = Some((query.protocol, query.port));
+        let (allowed, why) = decide(ruleset, direction, pod.addr, peer.addr, dst.addr, port);
         let step = format!(
             "{} of {} (node {node}): {} by {why}",
             direction.name(),
@@ -199,17 +200,21 @@ impl<'a> Sets<'a> {
     }
 }
 
-fn matches(sets: &Sets, rule: &Rule, pod: IpAddr, peer: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> bool {
+fn matches(sets: &Sets, rule: &Rule, pod: IpAddr, peer: IpAddr, dst: IpAddr, port: Option<(Protocol, u16)>) -> bool {
     if rule.family != Family::of(pod) || !sets.contains(&rule.pods, pod) {
         return false;
     }
     if rule.peers.as_ref().is_some_and(|set| !sets.contains(set, peer)) {
         return false;
     }
-    match &rule.ports {
-        PortMatch::Any => true,
-        PortMatch::Ports(ports) => ports.iter().any(|(p, s, e)| *p == protocol && *s <= port && port <= *e),
-        PortMatch::Named(set) => sets
+    match (&rule.ports, port) {
+        (PortMatch::Any, _) => true,
+        // A packet without ports (ICMP) matches only rules without ports.
+        (_, None) => false,
+        (PortMatch::Ports(ports), Some((protocol, port))) => {
+            ports.iter().any(|(p, s, e)| *p == protocol && *s <= port && port <= *e)
+        }
+        (PortMatch::Named(set), Some((protocol, port))) => sets
             .ports
             .get(set.as_str())
             .is_some_and(|elements| elements.iter().any(|(a, p, n)| *a == value(dst) && *p == protocol && *n == port)),
@@ -218,14 +223,14 @@ fn matches(sets: &Sets, rule: &Rule, pod: IpAddr, peer: IpAddr, dst: IpAddr, pro
 
 /// The verdict of one node's ruleset for one direction, and the rule (or
 /// default) that gave it: the chains of `table.rs`, walked in their order.
-fn decide(
+/// `port`: the transport protocol and destination port, none for ICMP.
+pub fn decide(
     ruleset: &Ruleset,
     direction: Direction,
     pod: IpAddr,
     peer: IpAddr,
     dst: IpAddr,
-    protocol: Protocol,
-    port: u16,
+    port: Option<(Protocol, u16)>,
 ) -> (bool, String) {
     let sets = Sets::of(ruleset);
     let family = Family::of(pod);
@@ -237,7 +242,7 @@ fn decide(
             .rules
             .iter()
             .filter(move |r| r.direction == direction && r.tier == tier)
-            .find(|r| matches(&sets, r, pod, peer, dst, protocol, port))
+            .find(|r| matches(&sets, r, pod, peer, dst, port))
     };
     if let Some(rule) = first(Tier::Admin) {
         match rule.action {

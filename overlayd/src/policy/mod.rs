@@ -15,6 +15,7 @@
 
 pub mod cluster_policy;
 pub mod compile;
+mod drop_log;
 pub mod explain;
 pub mod selector;
 pub mod table;
@@ -47,7 +48,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const REWRITE_EVERY: u32 = 60;
 
 /// Starts enforcement on its own thread; it runs for the life of the process.
-pub fn start(context: &KubeContext, state: Arc<NodeState>) -> anyhow::Result<()> {
+pub fn start(context: &KubeContext, state: Arc<NodeState>, log_drops: bool) -> anyhow::Result<()> {
     // Before the lease watch starts (the daemon starts it after this), so its first listing is kept.
     context.nodes.keep();
     let context = context.clone();
@@ -63,7 +64,7 @@ pub fn start(context: &KubeContext, state: Arc<NodeState>) -> anyhow::Result<()>
                     return;
                 }
             };
-            run(client, context.node, state, context.outage, context.nodes).await
+            run(client, context.node, state, context.outage, context.nodes, log_drops).await
         })
     })?;
     info!("enforcing NetworkPolicy (table inet {})", table::TABLE);
@@ -104,6 +105,11 @@ struct Controller {
     said: BTreeSet<Problem>,
     /// Drop counters as last read from the kernel.
     drops: [u64; 2],
+    /// Whether dropped flows are logged (the table logs them to NFLOG).
+    log_drops: bool,
+    drop_log: drop_log::DropLog,
+    /// Pods by address, for naming dropped flows (made when needed, until the view changes).
+    pods_by_ip: Option<std::collections::HashMap<std::net::IpAddr, compile::Key>>,
     /// Rulesets compiled for `explain`, by node, for the current view.
     explained: std::collections::HashMap<String, compile::Compiled>,
     /// The rules of the ruleset the kernel was last made to hold, for their counters.
@@ -140,8 +146,23 @@ async fn run(
     state: Arc<NodeState>,
     outage: Arc<Outage>,
     nodes: crate::kubernetes::NodeDirectory,
+    log_drops: bool,
 ) {
     let changes = watch::watch_all(client, outage, nodes);
+    // Dropped packets, when they are to be logged.
+    let mut dropped = match log_drops {
+        false => None,
+        true => match overlay_netlink::PacketLog::bind(table::LOG_GROUP).await {
+            Ok(log) => {
+                info!("logging the flows policy drops (NFLOG group {})", table::LOG_GROUP);
+                Some(log)
+            }
+            Err(e) => {
+                warn!("cannot read dropped packets: {e}; drops are counted, not logged");
+                None
+            }
+        },
+    };
     tokio::pin!(changes);
     let (explain_tx, mut questions) = tokio::sync::mpsc::channel(16);
     let _ = state.explainer.set(explain_tx);
@@ -152,6 +173,9 @@ async fn run(
         interner: selector::Interner::default(),
         said: BTreeSet::new(),
         drops: [0; 2],
+        log_drops: dropped.is_some(),
+        drop_log: drop_log::DropLog::default(),
+        pods_by_ip: None,
         explained: std::collections::HashMap::new(),
         counted: None,
         compiled: None,
@@ -216,6 +240,13 @@ async fn run(
                 }
             }
             Some(question) = questions.recv() => c.answer(question),
+            packets = async { dropped.as_mut()?.next().await.ok() }, if dropped.is_some() => match packets {
+                Some(packets) => c.say_drops(packets),
+                None => {
+                    warn!("reading dropped packets failed; drops are counted, no longer logged");
+                    dropped = None;
+                }
+            },
             _ = sleep_until(next_check.into()) => next_check = c.sync(SyncCause::Timer).await,
         }
     }
@@ -252,6 +283,7 @@ impl Controller {
         if changed {
             self.pending_since.get_or_insert_with(Instant::now);
             self.explained.clear();
+            self.pods_by_ip = None;
         }
     }
 
@@ -276,6 +308,27 @@ impl Controller {
         let _ = question.reply.send(answer);
     }
 
+    /// Says each flow of `packets` (dropped and logged by the kernel) once a minute.
+    fn say_drops(&mut self, packets: Vec<overlay_netlink::LoggedPacket>) {
+        let Some(compiled) = &self.compiled else { return };
+        let view = &self.view;
+        let pods = self.pods_by_ip.get_or_insert_with(|| {
+            view.pods.iter().flat_map(|(key, pod)| pod.ips.iter().map(move |ip| (*ip, key.clone()))).collect()
+        });
+        let now = Instant::now();
+        for packet in packets {
+            let (Some(direction), Some(flow)) =
+                (drop_log::direction(&packet.prefix), drop_log::Flow::parse(&packet.payload))
+            else {
+                continue;
+            };
+            if let Some(line) = self.drop_log.line(flow, direction, &compiled.ruleset, |ip| pods.get(&ip).cloned(), now)
+            {
+                info!(target: "overlayd::policy_drop", "{line}");
+            }
+        }
+    }
+
     /// Whether every watch has listed once: until then nothing is applied.
     fn listed(&self) -> bool {
         let v = &self.view;
@@ -297,7 +350,9 @@ impl Controller {
             Some(c) if self.pending_since.is_none() => c,
             _ => {
                 self.interner.sweep();
-                compile::compile(&self.view, &self.node)
+                let mut compiled = compile::compile(&self.view, &self.node);
+                compiled.ruleset.log_drops = self.log_drops;
+                compiled
             }
         };
         let compile_time = started.elapsed();

@@ -40,7 +40,7 @@ use nftables::schema::{
     Chain, Counter, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Set, SetFlag, SetType,
     SetTypeValue, Table,
 };
-use nftables::stmt::{Counter as CounterStmt, JumpTarget, Match, Operator, Statement};
+use nftables::stmt::{Counter as CounterStmt, JumpTarget, Limit, Log, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use proto::Family;
 use serde_json::Value;
@@ -68,8 +68,29 @@ fn chain_of(rule: &Rule) -> &'static str {
     }
 }
 
-fn count_and_drop(direction: Direction) -> [Statement<'static>; 2] {
-    [Statement::Counter(CounterStmt::Named(Cow::Borrowed(drop_counter(direction)))), Statement::Drop(None)]
+/// The chain every drop of a direction goes to: it logs (when asked) and counts.
+fn denied_chain(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "ingress_denied",
+        Direction::Egress => "egress_denied",
+    }
+}
+
+/// The NFLOG group dropped packets are logged to (`--log-policy-drops`).
+pub const LOG_GROUP: u16 = 2718;
+/// How many dropped packets a second each direction logs at most (a burst of as many).
+const LOG_RATE: u32 = 100;
+
+/// The prefix a direction's logged drops carry.
+pub fn log_prefix(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "overlay-ingress",
+        Direction::Egress => "overlay-egress",
+    }
+}
+
+fn to_denied(direction: Direction) -> Statement<'static> {
+    Statement::Goto(JumpTarget { target: Cow::Borrowed(denied_chain(direction)) })
 }
 
 /// The drop counter of a direction.
@@ -195,7 +216,7 @@ fn rule_statements(rule: &Rule) -> Vec<Statement<'static>> {
     };
     match (rule.action, rule.tier) {
         (Action::Accept, _) | (Action::Pass, Tier::Baseline | Tier::NetworkPolicy) => out.push(allow),
-        (Action::Deny, _) => out.extend(count_and_drop(rule.direction)),
+        (Action::Deny, _) => out.push(to_denied(rule.direction)),
         (Action::Pass, Tier::Admin) => {
             out.push(Statement::Goto(JumpTarget { target: Cow::Borrowed(np_chain(rule.direction)) }))
         }
@@ -271,7 +292,7 @@ pub fn fingerprint(ruleset: &Ruleset) -> String {
     // Set names are hashes of their contents: the names and the rules say it all.
     let names: Vec<&str> =
         ruleset.sets.iter().map(|s| s.name.as_str()).chain(ruleset.port_sets.iter().map(|s| s.name.as_str())).collect();
-    let text = format!("{names:?}{:?}{:?}{:?}", ruleset.rules, ruleset.isolated, ruleset.policed);
+    let text = format!("{names:?}{:?}{:?}{:?}{}", ruleset.rules, ruleset.isolated, ruleset.policed, ruleset.log_drops);
     format!("overlay-policy {:016x}", proto::hash::fnv1a(text.as_bytes()))
 }
 
@@ -306,6 +327,7 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
     for direction in Direction::ALL {
         objects.push(add(NfListObject::Chain(chain(direction.name()))));
         objects.push(add(NfListObject::Chain(chain(np_chain(direction)))));
+        objects.push(add(NfListObject::Chain(chain(denied_chain(direction)))));
     }
     // Rules first, then the sets they referred to: one transaction.
     objects.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Table(table()))));
@@ -435,8 +457,10 @@ fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
         // Baseline tier is only for the pods no NetworkPolicy selects.
         for family in Family::ALL {
             let (pod, _) = fields(direction);
-            let mut expr = vec![in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family))];
-            expr.extend(count_and_drop(direction));
+            let expr = vec![
+                in_set(payload(proto_name(family), pod), ruleset.isolated_set(direction, family)),
+                to_denied(direction),
+            ];
             out.push(rule(np_chain(direction), expr, None));
         }
         out.extend(
@@ -447,6 +471,35 @@ fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
                 .filter(|(_, r)| r.direction == direction && r.tier == Tier::Baseline)
                 .map(of),
         );
+        if ruleset.log_drops {
+            out.push(rule(
+                denied_chain(direction),
+                vec![
+                    Statement::Limit(Limit {
+                        rate: LOG_RATE,
+                        rate_unit: None,
+                        per: Some(Cow::Borrowed("second")),
+                        burst: Some(LOG_RATE),
+                        burst_unit: None,
+                        inv: None,
+                    }),
+                    Statement::Log(Some(Log {
+                        prefix: Some(Cow::Borrowed(log_prefix(direction))),
+                        group: Some(u32::from(LOG_GROUP)),
+                        snaplen: None,
+                        queue_threshold: None,
+                        level: None,
+                        flags: None,
+                    })),
+                ],
+                None,
+            ));
+        }
+        out.push(rule(
+            denied_chain(direction),
+            vec![Statement::Counter(CounterStmt::Named(Cow::Borrowed(drop_counter(direction)))), Statement::Drop(None)],
+            None,
+        ));
     }
     out
 }
@@ -529,7 +582,8 @@ impl TableState {
 /// Rules the table holds for `ruleset`.
 pub fn rule_count(ruleset: &Ruleset) -> usize {
     // established + neighbour discovery + 4 jumps + 2 gotos + 4 isolation drops.
-    12 + ruleset.rules.len()
+    // + 2 drops (+ 2 logs) in the denied chains.
+    14 + 2 * usize::from(ruleset.log_drops) + ruleset.rules.len()
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.

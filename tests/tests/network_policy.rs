@@ -21,7 +21,23 @@ fn network_policy_truth_table_in_both_families() {
         c.add_ready_kube_node(&["--health-addr", HEALTH], 3).expect("node");
     }
     let t = Table::new(&c.nodes, c.api()).expect("the table");
+    // No --log-policy-drops: namespace x alone asks for its drops to be logged.
+    let mut x = namespace_object("x", &[]);
+    x["metadata"]["annotations"] = json!({"overlay-net.io/log-policy-drops": "true"});
+    c.api().put("namespaces", x).expect("annotate x");
     truth_table::run(&t);
+    let logs: String = c.nodes.iter().map(|n| n.log_text()).collect();
+    let drops: Vec<&str> = logs.lines().filter(|l| l.contains("policy dropped")).collect();
+    assert!(drops.iter().any(|l| l.contains(": ingress of x/")), "no drop of x's said:\n{}", drops.join("\n"));
+    assert!(drops.iter().any(|l| l.contains(": egress of x/")), "no egress drop of x's said:\n{}", drops.join("\n"));
+    // y and z isolate their pods in some cases too; nothing asked for their drops.
+    let others: Vec<&&str> = drops
+        .iter()
+        .filter(|l| {
+            [": ingress of y/", ": ingress of z/", ": egress of y/", ": egress of z/"].iter().any(|o| l.contains(o))
+        })
+        .collect();
+    assert!(others.is_empty(), "drops of namespaces not annotated were logged:\n{others:#?}");
 }
 
 #[test]

@@ -98,11 +98,24 @@ pub struct NodeInfo {
     pub ips: Vec<IpAddr>,
 }
 
+/// What the compiler needs of a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamespaceInfo {
+    pub labels: Labels,
+    /// Its annotation [`LOG_DROPS_ANNOTATION`] is `"true"`: drops of its pods' traffic are logged.
+    pub log_drops: bool,
+}
+
+/// The Namespace annotation that logs the drops of its pods' traffic (each
+/// pod's own direction: what its egress or its ingress policy drops), as
+/// `--log-policy-drops` logs every drop of the node.
+pub const LOG_DROPS_ANNOTATION: &str = "overlay-net.io/log-policy-drops";
+
 /// Everything the watches hold.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     pub pods: Store<Key, PodInfo>,
-    pub namespaces: Store<String, Labels>,
+    pub namespaces: Store<String, NamespaceInfo>,
     pub policies: Store<Key, NetworkPolicySpec>,
     /// ClusterNetworkPolicies, by name (listed empty when the CRD is absent).
     pub cluster_policies: Store<String, cluster_policy::Spec>,
@@ -273,8 +286,21 @@ pub struct Ruleset {
     /// isolated pods, and ClusterNetworkPolicy's subjects), same order: only
     /// their packets are checked at all.
     pub policed: [String; 4],
-    /// Whether dropped packets are logged (NFLOG, rate-limited): `--log-policy-drops`.
-    pub log_drops: bool,
+    /// Which dropped packets are logged (NFLOG, rate-limited).
+    pub log_drops: DropLogging,
+}
+
+/// Which of the packets policy drops the table logs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DropLogging {
+    #[default]
+    Off,
+    /// Every one (`--log-policy-drops`).
+    All,
+    /// Those whose policed pod (the sender for egress, the receiver for
+    /// ingress) is one of this node's pods in an annotated namespace: the
+    /// sets of their addresses (IPv4, IPv6).
+    Pods([String; 2]),
 }
 
 impl Ruleset {
@@ -522,11 +548,12 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
     let mut rules = cluster.admin;
     rules.extend(network_policy_rules);
     rules.extend(cluster.baseline);
+    let log_drops = c.logged_pods(node);
     let sets = std::mem::take(&mut c.sets);
     c.problems.sort();
     c.problems.dedup();
     Compiled {
-        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules, isolated, policed, log_drops: false },
+        ruleset: Ruleset { sets: sets.out_addr, port_sets: sets.out_ports, rules, isolated, policed, log_drops },
         problems: c.problems,
         policies_in_effect,
         selected_pods,
@@ -562,6 +589,24 @@ impl<'a> Compiler<'a> {
             }
         }
         names
+    }
+
+    /// The logging of drops the annotated namespaces ask for on `node`.
+    fn logged_pods(&mut self, node: &str) -> DropLogging {
+        let view = self.view;
+        let mut addresses: [Vec<(u128, u128)>; 2] = Default::default();
+        for (ns, _) in view.namespaces.iter().filter(|(_, n)| n.log_drops) {
+            let pods = view.pods.range((ns.clone(), String::new())..).take_while(|((n, _), _)| n == ns);
+            for ip in pods.filter(|(_, p)| &*p.node == node).flat_map(|(_, p)| &p.ips) {
+                let v = value(*ip);
+                addresses[usize::from(Family::of(*ip) == Family::V6)].push((v, v));
+            }
+        }
+        if addresses.iter().all(|a| a.is_empty()) {
+            return DropLogging::Off;
+        }
+        let [v4, v6] = addresses;
+        DropLogging::Pods([self.sets.addr(Family::V4, merge(v4)), self.sets.addr(Family::V6, merge(v6))])
     }
 
     /// `policyTypes`, or its default.
@@ -731,13 +776,15 @@ impl<'a> Compiler<'a> {
             let Peer::Pods { namespaces, pods } = peer else { continue };
             let candidates: Box<dyn Iterator<Item = (&'a Key, &'a PodInfo)>> = match namespaces {
                 Namespaces::Own => Box::new(in_namespace(namespace.to_string())),
-                Namespaces::Selected(sel) if sel.matches(&no_labels) => Box::new(
-                    view.pods.iter().filter(|((ns, _), _)| sel.matches(view.namespaces.get(ns).unwrap_or(&no_labels))),
-                ),
+                Namespaces::Selected(sel) if sel.matches(&no_labels) => {
+                    Box::new(view.pods.iter().filter(|((ns, _), _)| {
+                        sel.matches(view.namespaces.get(ns).map(|n| &n.labels).unwrap_or(&no_labels))
+                    }))
+                }
                 Namespaces::Selected(sel) => Box::new(
                     view.namespaces
                         .iter()
-                        .filter(|(_, l)| sel.matches(l))
+                        .filter(|(_, n)| sel.matches(&n.labels))
                         .flat_map(move |(ns, _)| in_namespace(ns.clone())),
                 ),
             };

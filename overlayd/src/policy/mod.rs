@@ -105,7 +105,7 @@ struct Controller {
     said: BTreeSet<Problem>,
     /// Drop counters as last read from the kernel.
     drops: [u64; 2],
-    /// Whether dropped flows are logged (the table logs them to NFLOG).
+    /// `--log-policy-drops`: every dropped flow is logged (the table logs them to NFLOG).
     log_drops: bool,
     drop_log: drop_log::DropLog,
     /// Pods by address, for naming dropped flows (made when needed, until the view changes).
@@ -140,6 +140,20 @@ fn fold<K: Ord + Clone, V, W: PartialEq>(
     changed
 }
 
+/// The packets the table logs, read over NFLOG; none (said) when the group cannot be bound.
+async fn read_drops() -> Option<overlay_netlink::PacketLog> {
+    match overlay_netlink::PacketLog::bind(table::LOG_GROUP).await {
+        Ok(log) => {
+            info!("logging the flows policy drops (NFLOG group {})", table::LOG_GROUP);
+            Some(log)
+        }
+        Err(e) => {
+            warn!("cannot read dropped packets: {e}; drops are counted, not logged");
+            None
+        }
+    }
+}
+
 async fn run(
     client: kube::Client,
     node: String,
@@ -149,20 +163,13 @@ async fn run(
     log_drops: bool,
 ) {
     let changes = watch::watch_all(client, outage, nodes);
-    // Dropped packets, when they are to be logged.
+    // Dropped packets, when they are to be logged: from the start with the
+    // flag, else from the first ruleset an annotated namespace makes log.
     let mut dropped = match log_drops {
+        true => read_drops().await,
         false => None,
-        true => match overlay_netlink::PacketLog::bind(table::LOG_GROUP).await {
-            Ok(log) => {
-                info!("logging the flows policy drops (NFLOG group {})", table::LOG_GROUP);
-                Some(log)
-            }
-            Err(e) => {
-                warn!("cannot read dropped packets: {e}; drops are counted, not logged");
-                None
-            }
-        },
     };
+    let mut read_tried = log_drops;
     tokio::pin!(changes);
     let (explain_tx, mut questions) = tokio::sync::mpsc::channel(16);
     let _ = state.explainer.set(explain_tx);
@@ -173,7 +180,7 @@ async fn run(
         interner: selector::Interner::default(),
         said: BTreeSet::new(),
         drops: [0; 2],
-        log_drops: dropped.is_some(),
+        log_drops,
         drop_log: drop_log::DropLog::default(),
         pods_by_ip: None,
         explained: std::collections::HashMap::new(),
@@ -197,6 +204,10 @@ async fn run(
         }
     };
     loop {
+        if !read_tried && c.compiled.as_ref().is_some_and(|c| c.ruleset.log_drops != compile::DropLogging::Off) {
+            read_tried = true;
+            dropped = read_drops().await;
+        }
         tokio::select! {
             batch = async { nft_events.as_mut()?.next().await.ok() }, if nft_events.is_some() => {
                 let Some(batch) = batch else {
@@ -261,7 +272,7 @@ impl Controller {
             Change::Pods(events) => {
                 fold(&mut self.view.pods, watch::without_host_network(events), |_, pod| pod.info(interner))
             }
-            Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.labels(interner)),
+            Change::Namespaces(events) => fold(&mut self.view.namespaces, events, |_, ns| ns.info(interner)),
             Change::Policies(events) => fold(&mut self.view.policies, events, |_, spec| spec),
             Change::Nodes(nodes) => {
                 let mut events = vec![WatchEvent::Init];
@@ -351,7 +362,9 @@ impl Controller {
             _ => {
                 self.interner.sweep();
                 let mut compiled = compile::compile(&self.view, &self.node);
-                compiled.ruleset.log_drops = self.log_drops;
+                if self.log_drops {
+                    compiled.ruleset.log_drops = compile::DropLogging::All;
+                }
                 compiled
             }
         };

@@ -45,7 +45,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use proto::Family;
 use serde_json::Value;
 
-use super::compile::{Action, AddrSet, Direction, PortMatch, PortSet, Rule, Ruleset, Tier};
+use super::compile::{Action, AddrSet, Direction, DropLogging, PortMatch, PortSet, Rule, Ruleset, Tier};
 use crate::nft::{self, NftError, TableId};
 
 /// `table inet overlay_policy`.
@@ -292,7 +292,8 @@ pub fn fingerprint(ruleset: &Ruleset) -> String {
     // Set names are hashes of their contents: the names and the rules say it all.
     let names: Vec<&str> =
         ruleset.sets.iter().map(|s| s.name.as_str()).chain(ruleset.port_sets.iter().map(|s| s.name.as_str())).collect();
-    let text = format!("{names:?}{:?}{:?}{:?}{}", ruleset.rules, ruleset.isolated, ruleset.policed, ruleset.log_drops);
+    let text =
+        format!("{names:?}{:?}{:?}{:?}{:?}", ruleset.rules, ruleset.isolated, ruleset.policed, ruleset.log_drops);
     format!("overlay-policy {:016x}", proto::hash::fnv1a(text.as_bytes()))
 }
 
@@ -471,29 +472,28 @@ fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
                 .filter(|(_, r)| r.direction == direction && r.tier == Tier::Baseline)
                 .map(of),
         );
-        if ruleset.log_drops {
-            out.push(rule(
-                denied_chain(direction),
-                vec![
-                    Statement::Limit(Limit {
-                        rate: LOG_RATE,
-                        rate_unit: None,
-                        per: Some(Cow::Borrowed("second")),
-                        burst: Some(LOG_RATE),
-                        burst_unit: None,
-                        inv: None,
-                    }),
-                    Statement::Log(Some(Log {
-                        prefix: Some(Cow::Borrowed(log_prefix(direction))),
-                        group: Some(u32::from(LOG_GROUP)),
-                        snaplen: None,
-                        queue_threshold: None,
-                        level: None,
-                        flags: None,
-                    })),
-                ],
-                None,
-            ));
+        for only in logged(ruleset) {
+            let mut expr: Vec<Statement> = only
+                .map(|(family, set)| in_set(payload(proto_name(family), fields(direction).0), set))
+                .into_iter()
+                .collect();
+            expr.push(Statement::Limit(Limit {
+                rate: LOG_RATE,
+                rate_unit: None,
+                per: Some(Cow::Borrowed("second")),
+                burst: Some(LOG_RATE),
+                burst_unit: None,
+                inv: None,
+            }));
+            expr.push(Statement::Log(Some(Log {
+                prefix: Some(Cow::Borrowed(log_prefix(direction))),
+                group: Some(u32::from(LOG_GROUP)),
+                snaplen: None,
+                queue_threshold: None,
+                level: None,
+                flags: None,
+            })));
+            out.push(rule(denied_chain(direction), expr, None));
         }
         out.push(rule(
             denied_chain(direction),
@@ -502,6 +502,18 @@ fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
         ));
     }
     out
+}
+
+/// The log rules of each denied chain: one for every drop, or one per
+/// family for the pods of annotated namespaces (the set of their addresses).
+fn logged(ruleset: &Ruleset) -> Vec<Option<(Family, &str)>> {
+    match &ruleset.log_drops {
+        DropLogging::Off => Vec::new(),
+        DropLogging::All => vec![None],
+        DropLogging::Pods(sets) => {
+            Family::ALL.into_iter().map(|f| Some((f, sets[usize::from(f == Family::V6)].as_str()))).collect()
+        }
+    }
 }
 
 /// Where each of `ruleset`'s rules stands in the table: its chain, and its
@@ -582,8 +594,8 @@ impl TableState {
 /// Rules the table holds for `ruleset`.
 pub fn rule_count(ruleset: &Ruleset) -> usize {
     // established + neighbour discovery + 4 jumps + 2 gotos + 4 isolation drops.
-    // + 2 drops (+ 2 logs) in the denied chains.
-    14 + 2 * usize::from(ruleset.log_drops) + ruleset.rules.len()
+    // + 2 drops (+ their logs) in the denied chains.
+    14 + 2 * logged(ruleset).len() + ruleset.rules.len()
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
@@ -634,11 +646,49 @@ mod tests {
         assert!(text[nd].contains("nd-neighbor-solicit") && text[nd].contains("accept"), "{}", text[nd]);
     }
 
+    /// The rules of `chain`, as `nft -j` receives them, as text.
+    fn chain_rules(ruleset: &Ruleset, chain: &str) -> Vec<String> {
+        let json = serde_json::to_value(transaction(ruleset, &[], true)).unwrap();
+        json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].to_string())
+            .collect()
+    }
+
     #[test]
     fn the_rule_count_is_what_the_transaction_adds() {
-        let ruleset = Ruleset::default();
-        let json = serde_json::to_value(transaction(&ruleset, &[], true)).unwrap();
-        let added = json["nftables"].as_array().unwrap().iter().filter(|o| o["add"]["rule"].is_object()).count();
-        assert_eq!(added, rule_count(&ruleset));
+        let pods = DropLogging::Pods(["l4".into(), "l6".into()]);
+        for log_drops in [DropLogging::Off, DropLogging::All, pods] {
+            let ruleset = Ruleset { log_drops, ..Ruleset::default() };
+            let json = serde_json::to_value(transaction(&ruleset, &[], true)).unwrap();
+            let added = json["nftables"].as_array().unwrap().iter().filter(|o| o["add"]["rule"].is_object()).count();
+            assert_eq!(added, rule_count(&ruleset), "{:?}", ruleset.log_drops);
+        }
+    }
+
+    #[test]
+    fn drops_are_logged_for_every_pod_or_for_the_annotated_ones_by_their_own_direction() {
+        let off = chain_rules(&Ruleset::default(), denied_chain(Direction::Ingress));
+        assert!(off.len() == 1 && !off[0].contains("log"), "{off:#?}");
+        let all = chain_rules(&Ruleset { log_drops: DropLogging::All, ..Ruleset::default() }, "ingress_denied");
+        assert!(all[0].contains("\"group\":2718") && all[0].contains("\"limit\"") && !all[0].contains('@'), "{all:#?}");
+        assert!(all[1].contains("drop") && !all[1].contains("log"), "{all:#?}");
+        let pods = Ruleset { log_drops: DropLogging::Pods(["l4".into(), "l6".into()]), ..Ruleset::default() };
+        // Ingress: the receiver is the policed pod; egress: the sender.
+        let ingress = chain_rules(&pods, "ingress_denied");
+        assert_eq!(ingress.len(), 3, "{ingress:#?}");
+        assert!(ingress[0].contains("\"daddr\"") && ingress[0].contains("@l4") && ingress[0].contains("log"));
+        assert!(ingress[1].contains("\"ip6\"") && ingress[1].contains("@l6") && ingress[1].contains("log"));
+        let egress = chain_rules(&pods, "egress_denied");
+        assert!(egress[0].contains("\"saddr\"") && egress[0].contains("@l4"), "{egress:#?}");
+        assert!(
+            egress[0].find("@l4") < egress[0].find("limit"),
+            "the limit is spent on logged pods only: {}",
+            egress[0]
+        );
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::cluster_policy::{self, ClusterNetworkPolicy};
-use super::compile::{ContainerPort, Key, PodInfo, Protocol};
+use super::compile::{ContainerPort, Key, NamespaceInfo, PodInfo, Protocol, LOG_DROPS_ANNOTATION};
 use super::selector::{Interner, Labels};
 use crate::kubernetes::{core_resource, keep, lean_metadata, Collection, NodeDirectory, NodeFacts};
 use crate::list_watch::{self, ListWatch, Sink, Stop, WatchError, CHANNEL};
@@ -79,10 +79,11 @@ struct LeanPodIp {
     ip: String,
 }
 
-/// A Namespace as the watch reads it: its name and labels.
+/// A Namespace as the watch reads it: its name, labels and annotations
+/// (of which only [`LOG_DROPS_ANNOTATION`] is kept).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct LeanNamespace {
-    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS }, _>")]
+    #[serde(deserialize_with = "lean_metadata::<{ keep::LABELS | keep::ANNOTATIONS }, _>")]
     metadata: ObjectMeta,
 }
 
@@ -98,8 +99,10 @@ impl LeanNamespace {
         self.metadata.name.clone().unwrap_or_default()
     }
 
-    pub fn labels(self, interner: &mut Interner) -> Labels {
-        Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner)
+    pub fn info(self, interner: &mut Interner) -> NamespaceInfo {
+        let log_drops =
+            self.metadata.annotations.as_ref().and_then(|a| a.get(LOG_DROPS_ANNOTATION)).is_some_and(|v| v == "true");
+        NamespaceInfo { labels: Labels::from_pairs(self.metadata.labels.unwrap_or_default(), interner), log_drops }
     }
 }
 

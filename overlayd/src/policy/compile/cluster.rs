@@ -202,7 +202,9 @@ impl<'a> Compiler<'a> {
             view.pods
                 .iter()
                 .filter(|(_, p)| &*p.node == node && !p.ips.is_empty() && pods.matches(&p.labels))
-                .filter(|((ns, _), _)| namespaces.matches(view.namespaces.get(ns).unwrap_or(&no_labels)))
+                .filter(|((ns, _), _)| {
+                    namespaces.matches(view.namespaces.get(ns).map(|n| &n.labels).unwrap_or(&no_labels))
+                })
                 .collect(),
         )
     }

@@ -17,8 +17,14 @@ pub(crate) fn view(policies: &[(&str, serde_json::Value)]) -> ClusterView {
     v.pods.insert(("x".into(), "b".into()), pod("n2", &[("pod", "b")], &["10.0.2.2", "fd00::2:2"]));
     v.pods.insert(("y".into(), "a".into()), pod("n1", &[("pod", "a")], &["10.0.1.3"]));
     let mut interner = super::super::selector::Interner::default();
-    v.namespaces.insert("x".into(), Labels::from_pairs([("ns", "x")], &mut interner));
-    v.namespaces.insert("y".into(), Labels::from_pairs([("ns", "y")], &mut interner));
+    v.namespaces.insert(
+        "x".into(),
+        NamespaceInfo { labels: Labels::from_pairs([("ns", "x")], &mut interner), log_drops: false },
+    );
+    v.namespaces.insert(
+        "y".into(),
+        NamespaceInfo { labels: Labels::from_pairs([("ns", "y")], &mut interner), log_drops: false },
+    );
     for (i, (ns, spec)) in policies.iter().enumerate() {
         v.policies.insert((ns.to_string(), format!("p{i}")), serde_json::from_value(spec.clone()).unwrap());
     }
@@ -182,4 +188,18 @@ fn rules_that_differ_only_in_ports_are_one() {
     // A rule without ports opens everything for those peers.
     let c = compile(&view(&[("x", port(json!([{"port": 80}]))), ("x", port(json!(null)))]), "n1");
     assert!(c.ruleset.rules.iter().all(|r| r.ports == PortMatch::Any), "{:#?}", c.ruleset.rules);
+}
+
+#[test]
+fn an_annotated_namespace_logs_the_drops_of_its_pods_on_this_node() {
+    let mut v = view(&[]);
+    assert_eq!(compile(&v, "n1").ruleset.log_drops, DropLogging::Off);
+    let labels = v.namespaces.get("x").unwrap().labels.clone();
+    v.namespaces.insert("x".into(), NamespaceInfo { labels, log_drops: true });
+    let r = compile(&v, "n1").ruleset;
+    let DropLogging::Pods([l4, l6]) = &r.log_drops else { panic!("{:?}", r.log_drops) };
+    // x/a is on n1; x/b (n2) and y/a (not annotated) are not logged here.
+    assert_eq!(set(&r, l4).ranges, vec![(v4("10.0.1.2"), v4("10.0.1.2"))]);
+    assert_eq!(set(&r, l6).ranges.len(), 1);
+    assert_eq!(compile(&v, "n3").ruleset.log_drops, DropLogging::Off);
 }

@@ -1343,7 +1343,8 @@ fn policy_bench() -> Result<()> {
         ms(latencies.last().copied()),
     );
     drop(c);
-    policy_latency_bench()
+    policy_latency_bench()?;
+    policy_log_bench()
 }
 
 /// Mean round trip of 1,000 pings (2 ms apart) from `from` to `to`.
@@ -1536,6 +1537,182 @@ fn policy_latency_bench() -> Result<()> {
     Ok(())
 }
 
+/// Sends `per_second` TCP SYNs from `from` to `to`, each to another port
+/// (10,000-39,999 in turn, so each is a flow of its own to a drop log) from
+/// a new one (a nonblocking connect, closed at once), until [`STOP`];
+/// returns how many.
+fn syn_flood(from: &Netns, to: std::net::Ipv4Addr, per_second: u32) -> std::thread::JoinHandle<Result<u64>> {
+    overlay_tests::probe::in_netns(from, move || {
+        let mut addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(to).to_be() },
+            sin_zero: [0; 8],
+        };
+        let (mut sent, start) = (0u64, Instant::now());
+        while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+            while sent < due {
+                addr.sin_port = (10_000 + (sent % 30_000) as u16).to_be();
+                // SAFETY: a socket of our own, closed below; addr outlives the call.
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+                    if fd < 0 {
+                        bail!("socket: {}", std::io::Error::last_os_error());
+                    }
+                    libc::connect(
+                        fd,
+                        (&addr as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    );
+                    libc::close(fd);
+                }
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(sent)
+    })
+}
+
+/// TCP connects (handshake, close) one after another for `window`; how many a second.
+fn connects_per_second(from: &Netns, to: std::net::Ipv4Addr, window: Duration) -> Result<f64> {
+    let addr = std::net::SocketAddr::new(to.into(), 80);
+    overlay_tests::probe::in_netns(from, move || {
+        let (start, mut made) = (Instant::now(), 0u32);
+        while start.elapsed() < window {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            made += 1;
+        }
+        Ok(f64::from(made) / start.elapsed().as_secs_f64())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
+/// OVERLAY_BENCH_ONLY=policy-log: what logging the flows policy drops
+/// costs. Pod x/a (node 1) admits only x/b (node 2); x/c (node 2) sends it
+/// 1,000 SYNs a second, each a new flow, all dropped. With namespace x
+/// annotated (logging on, as the flag turns it on for the node) and not,
+/// alternated: x/b's connects a second, and the daemon's CPU and log lines.
+/// Every SYN goes to another port, so every logged packet is a line: the
+/// worst case, 100 lines a second (the kernel's limit).
+fn policy_log_bench() -> Result<()> {
+    use overlay_tests::netpol::{namespace_object, pod_object, PodName, TablePod};
+    use serde_json::json;
+    const FLOOD: u32 = 1000;
+    STOP.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut c = Cluster::new(ClusterOptions { config: None, ..Default::default() })?;
+    c.start_kube_api(config_for_bench())?;
+    for pods in [1, 2] {
+        let i = c.add_kube_node(true, &[])?;
+        c.nodes[i].start()?;
+        c.nodes[i].wait_ready(Duration::from_secs(20))?;
+        for _ in 0..pods {
+            c.nodes[i].add_pod()?;
+        }
+    }
+    let namespace = |logged: bool| {
+        let mut ns = namespace_object("x", &[]);
+        if logged {
+            ns["metadata"]["annotations"] = json!({"overlay-net.io/log-policy-drops": "true"});
+        }
+        ns
+    };
+    c.api().put("namespaces", namespace(false))?;
+    for (name, n, k) in [("a", 0, 0), ("b", 1, 0), ("c", 1, 1)] {
+        let p = TablePod {
+            name: PodName { ns: "x", name },
+            netns: c.nodes[n].pods[k].ns.path(),
+            node: c.nodes[n].name.clone(),
+            ips: vec![c.nodes[n].pods[k].ip.into()],
+        };
+        c.api().put("pods", pod_object(&p, &[("pod".to_string(), name.to_string())].into()))?;
+    }
+    c.api().put(
+        "networkpolicies",
+        json!({"metadata": {"name": "only-b", "namespace": "x"},
+               "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}}),
+    )?;
+    let node = &c.nodes[0];
+    let logs_in_kernel = || {
+        node.ns
+            .exec("nft", &["list", "chain", "inet", "overlay_policy", "ingress_denied"])
+            .unwrap_or_default()
+            .contains("group 2718")
+    };
+    let (client, flooder, to) = (&c.nodes[1].pods[0].ns, &c.nodes[1].pods[1].ns, c.nodes[0].pods[0].ip);
+    client.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+    let server = overlay_tests::probe::in_netns(&c.nodes[0].pods[0].ns, || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", 80))?;
+        l.set_nonblocking(true)?;
+        while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    });
+    if !overlay_tests::wait_until(Duration::from_secs(30), || {
+        node.ns
+            .exec("nft", &["list", "chain", "inet", "overlay_policy", "ingress_np"])
+            .is_ok_and(|t| t.contains("saddr"))
+    }) {
+        bail!("the policy is not in the kernel");
+    }
+    connects_per_second(client, to, Duration::from_secs(1))?;
+    let flood = syn_flood(flooder, to, FLOOD);
+    let pid = node.pid().context("the daemon's pid")?;
+    let window = Duration::from_secs(5);
+    // (connects a second, daemon CPU %, log lines a second) per run, off and on.
+    let mut runs: [Vec<(f64, f64, f64)>; 2] = Default::default();
+    for _ in 0..6 {
+        for logged in [false, true] {
+            c.api().put("namespaces", namespace(logged))?;
+            if !overlay_tests::wait_until(Duration::from_secs(30), || logs_in_kernel() == logged) {
+                let chain = node.ns.exec("nft", &["list", "chain", "inet", "overlay_policy", "ingress_denied"]);
+                bail!(
+                    "logging not {} in the kernel: {chain:?}\n{}",
+                    if logged { "on" } else { "off" },
+                    node.log_text()
+                );
+            }
+            let (cpu, lines, t) = (usage(pid).cpu_s, node.log_text().matches("policy dropped").count(), Instant::now());
+            let rate = connects_per_second(client, to, window)?;
+            let secs = t.elapsed().as_secs_f64();
+            let cpu = (usage(pid).cpu_s - cpu) / secs * 100.0;
+            let lines = (node.log_text().matches("policy dropped").count() - lines) as f64 / secs;
+            runs[usize::from(logged)].push((rate, cpu, lines));
+        }
+    }
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    let _ = server.join();
+    let mean = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let list = |v: &[(f64, f64, f64)]| v.iter().map(|r| format!("{:.0}", r.0)).collect::<Vec<_>>().join(", ");
+    println!();
+    println!("Logging dropped flows: x/b's connects to x/a a second (5 s windows, 6 runs each, alternated) while x/c's {FLOOD} denied SYNs a second ({sent} sent), each to another port, are dropped by x/a's ingress policy:");
+    println!("| logging | connects/s (runs) | overlayd CPU | drop lines logged/s |");
+    println!("|---|---|---|---|");
+    for (name, v) in [("off", &runs[0]), ("on (namespace annotated)", &runs[1])] {
+        println!(
+            "| {name} | {:.0} ({}) | {:.1} % | {:.0} |",
+            mean(v, |r| r.0),
+            list(v),
+            mean(v, |r| r.1),
+            mean(v, |r| r.2)
+        );
+    }
+    println!(
+        "connects/s with logging on: {:+.1} % against off",
+        (mean(&runs[1], |r| r.0) / mean(&runs[0], |r| r.0) - 1.0) * 100.0
+    );
+    Ok(())
+}
+
 /// Ends the connect bench's server.
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -1566,6 +1743,10 @@ fn main() -> Result<()> {
     // OVERLAY_BENCH_ONLY=policy-latency: the policies' added latency alone.
     if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "policy-latency") {
         return policy_latency_bench();
+    }
+    // OVERLAY_BENCH_ONLY=policy-log: what logging dropped flows costs.
+    if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "policy-log") {
+        return policy_log_bench();
     }
     // OVERLAY_BENCH_ONLY=policy: NetworkPolicy at 1,000 policies over 10,000 pods.
     if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "policy") {

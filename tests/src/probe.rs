@@ -142,17 +142,19 @@ pub fn http_get_many(ns: &Netns, addr: SocketAddr, paths: Vec<String>) -> Result
                 stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
                 let mut text = String::new();
                 stream.read_to_string(&mut text)?;
-                let status = text
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| anyhow!("bad response {text:?}"))?;
-                Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+                status_and_body(&text)
             })
             .collect()
     })
     .join()
     .map_err(|_| anyhow!("http thread panicked"))?
+}
+
+/// An HTTP/1.0 response's status code and body.
+fn status_and_body(text: &str) -> Result<(u16, String)> {
+    let status =
+        text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad response {text:?}"))?;
+    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
@@ -175,13 +177,7 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String
         stream.write_all(format!("Host: {addr}\r\n\r\n").as_bytes())?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad response {text:?}"))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((status, body))
+        status_and_body(&text)
     })
     .join()
     .map_err(|_| anyhow!("http thread panicked"))?

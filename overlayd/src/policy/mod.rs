@@ -432,14 +432,16 @@ impl Controller {
         }
         let safety_net = trigger == SyncCause::Timer && self.checks.is_multiple_of(REWRITE_EVERY);
         let timer = trigger != SyncCause::Change;
-        let holds = listed.as_ref().is_some_and(|l| l.holds(ruleset));
+        // Hashes the whole ruleset: once a check.
+        let fingerprint = table::fingerprint(ruleset);
+        let holds = listed.as_ref().is_some_and(|l| l.holds(ruleset, &fingerprint));
         if let Some(l) = &listed {
             self.count_drops(l.drops);
             self.count_rules(l);
             // Found holding it (a restarted daemon): its counters are counted from here on.
-            let fingerprint = table::fingerprint(ruleset);
             if holds && self.counted.as_ref().is_none_or(|c| c.fingerprint != fingerprint) {
-                let mut counted = Counted::new(ruleset, self.counted.take(), &self.state.metrics.policy);
+                let mut counted =
+                    Counted::new(ruleset, fingerprint.clone(), self.counted.take(), &self.state.metrics.policy);
                 counted.last = l.rule_packets(&counted.layout);
                 self.counted = Some(counted);
             }
@@ -459,7 +461,7 @@ impl Controller {
         let previous = self.counted.take();
         table::apply(ruleset, existing, rewrite_all).await?;
         self.failed = false;
-        self.counted = Some(Counted::new(ruleset, previous, &self.state.metrics.policy));
+        self.counted = Some(Counted::new(ruleset, fingerprint, previous, &self.state.metrics.policy));
         self.state.metrics.policy.applies.inc();
         Ok(true)
     }
@@ -502,8 +504,13 @@ struct Counted {
 }
 
 impl Counted {
-    /// The rules of `ruleset`, just applied; the counters of rules gone with `previous` are forgotten.
-    fn new(ruleset: &Ruleset, previous: Option<Counted>, metrics: &crate::metrics::PolicyMetrics) -> Counted {
+    /// The rules of `ruleset` (of `fingerprint`), just applied; the counters of rules gone with `previous` are forgotten.
+    fn new(
+        ruleset: &Ruleset,
+        fingerprint: String,
+        previous: Option<Counted>,
+        metrics: &crate::metrics::PolicyMetrics,
+    ) -> Counted {
         let labels: Vec<crate::metrics::RuleLabels> = ruleset
             .rules
             .iter()
@@ -526,12 +533,7 @@ impl Counted {
                 metrics.forget_rule(gone);
             }
         }
-        Counted {
-            fingerprint: table::fingerprint(ruleset),
-            layout: table::layout(ruleset),
-            last: vec![0; labels.len()],
-            labels,
-        }
+        Counted { fingerprint, layout: table::layout(ruleset), last: vec![0; labels.len()], labels }
     }
 }
 

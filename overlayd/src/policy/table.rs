@@ -585,9 +585,10 @@ impl TableState {
             .collect()
     }
 
-    /// Whether the kernel holds exactly `ruleset` (as far as a terse listing tells).
-    pub fn holds(&self, ruleset: &Ruleset) -> bool {
-        self.fingerprint.as_deref() == Some(fingerprint(ruleset).as_str()) && self.rules == rule_count(ruleset)
+    /// Whether the kernel holds exactly `ruleset`, whose [`fingerprint`] is
+    /// `fingerprint` (as far as a terse listing tells).
+    pub fn holds(&self, ruleset: &Ruleset, fingerprint: &str) -> bool {
+        self.fingerprint.as_deref() == Some(fingerprint) && self.rules == rule_count(ruleset)
     }
 }
 
@@ -617,19 +618,6 @@ pub async fn remove() -> Result<(), NftError> {
 mod tests {
     use super::*;
 
-    /// The forward chain's rules, as `nft -j` receives them.
-    fn forward_rules(ruleset: &Ruleset) -> Vec<Value> {
-        let json = serde_json::to_value(transaction(ruleset, &[], true)).unwrap();
-        json["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|o| o["add"]["rule"].as_object())
-            .filter(|r| r["chain"] == FORWARD)
-            .map(|r| Value::Object(r.clone()))
-            .collect()
-    }
-
     #[test]
     fn neighbour_discovery_is_accepted_before_any_pod_is_policed() {
         let ruleset = Ruleset {
@@ -637,8 +625,7 @@ mod tests {
             policed: ["i4".into(), "i6".into(), "e4".into(), "e6".into()],
             ..Ruleset::default()
         };
-        let rules = forward_rules(&ruleset);
-        let text: Vec<String> = rules.iter().map(|r| r["expr"].to_string()).collect();
+        let text = chain_rules(&ruleset, FORWARD);
         let nd =
             text.iter().position(|t| t.contains("nd-neighbor-advert") && t.contains("icmpv6")).expect("an ND rule");
         let first_jump = text.iter().position(|t| t.contains("jump")).expect("jumps");

@@ -173,9 +173,14 @@ pub type Matrix = BTreeMap<(PodName, PodName), bool>;
 
 /// Tries every pair at once, over `family` (4 or 6), and returns what connected.
 pub fn probe(pods: &[TablePod], proto: Proto, port: u16, family: u8) -> Result<Matrix> {
+    probe_to(pods, pods, proto, port, family)
+}
+
+/// Tries every pair of a pod of `from` and a server of `to` at once.
+pub fn probe_to(from: &[TablePod], to: &[TablePod], proto: Proto, port: u16, family: u8) -> Result<Matrix> {
     let mut handles = Vec::new();
-    for from in pods {
-        let targets: Vec<(PodName, SocketAddr)> = pods
+    for from in from {
+        let targets: Vec<(PodName, SocketAddr)> = to
             .iter()
             .filter(|to| to.name != from.name)
             .filter_map(|to| {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::netpol::{differences, namespace_object, pod_object, probe, Matrix, PodName, Proto, Servers, TablePod};
+use crate::netpol::{
+    differences, namespace_object, pod_object, probe, probe_to, Matrix, PodName, Proto, Servers, TablePod,
+};
 use crate::{wait_until, Node};
 
 /// Where the health endpoints of the table's nodes listen, in their namespaces.
@@ -233,6 +235,105 @@ impl<'a> Table<'a> {
             }
         }
     }
+}
+
+/// Servers (TCP and UDP, 80 and 81) in the namespaces of nodes 1 and 2,
+/// named `node/1` and `node/2`, on their underlay addresses.
+fn node_servers(nodes: &[Node]) -> Result<(Vec<TablePod>, Servers)> {
+    let servers: Vec<TablePod> = nodes[..2]
+        .iter()
+        .zip(["1", "2"])
+        .map(|(n, name)| TablePod {
+            name: PodName { ns: "node", name },
+            netns: n.ns.path(),
+            node: n.name.clone(),
+            ips: vec![IpAddr::V4(n.ip), IpAddr::V6(n.ip6)],
+        })
+        .collect();
+    let running = Servers::start(&servers)?;
+    Ok((servers, running))
+}
+
+impl Table<'_> {
+    /// Checks what every pod reaches of `servers` (nodes' own addresses) over
+    /// TCP 80 in `families`, against `expect`; a mismatch is looked at again
+    /// for up to 3 s. Node 1's daemon explains the pairs of its pods.
+    fn check_nodes(
+        &self,
+        case: &str,
+        servers: &[TablePod],
+        families: &[u8],
+        expect: &dyn Fn(&PodName, &PodName) -> bool,
+    ) {
+        for &family in families {
+            let mut want = Matrix::new();
+            for f in &self.pods {
+                for s in servers {
+                    want.insert((f.name.clone(), s.name.clone()), expect(&f.name, &s.name));
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let diff = differences(&want, &probe_to(&self.pods, servers, Proto::Tcp, 80, family).unwrap());
+                if diff.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "case {case:?}, TCP 80 to the nodes, IPv{family}: {} wrong:\n{}\n\nnode 1's table:\n{}",
+                    diff.len(),
+                    diff.join("\n"),
+                    self.nodes[0].ns.exec("nft", &["list", "table", "inet", "overlay_policy"]).unwrap_or_default()
+                );
+            }
+            // `explain` with an address as the destination: the sender's egress alone.
+            let pairs: Vec<(&TablePod, &TablePod)> = self
+                .pods
+                .iter()
+                .filter(|p| p.node == self.nodes[0].name)
+                .flat_map(|p| servers.iter().map(move |s| (p, s)))
+                .collect();
+            let paths = pairs
+                .iter()
+                .map(|(p, s)| {
+                    let addr = s.ips.iter().find(|ip| ip.is_ipv4() == (family == 4)).unwrap();
+                    format!("/explain?src={}&dst={addr}&port=80/tcp&family={family}", p.name)
+                })
+                .collect();
+            let answers =
+                crate::probe::http_get_many(&self.nodes[0].ns, HEALTH.parse().unwrap(), paths).expect("explain");
+            for ((p, s), (code, body)) in pairs.iter().zip(answers) {
+                let answer: Value = serde_json::from_str(&body).unwrap_or_default();
+                let allowed = want[&(p.name.clone(), s.name.clone())];
+                assert!(
+                    code == 200 && answer["allowed"].as_bool() == Some(allowed),
+                    "case {case:?}, IPv{family}: {} -> {}: connected {allowed}, explained {code} {body}",
+                    p.name,
+                    s.name
+                );
+            }
+        }
+    }
+}
+
+/// A pod's egress policy covers its own node's addresses (the input hook)
+/// as it covers every other node's (forward): x/a is on node 1.
+fn check_own_node(t: &Table) {
+    let (servers, _running) = node_servers(t.nodes).expect("servers on the nodes");
+    t.check_nodes("no policy: every pod reaches nodes 1 and 2", &servers, &[4, 6], &|_, _| true);
+    let egress =
+        |to: Value| json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"], "egress": to});
+    t.set_policies(&[("x", "p1", egress(json!([])))]);
+    t.check_nodes("x/a isolated for egress reaches no node, its own neither", &servers, &[4, 6], &|f, _| {
+        !is(f, "x", "a")
+    });
+    let node_1 = json!([{"to": [{"ipBlock": {"cidr": format!("{}/32", t.nodes[0].ip)}},
+                                {"ipBlock": {"cidr": format!("{}/128", t.nodes[0].ip6)}}]}]);
+    t.set_policies(&[("x", "p1", egress(node_1))]);
+    t.check_nodes("x/a may reach its own node's address only", &servers, &[4, 6], &|f, s| {
+        !is(f, "x", "a") || s.name == "1"
+    });
+    t.set_policies(&[]);
 }
 
 /// Labels from pairs.
@@ -838,6 +939,8 @@ pub fn run(t: &Table) {
     // The policy deleted: open again.
     t.set_policies(&[]);
     t.check("policy deleted", TCP80, &|_, _, _, _| true);
+
+    check_own_node(t);
 }
 
 /// ClusterNetworkPolicy with NetworkPolicy, on the same pods: each tier's
@@ -914,6 +1017,17 @@ pub fn run_cluster(t: &Table) {
     t.set_all_policies(&[], &[("cnp-1", named)]);
     t.check("Baseline Deny into x's port named serve-81-tcp", TCP80_81, &|_, to, _, port| {
         !(to.ns == "x" && port == 81)
+    });
+
+    // A nodes peer: node 1 by its hostname label. x's pods on node 1 meet
+    // it in the input hook, the others in forward on their own nodes.
+    let (servers, _running) = node_servers(t.nodes).expect("servers on the nodes");
+    let node_1 = json!({"tier": "Admin", "priority": 5, "subject": {"namespaces": {"matchLabels": {"ns": "x"}}},
+        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"kubernetes.io/hostname": t.nodes[0].name}}}]}]});
+    t.set_all_policies(&[], &[("cnp-1", node_1)]);
+    // IPv4: the Nodes of the API test double have no IPv6 address.
+    t.check_nodes("Admin Deny of x's egress to node 1 (a nodes peer)", &servers, &[4], &|f, s| {
+        f.ns != "x" || s.name != "1"
     });
 
     t.set_all_policies(&[], &[]);

@@ -10,6 +10,11 @@
 //!     ip6 saddr @policed_egress_v6  jump egress
 //!     ip  daddr @policed_ingress_v4 jump ingress   -- to a pod of ours some policy applies to
 //!     ip6 daddr @policed_ingress_v6 jump ingress
+//! chain input (filter, input hook, policy accept)   -- a pod to its own node
+//!     ct state established,related accept
+//!     icmpv6 neighbour discovery accept
+//!     ip  saddr @policed_egress_v4  jump egress
+//!     ip6 saddr @policed_egress_v6  jump egress
 //! chain egress:     the Admin tier's rules; then goto egress_np
 //! chain egress_np:  NetworkPolicy's rules; count and drop what it isolates; the Baseline tier's rules
 //! (ingress, ingress_np: the same)
@@ -21,9 +26,12 @@
 //! (the default). What no rule decides falls through to the chain's end:
 //! allowed.
 //!
-//! Only the forward hook: the host's own traffic to its pods (kubelet
-//! probes) goes through output, never forward, so it is never policed.
-//! Traffic bridged between two pods of one node reaches the forward hook
+//! A pod's traffic to its own node's addresses (the bridge's gateway
+//! address, the node's underlay address, host-network pods) meets the
+//! input hook, not forward: the egress chain is shared by both, so a pod's
+//! egress policy covers its own node as it covers every other. The host's
+//! own traffic to its pods (kubelet probes) goes through output and is
+//! never policed; its replies are established connections. Traffic bridged between two pods of one node reaches the forward hook
 //! through br_netfilter, which the CNI plugin turns on for its bridge
 //! (docs/architecture.md says why).
 //!
@@ -51,6 +59,7 @@ use crate::nft::{self, NftError, TableId};
 /// `table inet overlay_policy`.
 pub const TABLE: &str = "overlay_policy";
 const FORWARD: &str = "forward";
+const INPUT: &str = "input";
 
 /// The chain of a direction's NetworkPolicy and Baseline tiers.
 fn np_chain(direction: Direction) -> &'static str {
@@ -325,6 +334,13 @@ pub fn transaction(ruleset: &Ruleset, existing_sets: &[String], rewrite_all: boo
         policy: Some(NfChainPolicy::Accept),
         ..chain(FORWARD)
     })));
+    objects.push(add(NfListObject::Chain(Chain {
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Input),
+        prio: Some(0),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(INPUT)
+    })));
     for direction in Direction::ALL {
         objects.push(add(NfListObject::Chain(chain(direction.name()))));
         objects.push(add(NfListObject::Chain(chain(np_chain(direction)))));
@@ -377,57 +393,64 @@ fn planned_rules(ruleset: &Ruleset) -> Vec<PlannedRule> {
         comment,
         index: None,
     };
-    out.push(rule(
-        FORWARD,
-        vec![
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::CT(CT {
-                    key: Cow::Borrowed("state"),
-                    family: None,
-                    dir: None,
-                })),
-                right: Expression::List(vec![
-                    Expression::String(Cow::Borrowed("established")),
-                    Expression::String(Cow::Borrowed("related")),
-                ]),
-                op: Operator::IN,
-            }),
-            Statement::Accept(None),
-        ],
-        Some(fingerprint(ruleset)),
-    ));
-    // IPv6 neighbour and router discovery is the link's own plumbing, which NetworkPolicy
-    // does not speak of. Policed, an isolated pod's neighbour advertisements to a pod
-    // of its node (bridged, so they meet this hook) are dropped, and that pod can no
-    // longer answer anyone it has not heard from first: IPv4's ARP never comes here.
-    out.push(rule(
-        FORWARD,
-        vec![
-            Statement::Match(Match {
-                left: payload("icmpv6", "type"),
-                right: Expression::Named(NamedExpression::Set(
-                    NEIGHBOUR_DISCOVERY
-                        .iter()
-                        .map(|t| SetItem::Element(Expression::String(Cow::Borrowed(*t))))
-                        .collect(),
-                )),
-                op: Operator::EQ,
-            }),
-            Statement::Accept(None),
-        ],
-        None,
-    ));
-    for direction in [Direction::Egress, Direction::Ingress] {
-        for family in Family::ALL {
-            let (pod, _) = fields(direction);
-            out.push(rule(
-                FORWARD,
-                vec![
-                    in_set(payload(proto_name(family), pod), ruleset.policed_set(direction, family)),
-                    Statement::Jump(JumpTarget { target: Cow::Borrowed(direction.name()) }),
-                ],
-                None,
-            ));
+    for base in [FORWARD, INPUT] {
+        out.push(rule(
+            base,
+            vec![
+                Statement::Match(Match {
+                    left: Expression::Named(NamedExpression::CT(CT {
+                        key: Cow::Borrowed("state"),
+                        family: None,
+                        dir: None,
+                    })),
+                    right: Expression::List(vec![
+                        Expression::String(Cow::Borrowed("established")),
+                        Expression::String(Cow::Borrowed("related")),
+                    ]),
+                    op: Operator::IN,
+                }),
+                Statement::Accept(None),
+            ],
+            (base == FORWARD).then(|| fingerprint(ruleset)),
+        ));
+        // IPv6 neighbour and router discovery is the link's own plumbing, which NetworkPolicy
+        // does not speak of. Policed, an isolated pod's neighbour advertisements to a pod
+        // of its node (bridged, so they meet the forward hook) are dropped, and that pod can
+        // no longer answer anyone it has not heard from first (IPv4's ARP never comes here);
+        // in input, an egress-isolated pod could no longer find its gateway.
+        out.push(rule(
+            base,
+            vec![
+                Statement::Match(Match {
+                    left: payload("icmpv6", "type"),
+                    right: Expression::Named(NamedExpression::Set(
+                        NEIGHBOUR_DISCOVERY
+                            .iter()
+                            .map(|t| SetItem::Element(Expression::String(Cow::Borrowed(*t))))
+                            .collect(),
+                    )),
+                    op: Operator::EQ,
+                }),
+                Statement::Accept(None),
+            ],
+            None,
+        ));
+        // Into input come only packets for the node itself: no pod of ours is the
+        // destination, so only the sender's egress is checked there.
+        let directions: &[Direction] =
+            if base == FORWARD { &[Direction::Egress, Direction::Ingress] } else { &[Direction::Egress] };
+        for &direction in directions {
+            for family in Family::ALL {
+                let (pod, _) = fields(direction);
+                out.push(rule(
+                    base,
+                    vec![
+                        in_set(payload(proto_name(family), pod), ruleset.policed_set(direction, family)),
+                        Statement::Jump(JumpTarget { target: Cow::Borrowed(direction.name()) }),
+                    ],
+                    None,
+                ));
+            }
         }
     }
     let comment = |r: &Rule| Some(r.policy.chars().take(120).collect());
@@ -594,9 +617,10 @@ impl TableState {
 
 /// Rules the table holds for `ruleset`.
 pub fn rule_count(ruleset: &Ruleset) -> usize {
-    // established + neighbour discovery + 4 jumps + 2 gotos + 4 isolation drops.
-    // + 2 drops (+ their logs) in the denied chains.
-    14 + 2 * logged(ruleset).len() + ruleset.rules.len()
+    // forward: established + neighbour discovery + 4 jumps; input: the same but
+    // 2 jumps (egress only); 2 gotos + 4 isolation drops; 2 drops (+ their logs)
+    // in the denied chains.
+    18 + 2 * logged(ruleset).len() + ruleset.rules.len()
 }
 
 /// The table as `nft -j -t list table` shows it; none when there is none.
@@ -631,6 +655,31 @@ mod tests {
         let first_jump = text.iter().position(|t| t.contains("jump")).expect("jumps");
         assert!(nd < first_jump, "{text:#?}");
         assert!(text[nd].contains("nd-neighbor-solicit") && text[nd].contains("accept"), "{}", text[nd]);
+    }
+
+    #[test]
+    fn a_pod_to_its_own_node_meets_its_egress_rules_and_nothing_else() {
+        let ruleset = Ruleset {
+            isolated: ["i4".into(), "i6".into(), "e4".into(), "e6".into()],
+            policed: ["pi4".into(), "pi6".into(), "pe4".into(), "pe6".into()],
+            ..Ruleset::default()
+        };
+        let text = chain_rules(&ruleset, INPUT);
+        assert_eq!(text.len(), 4, "{text:#?}");
+        assert!(text[0].contains("established") && text[0].contains("accept"), "{}", text[0]);
+        assert!(text[1].contains("nd-neighbor-solicit") && text[1].contains("accept"), "{}", text[1]);
+        for (t, set) in text[2..].iter().zip(["@pe4", "@pe6"]) {
+            assert!(t.contains(set) && t.contains("saddr") && t.contains("\"jump\":{\"target\":\"egress\"}"), "{t}");
+        }
+        let json = serde_json::to_value(transaction(&ruleset, &[], true)).unwrap();
+        let input = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["add"]["chain"]["name"] == INPUT)
+            .expect("the input chain");
+        assert_eq!(input["add"]["chain"]["hook"], "input");
+        assert_eq!(input["add"]["chain"]["policy"], "accept");
     }
 
     /// The rules of `chain`, as `nft -j` receives them, as text.

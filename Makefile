@@ -21,7 +21,7 @@ K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl 
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
 IMAGE_BASE ?= debian
 
-.PHONY: help deps k8s e2e build release image test bench demo demo-down fmt clippy clean validate-manifests
+.PHONY: help deps k8s e2e npa-conformance build release image test bench demo demo-down fmt clippy clean validate-manifests
 .DEFAULT_GOAL := help
 
 ## help: list the targets (what plain `make` does)
@@ -45,10 +45,11 @@ deps:
 	  python3 -m venv $(PYTOOLS) && $(PYTOOLS)/bin/pip install -q --disable-pip-version-check 'kubernetes-validate==$(KUBERNETES_VALIDATE)'; \
 	fi
 
-## k8s: build the control plane, kubelet, kube-proxy, kubectl, e2e.test and its ginkgo (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox, CoreDNS) into /var/cache/overlay-k8s (idempotent)
+## k8s: build the control plane, kubelet, kube-proxy, kubectl, e2e.test and its ginkgo (k8s.io/kubernetes at tests/k8s/release), etcd (tests/k8s/etcd-release) and the nodes' images (pause, agnhost, busybox, CoreDNS), and network-policy-api's conformance runner (tests/k8s/npa-conformance) into /var/cache/overlay-k8s (idempotent)
 k8s: deps
 	@tests/k8s/build $(K8S_RELEASE) $(K8S_COMPONENTS)
 	@tests/k8s/images $(K8S_RELEASE)
+	@tests/k8s/npa-conformance/build
 
 ## e2e: the whole upstream sig-network selection (tests/k8s/e2e/full.txt less skip.txt) on three real nodes, dual stack then IPv4 alone (E2E_FAMILIES=dual or ipv4 for one); writes docs/conformance.md
 E2E_FAMILIES ?= dual ipv4
@@ -57,6 +58,14 @@ e2e: deps k8s
 	@rc=0; for f in $(E2E_FAMILIES); do \
 	  OVERLAY_FAMILIES=$$f OVERLAY_E2E=full OVERLAY_E2E_REPORT=$(CURDIR)/docs/conformance.md \
 	    $(CARGO) test -p overlay-tests --test kube_nodes -- --include-ignored the_upstream_sig_network_e2e_tests_pass || rc=1; \
+	done; exit $$rc
+
+## npa-conformance: network-policy-api's ClusterNetworkPolicy conformance suite (every test) on three real nodes, dual stack then IPv4 alone (E2E_FAMILIES); writes its part of docs/conformance.md
+npa-conformance: deps k8s
+	$(CARGO) build --workspace --bins
+	@rc=0; for f in $(E2E_FAMILIES); do \
+	  OVERLAY_FAMILIES=$$f OVERLAY_NPA=full OVERLAY_NPA_REPORT=$(CURDIR)/docs/conformance.md \
+	    $(CARGO) test -p overlay-tests --test kube_nodes -- --include-ignored the_network_policy_api_conformance_tests_pass || rc=1; \
 	done; exit $$rc
 
 ## validate-manifests: every document of deploy/overlay.yaml against the Kubernetes schemas, strictly

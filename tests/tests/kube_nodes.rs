@@ -926,6 +926,15 @@ fn write_conformance(path: &std::path::Path, run: &E2eOutcome, dual: bool) -> Re
         let text = std::fs::read_to_string(e2e_dir.join(list))?;
         md.push_str(&format!("\n## {list}\n\n```text\n{text}```\n"));
     }
+    // network-policy-api's runs, as `make npa-conformance` left them.
+    let (npa_dual, npa_ipv4) = (kept("npa-dual"), kept("npa-ipv4"));
+    if !npa_dual.is_empty() || !npa_ipv4.is_empty() {
+        md.push_str(NPA_INTRO);
+        for section in [npa_dual, npa_ipv4].iter().filter(|s| !s.is_empty()) {
+            md.push('\n');
+            md.push_str(section);
+        }
+    }
     std::fs::write(path, md)?;
     Ok(())
 }
@@ -947,6 +956,182 @@ fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     }
     ensure!(outcome.ran == outcome.passed, "{outcome:?}");
     ensure!(outcome.skipped > 0, "{outcome:?}");
+    Ok(())
+}
+
+/// The features of network-policy-api's suite overlay claims.
+const NPA_FEATURES: &str = "ClusterNetworkPolicy,ClusterNetworkPolicyNamedPorts,ClusterNetworkPolicyEgressNodePeers";
+/// Its tests of SCTP alone: this kernel has no SCTP (the runner's build says how the others do without it).
+const NPA_SCTP_TESTS: &str =
+    "CNPAdminTierEgressSCTP,CNPAdminTierIngressSCTP,CNPBaselineTierEgressSCTP,CNPBaselineTierIngressSCTP";
+/// The tests `make test` runs: the nodes peer (to a host-network pod, on the client's own node or another),
+/// named ports, a network peer beside pods, and the Baseline tier.
+const NPA_CI_TESTS: &str =
+    "CNPAdminTierEgressNodePeers|CNPAdminTierIngressNamedPort|CNPAdminTierEgressInlineCIDRPeers|CNPBaselineTierIngressTCP";
+
+/// The head of docs/conformance.md's network-policy-api part.
+const NPA_INTRO: &str = "\n## ClusterNetworkPolicy: network-policy-api's conformance suite\n\n\
+Written by `make npa-conformance`: `TestConformance` of `sigs.k8s.io/network-policy-api` **v0.2.0** (its \
+`conformance/` package, built from the module by `tests/k8s/npa-conformance/build`) on the same three real nodes, \
+the CRD applied from `deploy/cluster-network-policy-crds.yaml` under the running DaemonSet, with \
+`-supported-features=ClusterNetworkPolicy,ClusterNetworkPolicyNamedPorts,ClusterNetworkPolicyEgressNodePeers`: \
+overlay claims the core and both optional features. The suite probes each pod's first address (`status.podIP`), so \
+a dual-stack run checks IPv4 on a dual-stack cluster; IPv6 is checked by overlay's own ClusterNetworkPolicy truth \
+table (`tests/tests/network_policy.rs`, `kube_real.rs`). This kernel has no SCTP (`CONFIG_IP_SCTP` is not set), so \
+the runner differs from the module's own in three ways, all in `tests/k8s/npa-conformance/`: the base manifests \
+lose their SCTP servers (agnhost `porter` exits when it cannot listen on SCTP, and no pod would become Ready), \
+the four SCTP-only tests are skipped (`-skip-tests`), and an SCTP probe inside a mixed-protocol test is logged \
+as not run instead of made (its TCP and UDP probes run as written). overlay compiles SCTP ports like TCP and UDP \
+(the unit tests and the NetworkPolicy truth table check the rules); that they hold on the wire is untested here. \
+`make test` runs four of the tests on every change (`NPA_CI_TESTS` in `tests/tests/kube_nodes.rs`).\n";
+
+/// One test's (or subtest's) result, from `go test -v`'s `--- PASS: TestConformance/...` lines.
+fn npa_results(log: &str) -> Vec<(String, bool)> {
+    log.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let (passed, rest) = if let Some(r) = l.strip_prefix("--- PASS: ") {
+                (true, r)
+            } else {
+                (false, l.strip_prefix("--- FAIL: ")?)
+            };
+            let name = rest.split_whitespace().next()?.strip_prefix("TestConformance/")?;
+            Some((name.to_string(), passed))
+        })
+        .collect()
+}
+
+/// The ClusterNetworkPolicy conformance suite of sig-network's network-policy-api (v0.2.0, built from its module
+/// by `tests/k8s/npa-conformance/build`) passes: the CRD applied from `deploy/` under the running DaemonSet, the
+/// release's agnhost tagged as the suite's 2.45, every feature overlay claims asked for. `make test` runs four of
+/// its tests; `OVERLAY_NPA=full` (`make npa-conformance`) all of them, and `OVERLAY_NPA_REPORT` writes the report.
+fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
+    n.clear();
+    let out =
+        std::process::Command::new(overlay_tests::manifests::deploy_dir().join("../tests/k8s/npa-conformance/build"))
+            .arg("--bin")
+            .output()?;
+    let bin = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    ensure!(bin.is_file(), "no {} (run `make k8s`)", bin.display());
+    let crds = overlay_tests::manifests::deploy_dir().join("cluster-network-policy-crds.yaml");
+    n.cp.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
+    n.cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/clusternetworkpolicies.policy.networking.k8s.io",
+    ])?;
+    // Each daemon finds the CRD within its minute's poll.
+    let enforcing = wait_some(Duration::from_secs(90), || {
+        let logs = n.cp.kubectl(&["logs", "-n", "kube-overlay", "-l", "app=overlay", "--tail=-1", "--prefix"]).ok()?;
+        let pods = n.real.len();
+        (logs.lines().filter(|l| l.contains("enforcing ClusterNetworkPolicy")).count() >= pods).then_some(())
+    });
+    ensure!(enforcing.is_some(), "the overlay pods did not say they enforce ClusterNetworkPolicy within 90 s");
+    for r in &n.real {
+        r.ctr(&["images", "tag", "--force", &n.agnhost, "registry.k8s.io/e2e-test-images/agnhost:2.45"])?;
+    }
+    let full = std::env::var("OVERLAY_NPA").is_ok_and(|v| v == "full");
+    let run = if full { "TestConformance".to_string() } else { format!("TestConformance/^({NPA_CI_TESTS})$") };
+    let log_path = n.c.dir.join("npa-conformance.log");
+    let log = std::fs::File::create(&log_path)?;
+    let started = Instant::now();
+    let mut command = n.c.underlay.command(&bin.display().to_string(), &[]);
+    command
+        .env("KUBECONFIG", n.cp.admin_kubeconfig())
+        .args(["-test.v", "-test.timeout", if full { "60m" } else { "15m" }, "-test.run", &run])
+        .arg(format!("-supported-features={NPA_FEATURES}"))
+        .arg(format!("-skip-tests={NPA_SCTP_TESTS}"));
+    let status = command.stdout(log.try_clone()?).stderr(log).status().context("running the npa conformance suite")?;
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&log_path)?;
+    let results = npa_results(&text);
+    let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(name, _)| name.as_str()).collect();
+    eprintln!(
+        "npa conformance: {status} in {:.0} s, {} passed, {} failed",
+        took.as_secs_f64(),
+        results.len() - failed.len(),
+        failed.len()
+    );
+    if let Ok(path) = std::env::var("OVERLAY_NPA_REPORT") {
+        write_npa_conformance(std::path::Path::new(&path), &results, &text, took, n.dual)?;
+    }
+    if !status.success() || !failed.is_empty() || results.is_empty() {
+        let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kube_nodes-npa-conformance.log");
+        let kept = std::fs::copy(&log_path, &kept).map(|_| kept.display().to_string()).unwrap_or_default();
+        bail!(
+            "the npa conformance suite ended {status}; failed: {failed:#?}\nthe end of its log ({kept}):\n{}",
+            tail_of(&log_path, 80)
+        );
+    }
+    // The tests asked for ran: no name in the pattern matched nothing.
+    let ran: BTreeSet<&str> = results.iter().filter_map(|(name, _)| name.split('/').next()).collect();
+    if !full {
+        for t in NPA_CI_TESTS.split('|') {
+            ensure!(ran.contains(t), "{t} did not run:\n{}", tail_of(&log_path, 40));
+        }
+    }
+    // The SCTP probes the runner leaves out are said in its log, never passed silently.
+    ensure!(text.contains("not run: this kernel has no SCTP"), "no SCTP probe said as not run");
+    Ok(())
+}
+
+/// The network-policy-api section of docs/conformance.md (one per family setting), replacing its own and
+/// keeping everything else.
+fn write_npa_conformance(
+    path: &std::path::Path,
+    results: &[(String, bool)],
+    log: &str,
+    took: Duration,
+    dual: bool,
+) -> Result<()> {
+    let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output()?.stdout)
+        .trim()
+        .to_string();
+    let (key, title) = if dual { ("npa-dual", "Dual stack (IPv4 and IPv6)") } else { ("npa-ipv4", "IPv4") };
+    let tests: Vec<&(String, bool)> = results.iter().filter(|(name, _)| !name.contains('/')).collect();
+    let subtests = results.len() - tests.len();
+    let passed_subtests = results.iter().filter(|(name, ok)| name.contains('/') && *ok).count();
+    let sctp_not_run = log.matches("not run: this kernel has no SCTP").count();
+    let is_sctp_test = |name: &str| NPA_SCTP_TESTS.split(',').any(|t| t == name);
+    let skipped = tests.iter().filter(|(name, _)| is_sctp_test(name)).count();
+    let mut section = format!(
+        "<!-- run:{key} -->\n### network-policy-api: {title}\n\nRun on {date}; wall time {:.0} minutes. \
+         {} of {} tests run passed ({skipped} skipped: SCTP alone), and {passed_subtests} of {subtests} subtests; \
+         SCTP probes not run: {sctp_not_run}.\n\n| test | result |\n|---|---|\n",
+        took.as_secs_f64() / 60.0,
+        tests.iter().filter(|(name, ok)| *ok && !is_sctp_test(name)).count(),
+        tests.len() - skipped,
+    );
+    for (name, ok) in &tests {
+        let result = if is_sctp_test(name) {
+            "skipped (SCTP)"
+        } else if *ok {
+            "passed"
+        } else {
+            "FAILED"
+        };
+        section.push_str(&format!("| {name} | {result} |\n"));
+    }
+    let failed: Vec<&str> =
+        results.iter().filter(|(name, ok)| name.contains('/') && !ok).map(|(name, _)| name.as_str()).collect();
+    if !failed.is_empty() {
+        section.push_str("\nFailed subtests:\n\n");
+        for name in failed {
+            section.push_str(&format!("- {name}\n"));
+        }
+    }
+    section.push_str(&format!("<!-- /run:{key} -->\n"));
+    let mut old = std::fs::read_to_string(path).unwrap_or_default();
+    if !old.contains(NPA_INTRO) {
+        old.push_str(NPA_INTRO);
+    }
+    let (open, close) = (format!("<!-- run:{key} -->"), format!("<!-- /run:{key} -->\n"));
+    let md = match (old.find(&open), old.find(&close)) {
+        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &old[..a], &old[b + close.len()..]),
+        _ => format!("{old}\n{section}"),
+    };
+    std::fs::write(path, md)?;
     Ok(())
 }
 
@@ -973,6 +1158,7 @@ const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
         a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use,
     ),
     ("the_upstream_sig_network_e2e_tests_pass", the_upstream_sig_network_e2e_tests_pass),
+    ("the_network_policy_api_conformance_tests_pass", the_network_policy_api_conformance_tests_pass),
 ];
 
 fn main() -> ExitCode {

@@ -1418,22 +1418,7 @@ fn policy_latency_bench() -> Result<()> {
     // TIME_WAIT ports keeps the bench measuring the path, not the port search.
     from.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
     // A TCP server on port 80 of the destination, for connects.
-    let server = overlay_tests::probe::in_netns(&c.nodes[0].pods[0].ns, || {
-        let l = std::net::TcpListener::bind(("0.0.0.0", 80))?;
-        l.set_nonblocking(true)?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while Instant::now() < deadline {
-            match l.accept() {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
-                Err(e) => return Err(e.into()),
-            }
-            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-        }
-        Ok(())
-    });
+    let server = accepting_server(&c.nodes[0].pods[0].ns);
     mean_rtt_ms(from, to)?;
     let (mut none, mut with) = (Vec::new(), Vec::new());
     let (mut connect_none, mut connect_with) = (Vec::new(), Vec::new());
@@ -1644,18 +1629,7 @@ fn policy_log_bench() -> Result<()> {
     };
     let (client, flooder, to) = (&c.nodes[1].pods[0].ns, &c.nodes[1].pods[1].ns, c.nodes[0].pods[0].ip);
     client.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
-    let server = overlay_tests::probe::in_netns(&c.nodes[0].pods[0].ns, || {
-        let l = std::net::TcpListener::bind(("0.0.0.0", 80))?;
-        l.set_nonblocking(true)?;
-        while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
-            match l.accept() {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    });
+    let server = accepting_server(&c.nodes[0].pods[0].ns);
     if !overlay_tests::wait_until(Duration::from_secs(30), || {
         node.ns
             .exec("nft", &["list", "chain", "inet", "overlay_policy", "ingress_np"])
@@ -1890,4 +1864,21 @@ fn main() -> Result<()> {
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");
     drop(c);
     policy_bench()
+}
+
+/// A TCP server on port 80 of `ns` that accepts and closes each connection, until [`STOP`] (or 10 minutes).
+fn accepting_server(ns: &overlay_tests::Netns) -> std::thread::JoinHandle<Result<()>> {
+    overlay_tests::probe::in_netns(ns, || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", 80))?;
+        l.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while Instant::now() < deadline && !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
 }

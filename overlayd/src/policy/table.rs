@@ -31,8 +31,9 @@
 //! input hook, not forward: the egress chain is shared by both, so a pod's
 //! egress policy covers its own node as it covers every other. The host's
 //! own traffic to its pods (kubelet probes) goes through output and is
-//! never policed; its replies are established connections. Traffic bridged between two pods of one node reaches the forward hook
-//! through br_netfilter, which the CNI plugin turns on for its bridge
+//! never policed; its replies are established connections. Traffic
+//! bridged between two pods of one node reaches the forward hook through
+//! br_netfilter, which the CNI plugin turns on for its bridge
 //! (docs/architecture.md says why).
 //!
 //! Every change is one `nft -j -f -` transaction: the chains are flushed,

@@ -959,6 +959,15 @@ fn the_upstream_sig_network_e2e_tests_pass(n: &mut Nodes) -> Result<()> {
     Ok(())
 }
 
+/// The namespaces of the suite's base manifests.
+const NPA_NAMESPACES: [&str; 5] = [
+    "network-policy-conformance-gryffindor",
+    "network-policy-conformance-slytherin",
+    "network-policy-conformance-hufflepuff",
+    "network-policy-conformance-ravenclaw",
+    "network-policy-conformance-forbidden-forrest",
+];
+
 /// The features of network-policy-api's suite overlay claims.
 const NPA_FEATURES: &str = "ClusterNetworkPolicy,ClusterNetworkPolicyNamedPorts,ClusterNetworkPolicyEgressNodePeers";
 /// Its tests of SCTP alone: this kernel has no SCTP (the runner's build says how the others do without it).
@@ -1041,9 +1050,25 @@ fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
         .env("KUBECONFIG", n.cp.admin_kubeconfig())
         .args(["-test.v", "-test.timeout", if full { "60m" } else { "15m" }, "-test.run", &run])
         .arg(format!("-supported-features={NPA_FEATURES}"))
-        .arg(format!("-skip-tests={NPA_SCTP_TESTS}"));
+        .arg(format!("-skip-tests={NPA_SCTP_TESTS}"))
+        // Below the ephemeral range: see the runner.
+        .arg("-host-network-ports-from=24345")
+        // Kept for a failure's diagnosis below; removed here after.
+        .arg("-cleanup-base-resources=false");
     let status = command.stdout(log.try_clone()?).stderr(log).status().context("running the npa conformance suite")?;
     let took = started.elapsed();
+    let diagnosis = if status.success() {
+        String::new()
+    } else {
+        let pods = n.cp.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_else(|e| e.to_string());
+        let events =
+            n.cp.kubectl(&["get", "events", "-A", "--field-selector", "type=Warning"])
+                .unwrap_or_else(|e| e.to_string());
+        format!("\npods:\n{pods}\nwarnings:\n{events}")
+    };
+    let mut houses = vec!["delete", "namespace", "--ignore-not-found", "--wait=true", "--timeout=120s"];
+    houses.extend(NPA_NAMESPACES);
+    n.cp.kubectl(&houses)?;
     let text = std::fs::read_to_string(&log_path)?;
     let results = npa_results(&text);
     let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(name, _)| name.as_str()).collect();
@@ -1060,8 +1085,8 @@ fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
         let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kube_nodes-npa-conformance.log");
         let kept = std::fs::copy(&log_path, &kept).map(|_| kept.display().to_string()).unwrap_or_default();
         bail!(
-            "the npa conformance suite ended {status}; failed: {failed:#?}\nthe end of its log ({kept}):\n{}",
-            tail_of(&log_path, 80)
+            "the npa conformance suite ended {status}; failed: {failed:#?}\nthe end of its log ({kept}):\n{}{diagnosis}",
+            tail_of(&log_path, 40)
         );
     }
     // The tests asked for ran: no name in the pattern matched nothing.

@@ -22,6 +22,11 @@ var manifests embed.FS
 
 var skipTests = flag.String("skip-tests", "", "comma-separated short names of tests not to run")
 
+// The suite's host-network servers listen on 8 ports from 34345 by default, inside Linux's ephemeral range
+// (32768-60999), where a node's own outgoing connections (or containerd's streaming server on 127.0.0.1:0) may
+// hold one, and the pod then cannot start. The runner can move them below it.
+var hostPortsFrom = flag.Int("host-network-ports-from", 0, "the first of the 8 ports of the host-network servers (0: the suite's default)")
+
 func TestConformance(t *testing.T) {
 	cfg, err := config.GetConfig()
 	if err != nil {
@@ -42,7 +47,7 @@ func TestConformance(t *testing.T) {
 	if *skipTests != "" {
 		skip = strings.Split(*skipTests, ",")
 	}
-	s := suite.New(suite.Options{
+	options := suite.Options{
 		Client:               c,
 		ClientSet:            clientset,
 		KubeConfig:           *cfg,
@@ -51,7 +56,12 @@ func TestConformance(t *testing.T) {
 		SupportedFeatures:    suite.ParseSupportedFeatures(*flags.SupportedFeatures),
 		SkipTests:            skip,
 		FS:                   &manifests,
-	})
+	}
+	if *hostPortsFrom != 0 {
+		options.HostNetworkPortRangeStart = *hostPortsFrom
+		options.HostNetworkPortRangeEnd = *hostPortsFrom + 7
+	}
+	s := suite.New(options)
 	s.Setup(t)
 	s.Run(t, tests.ConformanceTests)
 }

@@ -438,6 +438,19 @@ impl ControlPlane {
             .to_string())
     }
 
+    /// Applies deploy/cluster-network-policy-crds.yaml (server-side) and waits until the CRD is Established.
+    pub fn apply_cluster_policy_crd(&self) -> Result<()> {
+        let crds = crate::manifests::deploy_dir().join("cluster-network-policy-crds.yaml");
+        self.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/clusternetworkpolicies.policy.networking.k8s.io",
+        ])?;
+        Ok(())
+    }
+
     /// Runs kubectl as admin; its stdout, or an error with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_as(&self.admin_kubeconfig(), args, None)

@@ -1023,14 +1023,7 @@ fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
             .output()?;
     let bin = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     ensure!(bin.is_file(), "no {} (run `make k8s`)", bin.display());
-    let crds = overlay_tests::manifests::deploy_dir().join("cluster-network-policy-crds.yaml");
-    n.cp.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
-    n.cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/clusternetworkpolicies.policy.networking.k8s.io",
-    ])?;
+    n.cp.apply_cluster_policy_crd()?;
     // Each daemon finds the CRD within its minute's poll.
     let enforcing = wait_some(Duration::from_secs(90), || {
         let logs = n.cp.kubectl(&["logs", "-n", "kube-overlay", "-l", "app=overlay", "--tail=-1", "--prefix"]).ok()?;

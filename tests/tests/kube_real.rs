@@ -398,14 +398,8 @@ fn the_network_policy_truth_table_on_the_real_api_server(r: &mut Real) -> Result
 
     // ClusterNetworkPolicy: its CRD applied from deploy/ while the daemons run; they find it within their
     // minute's poll and enforce it with no restart.
+    r.cp.apply_cluster_policy_crd()?;
     let crds = overlay_tests::manifests::deploy_dir().join("cluster-network-policy-crds.yaml");
-    r.cp.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
-    r.cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/clusternetworkpolicies.policy.networking.k8s.io",
-    ])?;
     let found = wait_until(Duration::from_secs(75), || {
         r.c.nodes.iter().all(|n| n.log_text().contains("enforcing ClusterNetworkPolicy"))
     });

@@ -74,8 +74,8 @@ while :; do
 done"#;
 
 /// containerd's configuration: state and socket in the namespace's `/run`,
-/// images on disk in the node's directory with the `native` snapshotter
-/// (overlayfs cannot stack on the overlayfs a fresh root may run on).
+/// images in `root` with the `native` snapshotter (overlayfs cannot stack
+/// on the overlayfs a fresh root may run on).
 fn containerd_config(root: &Path, sandbox_image: &str) -> String {
     format!(
         r#"version = 2
@@ -107,8 +107,10 @@ state = "/run/containerd"
 pub struct RealNode {
     /// Its Node name.
     pub name: String,
-    /// Its scratch directory (configs, logs, containerd's images).
+    /// Its scratch directory (configs, logs).
     pub dir: PathBuf,
+    /// containerd's root, its images and containers (see [`image_store`]).
+    image_store: PathBuf,
     netns: String,
     cgroup_root: String,
     kubelet_config: PathBuf,
@@ -149,6 +151,7 @@ impl RealNode {
         let mut real = RealNode {
             name: node.name.clone(),
             dir: dir.clone(),
+            image_store: image_store(&node.ns.name),
             netns: node.ns.name.clone(),
             cgroup_root,
             kubelet_config: dir.join("kubelet.json"),
@@ -173,7 +176,7 @@ impl RealNode {
             .find(|(_, name)| name.contains("/pause:"))
             .map(|(_, name)| name.clone())
             .context("no pause image in `tests/k8s/images --names`")?;
-        std::fs::write(dir.join("containerd.toml"), containerd_config(&dir.join("containerd"), &sandbox_image))?;
+        std::fs::write(dir.join("containerd.toml"), containerd_config(&real.image_store, &sandbox_image))?;
         real.containerd = Some(real.spawn(
             Path::new("containerd"),
             &["--config".into(), dir.join("containerd.toml").display().to_string()],
@@ -363,7 +366,17 @@ impl Drop for RealNode {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         remove_cgroup_root(&self.cgroup_root);
+        crate::remove_tree(&self.image_store);
     }
+}
+
+/// Where the node of namespace `netns` keeps containerd's root: on disk under
+/// `/var/tmp`, not in the test's directory, because `/tmp` may be a tmpfs (a
+/// fresh root's is) and the `native` snapshotter makes every container a full
+/// copy of its image: the network-policy-api suite's 50 agnhost containers
+/// take about 4 GB. `tests/leftovers` checks for it and sweeps what a killed run left.
+fn image_store(netns: &str) -> PathBuf {
+    PathBuf::from(format!("/var/tmp/overlay-test-{netns}-containerd"))
 }
 
 /// Sends SIGTERM, waits up to 10 s, then SIGKILL.

@@ -992,8 +992,7 @@ lose their SCTP servers (agnhost `porter` exits when it cannot listen on SCTP, a
 the four SCTP-only tests are skipped (`-skip-tests`), and an SCTP probe inside a mixed-protocol test is logged \
 as not run instead of made (its TCP and UDP probes run as written). overlay compiles SCTP ports like TCP and UDP \
 (the unit tests and the NetworkPolicy truth table check the rules); that they hold on the wire is untested here. \
-`make test` does not run it yet (its 50 containers filled a fresh root's tmpfs `/tmp`: `NPA_SCENARIO` in \
-`tests/tests/kube_nodes.rs`); with `OVERLAY_NPA` set, `kube_nodes` runs four of its tests (`NPA_CI_TESTS`).\n";
+`make test` runs four of the tests on every change (`NPA_CI_TESTS` in `tests/tests/kube_nodes.rs`).\n";
 
 /// One test's (or subtest's) result, from `go test -v`'s `--- PASS: TestConformance/...` lines.
 fn npa_results(log: &str) -> Vec<(String, bool)> {
@@ -1013,8 +1012,8 @@ fn npa_results(log: &str) -> Vec<(String, bool)> {
 
 /// The ClusterNetworkPolicy conformance suite of sig-network's network-policy-api (v0.2.0, built from its module
 /// by `tests/k8s/npa-conformance/build`) passes: the CRD applied from `deploy/` under the running DaemonSet, the
-/// release's agnhost tagged as the suite's 2.45, every feature overlay claims asked for. With `OVERLAY_NPA` set it
-/// runs four of its tests; `OVERLAY_NPA=full` (`make npa-conformance`) all of them, and `OVERLAY_NPA_REPORT` writes the report.
+/// release's agnhost tagged as the suite's 2.45, every feature overlay claims asked for. `make test` runs four of
+/// its tests; `OVERLAY_NPA=full` (`make npa-conformance`) all of them, and `OVERLAY_NPA_REPORT` writes the report.
 fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
     n.clear();
     let out =
@@ -1177,14 +1176,8 @@ const SCENARIOS: &[(&str, Scenario<Nodes>)] = &[
         a_node_removed_and_added_again_gets_podcidrs_its_pods_and_peers_use,
     ),
     ("the_upstream_sig_network_e2e_tests_pass", the_upstream_sig_network_e2e_tests_pass),
+    ("the_network_policy_api_conformance_tests_pass", the_network_policy_api_conformance_tests_pass),
 ];
-
-/// Run only when `OVERLAY_NPA` is set (`make npa-conformance`), not by `make test`: the suite's base manifests
-/// start 10 pods of 5 agnhost containers, and with containerd's `native` snapshotter (each container a copy of
-/// its image) in the test's directory, that filled the tmpfs `/tmp` of a fresh root (pods evicted for
-/// ephemeral-storage, "copying of parent failed"). Back in `make test` once the nodes' image stores are on disk.
-const NPA_SCENARIO: (&str, Scenario<Nodes>) =
-    ("the_network_policy_api_conformance_tests_pass", the_network_policy_api_conformance_tests_pass);
 
 fn main() -> ExitCode {
     let missing = if !overlay_tests::is_root() {
@@ -1195,9 +1188,5 @@ fn main() -> ExitCode {
         None
     };
     let run = scenarios::Run { name: "kube_nodes", missing, start: Nodes::start, clear: Nodes::clear };
-    let mut scenarios = SCENARIOS.to_vec();
-    if std::env::var_os("OVERLAY_NPA").is_some() {
-        scenarios.push(NPA_SCENARIO);
-    }
-    scenarios::main(run, &scenarios)
+    scenarios::main(run, SCENARIOS)
 }

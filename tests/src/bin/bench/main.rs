@@ -5,6 +5,8 @@
 //! exist; (b) a burst of N leases written while it runs; (c) a burst of N
 //! removals; (d) RSS and CPU. Prints a table. Sizes: OVERLAY_BENCH_SIZES=100,1000,5000.
 
+mod dataplane;
+
 use std::fmt::Write as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -520,59 +522,6 @@ fn dual_bench(c: &mut Cluster, n: u32) -> Result<DualRow> {
         idle_full,
         peak_kib: cold_usage.peak_kib.max(burst_usage.peak_kib),
     })
-}
-
-/// One single-stream iperf3 run from `client` to `server_ip` in `server`: bits per second.
-fn iperf(server: &Netns, server_ip: std::net::IpAddr, client: &Netns) -> Result<f64> {
-    let mut daemon = server
-        .command("iperf3", &["-s", "-1", "-B", &server_ip.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("running iperf3 (make deps installs it)")?;
-    let mut out = Err(anyhow::anyhow!("iperf3 never ran"));
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        out = client.exec("iperf3", &["-c", &server_ip.to_string(), "-t", "3", "-J"]);
-        if out.is_ok() {
-            break;
-        }
-    }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    let v: serde_json::Value = serde_json::from_str(&out?)?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().context("no throughput in iperf3's report")
-}
-
-/// Pod to pod over the overlay vs node to node over the underlay, single stream, per family.
-fn iperf_bench() -> Result<()> {
-    let options = ClusterOptions {
-        config: Some(overlay_tests::cluster::DUAL_STACK_CONFIG.into()),
-        resync: "30s".into(),
-        ..Default::default()
-    };
-    let mut c = Cluster::new(options)?;
-    c.add_ready_node(&[], 1)?;
-    c.add_ready_node(&[], 1)?;
-    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
-    let (p1, p2) = (&n1.pods[0], &n2.pods[0]);
-    println!();
-    println!("| iperf3, one stream, 3 s | node → node (underlay) | pod → pod (overlay) | ratio |");
-    println!("|---|---|---|---|");
-    for (family, node_ip, pod_ip) in [
-        ("IPv4", std::net::IpAddr::V4(n2.ip), std::net::IpAddr::V4(p2.ip)),
-        ("IPv6", std::net::IpAddr::V6(n2.ip6), std::net::IpAddr::V6(p2.ip6.context("no IPv6 pod")?)),
-    ] {
-        let underlay = iperf(&n2.ns, node_ip, &n1.ns)?;
-        let overlay = iperf(&p2.ns, pod_ip, &p1.ns)?;
-        println!(
-            "| {family} | {:.2} Gbit/s | {:.2} Gbit/s | {:.2} |",
-            underlay / 1e9,
-            overlay / 1e9,
-            overlay / underlay
-        );
-    }
-    Ok(())
 }
 
 /// Drift repaired by kernel events: the time from the damage (the start of
@@ -1714,6 +1663,10 @@ fn main() -> Result<()> {
         print_real_kube_rows(&rows, &double);
         return Ok(());
     }
+    // OVERLAY_BENCH_ONLY=dataplane: the packet path, pod against node, alone.
+    if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "dataplane") {
+        return dataplane::dataplane_bench();
+    }
     // OVERLAY_BENCH_ONLY=policy-latency: the policies' added latency alone.
     if std::env::var("OVERLAY_BENCH_ONLY").is_ok_and(|v| v == "policy-latency") {
         return policy_latency_bench();
@@ -1857,8 +1810,8 @@ fn main() -> Result<()> {
         println!("| {n} | {} | {} | {} |", ms(Some(bulk)), ms(Some(pipelined)), ms(Some(serial)));
     }
     cni_bench(&c.id)?;
-    if std::env::var("OVERLAY_BENCH_SKIP_IPERF").is_err() {
-        iperf_bench()?;
+    if std::env::var("OVERLAY_BENCH_SKIP_DATAPLANE").is_err() {
+        dataplane::dataplane_bench()?;
     }
     repair_bench()?;
     println!("burst: timed from the end of the writes (64 in flight) to the last entry; removal likewise. The route count is polled every few ms, so small figures carry that granularity.");

@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub id: Option<String>,
     /// etcd members (on 192.168.50.2, .3, ...); nodes get all their endpoints.
     pub etcd_members: usize,
+    /// The MTU of the nodes' underlay links (both ends of each veth to the underlay bridge).
+    pub underlay_mtu: u32,
 }
 
 impl Default for ClusterOptions {
@@ -60,6 +62,7 @@ impl Default for ClusterOptions {
             resync: "1s".into(),
             id: None,
             etcd_members: 1,
+            underlay_mtu: 1500,
         }
     }
 }
@@ -180,7 +183,10 @@ impl Cluster {
         self.next_index += 1;
         let ns = Netns::new(&format!("ov{}n{index}", self.id))?;
         let leg = format!("n{index}");
-        self.underlay.ip(&["link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        let mtu = self.options.underlay_mtu.to_string();
+        self.underlay.ip(&[
+            "link", "add", &leg, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", &ns.name,
+        ])?;
         self.underlay.ip(&["link", "set", &leg, "master", "br0", "up"])?;
         let ip = Ipv4Addr::new(192, 168, 50, 10 + index);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;

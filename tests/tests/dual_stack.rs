@@ -111,6 +111,36 @@ fn every_pod_reaches_every_pod_over_ipv4_and_ipv6() {
     );
 }
 
+/// A jumbo-frame underlay (9000) gives pods 8930 in dual stack (IPv6's 70 bytes of VXLAN fit) and 8950 on
+/// IPv4 alone, with no setting: the devices follow the underlay, and full-size packets with DF set cross.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn a_jumbo_frame_underlay_gives_pods_jumbo_frames_with_no_setting() {
+    require_root();
+    for (config, pod_mtu) in
+        [(DUAL_STACK_CONFIG, 8930), (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, 8950)]
+    {
+        let options = ClusterOptions { config: Some(config.into()), underlay_mtu: 9000, ..Default::default() };
+        let mut c = Cluster::new(options).expect("cluster");
+        for _ in 0..2 {
+            c.add_ready_node(&[], 1).expect("node");
+        }
+        let node = &c.nodes[0];
+        assert_eq!(node.subnet_env().unwrap().mtu, pod_mtu, "the pod MTU published in subnet.env");
+        let link = node.ns.ip(&["link", "show", "overlay.1"]).unwrap();
+        assert!(link.contains("mtu 8950 "), "the IPv4 device follows the underlay: {link}");
+        let (from, to) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+        let eth0 = from.ns.ip(&["link", "show", "eth0"]).unwrap();
+        assert!(eth0.contains(&format!("mtu {pod_mtu} ")), "the pod's interface: {eth0}");
+        ping_full_size(&from.ns, to.ip, pod_mtu).expect("a full-size IPv4 packet crosses");
+        if let Some(to6) = to.ip6 {
+            let link = node.ns.ip(&["link", "show", "overlay-v6.1"]).unwrap();
+            assert!(link.contains("mtu 8930 "), "the IPv6 device follows the underlay: {link}");
+            ping_full_size(&from.ns, to6, pod_mtu).expect("a full-size IPv6 packet crosses");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn ipv6_traffic_leaving_the_cluster_is_masqueraded_and_pod_traffic_is_not() {

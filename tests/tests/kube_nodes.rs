@@ -1061,7 +1061,8 @@ fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
     };
     let mut houses = vec!["delete", "namespace", "--ignore-not-found", "--wait=true", "--timeout=120s"];
     houses.extend(NPA_NAMESPACES);
-    n.cp.kubectl(&houses)?;
+    // Its error waits until the suite's own verdict is given: a failed run's diagnosis comes first.
+    let removed = n.cp.kubectl(&houses);
     let text = std::fs::read_to_string(&log_path)?;
     let results = npa_results(&text);
     let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(name, _)| name.as_str()).collect();
@@ -1077,11 +1078,13 @@ fn the_network_policy_api_conformance_tests_pass(n: &mut Nodes) -> Result<()> {
     if !status.success() || !failed.is_empty() || results.is_empty() {
         let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kube_nodes-npa-conformance.log");
         let kept = std::fs::copy(&log_path, &kept).map(|_| kept.display().to_string()).unwrap_or_default();
+        let removal = removed.err().map(|e| format!("\ndeleting its namespaces failed too: {e:#}")).unwrap_or_default();
         bail!(
-            "the npa conformance suite ended {status}; failed: {failed:#?}\nthe end of its log ({kept}):\n{}{diagnosis}",
+            "the npa conformance suite ended {status}; failed: {failed:#?}\nthe end of its log ({kept}):\n{}{diagnosis}{removal}",
             tail_of(&log_path, 40)
         );
     }
+    removed.context("deleting the suite's namespaces")?;
     // The tests asked for ran: no name in the pattern matched nothing.
     let ran: BTreeSet<&str> = results.iter().filter_map(|(name, _)| name.split('/').next()).collect();
     if !full {

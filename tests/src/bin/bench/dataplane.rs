@@ -400,7 +400,8 @@ pub fn dataplane_bench() -> Result<()> {
                 measure.ratio(&policy, &node)
             );
         }
-        let r = &mut runs[f][2];
+        let rr = Measure::ALL.iter().position(|m| *m == Measure::RequestResponse).unwrap_or_default();
+        let r = &mut runs[f][rr];
         let (loopback, same_node) = (median(&mut r.loopback), median(&mut r.same_node));
         println!(
             "| request/response on one node: loopback → pod → pod | {} | {} | {} | | |",

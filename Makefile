@@ -5,7 +5,7 @@ CARGO ?= cargo
 APT_PACKAGES := etcd-server etcd-client iproute2 nftables protobuf-compiler libprotobuf-dev iputils-ping procps util-linux \
                 podman runc conmon busybox-static containernetworking-plugins iperf3 mmdebstrap iptables \
                 containerd gcc libc6-dev curl bind9-dnsutils \
-                netcat-openbsd socat iperf wget
+                netcat-openbsd socat iperf wget clang libbpf-dev
 # The manifest validator (PyPI), pinned, in a venv of its own; and the
 # Kubernetes version whose schemas the manifests must satisfy (the oldest
 # k8s-openapi version we build against).
@@ -102,7 +102,7 @@ test: deps k8s validate-manifests
 	@rc=0; $(CARGO) test --workspace -- --test-threads 2 --include-ignored || rc=$$?; \
 	  tests/leftovers check target/leftovers.before || rc=1; exit $$rc
 
-## bench: cold start, bursts, memory and CPU, beside the `ip -batch` floor
+## bench: cold start, bursts, memory and CPU beside the `ip -batch` floor; the dataplane (flannel's path, --fast-path, node to node)
 bench: deps release
 	OVERLAYD_BIN=$(CURDIR)/target/release/overlayd $(CURDIR)/target/release/overlay-bench
 

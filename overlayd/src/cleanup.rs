@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::device::{self, Owner};
 use crate::dataplane::entries;
+use crate::dataplane::fast_path;
 use crate::dataplane::masq;
 use crate::flags::{CleanupArgs, RunArgs};
 use crate::instance_lock::{self, InstanceLock};
@@ -39,6 +40,8 @@ struct Found {
     masquerade: Vec<Family>,
     /// The NetworkPolicy table is present.
     policy_table: bool,
+    /// The fast path's marking table is present (its programs went with the daemon).
+    fast_path_table: bool,
     /// The subnet file, when it exists.
     subnet_file: Option<PathBuf>,
 }
@@ -79,6 +82,7 @@ async fn find(run: &RunArgs, args: &CleanupArgs) -> Result<Found> {
     found.routes_v4 = direct_routes::<Ipv4Addr>(&mut bulk, &devices)?;
     found.routes_v6 = direct_routes::<Ipv6Addr>(&mut bulk, &devices)?;
     found.policy_table = crate::policy::table::list().await.context("reading the NetworkPolicy table")?.is_some();
+    found.fast_path_table = fast_path::table_exists().await.context("reading the fast path's table")?;
     found.subnet_file = Some(run.node.subnet_file.clone()).filter(|p| p.exists());
     Ok(found)
 }
@@ -139,6 +143,9 @@ impl Found {
         if self.policy_table {
             lines.push(format!("nftables table inet {}", crate::policy::table::TABLE));
         }
+        if self.fast_path_table {
+            lines.push(format!("nftables table {}", fast_path::TABLE));
+        }
         if let Some(path) = &self.subnet_file {
             lines.push(format!("file {}", path.display()));
         }
@@ -174,6 +181,10 @@ async fn remove(found: Found) -> Result<()> {
         masq::remove(family).await.with_context(|| format!("removing {family} masquerade rules"))?;
     }
     crate::policy::cleanup().await.context("removing the NetworkPolicy table")?;
+    if found.fast_path_table {
+        fast_path::remove_table().await.context("removing the fast path's table")?;
+        info!(table = %fast_path::TABLE, "removed the fast path's marking table");
+    }
     if let Some(path) = &found.subnet_file {
         remove_file(path)?;
     }

@@ -115,6 +115,7 @@ async fn start<S: LeaseStore + Clone>(
     if let Some(previous) = previous.filter(|p| *p != own.key) {
         warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
+    start_fast_path(&node, &nl, &own, &device_names, &state).await?;
     let reconciler = Reconciler::new(nl, node.subnet_file.clone(), node.resync_interval, state.clone())?;
     let release = offload::kernel_release();
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
@@ -136,6 +137,39 @@ async fn start<S: LeaseStore + Clone>(
         state,
         was_ready: false,
     })
+}
+
+/// With `--fast-path`: loads its programs (an error here stops the daemon:
+/// the operator asked for it) and keeps them in place on a task of their
+/// own. Without: removes the marking table a run with it left.
+async fn start_fast_path(
+    node: &NodeArgs,
+    nl: &Netlink,
+    own: &OwnLease,
+    device_names: &[String; 2],
+    state: &Arc<NodeState>,
+) -> Result<()> {
+    use crate::dataplane::fast_path::{self, FastPath};
+    if !node.fast_path {
+        if fast_path::table_exists().await.unwrap_or(false) {
+            fast_path::remove_table().await?;
+            info!("fast path off: removed its marking table");
+        }
+        return Ok(());
+    }
+    let programs = FastPath::load().context("--fast-path")?;
+    let subnets: Vec<ipnet::IpNet> = [Family::V4, Family::V6].into_iter().filter_map(|f| own.key.subnet(f)).collect();
+    info!(subnets = ?subnets, "fast path on");
+    tokio::spawn(fast_path::keep(
+        programs,
+        nl.clone(),
+        subnets,
+        device_names.to_vec(),
+        node.resync_interval,
+        node.kernel_event_buffer,
+        state.clone(),
+    ));
+    Ok(())
 }
 
 /// SIGTERM and SIGINT, either of which ends the daemon.

@@ -208,6 +208,14 @@ pub struct NodeArgs {
     /// (flannel's `ethtool -K flannel.1 tx-checksum-ip-generic off`), on after.
     #[arg(long, env = "OVERLAYD_VXLAN_TX_CHECKSUM_OFFLOAD", value_enum, default_value = "auto")]
     pub vxlan_tx_checksum_offload: crate::dataplane::offload::OffloadSetting,
+    /// Carry the packets of established pod connections past the host's
+    /// forwarding, bridge and netfilter: a per-flow cache in tc/eBPF that
+    /// the ordinary path fills (docs/architecture.md, "The fast path").
+    /// NetworkPolicy stays exact. Needs Linux 6.6 or later; sets
+    /// net.netfilter.nf_conntrack_tcp_be_liberal=1.
+    #[arg(long, env = "OVERLAYD_FAST_PATH", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = go_bool!(), action = ArgAction::Set)]
+    pub fast_path: bool,
     /// Receive buffer of the kernel event socket, in bytes. A burst of
     /// kernel events larger than this (and than what the daemon reads
     /// meanwhile) is lost, and the whole node is read back.

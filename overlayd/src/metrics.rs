@@ -79,6 +79,10 @@ pub struct Metrics {
     lease_watch_last_event: Gauge,
     /// 1 when the VXLAN devices' TX checksum offload is on.
     pub tx_checksum_offload: Gauge,
+    /// Packets the fast path (`--fast-path`) carried past the host's stack.
+    pub fast_path_packets: Counter,
+    /// Flows the fast path learned from the slow path (each again once a second while it lasts).
+    pub fast_path_flows_learned: Counter,
     ready: Gauge,
     /// NetworkPolicy enforcement.
     pub policy: PolicyMetrics,
@@ -119,6 +123,8 @@ impl Metrics {
             entries: Labelled::default(),
             lease_watch_last_event: Gauge::default(),
             tx_checksum_offload: Gauge::default(),
+            fast_path_packets: Counter::default(),
+            fast_path_flows_learned: Counter::default(),
             ready: Gauge::default(),
             policy: PolicyMetrics::default(),
             build_info: Labelled::default(),
@@ -183,6 +189,16 @@ impl Metrics {
             "overlay_vxlan_tx_checksum_offload",
             "1 when TX checksum offload is on for the VXLAN devices (--vxlan-tx-checksum-offload)",
             m.tx_checksum_offload.clone(),
+        );
+        r.register(
+            "overlay_fast_path_packets",
+            "Packets the fast path (--fast-path) carried past the host's forwarding, bridge and netfilter",
+            m.fast_path_packets.clone(),
+        );
+        r.register(
+            "overlay_fast_path_flows_learned",
+            "Flows the fast path learned from the slow path (each again once a second while it lasts)",
+            m.fast_path_flows_learned.clone(),
         );
         r.register("overlay_ready", "1 when the lease is held and every resource is right", m.ready.clone());
         r.register(

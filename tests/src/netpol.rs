@@ -96,8 +96,18 @@ impl Servers {
                     l.set_nonblocking(true)?;
                     while !s.load(Ordering::Relaxed) {
                         match l.accept() {
+                            // "ok", then an echo of what the prober sends: a few packets
+                            // of an established connection, which a fast path carries.
                             Ok((mut c, _)) => {
-                                let _ = c.write_all(b"ok");
+                                std::thread::spawn(move || {
+                                    let _ = c.set_nonblocking(false);
+                                    let _ = c.set_read_timeout(Some(PROBE_TIMEOUT));
+                                    let mut b = [0u8; 2];
+                                    let _ = c
+                                        .write_all(b"ok")
+                                        .and_then(|_| c.read_exact(&mut b))
+                                        .and_then(|_| c.write_all(&b));
+                                });
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                                 std::thread::sleep(Duration::from_millis(5))
@@ -145,9 +155,12 @@ fn probe_one(proto: Proto, to: SocketAddr) -> bool {
             .and_then(|mut s| {
                 s.set_read_timeout(Some(PROBE_TIMEOUT))?;
                 let mut b = [0u8; 2];
-                s.read_exact(&mut b)
+                s.read_exact(&mut b)?;
+                s.write_all(b"go")?;
+                s.read_exact(&mut b)?;
+                Ok(&b == b"go")
             })
-            .is_ok(),
+            .unwrap_or(false),
         Proto::Udp => {
             let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
             let Ok(u) = UdpSocket::bind(bind) else { return false };

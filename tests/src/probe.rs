@@ -192,3 +192,61 @@ pub fn metric(ns: &Netns, addr: SocketAddr, name: &str) -> Result<u64> {
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| anyhow!("no {name} in\n{text}"))
 }
+
+/// Sends `bytes` of a pattern from `client` to `connect_to` over TCP, where
+/// a server bound in `server` on `listen` echoes everything back, and checks
+/// that what came back is what was sent, byte for byte: both directions of
+/// a long connection, which a fast path carries. The server answers one
+/// connection; `connect_to` may differ from `listen` (a DNAT on the way).
+/// Namespaces are given by path (`Netns::path`).
+pub fn tcp_echo(server: &str, listen: SocketAddr, client: &str, connect_to: SocketAddr, bytes: usize) -> Result<()> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_thread = in_netns_path(server, move || {
+        let listener = TcpListener::bind(listen)?;
+        ready_tx.send(())?;
+        listener.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => bail!("echo server accepted nothing: {e}"),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = std::io::Read::read(&mut conn, &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            std::io::Write::write_all(&mut conn, &buf[..n])?;
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("echo server did not start")?;
+    let client_thread = in_netns_path(client, move || {
+        let pattern: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        let conn = TcpStream::connect_timeout(&connect_to, Duration::from_secs(5)).context("connecting")?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut writer = conn.try_clone()?;
+        let sent = pattern.clone();
+        let write = std::thread::spawn(move || -> std::io::Result<()> {
+            std::io::Write::write_all(&mut writer, &sent)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut back = Vec::with_capacity(bytes);
+        std::io::Read::read_to_end(&mut (&conn), &mut back).context("reading the echo")?;
+        write.join().map_err(|_| anyhow!("writer panicked"))?.context("sending")?;
+        if back != pattern {
+            let at = back.iter().zip(&pattern).position(|(a, b)| a != b).unwrap_or(back.len().min(bytes));
+            bail!("the echo differs from what was sent at byte {at} ({} bytes back of {bytes})", back.len());
+        }
+        Ok(())
+    });
+    client_thread.join().map_err(|_| anyhow!("client thread panicked"))??;
+    server_thread.join().map_err(|_| anyhow!("server thread panicked"))??;
+    Ok(())
+}

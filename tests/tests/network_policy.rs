@@ -40,6 +40,35 @@ fn network_policy_truth_table_in_both_families() {
     assert!(others.is_empty(), "drops of namespaces not annotated were logged:\n{others:#?}");
 }
 
+/// The same table with `--fast-path`: the per-flow cache carries the
+/// packets of every connection the policy allowed (each probe exchanges a
+/// few after the handshake), and never one it denied.
+#[test]
+#[ignore = "needs root (network namespaces): run by `make test`"]
+fn network_policy_truth_table_on_the_fast_path() {
+    require_root();
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
+    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
+    for _ in 0..3 {
+        c.add_ready_kube_node(&["--health-addr", HEALTH, "--fast-path"], 3).expect("node");
+    }
+    let t = Table::new(&c.nodes, c.api()).expect("the table");
+    truth_table::run(&t);
+    // The counters are read at each resync (1 s here).
+    let carried = || {
+        c.nodes
+            .iter()
+            .map(|n| overlay_tests::probe::metric(&n.ns, HEALTH.parse().unwrap(), "overlay_fast_path_packets_total"))
+            .map(|m| m.unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || carried() > 0),
+        "the fast path carried nothing:\n{}",
+        c.nodes[0].log_text()
+    );
+}
+
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn cluster_network_policy_truth_table_in_both_families() {

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod entries;
+pub mod fast_path;
 pub mod masq;
 pub mod offload;
 pub mod subnet_file;

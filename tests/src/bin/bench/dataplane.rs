@@ -8,6 +8,8 @@
 //! - connection rate: connect, 1 byte each way, close (netperf's TCP_CRR).
 //!
 //! Paths: node to node over the underlay; pod to pod across the two nodes,
+//! on flannel's path (today's default: bridge, forwarding, netfilter, VXLAN)
+//! and on the fast path (`--fast-path`, the daemons restarted with it), each
 //! with no policy and with a NetworkPolicy that selects the destination pod;
 //! and for request/response, pod to pod on one node against the node's
 //! loopback. Each figure also carries what the whole machine spent on it
@@ -254,6 +256,36 @@ impl Measure {
     }
 }
 
+/// Restarts both daemons with `--fast-path` or without (which also takes its
+/// table away), when they do not run that way already; waits until the
+/// nodes are ready again.
+fn set_fast_path(c: &mut Cluster, on: bool, health: &str) -> Result<()> {
+    for node in &mut c.nodes {
+        let has = node.flags.iter().any(|f| f == "--fast-path");
+        if has == on {
+            continue;
+        }
+        node.stop()?;
+        node.flags.retain(|f| f != "--fast-path");
+        if on {
+            node.flags.push("--fast-path".into());
+        }
+        node.start()?;
+    }
+    for node in &c.nodes {
+        let ready = overlay_tests::wait_until(Duration::from_secs(30), || {
+            overlay_tests::probe::metric(&node.ns, health.parse().unwrap(), "overlay_ready").unwrap_or(0) == 1
+                && (!on || node.log_text().matches("fast path in place").count() > 0)
+        });
+        if !ready {
+            bail!("node {} not ready after a restart:\n{}", node.index, node.log_text());
+        }
+    }
+    // The pods' veths are reached by the first reconcile after start; flows learn at once.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
+
 /// The median sample of `runs` by rate.
 fn median(runs: &mut [Sample]) -> Sample {
     runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
@@ -290,28 +322,38 @@ pub fn dataplane_bench() -> Result<()> {
         overlay_tests::probe::metric(&c.nodes[node].ns, health.parse().unwrap(), "overlay_network_policies_in_effect")
             .unwrap_or(u64::MAX)
     };
-    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
-    let (a, cc, b) = (&n1.pods[0], &n1.pods[1], &n2.pods[0]);
-    // Thousands of connections a second from one client: its ports are reused from TIME_WAIT,
-    // and the whole range is open, so the connection rate measures the path, not the port search.
-    for ns in [&n1.ns, &a.ns, &cc.ns] {
-        ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])?;
+    {
+        let (n1, a, cc) = (&c.nodes[0], &c.nodes[0].pods[0], &c.nodes[0].pods[1]);
+        // Thousands of connections a second from one client: its ports are reused from TIME_WAIT,
+        // and the whole range is open, so the connection rate measures the path, not the port search.
+        for ns in [&n1.ns, &a.ns, &cc.ns] {
+            ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        }
     }
-    let servers = [
-        (rr_server(&n2.ns)?, &n1.ns, IpAddr::V4(n2.ip)),
-        (rr_server(&b.ns)?, &a.ns, IpAddr::V4(b.ip)),
-        (rr_server(&a.ns)?, &cc.ns, IpAddr::V4(a.ip)),
-        (rr_server(&n1.ns)?, &n1.ns, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
-    ];
+    // Each server: where it runs, who stops it (node, pod or the node itself), and at which address.
+    let servers = {
+        let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+        let (a, b) = (&n1.pods[0], &n2.pods[0]);
+        vec![
+            (rr_server(&n2.ns)?, (0, None), IpAddr::V4(n2.ip)),
+            (rr_server(&b.ns)?, (0, Some(0)), IpAddr::V4(b.ip)),
+            (rr_server(&a.ns)?, (0, Some(1)), IpAddr::V4(a.ip)),
+            (rr_server(&n1.ns)?, (0, None), IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        ]
+    };
 
-    // Per family, per measure: node->node, pod->pod, pod->pod with the policy; and node loopback, pod->pod on one node.
+    // Per family, per measure: node->node, pod->pod (flannel's path, and the fast path), each
+    // also with the policy; and node loopback, pod->pod on one node.
     #[derive(Default)]
     struct Runs {
         node: Vec<Sample>,
         pod: Vec<Sample>,
         pod_policy: Vec<Sample>,
+        pod_fast: Vec<Sample>,
+        pod_policy_fast: Vec<Sample>,
         loopback: Vec<Sample>,
         same_node: Vec<Sample>,
+        same_node_fast: Vec<Sample>,
     }
     let families = ["IPv4", "IPv6"];
     let mut runs: Vec<Vec<Runs>> =
@@ -321,58 +363,83 @@ pub fn dataplane_bench() -> Result<()> {
                                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}});
     for round in 0..ROUNDS {
         eprintln!("bench: dataplane, round {} of {ROUNDS} ...", round + 1);
-        for with_policy in [false, true] {
-            if with_policy {
-                c.api().put("networkpolicies", policy.clone())?;
-            } else {
-                let _ = c.api().remove("networkpolicies", "x", "to-b");
-            }
-            let want = u64::from(with_policy);
-            if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c, 1) == want) {
-                bail!("the policy on x/b not {} within 30 s", if with_policy { "in effect" } else { "gone" });
-            }
-            // The gauge is set as the ruleset is compiled: let its apply end.
-            std::thread::sleep(Duration::from_secs(1));
-            for (f, family) in families.iter().enumerate() {
-                let v6 = f == 1;
-                let addr = |v4: std::net::Ipv4Addr, v6_addr: Option<std::net::Ipv6Addr>| -> Result<IpAddr> {
-                    Ok(if v6 { IpAddr::V6(v6_addr.context("no IPv6 address")?) } else { IpAddr::V4(v4) })
-                };
-                let node = Path { client: &n1.ns, server: &n2.ns, to: addr(n2.ip, Some(n2.ip6))? };
-                let pod = Path { client: &a.ns, server: &b.ns, to: addr(b.ip, b.ip6)? };
-                let loopback = Path {
-                    client: &n1.ns,
-                    server: &n1.ns,
-                    to: if v6 {
-                        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-                    } else {
-                        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-                    },
-                };
-                let same_node = Path { client: &cc.ns, server: &a.ns, to: addr(a.ip, a.ip6)? };
-                for (m, measure) in Measure::ALL.iter().enumerate() {
-                    eprintln!(
-                        "bench: {family}, {}{}",
-                        measure.label(),
-                        if with_policy { ", with the policy" } else { "" }
-                    );
-                    let r = &mut runs[f][m];
-                    if with_policy {
-                        r.pod_policy.push(measure.run(&pod)?);
-                        continue;
-                    }
-                    r.node.push(measure.run(&node)?);
-                    r.pod.push(measure.run(&pod)?);
-                    if *measure == Measure::RequestResponse {
-                        r.loopback.push(measure.run(&loopback)?);
-                        r.same_node.push(measure.run(&same_node)?);
+        for fast in [false, true] {
+            set_fast_path(&mut c, fast, health)?;
+            for with_policy in [false, true] {
+                if with_policy {
+                    c.api().put("networkpolicies", policy.clone())?;
+                } else {
+                    let _ = c.api().remove("networkpolicies", "x", "to-b");
+                }
+                let want = u64::from(with_policy);
+                if !overlay_tests::wait_until(Duration::from_secs(30), || in_effect(&c, 1) == want) {
+                    bail!("the policy on x/b not {} within 30 s", if with_policy { "in effect" } else { "gone" });
+                }
+                // The gauge is set as the ruleset is compiled: let its apply end.
+                std::thread::sleep(Duration::from_secs(1));
+                let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+                let (a, cc, b) = (&n1.pods[0], &n1.pods[1], &n2.pods[0]);
+                for (f, family) in families.iter().enumerate() {
+                    let v6 = f == 1;
+                    let addr = |v4: std::net::Ipv4Addr, v6_addr: Option<std::net::Ipv6Addr>| -> Result<IpAddr> {
+                        Ok(if v6 { IpAddr::V6(v6_addr.context("no IPv6 address")?) } else { IpAddr::V4(v4) })
+                    };
+                    let node = Path { client: &n1.ns, server: &n2.ns, to: addr(n2.ip, Some(n2.ip6))? };
+                    let pod = Path { client: &a.ns, server: &b.ns, to: addr(b.ip, b.ip6)? };
+                    let loopback = Path {
+                        client: &n1.ns,
+                        server: &n1.ns,
+                        to: if v6 {
+                            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+                        } else {
+                            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                        },
+                    };
+                    let same_node = Path { client: &cc.ns, server: &a.ns, to: addr(a.ip, a.ip6)? };
+                    for (m, measure) in Measure::ALL.iter().enumerate() {
+                        eprintln!(
+                            "bench: {family}, {}{}{}",
+                            measure.label(),
+                            if fast { ", fast path" } else { "" },
+                            if with_policy { ", with the policy" } else { "" }
+                        );
+                        let r = &mut runs[f][m];
+                        match (fast, with_policy) {
+                            (false, true) => r.pod_policy.push(measure.run(&pod)?),
+                            (true, true) => r.pod_policy_fast.push(measure.run(&pod)?),
+                            (true, false) => {
+                                r.pod_fast.push(measure.run(&pod)?);
+                                if *measure == Measure::RequestResponse {
+                                    r.same_node_fast.push(measure.run(&same_node)?);
+                                }
+                            }
+                            (false, false) => {
+                                r.node.push(measure.run(&node)?);
+                                r.pod.push(measure.run(&pod)?);
+                                if *measure == Measure::RequestResponse {
+                                    r.loopback.push(measure.run(&loopback)?);
+                                    r.same_node.push(measure.run(&same_node)?);
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
     }
-    for (server, from, to) in servers {
+    for (server, (node, pod), to) in servers {
+        let n = &c.nodes[node];
+        let from = pod.map_or(&n.ns, |p| &n.pods[p].ns);
         stop_rr_server(from, to, server)?;
+    }
+    let carried: u64 = c
+        .nodes
+        .iter()
+        .map(|n| overlay_tests::probe::metric(&n.ns, health.parse().unwrap(), "overlay_fast_path_packets_total"))
+        .map(|m| m.unwrap_or(0))
+        .sum();
+    if carried == 0 {
+        bail!("the fast path carried nothing in its rounds: its figures would be the ordinary path's");
     }
 
     println!();
@@ -384,30 +451,33 @@ pub fn dataplane_bench() -> Result<()> {
     for (f, family) in families.iter().enumerate() {
         println!();
         println!(
-            "| {family} | node → node | pod → pod | ratio | pod → pod, NetworkPolicy on the destination | ratio |"
+            "| {family} | node → node | pod → pod, flannel's path | ratio | the same, NetworkPolicy on the destination | ratio \
+             | pod → pod, `--fast-path` | ratio | the same, NetworkPolicy on the destination | ratio |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for (m, measure) in Measure::ALL.iter().enumerate() {
             let r = &mut runs[f][m];
-            let (node, pod, policy) = (median(&mut r.node), median(&mut r.pod), median(&mut r.pod_policy));
-            println!(
-                "| {} | {} | {} | {} | {} | {} |",
-                measure.label(),
-                measure.show(&node),
-                measure.show(&pod),
-                measure.ratio(&pod, &node),
-                measure.show(&policy),
-                measure.ratio(&policy, &node)
-            );
+            let node = median(&mut r.node);
+            let cells: Vec<String> = [&mut r.pod, &mut r.pod_policy, &mut r.pod_fast, &mut r.pod_policy_fast]
+                .into_iter()
+                .map(|runs| {
+                    let s = median(runs);
+                    format!("{} | {}", measure.show(&s), measure.ratio(&s, &node))
+                })
+                .collect();
+            println!("| {} | {} | {} |", measure.label(), measure.show(&node), cells.join(" | "));
         }
         let rr = Measure::ALL.iter().position(|m| *m == Measure::RequestResponse).unwrap_or_default();
         let r = &mut runs[f][rr];
-        let (loopback, same_node) = (median(&mut r.loopback), median(&mut r.same_node));
+        let (loopback, same_node, same_node_fast) =
+            (median(&mut r.loopback), median(&mut r.same_node), median(&mut r.same_node_fast));
         println!(
-            "| request/response on one node: loopback → pod → pod | {} | {} | {} | | |",
+            "| request/response on one node: loopback → pod → pod | {} | {} | {} | | | {} | {} | | |",
             Measure::RequestResponse.show(&loopback),
             Measure::RequestResponse.show(&same_node),
-            Measure::RequestResponse.ratio(&same_node, &loopback)
+            Measure::RequestResponse.ratio(&same_node, &loopback),
+            Measure::RequestResponse.show(&same_node_fast),
+            Measure::RequestResponse.ratio(&same_node_fast, &loopback)
         );
     }
     Ok(())

@@ -115,7 +115,7 @@ async fn start<S: LeaseStore + Clone>(
     if let Some(previous) = previous.filter(|p| *p != own.key) {
         warn!(%previous, now = %own.key, "this node's subnet changed: pods started before keep addresses outside it until restarted");
     }
-    start_fast_path(&node, &nl, &own, &device_names, &state).await?;
+    start_fast_path(&node, &nl, &config, &device_names, &state).await?;
     let reconciler = Reconciler::new(nl, node.subnet_file.clone(), node.resync_interval, state.clone())?;
     let release = offload::kernel_release();
     let tx_checksum_offload = node.vxlan_tx_checksum_offload.wanted(&release);
@@ -145,7 +145,7 @@ async fn start<S: LeaseStore + Clone>(
 async fn start_fast_path(
     node: &NodeArgs,
     nl: &Netlink,
-    own: &OwnLease,
+    config: &NetConfig,
     device_names: &[String; 2],
     state: &Arc<NodeState>,
 ) -> Result<()> {
@@ -158,12 +158,13 @@ async fn start_fast_path(
         return Ok(());
     }
     let programs = FastPath::load().context("--fast-path")?;
-    let subnets: Vec<ipnet::IpNet> = [Family::V4, Family::V6].into_iter().filter_map(|f| own.key.subnet(f)).collect();
-    info!(subnets = ?subnets, "fast path on");
+    // The cluster network, not our subnet: a new lease moves the gateway within it.
+    let networks: Vec<ipnet::IpNet> = config.families().filter_map(|f| config.pool(f)).map(|p| p.network).collect();
+    info!(networks = ?networks, "fast path on");
     tokio::spawn(fast_path::keep(
         programs,
         nl.clone(),
-        subnets,
+        networks,
         device_names.to_vec(),
         node.resync_interval,
         node.kernel_event_buffer,

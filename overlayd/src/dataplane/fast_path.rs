@@ -8,8 +8,9 @@
 //! What the node must hold, planned purely from its links like every other
 //! kernel setting (`plan`, `diff`), then applied and read back:
 //! - `fast_in` on the ingress and `observe_pod` on the egress of each pod's
-//!   host-side veth: the ports of the pod bridge, the bridge that holds this
-//!   node's pod gateway address (ours, or flannel's plugin's `cni0`);
+//!   host-side veth: the ports of the pod bridge, the bridge that holds a
+//!   pod gateway address of the cluster network (ours, or flannel's
+//!   plugin's `cni0`);
 //! - `fast_in` on the ingress and `observe_tunnel` on the egress of each
 //!   VXLAN device;
 //! - `table inet overlay_fast_path`: the forward-hook rule that marks what
@@ -103,13 +104,18 @@ pub struct Attachment {
 
 /// The attachments the node's links call for: both hooks of every VXLAN
 /// device named in `tunnels`, and of every port of the pod bridge, the
-/// bridge holding an address inside one of `subnets` (the node's pod
-/// subnets). Addresses are `(link index, address)`.
-pub fn plan(links: &[Link], addresses: &[(u32, IpNet)], subnets: &[IpNet], tunnels: &[String]) -> BTreeSet<Attachment> {
+/// bridge holding an address inside one of `networks` (the cluster
+/// network, per family). Addresses are `(link index, address)`.
+pub fn plan(
+    links: &[Link],
+    addresses: &[(u32, IpNet)],
+    networks: &[IpNet],
+    tunnels: &[String],
+) -> BTreeSet<Attachment> {
     let bridges: BTreeSet<u32> = links
         .iter()
         .filter(|l| l.kind.as_deref() == Some("bridge"))
-        .filter(|l| addresses.iter().any(|(i, a)| *i == l.index && subnets.iter().any(|s| s.contains(&a.addr()))))
+        .filter(|l| addresses.iter().any(|(i, a)| *i == l.index && networks.iter().any(|n| n.contains(&a.addr()))))
         .map(|l| l.index)
         .collect();
     let mut wanted = BTreeSet::new();
@@ -136,7 +142,7 @@ pub fn diff(desired: &BTreeSet<Attachment>, actual: &BTreeSet<Attachment>) -> (V
 /// Why the fast path could not be set up or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum FastPathError {
-    #[error("loading the fast path's BPF programs: {0}")]
+    #[error("loading the fast path's BPF programs: {0} (it needs CAP_BPF beside CAP_NET_ADMIN)")]
     Load(#[from] aya::EbpfError),
     #[error("fast path program {program}: {source}")]
     Program { program: &'static str, source: aya::programs::ProgramError },
@@ -356,7 +362,7 @@ pub async fn remove_table() -> Result<(), NftError> {
 pub async fn keep(
     mut fast: FastPath,
     nl: Netlink,
-    subnets: Vec<IpNet>,
+    networks: Vec<IpNet>,
     tunnels: Vec<String>,
     resync: Duration,
     event_buffer: usize,
@@ -372,7 +378,7 @@ pub async fn keep(
     let mut last_error = String::new();
     let mut counted = Counts::default();
     loop {
-        match reconcile(&mut fast, &nl, &subnets, &tunnels).await {
+        match reconcile(&mut fast, &nl, &networks, &tunnels).await {
             Ok(attached) => {
                 if !last_error.is_empty() || attached > 0 {
                     debug!(attached, "fast path in place");
@@ -436,7 +442,7 @@ fn links_or_addresses(event: &KernelEvent) -> bool {
 async fn reconcile(
     fast: &mut FastPath,
     nl: &Netlink,
-    subnets: &[IpNet],
+    networks: &[IpNet],
     tunnels: &[String],
 ) -> Result<usize, FastPathError> {
     if ensure_netfilter().await? {
@@ -445,7 +451,7 @@ async fn reconcile(
     let links = nl.links().await.map_err(FastPathError::Netlink)?;
     let mut addresses = nl.all_addresses(AddressFamily::Inet).await.map_err(FastPathError::Netlink)?;
     addresses.extend(nl.all_addresses(AddressFamily::Inet6).await.map_err(FastPathError::Netlink)?);
-    let desired = plan(&links, &addresses, subnets, tunnels);
+    let desired = plan(&links, &addresses, networks, tunnels);
     let actual = fast.actual();
     fast.forget_missing(&actual);
     let (attach, detach) = diff(&desired, &actual);
@@ -489,7 +495,7 @@ mod tests {
         ];
         let addresses = vec![(4, net("10.244.3.1/24")), (6, net("172.17.0.1/16")), (2, net("192.168.1.2/24"))];
         let tunnels = vec!["overlay.1".to_string(), "overlay-v6.1".to_string()];
-        let wanted = plan(&links, &addresses, &[net("10.244.3.0/24")], &tunnels);
+        let wanted = plan(&links, &addresses, &[net("10.244.0.0/16")], &tunnels);
         let got: Vec<(&str, Hook)> = wanted.iter().map(|a| (a.device.as_str(), a.hook)).collect();
         assert_eq!(
             got,
@@ -503,7 +509,7 @@ mod tests {
             ]
         );
         // No bridge holds the gateway yet (no pod has started): the tunnels alone.
-        assert_eq!(plan(&links, &[], &[net("10.244.3.0/24")], &tunnels).len(), 4);
+        assert_eq!(plan(&links, &[], &[net("10.244.0.0/16")], &tunnels).len(), 4);
     }
 
     #[test]

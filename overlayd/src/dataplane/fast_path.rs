@@ -38,7 +38,7 @@ use nftables::expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule};
 use nftables::stmt::{Mangle, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
-use overlay_netlink::{AddressFamily, KernelEvent, KernelEvents, Link, Netlink};
+use overlay_netlink::{AddressFamily, KernelEvent, Link, Netlink};
 use serde_json::Value;
 use tokio::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -368,13 +368,8 @@ pub async fn keep(
     event_buffer: usize,
     state: Arc<NodeState>,
 ) {
-    let mut events = match KernelEvents::route(event_buffer) {
-        Ok(events) => Some(events),
-        Err(e) => {
-            warn!(error = %e, "cannot follow link events: the fast path reaches new pods at the next resync only");
-            None
-        }
-    };
+    // Its own subscription to the kernel's news (rtnetlink and nftables), as the reconcile has.
+    let mut events = crate::drift::watch_kernel(event_buffer);
     let mut last_error = String::new();
     let mut counted = Counts::default();
     loop {
@@ -393,27 +388,37 @@ pub async fn keep(
                 last_error = text;
             }
         }
-        if let Ok(now) = fast.counts() {
-            state.metrics.fast_path_packets.inc_by(now.packets.saturating_sub(counted.packets));
-            state.metrics.fast_path_flows_learned.inc_by(now.learned.saturating_sub(counted.learned));
-            counted = now;
-        }
-        // The next trigger: a link or address event, settled for a moment; or the resync.
+        publish_counts(&fast, &mut counted, &state);
+        // The next trigger: news of a link, an address or our table, settled for a moment; or the resync.
+        // Meanwhile the counters are read into the metrics every few seconds.
         let resync_at = Instant::now() + resync;
         let mut due: Option<Instant> = None;
+        let mut counts_at = Instant::now() + COUNTS_EVERY;
         loop {
             let wake = due.unwrap_or(resync_at).min(resync_at);
             tokio::select! {
-                batch = next_events(&mut events) => match batch {
-                    Some(batch) if batch.iter().any(links_or_addresses) => {
-                        due.get_or_insert(Instant::now() + SETTLE);
-                    }
-                    Some(_) => {}
-                    None => events = None,
+                Some(event) = events.recv() => if calls_for_reconcile(&event) {
+                    due.get_or_insert(Instant::now() + SETTLE);
                 },
+                _ = tokio::time::sleep_until(counts_at) => {
+                    publish_counts(&fast, &mut counted, &state);
+                    counts_at = Instant::now() + COUNTS_EVERY;
+                }
                 _ = tokio::time::sleep_until(wake) => break,
             }
         }
+    }
+}
+
+/// How often the programs' counters are read into the metrics.
+const COUNTS_EVERY: Duration = Duration::from_secs(5);
+
+/// Adds what the counters gained since `counted` to the metrics.
+fn publish_counts(fast: &FastPath, counted: &mut Counts, state: &NodeState) {
+    if let Ok(now) = fast.counts() {
+        state.metrics.fast_path_packets.inc_by(now.packets.saturating_sub(counted.packets));
+        state.metrics.fast_path_flows_learned.inc_by(now.learned.saturating_sub(counted.learned));
+        *counted = now;
     }
 }
 
@@ -421,21 +426,14 @@ pub async fn keep(
 /// made, renamed, moved to the bridge and set up in a few messages).
 const SETTLE: Duration = Duration::from_millis(20);
 
-async fn next_events(events: &mut Option<KernelEvents>) -> Option<Vec<KernelEvent>> {
-    match events {
-        Some(events) => match events.next().await {
-            Ok(batch) => Some(batch),
-            Err(e) => {
-                warn!(error = %e, "reading link events failed: the fast path reaches new pods at the next resync only");
-                None
-            }
-        },
-        None => std::future::pending().await,
+/// Whether a kernel event may change the plan or undo what was applied:
+/// a link or address (a pod's veth made or gone), our table, or lost events.
+fn calls_for_reconcile(event: &KernelEvent) -> bool {
+    match event {
+        KernelEvent::Link { .. } | KernelEvent::Address { .. } | KernelEvent::Overflow => true,
+        KernelEvent::Nft { table, .. } => table == TABLE.name,
+        _ => false,
     }
-}
-
-fn links_or_addresses(event: &KernelEvent) -> bool {
-    matches!(event, KernelEvent::Link { .. } | KernelEvent::Address { .. } | KernelEvent::Overflow)
 }
 
 /// One pass of plan, read back, diff and apply; how many programs it attached.

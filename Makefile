@@ -21,7 +21,7 @@ K8S_COMPONENTS := kube-apiserver kube-controller-manager kube-scheduler kubectl 
 # registry); any Debian-based image name (debian:bookworm-slim) is pulled.
 IMAGE_BASE ?= debian
 
-.PHONY: help deps k8s e2e npa-conformance build release image test bench demo demo-down fmt clippy clean validate-manifests
+.PHONY: help deps k8s e2e npa-conformance test-fast-path build release image test bench demo demo-down fmt clippy clean validate-manifests
 .DEFAULT_GOAL := help
 
 ## help: list the targets (what plain `make` does)
@@ -59,6 +59,16 @@ e2e: deps k8s
 	  OVERLAY_FAMILIES=$$f OVERLAY_E2E=full OVERLAY_E2E_REPORT=$(CURDIR)/docs/conformance.md \
 	    $(CARGO) test -p overlay-tests --test kube_nodes -- --include-ignored the_upstream_sig_network_e2e_tests_pass || rc=1; \
 	done; exit $$rc
+
+## test-fast-path: the mesh, NAT, MTU, migration, self-healing, CNI, podman and NetworkPolicy suites again, every daemon with --fast-path (as root; about 10 minutes)
+test-fast-path: deps
+	$(CARGO) build --workspace --bins
+	@tests/leftovers sweep
+	@tests/leftovers snapshot > target/leftovers.before
+	@rc=0; OVERLAY_TEST_FAST_PATH=1 $(CARGO) test -p overlay-tests --test dual_stack --test etcd_overlay --test migration \
+	  --test self_healing --test cni_plugin --test podman --test network_policy --test network_policy_input \
+	  --test kube_dual_stack --test kube_overlay -- --test-threads 2 --include-ignored || rc=$$?; \
+	  tests/leftovers check target/leftovers.before || rc=1; exit $$rc
 
 ## npa-conformance: network-policy-api's ClusterNetworkPolicy conformance suite (every test) on three real nodes, dual stack then IPv4 alone (E2E_FAMILIES); writes its part of docs/conformance.md
 npa-conformance: deps k8s

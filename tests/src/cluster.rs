@@ -344,6 +344,12 @@ impl Node {
             c.args(["--etcd-endpoints", &self.etcd_endpoint]);
         }
         c.arg("--subnet-file").arg(&self.subnet_file).args(["--resync-interval", &self.resync]).args(&self.flags);
+        // `make test-fast-path`: every daemon of the suites it runs carries pods' traffic on the fast path.
+        if std::env::var("OVERLAY_TEST_FAST_PATH").is_ok_and(|v| v == "1")
+            && !self.flags.iter().any(|f| f == "--fast-path")
+        {
+            c.arg("--fast-path");
+        }
         c
     }
 

@@ -60,7 +60,7 @@ e2e: deps k8s
 	    $(CARGO) test -p overlay-tests --test kube_nodes -- --include-ignored the_upstream_sig_network_e2e_tests_pass || rc=1; \
 	done; exit $$rc
 
-## test-fast-path: the mesh, NAT, MTU, migration, self-healing, CNI, podman and NetworkPolicy suites again, every daemon with --fast-path (as root; about 10 minutes)
+## test-fast-path: the mesh, NAT, MTU, migration, self-healing, CNI, podman and NetworkPolicy suites again, every daemon with --fast-path (as root; about 7 minutes)
 test-fast-path: deps
 	$(CARGO) build --workspace --bins
 	@tests/leftovers sweep

@@ -11,15 +11,23 @@ use overlay_tests::truth_table::{self, labels, Table, HEALTH};
 use overlay_tests::{require_root, wait_until, Cluster};
 use serde_json::{json, Value};
 
+/// The truth table's cluster: three dual-stack nodes of three pods on the
+/// API double, each daemon with the health address and `flags`.
+fn truth_table_cluster(flags: &[&str]) -> Cluster {
+    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
+    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
+    let flags: Vec<&str> = ["--health-addr", HEALTH].into_iter().chain(flags.iter().copied()).collect();
+    for _ in 0..3 {
+        c.add_ready_kube_node(&flags, 3).expect("node");
+    }
+    c
+}
+
 #[test]
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn network_policy_truth_table_in_both_families() {
     require_root();
-    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
-    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
-    for _ in 0..3 {
-        c.add_ready_kube_node(&["--health-addr", HEALTH], 3).expect("node");
-    }
+    let c = truth_table_cluster(&[]);
     let t = Table::new(&c.nodes, c.api()).expect("the table");
     // No --log-policy-drops: namespace x alone asks for its drops to be logged.
     let mut x = namespace_object("x", &[]);
@@ -47,14 +55,10 @@ fn network_policy_truth_table_in_both_families() {
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn network_policy_truth_table_on_the_fast_path() {
     require_root();
-    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
-    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
-    for _ in 0..3 {
-        c.add_ready_kube_node(&["--health-addr", HEALTH, "--fast-path"], 3).expect("node");
-    }
+    let c = truth_table_cluster(&["--fast-path"]);
     let t = Table::new(&c.nodes, c.api()).expect("the table");
     truth_table::run(&t);
-    // The counters are read at each resync (1 s here).
+    // The counters reach the metrics every 5 s.
     let carried = || {
         c.nodes
             .iter()
@@ -63,7 +67,7 @@ fn network_policy_truth_table_on_the_fast_path() {
             .sum::<u64>()
     };
     assert!(
-        wait_until(Duration::from_secs(5), || carried() > 0),
+        wait_until(Duration::from_secs(12), || carried() > 0),
         "the fast path carried nothing:\n{}",
         c.nodes[0].log_text()
     );
@@ -73,11 +77,7 @@ fn network_policy_truth_table_on_the_fast_path() {
 #[ignore = "needs root (network namespaces): run by `make test`"]
 fn cluster_network_policy_truth_table_in_both_families() {
     require_root();
-    let mut c = Cluster::new(ClusterOptions { config: None, ..ClusterOptions::default() }).expect("cluster");
-    c.start_kube_api(DUAL_STACK_CONFIG).expect("API test double");
-    for _ in 0..3 {
-        c.add_ready_kube_node(&["--health-addr", HEALTH, "--log-policy-drops"], 3).expect("node");
-    }
+    let c = truth_table_cluster(&["--log-policy-drops"]);
     let absent = "the ClusterNetworkPolicy API (policy.networking.k8s.io/v1alpha2) is not served";
     assert!(c.nodes.iter().all(|n| n.log_text().contains(absent)), "{}", c.nodes[0].log_text());
     // Installed after the daemons started: they begin enforcing it without a restart.

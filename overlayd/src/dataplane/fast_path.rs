@@ -356,7 +356,7 @@ pub async fn remove_table() -> Result<(), NftError> {
 
 /// Keeps the fast path in place for as long as the daemon runs: plans it
 /// from the links at start, after every burst of link or address news (a
-/// pod's veth made or gone), and every `resync`; then makes the kernel hold
+/// pod's veth made or gone) or news of its table, and every `resync`; then makes the kernel hold
 /// the plan. A failure is said (once until it changes) and tried again at
 /// the next trigger; the slow path carries everything meanwhile.
 pub async fn keep(
